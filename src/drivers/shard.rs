@@ -1,0 +1,686 @@
+//! The state machines of all drivers of one shard, their geo index and expiry schedule.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::hash::BuildHasher;
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+
+use super::codec::{Snapshot, SnapshotRef, encode_snapshot};
+use super::trail::Trail;
+use super::{DriverView, FieldError, FixInput, NearbyHit, Position, Reject, Status};
+use crate::geo::{GeoIndex, IndexKey, LatLonBox, QueryFilter, haversine_m, index::index_point};
+use crate::keys::partition_of;
+
+/// Behaviour knobs of a shard, from the node configuration.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    /// A driver with no accepted fix for this long expires.
+    pub ttl_ms: i64,
+    /// Fixes kept per driver, the last one included.
+    pub trail_len: usize,
+    /// Fixes implying a faster move from the last accepted one are rejected.
+    pub max_speed_mps: f64,
+    /// Re-index a driver only after it moved this far from its indexed point.
+    pub move_slack_m: f64,
+    /// Distinct vehicle types a shard accepts (each gets its own R-trees).
+    pub max_vehicle_types: usize,
+}
+
+/// How a read or removal finds its driver: the driver id, optionally required to still
+/// hold a cab number or session (lookups through the secondary indexes verify here).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Lookup {
+    Id(String),
+    IdWithCab(String, String),
+    IdWithSession(String, String),
+}
+
+impl Lookup {
+    pub fn driver_id(&self) -> &str {
+        match self {
+            Lookup::Id(id) | Lookup::IdWithCab(id, _) | Lookup::IdWithSession(id, _) => id,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NearbyQuery {
+    pub lat: f64,
+    pub lon: f64,
+    pub limit: usize,
+    pub radius_m: Option<f64>,
+    /// Bit `1 << status code` per accepted status; `u32::MAX` for all.
+    pub statuses: u32,
+    pub vehicle_type: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub enum WithinQuery {
+    Circle { lat: f64, lon: f64, radius_m: f64, limit: usize, statuses: u32, vehicle_type: Option<String> },
+    Box { b: LatLonBox, limit: usize, statuses: u32, vehicle_type: Option<String> },
+}
+
+/// Which secondary index an [`Event::IndexSet`] / [`Event::IndexUnset`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IndexKind {
+    Cab,
+    Session,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GoneReason {
+    Removed,
+    Expired,
+}
+
+/// Effects the shell performs after each message.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A watched driver accepted a fix.
+    Accepted { slot: u32 },
+    /// A driver was removed or expired; its watchers end.
+    Gone { slot: u32, reason: GoneReason },
+    IndexSet { kind: IndexKind, key: Box<str>, driver_id: Box<str> },
+    IndexUnset { kind: IndexKind, key: Box<str>, driver_id: Box<str> },
+}
+
+/// Storage writes other than driver snapshots, in the order they happened.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreOp {
+    PutTimer { part: u16, due_ms: i64, driver_id: Box<str> },
+    DelTimer { part: u16, due_ms: i64, driver_id: Box<str> },
+    DelDriver { part: u16, driver_id: Box<str> },
+}
+
+/// What a shard hands to storage in one group commit: `ops` first, then the snapshots of
+/// every driver changed since the last commit, encoded into one buffer.
+#[derive(Debug, Default)]
+pub struct PersistBatch {
+    pub ops: Vec<StoreOp>,
+    /// Encoded snapshots back to back.
+    pub buf: Vec<u8>,
+    /// (partition, driver id range in `buf`, value range in `buf`).
+    pub snapshots: Vec<(u16, std::ops::Range<usize>, std::ops::Range<usize>)>,
+}
+
+impl PersistBatch {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.snapshots.is_empty()
+    }
+}
+
+/// Counters a shard keeps; the shell publishes them as metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardCounters {
+    pub accepted: u64,
+    pub stale: u64,
+    pub implausible: u64,
+    pub reindexed: u64,
+    pub expired: u64,
+    pub removed: u64,
+}
+
+const DIRTY: u8 = 1;
+const WATCHED: u8 = 2;
+
+struct Rec {
+    id: Box<str>,
+    generation: u32,
+    part: u16,
+    flags: u8,
+    status: Status,
+    vtype: u16,
+    indexed: [f32; 3],
+    last: Position,
+    received_ms: i64,
+    trip_cost: f64,
+    /// Due time of this driver's persisted expiry timer record.
+    timer_due_ms: i64,
+    cab: Option<Box<str>>,
+    session: Option<Box<str>>,
+    trip_id: Option<Box<str>>,
+    trail: Trail,
+}
+
+impl Rec {
+    fn key(&self) -> IndexKey {
+        IndexKey { status: self.status.code(), vtype: self.vtype }
+    }
+}
+
+fn non_empty(s: String) -> Option<Box<str>> {
+    (!s.is_empty()).then(|| s.into_boxed_str())
+}
+
+/// See the module docs of `drivers`.
+pub struct DriverShard {
+    cfg: ShardConfig,
+    slots: Vec<Option<Rec>>,
+    free: Vec<u32>,
+    by_id: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+    index: GeoIndex,
+    /// Interned vehicle types; 0 is "none".
+    vtypes: Vec<Box<str>>,
+    /// Expiry schedule: (due, slot, generation); at most one entry per driver.
+    timers: BinaryHeap<Reverse<(i64, u32, u32)>>,
+    next_gen: u32,
+    events: Vec<Event>,
+    ops: Vec<StoreOp>,
+    dirty: Vec<u32>,
+    pub counters: ShardCounters,
+}
+
+impl DriverShard {
+    pub fn new(cfg: ShardConfig) -> Self {
+        DriverShard {
+            index: GeoIndex::new(cfg.move_slack_m),
+            cfg,
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_id: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+            vtypes: vec!["".into()],
+            timers: BinaryHeap::new(),
+            next_gen: 0,
+            events: Vec::new(),
+            ops: Vec::new(),
+            dirty: Vec::new(),
+            counters: ShardCounters::default(),
+        }
+    }
+
+    /// Number of live drivers.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    fn find(&self, id: &str) -> Option<u32> {
+        let h = self.hasher.hash_one(id);
+        let slots = &self.slots;
+        self.by_id
+            .find(h, |&s| slots[s as usize].as_ref().is_some_and(|r| &*r.id == id))
+            .copied()
+    }
+
+    fn rec(&self, slot: u32) -> &Rec {
+        self.slots[slot as usize].as_ref().expect("live slot")
+    }
+
+    fn rec_mut(&mut self, slot: u32) -> &mut Rec {
+        self.slots[slot as usize].as_mut().expect("live slot")
+    }
+
+    fn vtype_id(&self, name: &str) -> Option<u16> {
+        self.vtypes.iter().position(|v| &**v == name).map(|i| i as u16)
+    }
+
+    fn intern_vtype(&mut self, name: &str, limit: bool) -> Result<u16, FieldError> {
+        if let Some(i) = self.vtype_id(name) {
+            return Ok(i);
+        }
+        if limit && self.vtypes.len() > self.cfg.max_vehicle_types {
+            return Err(FieldError::new(
+                "vehicle_type",
+                format!("too many distinct vehicle types (at most {})", self.cfg.max_vehicle_types),
+            ));
+        }
+        self.vtypes.push(name.into());
+        Ok((self.vtypes.len() - 1) as u16)
+    }
+
+    fn mark_dirty(&mut self, slot: u32) {
+        let rec = self.rec_mut(slot);
+        if rec.flags & DIRTY == 0 {
+            rec.flags |= DIRTY;
+            self.dirty.push(slot);
+        }
+    }
+
+    /// Applies one validated fix at server time `now_ms`.
+    pub fn apply(&mut self, fix: FixInput, now_ms: i64) -> Result<(), Reject> {
+        let vtype = if fix.vehicle_type.is_empty() { None } else { Some(self.intern_vtype(&fix.vehicle_type, true)?) };
+        let pos = Position {
+            lat: fix.lat,
+            lon: fix.lon,
+            heading_deg: fix.heading_deg,
+            speed_mps: fix.speed_mps,
+            accuracy_m: fix.accuracy_m,
+            timestamp_ms: fix.timestamp_ms,
+        };
+        let Some(slot) = self.find(&fix.driver_id) else {
+            self.create(fix, pos, vtype.unwrap_or(0), now_ms);
+            self.counters.accepted += 1;
+            return Ok(());
+        };
+        let max_speed = self.cfg.max_speed_mps;
+        let trail_cap = self.cfg.trail_len.saturating_sub(1);
+        let last = self.rec(slot).last;
+        if pos.timestamp_ms <= last.timestamp_ms {
+            self.counters.stale += 1;
+            return Err(Reject::Stale { got_ms: pos.timestamp_ms, last_ms: last.timestamp_ms });
+        }
+        let dt_s = (pos.timestamp_ms - last.timestamp_ms) as f64 / 1000.0;
+        let distance_m = haversine_m(last.lat, last.lon, pos.lat, pos.lon);
+        if distance_m > max_speed * dt_s {
+            self.counters.implausible += 1;
+            return Err(Reject::ImplausibleJump { distance_m, dt_s, speed_mps: distance_m / dt_s, max_mps: max_speed });
+        }
+        let rec = self.rec_mut(slot);
+        let old_key = rec.key();
+        rec.trail.push(&rec.last, trail_cap);
+        rec.last = pos;
+        rec.received_ms = now_ms;
+        if let Some(s) = fix.status {
+            rec.status = s;
+        }
+        if let Some(v) = vtype {
+            rec.vtype = v;
+        }
+        rec.trip_id = non_empty(fix.trip_id);
+        rec.trip_cost = fix.trip_cost;
+        let mut index_events = [None, None];
+        if !fix.cab_number.is_empty() && rec.cab.as_deref() != Some(fix.cab_number.as_str()) {
+            let old = rec.cab.replace(fix.cab_number.into_boxed_str());
+            index_events[0] = Some((IndexKind::Cab, old));
+        }
+        if !fix.session.is_empty() && rec.session.as_deref() != Some(fix.session.as_str()) {
+            let old = rec.session.replace(fix.session.into_boxed_str());
+            index_events[1] = Some((IndexKind::Session, old));
+        }
+        let new_key = rec.key();
+        let indexed = rec.indexed;
+        let watched = rec.flags & WATCHED != 0;
+        if new_key != old_key || self.index.needs_move(indexed, pos.lat, pos.lon) {
+            let p = index_point(pos.lat, pos.lon);
+            self.index.remove(old_key, slot, indexed);
+            self.index.insert(new_key, slot, p);
+            self.rec_mut(slot).indexed = p;
+            self.counters.reindexed += 1;
+        }
+        for (kind, old) in index_events.into_iter().flatten() {
+            self.index_changed(slot, kind, old);
+        }
+        self.mark_dirty(slot);
+        if watched {
+            self.events.push(Event::Accepted { slot });
+        }
+        self.counters.accepted += 1;
+        Ok(())
+    }
+
+    fn index_changed(&mut self, slot: u32, kind: IndexKind, old: Option<Box<str>>) {
+        let rec = self.rec(slot);
+        let id = rec.id.clone();
+        let new = match kind {
+            IndexKind::Cab => rec.cab.clone(),
+            IndexKind::Session => rec.session.clone(),
+        };
+        if let Some(key) = old {
+            self.events.push(Event::IndexUnset { kind, key, driver_id: id.clone() });
+        }
+        if let Some(key) = new {
+            self.events.push(Event::IndexSet { kind, key, driver_id: id });
+        }
+    }
+
+    fn alloc_slot(&mut self, rec: Rec) -> u32 {
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.slots[s as usize] = Some(rec);
+                s
+            }
+            None => {
+                self.slots.push(Some(rec));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let h = self.hasher.hash_one(&*self.rec(slot).id);
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.by_id.insert_unique(h, slot, |&s| {
+            hasher.hash_one(&*slots[s as usize].as_ref().expect("live slot").id)
+        });
+        slot
+    }
+
+    fn create(&mut self, fix: FixInput, pos: Position, vtype: u16, now_ms: i64) {
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let due = now_ms + self.cfg.ttl_ms;
+        let id: Box<str> = fix.driver_id.into_boxed_str();
+        let rec = Rec {
+            part: partition_of(id.as_bytes()),
+            id,
+            generation: self.next_gen,
+            flags: 0,
+            status: fix.status.unwrap_or(Status::Offline),
+            vtype,
+            indexed: index_point(pos.lat, pos.lon),
+            last: pos,
+            received_ms: now_ms,
+            trip_cost: fix.trip_cost,
+            timer_due_ms: due,
+            cab: non_empty(fix.cab_number),
+            session: non_empty(fix.session),
+            trip_id: non_empty(fix.trip_id),
+            trail: Trail::default(),
+        };
+        let slot = self.alloc_slot(rec);
+        let rec = self.rec(slot);
+        let (key, p, generation) = (rec.key(), rec.indexed, rec.generation);
+        self.ops.push(StoreOp::PutTimer { part: rec.part, due_ms: due, driver_id: rec.id.clone() });
+        self.index.insert(key, slot, p);
+        self.timers.push(Reverse((due, slot, generation)));
+        self.index_changed(slot, IndexKind::Cab, None);
+        self.index_changed(slot, IndexKind::Session, None);
+        self.mark_dirty(slot);
+    }
+
+    fn resolve(&self, lookup: &Lookup) -> Option<u32> {
+        let slot = self.find(lookup.driver_id())?;
+        let rec = self.rec(slot);
+        let ok = match lookup {
+            Lookup::Id(_) => true,
+            Lookup::IdWithCab(_, cab) => rec.cab.as_deref() == Some(cab.as_str()),
+            Lookup::IdWithSession(_, s) => rec.session.as_deref() == Some(s.as_str()),
+        };
+        ok.then_some(slot)
+    }
+
+    /// Reads one driver. Call [`fire_timers`](Self::fire_timers) first so expired
+    /// drivers are gone.
+    pub fn get(&self, lookup: &Lookup, include_trail: bool) -> Option<DriverView> {
+        self.resolve(lookup).map(|s| self.view(s, include_trail))
+    }
+
+    /// The driver in `slot` as a detached view.
+    pub fn view(&self, slot: u32, include_trail: bool) -> DriverView {
+        let r = self.rec(slot);
+        let trail = if include_trail {
+            let mut t: Vec<Position> = Vec::with_capacity(r.trail.len() + 1);
+            t.extend(r.trail.iter());
+            t.push(r.last);
+            t
+        } else {
+            Vec::new()
+        };
+        DriverView {
+            driver_id: r.id.to_string(),
+            last: r.last,
+            status: r.status,
+            vehicle_type: self.vtypes[r.vtype as usize].to_string(),
+            cab_number: r.cab.as_deref().unwrap_or_default().to_string(),
+            session: r.session.as_deref().unwrap_or_default().to_string(),
+            trip_id: r.trip_id.as_deref().unwrap_or_default().to_string(),
+            trip_cost: r.trip_cost,
+            received_ms: r.received_ms,
+            trail,
+        }
+    }
+
+    /// Removes a driver now; returns its id, or `None` if no driver matches.
+    pub fn remove(&mut self, lookup: &Lookup) -> Option<String> {
+        let slot = self.resolve(lookup)?;
+        self.counters.removed += 1;
+        Some(self.drop_driver(slot, GoneReason::Removed).into())
+    }
+
+    fn drop_driver(&mut self, slot: u32, reason: GoneReason) -> Box<str> {
+        let rec = self.slots[slot as usize].take().expect("live slot");
+        let h = self.hasher.hash_one(&*rec.id);
+        if let Ok(e) = self.by_id.find_entry(h, |&s| s == slot) {
+            e.remove();
+        }
+        self.free.push(slot);
+        self.index.remove(rec.key(), slot, rec.indexed);
+        self.ops.push(StoreOp::DelTimer { part: rec.part, due_ms: rec.timer_due_ms, driver_id: rec.id.clone() });
+        self.ops.push(StoreOp::DelDriver { part: rec.part, driver_id: rec.id.clone() });
+        if let Some(key) = rec.cab {
+            self.events.push(Event::IndexUnset { kind: IndexKind::Cab, key, driver_id: rec.id.clone() });
+        }
+        if let Some(key) = rec.session {
+            self.events.push(Event::IndexUnset { kind: IndexKind::Session, key, driver_id: rec.id.clone() });
+        }
+        self.events.push(Event::Gone { slot, reason });
+        rec.id
+    }
+
+    /// Fires every expiry timer due at `now_ms`: expires silent drivers and reschedules
+    /// (and re-persists) the timers of drivers that sent fixes since.
+    pub fn fire_timers(&mut self, now_ms: i64) {
+        while let Some(&Reverse((due, slot, generation))) = self.timers.peek() {
+            if due > now_ms {
+                break;
+            }
+            self.timers.pop();
+            let Some(rec) = self.slots.get(slot as usize).and_then(Option::as_ref) else { continue };
+            if rec.generation != generation {
+                continue;
+            }
+            let real_due = rec.received_ms + self.cfg.ttl_ms;
+            if real_due <= now_ms {
+                self.counters.expired += 1;
+                self.drop_driver(slot, GoneReason::Expired);
+            } else {
+                let (part, old, id) = (rec.part, rec.timer_due_ms, rec.id.clone());
+                self.ops.push(StoreOp::DelTimer { part, due_ms: old, driver_id: id.clone() });
+                self.ops.push(StoreOp::PutTimer { part, due_ms: real_due, driver_id: id });
+                self.rec_mut(slot).timer_due_ms = real_due;
+                self.timers.push(Reverse((real_due, slot, generation)));
+            }
+        }
+    }
+
+    /// When the next expiry timer is due, if any.
+    pub fn next_timer_ms(&self) -> Option<i64> {
+        self.timers.peek().map(|Reverse((due, _, _))| *due)
+    }
+
+    fn filter(&self, statuses: u32, vehicle_type: &Option<String>) -> Option<QueryFilter> {
+        let vtype = match vehicle_type {
+            None => None,
+            // A type this shard has never seen matches nothing here.
+            Some(name) => Some(self.vtype_id(name)?),
+        };
+        Some(QueryFilter { statuses, vtype })
+    }
+
+    fn hit(&self, slot: u32, distance_m: f64) -> NearbyHit {
+        let r = self.rec(slot);
+        NearbyHit {
+            driver_id: r.id.to_string(),
+            pos: r.last,
+            distance_m,
+            status: r.status,
+            vehicle_type: self.vtypes[r.vtype as usize].to_string(),
+        }
+    }
+
+    fn pos_of<'a>(&'a self) -> impl Fn(u32) -> (f64, f64, &'a str) + 'a {
+        |s| {
+            let r = self.rec(s);
+            (r.last.lat, r.last.lon, &*r.id)
+        }
+    }
+
+    /// This shard's k nearest drivers, nearest first (ties by id).
+    pub fn nearby(&self, q: &NearbyQuery) -> Vec<NearbyHit> {
+        let Some(filter) = self.filter(q.statuses, &q.vehicle_type) else { return Vec::new() };
+        self.index
+            .nearest(q.lat, q.lon, q.limit, q.radius_m, filter, self.pos_of())
+            .into_iter()
+            .map(|h| self.hit(h.slot, h.distance_m))
+            .collect()
+    }
+
+    /// This shard's drivers inside an area, nearest to its centre first, at most
+    /// `limit + 1` of them (so the caller can tell the answer was truncated).
+    pub fn within(&self, q: &WithinQuery) -> Vec<NearbyHit> {
+        match q {
+            WithinQuery::Circle { lat, lon, radius_m, limit, statuses, vehicle_type } => {
+                let Some(filter) = self.filter(*statuses, vehicle_type) else { return Vec::new() };
+                self.index
+                    .nearest(*lat, *lon, limit + 1, Some(*radius_m), filter, self.pos_of())
+                    .into_iter()
+                    .map(|h| self.hit(h.slot, h.distance_m))
+                    .collect()
+            }
+            WithinQuery::Box { b, limit, statuses, vehicle_type } => {
+                let Some(filter) = self.filter(*statuses, vehicle_type) else { return Vec::new() };
+                let mut hits = self.index.in_box(b, filter, self.pos_of());
+                let cmp = |a: &crate::geo::Hit, b: &crate::geo::Hit| {
+                    a.distance_m.total_cmp(&b.distance_m).then_with(|| self.rec(a.slot).id.cmp(&self.rec(b.slot).id))
+                };
+                if hits.len() > limit + 1 {
+                    hits.select_nth_unstable_by(*limit, cmp);
+                    hits.truncate(limit + 1);
+                }
+                hits.sort_unstable_by(cmp);
+                hits.into_iter().map(|h| self.hit(h.slot, h.distance_m)).collect()
+            }
+        }
+    }
+
+    /// Starts or stops telling the shell about a driver's accepted fixes.
+    pub fn set_watched(&mut self, slot: u32, on: bool) {
+        if let Some(r) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) {
+            if on { r.flags |= WATCHED } else { r.flags &= !WATCHED }
+        }
+    }
+
+    /// The slot of a live driver.
+    pub fn slot_of(&self, driver_id: &str) -> Option<u32> {
+        self.find(driver_id)
+    }
+
+    /// Takes the effects produced since the last call.
+    pub fn drain_events(&mut self) -> std::vec::Drain<'_, Event> {
+        self.events.drain(..)
+    }
+
+    /// Whether anything waits to be persisted.
+    pub fn has_pending_writes(&self) -> bool {
+        !self.ops.is_empty() || !self.dirty.is_empty()
+    }
+
+    /// Moves every pending storage write into `out` (which is cleared first).
+    pub fn take_writes(&mut self, out: &mut PersistBatch) {
+        out.ops.clear();
+        out.buf.clear();
+        out.snapshots.clear();
+        std::mem::swap(&mut out.ops, &mut self.ops);
+        for slot in self.dirty.drain(..) {
+            let Some(r) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else { continue };
+            if r.flags & DIRTY == 0 {
+                continue;
+            }
+            r.flags &= !DIRTY;
+            let id_start = out.buf.len();
+            out.buf.extend_from_slice(r.id.as_bytes());
+            let v_start = out.buf.len();
+            encode_snapshot(
+                &SnapshotRef {
+                    status: r.status,
+                    vehicle_type: &self.vtypes[r.vtype as usize],
+                    last: &r.last,
+                    received_ms: r.received_ms,
+                    trip_cost: r.trip_cost,
+                    cab: r.cab.as_deref().unwrap_or_default(),
+                    session: r.session.as_deref().unwrap_or_default(),
+                    trip_id: r.trip_id.as_deref().unwrap_or_default(),
+                    trail: &r.trail,
+                },
+                &mut out.buf,
+            );
+            out.snapshots.push((r.part, id_start..v_start, v_start..out.buf.len()));
+        }
+    }
+
+    /// Adds a driver read back from storage (no index or timer yet: see
+    /// [`finish_restore`](Self::finish_restore)). A duplicate id is ignored.
+    pub fn restore_driver(&mut self, s: Snapshot) {
+        if self.find(&s.driver_id).is_some() {
+            return;
+        }
+        let vtype = self.intern_vtype(&s.vehicle_type, false).unwrap_or(0);
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let id: Box<str> = s.driver_id.into_boxed_str();
+        let rec = Rec {
+            part: partition_of(id.as_bytes()),
+            id,
+            generation: self.next_gen,
+            flags: 0,
+            status: s.status,
+            vtype,
+            indexed: index_point(s.last.lat, s.last.lon),
+            last: s.last,
+            received_ms: s.received_ms,
+            trip_cost: s.trip_cost,
+            timer_due_ms: i64::MIN,
+            cab: non_empty(s.cab),
+            session: non_empty(s.session),
+            trip_id: non_empty(s.trip_id),
+            trail: s.trail,
+        };
+        let slot = self.alloc_slot(rec);
+        self.index_changed(slot, IndexKind::Cab, None);
+        self.index_changed(slot, IndexKind::Session, None);
+    }
+
+    /// Attaches the persisted timers to the restored drivers, deletes orphan timers,
+    /// schedules drivers that had none, and bulk-loads the geo index.
+    pub fn finish_restore(&mut self, timers: impl IntoIterator<Item = (i64, String)>) {
+        for (due, id) in timers {
+            match self.find(&id) {
+                Some(slot) => {
+                    let rec = self.rec_mut(slot);
+                    if rec.timer_due_ms != i64::MIN {
+                        // A second record for the same driver: keep the later one.
+                        let (part, keep) = (rec.part, rec.timer_due_ms.max(due));
+                        let drop = rec.timer_due_ms.min(due);
+                        rec.timer_due_ms = keep;
+                        self.ops.push(StoreOp::DelTimer { part, due_ms: drop, driver_id: id.into() });
+                    } else {
+                        rec.timer_due_ms = due;
+                    }
+                }
+                None => {
+                    let part = partition_of(id.as_bytes());
+                    self.ops.push(StoreOp::DelTimer { part, due_ms: due, driver_id: id.into() });
+                }
+            }
+        }
+        let ttl = self.cfg.ttl_ms;
+        let mut points = Vec::with_capacity(self.by_id.len());
+        for slot in 0..self.slots.len() as u32 {
+            let Some(rec) = self.slots[slot as usize].as_mut() else { continue };
+            let real_due = rec.received_ms + ttl;
+            if rec.timer_due_ms == i64::MIN {
+                rec.timer_due_ms = real_due;
+                self.ops.push(StoreOp::PutTimer { part: rec.part, due_ms: real_due, driver_id: rec.id.clone() });
+            }
+            self.timers.push(Reverse((rec.timer_due_ms.min(real_due), slot, rec.generation)));
+            points.push((rec.key(), slot, rec.indexed));
+        }
+        self.index.bulk_load(points);
+    }
+
+    /// Frees memory held beyond what the live drivers need (after a large removal).
+    pub fn shrink(&mut self) {
+        self.timers.shrink_to_fit();
+        self.dirty.shrink_to_fit();
+        self.events.shrink_to_fit();
+    }
+
+    /// The geo index, for tests and metrics.
+    pub fn indexed_points(&self) -> usize {
+        self.index.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

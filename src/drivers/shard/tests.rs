@@ -1,0 +1,262 @@
+use super::*;
+use crate::drivers::codec::decode_snapshot;
+use proptest::prelude::*;
+
+const T0: i64 = 1_700_000_000_000;
+
+fn cfg() -> ShardConfig {
+    ShardConfig { ttl_ms: 900_000, trail_len: 4, max_speed_mps: 70.0, move_slack_m: 25.0, max_vehicle_types: 3 }
+}
+
+fn fix(id: &str, lat: f64, lon: f64, ts: i64) -> FixInput {
+    FixInput { driver_id: id.into(), lat, lon, timestamp_ms: ts, status: Some(Status::Available), ..Default::default() }
+}
+
+fn id(s: &str) -> Lookup {
+    Lookup::Id(s.into())
+}
+
+#[test]
+fn accepts_then_rejects_stale_and_jumps_without_changing_state() {
+    let mut sh = DriverShard::new(cfg());
+    sh.apply(fix("d1", 52.5, 13.4, T0), T0).unwrap();
+    let before = sh.get(&id("d1"), true).unwrap();
+    let err = sh.apply(fix("d1", 52.5001, 13.4, T0), T0 + 10).unwrap_err();
+    assert_eq!(err.reason(), "stale");
+    // 1.1 km in one second is 1,100 m/s.
+    let err = sh.apply(fix("d1", 52.51, 13.4, T0 + 1_000), T0 + 10).unwrap_err();
+    assert_eq!(err.reason(), "implausible_jump");
+    assert_eq!(sh.get(&id("d1"), true).unwrap(), before);
+    assert_eq!((sh.counters.stale, sh.counters.implausible, sh.counters.accepted), (1, 1, 1));
+    // 55 m in one second is fine.
+    sh.apply(fix("d1", 52.5005, 13.4, T0 + 1_000), T0 + 20).unwrap();
+    assert_eq!(sh.get(&id("d1"), false).unwrap().last.lat, 52.5005);
+}
+
+#[test]
+fn trail_keeps_the_last_n_fixes_oldest_first() {
+    let mut sh = DriverShard::new(cfg());
+    for i in 0..10 {
+        sh.apply(fix("d1", 10.0 + i as f64 * 1e-4, 10.0, T0 + i * 1_000), T0 + i * 1_000).unwrap();
+    }
+    let v = sh.get(&id("d1"), true).unwrap();
+    let ts: Vec<i64> = v.trail.iter().map(|p| p.timestamp_ms).collect();
+    assert_eq!(ts, vec![T0 + 6_000, T0 + 7_000, T0 + 8_000, T0 + 9_000]);
+    assert_eq!(*v.trail.last().unwrap(), v.last);
+    assert!(sh.get(&id("d1"), false).unwrap().trail.is_empty());
+}
+
+#[test]
+fn expiry_fires_after_ttl_and_fixes_postpone_it() {
+    let mut sh = DriverShard::new(ShardConfig { ttl_ms: 10_000, ..cfg() });
+    sh.apply(fix("d1", 1.0, 1.0, T0), T0).unwrap();
+    sh.apply(fix("d2", 1.0, 1.0, T0), T0).unwrap();
+    sh.apply(fix("d2", 1.0, 1.0, T0 + 5_000), T0 + 5_000).unwrap();
+    sh.fire_timers(T0 + 9_999);
+    assert_eq!(sh.len(), 2);
+    sh.fire_timers(T0 + 10_000);
+    assert!(sh.get(&id("d1"), false).is_none());
+    assert!(sh.get(&id("d2"), false).is_some());
+    assert_eq!(sh.next_timer_ms(), Some(T0 + 15_000));
+    assert!(sh.drain_events().any(|e| matches!(e, Event::Gone { reason: GoneReason::Expired, .. })));
+    sh.fire_timers(T0 + 15_000);
+    assert!(sh.is_empty());
+    assert_eq!(sh.indexed_points(), 0);
+    assert_eq!(sh.counters.expired, 2);
+    // Nothing near the old spot any more.
+    let q = NearbyQuery { lat: 1.0, lon: 1.0, limit: 5, radius_m: None, statuses: u32::MAX, vehicle_type: None };
+    assert!(sh.nearby(&q).is_empty());
+}
+
+#[test]
+fn timers_and_snapshots_are_persisted_and_deleted() {
+    let mut sh = DriverShard::new(ShardConfig { ttl_ms: 10_000, ..cfg() });
+    let mut b = PersistBatch::default();
+    sh.apply(FixInput { cab_number: "CAB".into(), ..fix("d1", 1.0, 1.0, T0) }, T0).unwrap();
+    sh.apply(fix("d1", 1.0, 1.0001, T0 + 1_000), T0 + 1_000).unwrap();
+    sh.take_writes(&mut b);
+    let part = crate::keys::partition_of(b"d1");
+    assert_eq!(b.ops, vec![StoreOp::PutTimer { part, due_ms: T0 + 10_000, driver_id: "d1".into() }]);
+    assert_eq!(b.snapshots.len(), 1, "two fixes, one snapshot");
+    let (p, idr, vr) = b.snapshots[0].clone();
+    assert_eq!(p, part);
+    assert_eq!(&b.buf[idr], b"d1");
+    let snap = decode_snapshot("d1", &b.buf[vr]).unwrap();
+    assert_eq!(snap.last.lon, 1.0001);
+    assert_eq!(snap.cab, "CAB");
+    sh.take_writes(&mut b);
+    assert!(b.is_empty());
+    // The timer is rewritten once when it fires early, not on every fix.
+    sh.fire_timers(T0 + 10_000);
+    sh.take_writes(&mut b);
+    assert_eq!(
+        b.ops,
+        vec![
+            StoreOp::DelTimer { part, due_ms: T0 + 10_000, driver_id: "d1".into() },
+            StoreOp::PutTimer { part, due_ms: T0 + 11_000, driver_id: "d1".into() },
+        ]
+    );
+    assert_eq!(sh.remove(&Lookup::IdWithCab("d1".into(), "CAB".into())), Some("d1".into()));
+    sh.take_writes(&mut b);
+    assert_eq!(
+        b.ops,
+        vec![
+            StoreOp::DelTimer { part, due_ms: T0 + 11_000, driver_id: "d1".into() },
+            StoreOp::DelDriver { part, driver_id: "d1".into() },
+        ]
+    );
+    assert!(b.snapshots.is_empty());
+}
+
+#[test]
+fn cab_and_session_changes_emit_index_events() {
+    let mut sh = DriverShard::new(cfg());
+    sh.apply(FixInput { cab_number: "A".into(), session: "s1".into(), ..fix("d1", 1.0, 1.0, T0) }, T0).unwrap();
+    let ev: Vec<Event> = sh.drain_events().collect();
+    assert_eq!(ev.len(), 2);
+    sh.apply(FixInput { cab_number: "A".into(), ..fix("d1", 1.0, 1.0, T0 + 1) }, T0).unwrap();
+    assert_eq!(sh.drain_events().count(), 0, "same cab, no change");
+    sh.apply(FixInput { cab_number: "B".into(), ..fix("d1", 1.0, 1.0, T0 + 2) }, T0).unwrap();
+    let ev: Vec<Event> = sh.drain_events().collect();
+    assert_eq!(
+        ev,
+        vec![
+            Event::IndexUnset { kind: IndexKind::Cab, key: "A".into(), driver_id: "d1".into() },
+            Event::IndexSet { kind: IndexKind::Cab, key: "B".into(), driver_id: "d1".into() },
+        ]
+    );
+    assert!(sh.get(&Lookup::IdWithCab("d1".into(), "A".into()), false).is_none());
+    assert!(sh.get(&Lookup::IdWithCab("d1".into(), "B".into()), false).is_some());
+    assert!(sh.get(&Lookup::IdWithSession("d1".into(), "s1".into()), false).is_some());
+}
+
+#[test]
+fn too_many_vehicle_types_is_a_field_error() {
+    let mut sh = DriverShard::new(cfg());
+    for (i, t) in ["a", "b", "c"].iter().enumerate() {
+        sh.apply(FixInput { vehicle_type: t.to_string(), ..fix(&format!("d{i}"), 1.0, 1.0, T0) }, T0).unwrap();
+    }
+    let err = sh.apply(FixInput { vehicle_type: "d".into(), ..fix("d9", 1.0, 1.0, T0) }, T0).unwrap_err();
+    assert!(matches!(err, Reject::Invalid(FieldError { field: "vehicle_type", .. })));
+}
+
+#[test]
+fn restore_rebuilds_index_timers_and_orphans() {
+    let mut a = DriverShard::new(ShardConfig { ttl_ms: 10_000, ..cfg() });
+    let mut b = PersistBatch::default();
+    a.apply(FixInput { session: "S".into(), ..fix("d1", 5.0, 5.0, T0) }, T0).unwrap();
+    a.take_writes(&mut b);
+    let (_, idr, vr) = b.snapshots[0].clone();
+    let snap = decode_snapshot(std::str::from_utf8(&b.buf[idr]).unwrap(), &b.buf[vr]).unwrap();
+
+    let mut r = DriverShard::new(ShardConfig { ttl_ms: 10_000, ..cfg() });
+    r.restore_driver(snap);
+    r.finish_restore(vec![(T0 + 10_000, "d1".to_string()), (T0 + 3, "ghost".to_string())]);
+    assert!(r.drain_events().any(|e| matches!(e, Event::IndexSet { kind: IndexKind::Session, .. })));
+    let q = NearbyQuery { lat: 5.0, lon: 5.0, limit: 1, radius_m: None, statuses: u32::MAX, vehicle_type: None };
+    assert_eq!(r.nearby(&q)[0].driver_id, "d1");
+    r.take_writes(&mut b);
+    assert_eq!(b.ops.len(), 1, "the orphan timer is deleted: {:?}", b.ops);
+    r.fire_timers(T0 + 10_000);
+    assert!(r.is_empty());
+}
+
+/// Brute force: every driver, haversine distance, sorted by (distance, id).
+fn brute(pts: &[(f64, f64)], lat: f64, lon: f64, keep: impl Fn(usize, f64) -> bool) -> Vec<(String, f64)> {
+    let mut v: Vec<(String, f64)> = pts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (format!("d{i:04}"), haversine_m(lat, lon, p.0, p.1), i))
+        .filter(|(_, d, i)| keep(*i, *d))
+        .map(|(id, d, _)| (id, d))
+        .collect();
+    v.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    v
+}
+
+fn assert_same(got: &[NearbyHit], want: &[(String, f64)]) {
+    let got_ids: Vec<&str> = got.iter().map(|h| h.driver_id.as_str()).collect();
+    let want_ids: Vec<&str> = want.iter().map(|w| w.0.as_str()).collect();
+    assert_eq!(got_ids, want_ids);
+    for (g, w) in got.iter().zip(want) {
+        assert!((g.distance_m - w.1).abs() < 1.0, "{} vs {}", g.distance_m, w.1);
+    }
+}
+
+/// Points clustered around a centre that may sit on a pole or the antimeridian, then
+/// moved a little (less than the index slack, so most are not re-indexed).
+fn world() -> impl Strategy<Value = ((f64, f64), Vec<(f64, f64)>, Vec<(f64, f64)>)> {
+    let centre = prop_oneof![
+        Just((0.0, 180.0)),
+        Just((89.99, 0.0)),
+        Just((-89.99, 45.0)),
+        Just((52.5, 13.4)),
+        (-80.0..80.0f64, -180.0..180.0f64),
+    ];
+    (centre, 1usize..300).prop_flat_map(|(c, n)| {
+        let pt = (-0.05..0.05f64, -0.05..0.05f64);
+        let mv = (-0.0003..0.0003f64, -0.0003..0.0003f64);
+        (Just(c), proptest::collection::vec(pt, n), proptest::collection::vec(mv, n))
+    })
+}
+
+fn wrap(lat: f64, lon: f64) -> (f64, f64) {
+    let lat = lat.clamp(-90.0, 90.0);
+    let lon = if lon > 180.0 { lon - 360.0 } else if lon < -180.0 { lon + 360.0 } else { lon };
+    (lat, lon)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn nearby_and_within_match_brute_force(
+        (c, offs, moves) in world(),
+        k in 1usize..40,
+        radius in prop_oneof![Just(None), (10.0..8_000.0f64).prop_map(Some)],
+        qoff in (-0.05..0.05f64, -0.05..0.05f64),
+        half in (0.001..0.06f64, 0.001..0.06f64),
+    ) {
+        let mut sh = DriverShard::new(ShardConfig { move_slack_m: 30.0, max_speed_mps: 1e9, ..cfg() });
+        let mut pts = Vec::new();
+        for (i, (o, m)) in offs.iter().zip(&moves).enumerate() {
+            let id = format!("d{i:04}");
+            let status = if i % 3 == 0 { Status::OnTrip } else { Status::Available };
+            let p0 = wrap(c.0 + o.0, c.1 + o.1);
+            sh.apply(FixInput { status: Some(status), ..fix(&id, p0.0, p0.1, T0) }, T0).unwrap();
+            let p1 = wrap(p0.0 + m.0, p0.1 + m.1);
+            sh.apply(FixInput { status: Some(status), ..fix(&id, p1.0, p1.1, T0 + 1_000) }, T0).unwrap();
+            pts.push(p1);
+        }
+        let (qlat, qlon) = wrap(c.0 + qoff.0, c.1 + qoff.1);
+
+        // Nearby, all statuses.
+        let q = NearbyQuery { lat: qlat, lon: qlon, limit: k, radius_m: radius, statuses: u32::MAX, vehicle_type: None };
+        let mut want = brute(&pts, qlat, qlon, |_, d| radius.is_none_or(|r| d <= r));
+        want.truncate(k);
+        assert_same(&sh.nearby(&q), &want);
+
+        // Nearby, available only.
+        let q = NearbyQuery { statuses: 1 << Status::Available.code(), ..q };
+        let mut want = brute(&pts, qlat, qlon, |i, d| i % 3 != 0 && radius.is_none_or(|r| d <= r));
+        want.truncate(k);
+        assert_same(&sh.nearby(&q), &want);
+
+        // Within a circle.
+        let r = radius.unwrap_or(3_000.0);
+        let w = WithinQuery::Circle { lat: qlat, lon: qlon, radius_m: r, limit: k, statuses: u32::MAX, vehicle_type: None };
+        let mut want = brute(&pts, qlat, qlon, |_, d| d <= r);
+        want.truncate(k + 1);
+        assert_same(&sh.within(&w), &want);
+
+        // Within a box (possibly across the antimeridian).
+        let (min_lat, min_lon) = wrap(qlat - half.0, qlon - half.1);
+        let (max_lat, max_lon) = wrap(qlat + half.0, qlon + half.1);
+        let b = LatLonBox { min_lat, min_lon, max_lat, max_lon };
+        let (clat, clon) = b.centre();
+        let w = WithinQuery::Box { b, limit: k, statuses: u32::MAX, vehicle_type: None };
+        let mut want = brute(&pts, clat, clon, |i, _| b.contains(pts[i].0, pts[i].1));
+        want.truncate(k + 1);
+        assert_same(&sh.within(&w), &want);
+    }
+}
