@@ -1,4 +1,43 @@
 //! Locus: a cluster that tracks vehicles in real time.
+//!
+//! Gateways stream drivers' GPS fixes in; apps and dispatch services read drivers, ask
+//! who is nearest, and follow a driver live. Every operation is keyed by a driver, and
+//! each key has exactly one owner that handles its messages one at a time.
+//!
+//! # Layout
+//!
+//! ```text
+//!  gRPC (api) ──► routing::Router ──► actors (shard workers, one thread each)
+//!                     │   keyed: to the key's shard      │ owns drivers::DriverShard
+//!                     │   geo: scatter to all, merge     │   ├─ per-driver state + trail
+//!                     └─ SecondaryIndex (cab, session)   │   ├─ geo::GeoIndex (R-trees)
+//!                                                        │   └─ expiry schedule
+//!                                                        ▼
+//!                                   storage::Persister (group commit) ──► sled
+//! ```
+//!
+//! - [`api`]: the `locus.v1.Locations` service; validation; errors → `Status` in one place.
+//! - [`routing`]: key → owner (a local shard today; a node once the cluster lands).
+//! - [`actors`]: shard worker threads, mailboxes, watchers, persistence hand-off.
+//! - [`drivers`]: pure driver state machines, validation, trail, snapshot codec.
+//! - [`geo`]: pure great-circle geometry and the R-tree index (exact k-NN, circle, box).
+//! - [`storage`]: the `Store` trait, sled and in-memory stores, the persister thread.
+//! - [`keys`]: deterministic key hashing and partitions (part of the on-disk layout).
+//! - [`config`], [`node`]: flags and wiring, startup restore and graceful shutdown.
+//! - [`http`]: health, readiness and Prometheus metrics.
+//! - [`sim`]: the city simulator and load generator; [`bench`]: the benchmarks.
+//! - [`pb`]: generated protobuf/gRPC code.
+
+pub mod actors;
+pub mod api;
+pub mod bench;
+pub mod config;
 pub mod drivers;
 pub mod geo;
+pub mod http;
 pub mod keys;
+pub mod node;
+pub mod pb;
+pub mod routing;
+pub mod sim;
+pub mod storage;

@@ -1,1 +1,65 @@
-fn main() {}
+//! The `locus` binary: `locus node` runs a node, `locus sim` runs the city simulator,
+//! `locus bench` runs the benchmarks.
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use locus::config::{LogFormat, NodeConfig};
+use locus::sim::SimConfig;
+
+#[derive(Parser)]
+#[command(name = "locus", version, about = "Locus: real-time vehicle tracking")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a Locus node.
+    Node(NodeConfig),
+    /// Run the city simulator against a node.
+    Sim(SimConfig),
+    /// Run a benchmark (see `make bench`).
+    Bench(locus::bench::BenchConfig),
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,tower=warn,hyper=warn,sled=warn"));
+    let reg = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Json => reg.with(tracing_subscriber::fmt::layer().json().flatten_event(true)).init(),
+        LogFormat::Text => reg.with(tracing_subscriber::fmt::layer().compact()).init(),
+    }
+}
+
+async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Node(cfg) => {
+            init_tracing(cfg.log_format);
+            locus::node::run(cfg, terminated(), |_, _| {}).await
+        }
+        Cmd::Sim(cfg) => {
+            init_tracing(LogFormat::Text);
+            locus::sim::run(cfg).await
+        }
+        Cmd::Bench(cfg) => {
+            init_tracing(LogFormat::Text);
+            locus::bench::run(cfg).await
+        }
+    }
+}

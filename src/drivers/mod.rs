@@ -11,14 +11,14 @@ mod shard;
 mod trail;
 mod validate;
 
-pub use codec::{SnapshotError, decode_snapshot, encode_snapshot};
+pub use codec::{Snapshot, SnapshotError, decode_snapshot, encode_snapshot};
 pub use shard::{
     Lookup, ShardCounters,
     DriverShard, Event, GoneReason, IndexKind, NearbyQuery, PersistBatch, ShardConfig, StoreOp,
     WithinQuery,
 };
 pub use trail::{Trail, TrailFix};
-pub use validate::{FieldError, Limits, validate_fix};
+pub use validate::{FieldError, Limits, MAX_ID_BYTES, MAX_VEHICLE_TYPE_BYTES, validate_fix};
 
 /// A driver's availability. The codes are the wire codes of `locus.v1.DriverStatus`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

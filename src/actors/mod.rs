@@ -1,0 +1,331 @@
+//! Shard workers: the thin shells around [`DriverShard`] cores.
+//!
+//! A node runs a few shard workers (one OS thread each, about one per core). Every
+//! driver key hashes to exactly one shard, whose worker is the only owner of that
+//! driver's state machine (its "actor"), of the shard's R-trees and of its expiry
+//! schedule. Messages for one shard arrive through one bounded, named mailbox and are
+//! handled one at a time, so each driver sees its messages serially and in order.
+//!
+//! Actors are virtual: an idle driver is just its compact record in the shard (no task,
+//! no mailbox, no buffers beyond its trail), yet it stays queryable. A batch of fixes for
+//! one shard is one message, so there is no per-fix wake-up and no lock on the hot path.
+//!
+//! In: [`ShardMsg`] from the router and a `Tick` from the ticker task. Out: replies on
+//! oneshot channels, watcher streams, secondary-index updates and [`PersistBatch`]es for
+//! the persister thread.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::drivers::{
+    DriverShard, DriverView, Event, FixInput, GoneReason, Lookup, NearbyHit, NearbyQuery, PersistBatch,
+    Reject, ShardCounters, WithinQuery,
+};
+use crate::routing::SecondaryIndex;
+
+/// Milliseconds since the Unix epoch, from the system clock.
+pub fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Why a watch stream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchEnd {
+    Removed,
+    Expired,
+    /// The client did not keep up; fixes would have been dropped.
+    Lagged,
+    ShuttingDown,
+}
+
+impl WatchEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WatchEnd::Removed => "removed",
+            WatchEnd::Expired => "expired",
+            WatchEnd::Lagged => "lagged",
+            WatchEnd::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// A subscription to one driver's accepted fixes.
+pub struct Watcher {
+    pub tx: mpsc::Sender<DriverView>,
+    pub end: oneshot::Sender<WatchEnd>,
+}
+
+/// Everything a shard worker can be asked.
+pub enum ShardMsg {
+    /// Fixes of one batch that belong to this shard, with their index in the batch.
+    Fixes { fixes: Vec<(u32, FixInput)>, reply: oneshot::Sender<Vec<(u32, Reject)>> },
+    Get { lookup: Lookup, include_trail: bool, reply: oneshot::Sender<Option<DriverView>> },
+    Remove { lookup: Lookup, reply: oneshot::Sender<Option<String>> },
+    Nearby { q: Arc<NearbyQuery>, reply: oneshot::Sender<Vec<NearbyHit>> },
+    Within { q: Arc<WithinQuery>, reply: oneshot::Sender<Vec<NearbyHit>> },
+    /// Subscribe; the reply carries the current state (or `None` if unknown).
+    Watch { driver_id: String, watcher: Watcher, reply: oneshot::Sender<Option<DriverView>> },
+    /// Wakes an idle worker so timers fire and writes are handed over on time.
+    Tick,
+    /// Handle what is queued, persist everything, end watchers, exit.
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+/// Worker settings.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Hand pending writes to the persister this often.
+    pub persist_interval: Duration,
+    /// Per-watcher queue; a watcher this far behind is ended as lagged.
+    pub watch_queue: usize,
+}
+
+/// A running shard worker.
+pub struct ShardHandle {
+    pub tx: mpsc::Sender<ShardMsg>,
+    thread: JoinHandle<()>,
+}
+
+impl ShardHandle {
+    /// Whether the worker thread has exited.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+struct Worker {
+    id: usize,
+    core: DriverShard,
+    cfg: WorkerConfig,
+    index: Arc<SecondaryIndex>,
+    persist: mpsc::Sender<PersistBatch>,
+    watchers: HashMap<u32, Vec<Watcher>>,
+    next_persist: Instant,
+    next_stats: Instant,
+    last_published: ShardCounters,
+}
+
+/// Starts a worker thread owning `core`, with a mailbox of `capacity` messages.
+pub fn spawn_shard(
+    id: usize,
+    core: DriverShard,
+    capacity: usize,
+    cfg: WorkerConfig,
+    index: Arc<SecondaryIndex>,
+    persist: mpsc::Sender<PersistBatch>,
+) -> ShardHandle {
+    let (tx, rx) = mpsc::channel(capacity);
+    let now = Instant::now();
+    let worker = Worker {
+        id,
+        core,
+        next_persist: now + cfg.persist_interval,
+        next_stats: now,
+        cfg,
+        index,
+        persist,
+        watchers: HashMap::new(),
+        last_published: ShardCounters::default(),
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("locus-shard-{id}"))
+        .spawn(move || worker.run(rx))
+        .expect("spawn shard thread");
+    ShardHandle { tx, thread }
+}
+
+impl Worker {
+    fn run(mut self, mut rx: mpsc::Receiver<ShardMsg>) {
+        // Restored drivers left index events behind.
+        self.perform_events();
+        while let Some(msg) = rx.blocking_recv() {
+            let now_ms = wall_ms();
+            self.core.fire_timers(now_ms);
+            if let ShardMsg::Shutdown { reply } = msg {
+                self.perform_events();
+                self.end_all_watchers(WatchEnd::ShuttingDown);
+                self.persist(true);
+                let _ = reply.send(());
+                debug!(shard = self.id, "shard stopped");
+                return;
+            }
+            self.handle(msg, now_ms);
+            self.perform_events();
+            let now = Instant::now();
+            if now >= self.next_persist {
+                self.next_persist = now + self.cfg.persist_interval;
+                self.persist(false);
+            }
+            if now >= self.next_stats {
+                self.next_stats = now + Duration::from_secs(1);
+                self.publish_stats(&rx);
+                self.sweep_watchers();
+            }
+        }
+        // Every sender is gone without a Shutdown: still persist what we have.
+        self.persist(true);
+    }
+
+    fn handle(&mut self, msg: ShardMsg, now_ms: i64) {
+        match msg {
+            ShardMsg::Fixes { fixes, reply } => {
+                let mut rejected = Vec::new();
+                for (i, fix) in fixes {
+                    if let Err(e) = self.core.apply(fix, now_ms) {
+                        rejected.push((i, e));
+                    }
+                }
+                let _ = reply.send(rejected);
+            }
+            ShardMsg::Get { lookup, include_trail, reply } => {
+                let _ = reply.send(self.core.get(&lookup, include_trail));
+            }
+            ShardMsg::Remove { lookup, reply } => {
+                let _ = reply.send(self.core.remove(&lookup));
+            }
+            ShardMsg::Nearby { q, reply } => {
+                let _ = reply.send(self.core.nearby(&q));
+            }
+            ShardMsg::Within { q, reply } => {
+                let _ = reply.send(self.core.within(&q));
+            }
+            ShardMsg::Watch { driver_id, watcher, reply } => match self.core.slot_of(&driver_id) {
+                Some(slot) => {
+                    let _ = reply.send(Some(self.core.view(slot, false)));
+                    self.core.set_watched(slot, true);
+                    self.watchers.entry(slot).or_default().push(watcher);
+                }
+                None => {
+                    let _ = reply.send(None);
+                }
+            },
+            ShardMsg::Tick | ShardMsg::Shutdown { .. } => {}
+        }
+    }
+
+    fn perform_events(&mut self) {
+        // Events borrow the core; collect the few we need to act on with the core.
+        let mut accepted: Vec<u32> = Vec::new();
+        let mut gone: Vec<(u32, GoneReason)> = Vec::new();
+        for ev in self.core.drain_events() {
+            match ev {
+                Event::Accepted { slot } => accepted.push(slot),
+                Event::Gone { slot, reason } => gone.push((slot, reason)),
+                Event::IndexSet { kind, key, driver_id } => self.index.set(kind, key, driver_id),
+                Event::IndexUnset { kind, key, driver_id } => self.index.unset(kind, &key, &driver_id),
+            }
+        }
+        for slot in accepted {
+            let Some(list) = self.watchers.get_mut(&slot) else { continue };
+            let view = self.core.view(slot, false);
+            let mut i = 0;
+            while i < list.len() {
+                match list[i].tx.try_send(view.clone()) {
+                    Ok(()) => i += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        let w = list.swap_remove(i);
+                        let _ = w.end.send(WatchEnd::Lagged);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        list.swap_remove(i);
+                    }
+                }
+            }
+            if list.is_empty() {
+                self.watchers.remove(&slot);
+                self.core.set_watched(slot, false);
+            }
+        }
+        for (slot, reason) in gone {
+            let end = match reason {
+                GoneReason::Removed => WatchEnd::Removed,
+                GoneReason::Expired => WatchEnd::Expired,
+            };
+            for w in self.watchers.remove(&slot).unwrap_or_default() {
+                let _ = w.end.send(end);
+            }
+        }
+    }
+
+    fn end_all_watchers(&mut self, why: WatchEnd) {
+        for (_, list) in self.watchers.drain() {
+            for w in list {
+                let _ = w.end.send(why);
+            }
+        }
+    }
+
+    fn sweep_watchers(&mut self) {
+        let core = &mut self.core;
+        self.watchers.retain(|slot, list| {
+            list.retain(|w| !w.tx.is_closed());
+            if list.is_empty() {
+                core.set_watched(*slot, false);
+            }
+            !list.is_empty()
+        });
+    }
+
+    /// Hands pending writes to the persister. If its queue is full the changes stay
+    /// pending (coalescing) and go with a later batch, unless `wait` is set.
+    fn persist(&mut self, wait: bool) {
+        if !self.core.has_pending_writes() {
+            return;
+        }
+        let mut batch = PersistBatch::default();
+        if wait {
+            self.core.take_writes(&mut batch);
+            if self.persist.blocking_send(batch).is_err() {
+                warn!(shard = self.id, "persister gone; pending writes dropped");
+            }
+            return;
+        }
+        match self.persist.try_reserve() {
+            Ok(permit) => {
+                self.core.take_writes(&mut batch);
+                permit.send(batch);
+            }
+            Err(_) => metrics::counter!("locus_persist_deferred_total").increment(1),
+        }
+    }
+
+    fn publish_stats(&mut self, rx: &mpsc::Receiver<ShardMsg>) {
+        let shard = self.id.to_string();
+        let c = self.core.counters;
+        let p = self.last_published;
+        let pairs = [
+            ("locus_fixes_accepted_total", None, c.accepted - p.accepted),
+            ("locus_fixes_rejected_total", Some("stale"), c.stale - p.stale),
+            ("locus_fixes_rejected_total", Some("implausible_jump"), c.implausible - p.implausible),
+            ("locus_geo_reindexed_total", None, c.reindexed - p.reindexed),
+            ("locus_drivers_expired_total", None, c.expired - p.expired),
+            ("locus_drivers_removed_total", None, c.removed - p.removed),
+        ];
+        for (name, reason, delta) in pairs {
+            if delta == 0 {
+                continue;
+            }
+            match reason {
+                Some(r) => metrics::counter!(name, "reason" => r).increment(delta),
+                None => metrics::counter!(name, "shard" => shard.clone()).increment(delta),
+            }
+        }
+        self.last_published = c;
+        metrics::gauge!("locus_drivers", "shard" => shard.clone()).set(self.core.len() as f64);
+        metrics::gauge!("locus_mailbox_depth", "mailbox" => format!("shard-{shard}"))
+            .set((rx.max_capacity() - rx.capacity()) as f64);
+        metrics::gauge!("locus_watchers", "shard" => shard).set(self.watchers.values().map(Vec::len).sum::<usize>() as f64);
+    }
+}

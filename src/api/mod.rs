@@ -1,0 +1,541 @@
+//! The gRPC API (`locus.v1.Locations`): validates input, converts protobuf to domain
+//! types, calls the [`Router`], and maps every error to a `tonic::Status` in one place
+//! ([`reject_status`], [`route_status`]).
+//!
+//! Stateless checks (ranges, lengths, clock skew) happen here, at the entry node; stale
+//! and implausible fixes are judged by the driver's actor, which knows its last fix.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::actors::{wall_ms, WatchEnd};
+use crate::drivers::{
+    validate_fix, DriverView, FieldError, FixInput, Limits, NearbyHit, NearbyQuery, Position, Reject, Status as DStatus,
+    WithinQuery, REJECT_REASONS,
+};
+use crate::geo::LatLonBox;
+use crate::pb;
+use crate::routing::{DriverKey, RouteError, Router};
+
+/// Most fixes one `LocationBatch` may carry.
+pub const MAX_BATCH: usize = 10_000;
+/// Most results a Nearby query may ask for.
+pub const MAX_NEARBY: u32 = 1_000;
+/// Most results a Within query may ask for, and its default.
+pub const MAX_WITHIN: u32 = 10_000;
+pub const DEFAULT_WITHIN: u32 = 1_000;
+/// Metadata key carrying the machine-readable reason of a rejection or a stream's end.
+pub const REASON_KEY: &str = "locus-reject-reason";
+pub const END_KEY: &str = "locus-end-reason";
+
+fn with_meta(mut s: Status, key: &'static str, value: &'static str) -> Status {
+    s.metadata_mut().insert(key, MetadataValue::from_static(value));
+    s
+}
+
+fn invalid(e: &FieldError) -> Status {
+    with_meta(Status::invalid_argument(e.to_string()), REASON_KEY, "invalid_argument")
+}
+
+/// The status of a rejected unary fix.
+pub fn reject_status(r: &Reject) -> Status {
+    let s = match r {
+        Reject::Invalid(e) => return invalid(e),
+        Reject::Stale { .. } | Reject::ImplausibleJump { .. } => Status::failed_precondition(r.to_string()),
+        Reject::Overloaded => Status::resource_exhausted(r.to_string()),
+        Reject::Unavailable => Status::unavailable(r.to_string()),
+    };
+    with_meta(s, REASON_KEY, r.reason())
+}
+
+/// The status of a routing failure.
+pub fn route_status(e: RouteError) -> Status {
+    match e {
+        RouteError::NotFound => Status::not_found(e.to_string()),
+        RouteError::Overloaded => with_meta(Status::resource_exhausted(e.to_string()), REASON_KEY, "overloaded"),
+        RouteError::Unavailable => Status::unavailable(e.to_string()),
+    }
+}
+
+fn reject_proto(index: u32, r: &Reject) -> pb::Rejection {
+    let (reason, field, detail) = match r {
+        Reject::Invalid(e) => (pb::RejectReason::InvalidArgument, e.field.to_string(), e.reason.clone()),
+        Reject::Stale { .. } => (pb::RejectReason::Stale, String::new(), r.to_string()),
+        Reject::ImplausibleJump { .. } => (pb::RejectReason::ImplausibleJump, String::new(), r.to_string()),
+        Reject::Overloaded => (pb::RejectReason::Overloaded, String::new(), r.to_string()),
+        Reject::Unavailable => (pb::RejectReason::Unavailable, String::new(), r.to_string()),
+    };
+    pb::Rejection { index, reason: reason as i32, reason_name: r.reason().to_string(), field, detail }
+}
+
+fn status_from_proto(code: i32, field: &'static str) -> Result<Option<DStatus>, FieldError> {
+    match code {
+        0 => Ok(None),
+        c => DStatus::from_code(c).map(Some).ok_or_else(|| FieldError::new(field, format!("unknown status {c}"))),
+    }
+}
+
+fn status_to_proto(s: DStatus) -> i32 {
+    s.code() as i32
+}
+
+/// Converts and validates one fix (stateless checks only).
+pub fn fix_from_proto(u: pb::LocationUpdate, now_ms: i64, limits: Limits) -> Result<FixInput, FieldError> {
+    let fix = FixInput {
+        status: status_from_proto(u.status, "status")?,
+        driver_id: u.driver_id,
+        lat: u.lat,
+        lon: u.lon,
+        heading_deg: u.heading_deg,
+        speed_mps: u.speed_mps,
+        accuracy_m: u.accuracy_m,
+        timestamp_ms: u.timestamp_ms,
+        vehicle_type: u.vehicle_type,
+        cab_number: u.cab_number,
+        session: u.session,
+        trip_id: u.trip_id,
+        trip_cost: u.trip_cost,
+    };
+    validate_fix(&fix, now_ms, limits)?;
+    Ok(fix)
+}
+
+fn fix_proto(p: &Position) -> pb::Fix {
+    pb::Fix {
+        lat: p.lat,
+        lon: p.lon,
+        heading_deg: p.heading_deg,
+        speed_mps: p.speed_mps,
+        accuracy_m: p.accuracy_m,
+        timestamp_ms: p.timestamp_ms,
+    }
+}
+
+/// A domain driver as its protobuf message.
+pub fn driver_proto(v: DriverView) -> pb::Driver {
+    pb::Driver {
+        trail: v.trail.iter().map(fix_proto).collect(),
+        driver_id: v.driver_id,
+        lat: v.last.lat,
+        lon: v.last.lon,
+        heading_deg: v.last.heading_deg,
+        speed_mps: v.last.speed_mps,
+        accuracy_m: v.last.accuracy_m,
+        timestamp_ms: v.last.timestamp_ms,
+        status: status_to_proto(v.status),
+        vehicle_type: v.vehicle_type,
+        cab_number: v.cab_number,
+        session: v.session,
+        trip_id: v.trip_id,
+        trip_cost: v.trip_cost,
+        received_ms: v.received_ms,
+    }
+}
+
+fn hit_proto(h: NearbyHit) -> pb::NearbyHit {
+    pb::NearbyHit {
+        driver_id: h.driver_id,
+        lat: h.pos.lat,
+        lon: h.pos.lon,
+        distance_m: h.distance_m,
+        status: status_to_proto(h.status),
+        vehicle_type: h.vehicle_type,
+        timestamp_ms: h.pos.timestamp_ms,
+        heading_deg: h.pos.heading_deg,
+        speed_mps: h.pos.speed_mps,
+    }
+}
+
+fn check_key_str(field: &'static str, v: &str) -> Result<(), FieldError> {
+    if v.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if v.len() > crate::drivers::MAX_ID_BYTES {
+        return Err(FieldError::new(field, format!("{} bytes, at most 64 allowed", v.len())));
+    }
+    Ok(())
+}
+
+fn check_coord(lat_f: &'static str, lat: f64, lon_f: &'static str, lon: f64) -> Result<(), FieldError> {
+    if !lat.is_finite() || !(-90.0..=90.0).contains(&lat) {
+        return Err(FieldError::new(lat_f, format!("{lat} is not a latitude in [-90, 90]")));
+    }
+    if !lon.is_finite() || !(-180.0..=180.0).contains(&lon) {
+        return Err(FieldError::new(lon_f, format!("{lon} is not a longitude in [-180, 180]")));
+    }
+    Ok(())
+}
+
+fn check_radius(field: &'static str, r: f64) -> Result<(), FieldError> {
+    if !r.is_finite() || r <= 0.0 {
+        return Err(FieldError::new(field, format!("{r} must be a positive number of metres")));
+    }
+    Ok(())
+}
+
+fn status_mask(statuses: &[i32]) -> Result<u32, FieldError> {
+    if statuses.is_empty() {
+        return Ok(u32::MAX);
+    }
+    let mut mask = 0u32;
+    for &c in statuses {
+        let s = status_from_proto(c, "statuses")?
+            .ok_or_else(|| FieldError::new("statuses", "DRIVER_STATUS_UNSPECIFIED is not a filter"))?;
+        mask |= 1 << s.code();
+    }
+    Ok(mask)
+}
+
+fn vehicle_filter(v: String) -> Result<Option<String>, FieldError> {
+    if v.len() > crate::drivers::MAX_VEHICLE_TYPE_BYTES {
+        return Err(FieldError::new("vehicle_type", format!("{} bytes, at most 32 allowed", v.len())));
+    }
+    Ok((!v.is_empty()).then_some(v))
+}
+
+fn driver_key(key: Option<KeyOneof>) -> Result<DriverKey, FieldError> {
+    match key {
+        None => Err(FieldError::new("key", "one of driver_id, cab_number or session is required")),
+        Some(KeyOneof::DriverId(v)) => check_key_str("driver_id", &v).map(|_| DriverKey::Id(v)),
+        Some(KeyOneof::CabNumber(v)) => check_key_str("cab_number", &v).map(|_| DriverKey::Cab(v)),
+        Some(KeyOneof::Session(v)) => check_key_str("session", &v).map(|_| DriverKey::Session(v)),
+    }
+}
+
+/// The `key` oneof of GetDriver and RemoveDriver.
+enum KeyOneof {
+    DriverId(String),
+    CabNumber(String),
+    Session(String),
+}
+
+impl From<pb::get_driver_request::Key> for KeyOneof {
+    fn from(k: pb::get_driver_request::Key) -> Self {
+        use pb::get_driver_request::Key;
+        match k {
+            Key::DriverId(v) => KeyOneof::DriverId(v),
+            Key::CabNumber(v) => KeyOneof::CabNumber(v),
+            Key::Session(v) => KeyOneof::Session(v),
+        }
+    }
+}
+
+impl From<pb::remove_driver_request::Key> for KeyOneof {
+    fn from(k: pb::remove_driver_request::Key) -> Self {
+        use pb::remove_driver_request::Key;
+        match k {
+            Key::DriverId(v) => KeyOneof::DriverId(v),
+            Key::CabNumber(v) => KeyOneof::CabNumber(v),
+            Key::Session(v) => KeyOneof::Session(v),
+        }
+    }
+}
+
+/// Converts and validates a Nearby request.
+pub fn nearby_query(r: pb::NearbyRequest) -> Result<NearbyQuery, FieldError> {
+    check_coord("lat", r.lat, "lon", r.lon)?;
+    if r.limit == 0 || r.limit > MAX_NEARBY {
+        return Err(FieldError::new("limit", format!("{} is outside 1..={MAX_NEARBY}", r.limit)));
+    }
+    if let Some(rad) = r.radius_m {
+        check_radius("radius_m", rad)?;
+    }
+    Ok(NearbyQuery {
+        lat: r.lat,
+        lon: r.lon,
+        limit: r.limit as usize,
+        radius_m: r.radius_m,
+        statuses: status_mask(&r.statuses)?,
+        vehicle_type: vehicle_filter(r.vehicle_type)?,
+    })
+}
+
+/// Converts and validates a Within request.
+pub fn within_query(r: pb::WithinRequest) -> Result<WithinQuery, FieldError> {
+    let limit = match r.limit {
+        0 => DEFAULT_WITHIN,
+        l if l > MAX_WITHIN => return Err(FieldError::new("limit", format!("{l} is above {MAX_WITHIN}"))),
+        l => l,
+    } as usize;
+    let statuses = status_mask(&r.statuses)?;
+    let vehicle_type = vehicle_filter(r.vehicle_type)?;
+    match r.area {
+        None => Err(FieldError::new("area", "a circle or a box is required")),
+        Some(pb::within_request::Area::Circle(c)) => {
+            check_coord("circle.lat", c.lat, "circle.lon", c.lon)?;
+            check_radius("circle.radius_m", c.radius_m)?;
+            Ok(WithinQuery::Circle { lat: c.lat, lon: c.lon, radius_m: c.radius_m, limit, statuses, vehicle_type })
+        }
+        Some(pb::within_request::Area::Box(b)) => {
+            check_coord("box.min_lat", b.min_lat, "box.min_lon", b.min_lon)?;
+            check_coord("box.max_lat", b.max_lat, "box.max_lon", b.max_lon)?;
+            if b.min_lat > b.max_lat {
+                return Err(FieldError::new("box.min_lat", format!("{} is above max_lat {}", b.min_lat, b.max_lat)));
+            }
+            let b = LatLonBox { min_lat: b.min_lat, min_lon: b.min_lon, max_lat: b.max_lat, max_lon: b.max_lon };
+            Ok(WithinQuery::Box { b, limit, statuses, vehicle_type })
+        }
+    }
+}
+
+/// The `locus.v1.Locations` service.
+pub struct LocationsApi {
+    router: Arc<Router>,
+    limits: Limits,
+    watch_queue: usize,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl LocationsApi {
+    pub fn new(router: Arc<Router>, limits: Limits, watch_queue: usize, shutdown: watch::Receiver<bool>) -> Self {
+        LocationsApi { router, limits, watch_queue, shutdown }
+    }
+}
+
+fn count_rejects(rejected: &[(u32, Reject)]) {
+    let mut counts = [0u64; REJECT_REASONS.len()];
+    for (_, r) in rejected {
+        let i = REJECT_REASONS.iter().position(|n| *n == r.reason()).unwrap_or(0);
+        counts[i] += 1;
+    }
+    for (i, n) in counts.into_iter().enumerate() {
+        // Stale and implausible fixes are counted by their shard.
+        if n > 0 && !matches!(REJECT_REASONS[i], "stale" | "implausible_jump") {
+            metrics::counter!("locus_fixes_rejected_total", "reason" => REJECT_REASONS[i]).increment(n);
+        }
+    }
+}
+
+/// Resolves once the node starts shutting down.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+type PendingBatch = Pin<Box<dyn std::future::Future<Output = Vec<(u32, Reject)>> + Send>>;
+
+enum AckItem {
+    Batch { id: u64, n: usize, invalid: Vec<(u32, Reject)>, pending: PendingBatch },
+    End(Status),
+}
+
+#[tonic::async_trait]
+impl pb::locations_server::Locations for LocationsApi {
+    async fn update(&self, req: Request<pb::LocationUpdate>) -> Result<Response<pb::UpdateAck>, Status> {
+        let fix = fix_from_proto(req.into_inner(), wall_ms(), self.limits).map_err(|e| {
+            count_rejects(&[(0, Reject::Invalid(e.clone()))]);
+            invalid(&e)
+        })?;
+        match self.router.update(fix).await {
+            Ok(()) => Ok(Response::new(pb::UpdateAck { received_ms: wall_ms() })),
+            Err(r) => {
+                count_rejects(&[(0, r.clone())]);
+                Err(reject_status(&r))
+            }
+        }
+    }
+
+    type UpdateStreamStream = BoxStream<pb::BatchAck>;
+
+    async fn update_stream(
+        &self,
+        req: Request<Streaming<pb::LocationBatch>>,
+    ) -> Result<Response<Self::UpdateStreamStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (out_tx, out_rx) = mpsc::channel::<Result<pb::BatchAck, Status>>(16);
+        // Batches dispatched but not yet acknowledged; bounds a stream's work in flight.
+        let (ack_tx, mut ack_rx) = mpsc::channel::<AckItem>(8);
+        let router = self.router.clone();
+        let limits = self.limits;
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = stopped(&mut shutdown) => {
+                        let _ = ack_tx.send(AckItem::End(Status::unavailable("node shutting down"))).await;
+                        return;
+                    }
+                };
+                let batch = match msg {
+                    Ok(Some(b)) => b,
+                    Ok(None) | Err(_) => return,
+                };
+                if batch.updates.len() > MAX_BATCH {
+                    let e = FieldError::new(
+                        "updates",
+                        format!("batch has {} fixes, at most {MAX_BATCH} allowed", batch.updates.len()),
+                    );
+                    let _ = ack_tx.send(AckItem::End(invalid(&e))).await;
+                    return;
+                }
+                let now = wall_ms();
+                let n = batch.updates.len();
+                let mut invalid_fixes = Vec::new();
+                let valid = batch.updates.into_iter().enumerate().filter_map(|(i, u)| {
+                    match fix_from_proto(u, now, limits) {
+                        Ok(f) => Some((i as u32, f)),
+                        Err(e) => {
+                            invalid_fixes.push((i as u32, Reject::Invalid(e)));
+                            None
+                        }
+                    }
+                });
+                let valid: Vec<(u32, FixInput)> = valid.collect();
+                let pending = Box::pin(router.dispatch_batch(valid).await);
+                let item = AckItem::Batch { id: batch.batch_id, n, invalid: invalid_fixes, pending };
+                if ack_tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(item) = ack_rx.recv().await {
+                let (id, n, invalid_fixes, pending) = match item {
+                    AckItem::Batch { id, n, invalid, pending } => (id, n, invalid, pending),
+                    AckItem::End(status) => {
+                        let _ = out_tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let mut rejected = pending.await;
+                if !invalid_fixes.is_empty() {
+                    rejected.extend(invalid_fixes);
+                    rejected.sort_unstable_by_key(|(i, _)| *i);
+                }
+                count_rejects(&rejected);
+                let ack = pb::BatchAck {
+                    batch_id: id,
+                    accepted: (n - rejected.len()) as u32,
+                    rejected: rejected.iter().map(|(i, r)| reject_proto(*i, r)).collect(),
+                };
+                if out_tx.send(Ok(ack)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn get_driver(&self, req: Request<pb::GetDriverRequest>) -> Result<Response<pb::Driver>, Status> {
+        let r = req.into_inner();
+        let key = driver_key(r.key.map(Into::into)).map_err(|e| invalid(&e))?;
+        let v = self.router.get(key, r.include_trail).await.map_err(route_status)?;
+        Ok(Response::new(driver_proto(v)))
+    }
+
+    async fn remove_driver(
+        &self,
+        req: Request<pb::RemoveDriverRequest>,
+    ) -> Result<Response<pb::RemoveDriverResponse>, Status> {
+        let key = driver_key(req.into_inner().key.map(Into::into)).map_err(|e| invalid(&e))?;
+        let driver_id = self.router.remove(key).await.map_err(route_status)?;
+        Ok(Response::new(pb::RemoveDriverResponse { driver_id }))
+    }
+
+    async fn nearby(&self, req: Request<pb::NearbyRequest>) -> Result<Response<pb::NearbyResponse>, Status> {
+        let q = nearby_query(req.into_inner()).map_err(|e| invalid(&e))?;
+        let hits = self.router.nearby(q).await.map_err(route_status)?;
+        Ok(Response::new(pb::NearbyResponse { drivers: hits.into_iter().map(hit_proto).collect(), partial: false }))
+    }
+
+    async fn within(&self, req: Request<pb::WithinRequest>) -> Result<Response<pb::WithinResponse>, Status> {
+        let q = within_query(req.into_inner()).map_err(|e| invalid(&e))?;
+        let (hits, truncated) = self.router.within(q).await.map_err(route_status)?;
+        Ok(Response::new(pb::WithinResponse {
+            drivers: hits.into_iter().map(hit_proto).collect(),
+            truncated,
+            partial: false,
+        }))
+    }
+
+    type WatchDriverStream = BoxStream<pb::Driver>;
+
+    async fn watch_driver(
+        &self,
+        req: Request<pb::WatchDriverRequest>,
+    ) -> Result<Response<Self::WatchDriverStream>, Status> {
+        let r = req.into_inner();
+        check_key_str("driver_id", &r.driver_id).map_err(|e| invalid(&e))?;
+        let (current, mut fixes, end) =
+            self.router.watch(r.driver_id, self.watch_queue).await.map_err(route_status)?;
+        let (out_tx, out_rx) = mpsc::channel::<Result<pb::Driver, Status>>(16);
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            if r.include_current && out_tx.send(Ok(driver_proto(current))).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    v = fixes.recv() => match v {
+                        Some(v) => if out_tx.send(Ok(driver_proto(v))).await.is_err() { return },
+                        None => break,
+                    },
+                    _ = stopped(&mut shutdown) => {
+                        let s = with_meta(Status::unavailable("node shutting down"), END_KEY, WatchEnd::ShuttingDown.as_str());
+                        let _ = out_tx.send(Err(s)).await;
+                        return;
+                    }
+                }
+            }
+            let status = match end.await {
+                Ok(why @ (WatchEnd::Removed | WatchEnd::Expired)) => {
+                    with_meta(Status::not_found(format!("driver {}", why.as_str())), END_KEY, why.as_str())
+                }
+                Ok(WatchEnd::Lagged) => with_meta(
+                    Status::resource_exhausted("watcher fell too far behind; resubscribe"),
+                    END_KEY,
+                    WatchEnd::Lagged.as_str(),
+                ),
+                Ok(WatchEnd::ShuttingDown) | Err(_) => with_meta(
+                    Status::unavailable("node shutting down"),
+                    END_KEY,
+                    WatchEnd::ShuttingDown.as_str(),
+                ),
+            };
+            let _ = out_tx.send(Err(status)).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearby_validation_names_fields() {
+        let ok = pb::NearbyRequest { lat: 1.0, lon: 2.0, limit: 10, ..Default::default() };
+        assert!(nearby_query(ok.clone()).is_ok());
+        let f = |r: pb::NearbyRequest| nearby_query(r).unwrap_err().field;
+        assert_eq!(f(pb::NearbyRequest { limit: 0, ..ok.clone() }), "limit");
+        assert_eq!(f(pb::NearbyRequest { limit: 1001, ..ok.clone() }), "limit");
+        assert_eq!(f(pb::NearbyRequest { lat: f64::NAN, ..ok.clone() }), "lat");
+        assert_eq!(f(pb::NearbyRequest { lon: 181.0, ..ok.clone() }), "lon");
+        assert_eq!(f(pb::NearbyRequest { radius_m: Some(-1.0), ..ok.clone() }), "radius_m");
+        assert_eq!(f(pb::NearbyRequest { statuses: vec![9], ..ok.clone() }), "statuses");
+        assert_eq!(f(pb::NearbyRequest { statuses: vec![0], ..ok.clone() }), "statuses");
+        let q = nearby_query(pb::NearbyRequest { statuses: vec![2, 3], ..ok }).unwrap();
+        assert_eq!(q.statuses, (1 << 2) | (1 << 3));
+    }
+
+    #[test]
+    fn within_validation_names_fields() {
+        let f = |r: pb::WithinRequest| within_query(r).unwrap_err().field;
+        assert_eq!(f(pb::WithinRequest::default()), "area");
+        let circle = |radius_m| Some(pb::within_request::Area::Circle(pb::Circle { lat: 0.0, lon: 0.0, radius_m }));
+        assert_eq!(f(pb::WithinRequest { area: circle(0.0), ..Default::default() }), "circle.radius_m");
+        assert_eq!(f(pb::WithinRequest { area: circle(5.0), limit: 10_001, ..Default::default() }), "limit");
+        let bx = |min_lat, max_lat| {
+            Some(pb::within_request::Area::Box(pb::Box { min_lat, min_lon: 170.0, max_lat, max_lon: -170.0 }))
+        };
+        assert_eq!(f(pb::WithinRequest { area: bx(10.0, -10.0), ..Default::default() }), "box.min_lat");
+        assert!(within_query(pb::WithinRequest { area: bx(-10.0, 10.0), ..Default::default() }).is_ok());
+    }
+}

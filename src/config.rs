@@ -1,0 +1,145 @@
+//! Node configuration: every `locus node` flag, also settable as `LOCUS_<NAME>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Parses `900s`, `15m`, `250ms`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("invalid duration {s:?} (try 900s, 15m, 250ms)"))?;
+    let secs = match unit.trim() {
+        "" | "s" => v,
+        "ms" => v / 1000.0,
+        "m" | "min" => v * 60.0,
+        "h" => v * 3600.0,
+        u => return Err(format!("unknown duration unit {u:?} in {s:?} (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn default_shards() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// `locus node`: one Locus node.
+#[derive(Args, Clone, Debug)]
+pub struct NodeConfig {
+    /// Name of this node (logs, metrics, default data directory).
+    #[arg(long, env = "LOCUS_NODE_NAME", default_value = "node-1")]
+    pub node_name: String,
+    /// gRPC listen address (the `locus.v1` API).
+    #[arg(long, env = "LOCUS_GRPC_ADDR", default_value = "127.0.0.1:7400")]
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address: /healthz, /readyz and /metrics (Prometheus).
+    #[arg(long, env = "LOCUS_HTTP_ADDR", default_value = "127.0.0.1:7480")]
+    pub http_addr: SocketAddr,
+    /// Where sled keeps driver snapshots and timers. Default: ./data/<node-name>.
+    #[arg(long, env = "LOCUS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A driver with no accepted fix for this long expires.
+    #[arg(long, env = "LOCUS_DRIVER_TTL", default_value = "900s", value_parser = parse_duration)]
+    pub driver_ttl: Duration,
+    /// Fixes kept per driver (the last one included).
+    #[arg(long, env = "LOCUS_TRAIL_LEN", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub trail_len: u16,
+    #[arg(long, env = "LOCUS_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Fixes whose timestamp is further ahead of the server clock are rejected.
+    #[arg(long, env = "LOCUS_MAX_FUTURE_SKEW", default_value = "30s", value_parser = parse_duration)]
+    pub max_future_skew: Duration,
+    /// Fixes implying a faster move from the last accepted fix are rejected.
+    #[arg(long, env = "LOCUS_MAX_SPEED_MPS", default_value_t = 70.0)]
+    pub max_speed_mps: f64,
+    /// Shard workers (threads owning drivers). Default: one per CPU.
+    #[arg(long, env = "LOCUS_SHARDS", default_value_t = default_shards())]
+    pub shards: usize,
+    /// Messages each shard mailbox holds (a streamed batch is one message per shard).
+    #[arg(long, env = "LOCUS_MAILBOX_CAPACITY", default_value_t = 1024)]
+    pub mailbox_capacity: usize,
+    /// How long a streamed batch or a read waits for mailbox space before it is
+    /// answered `overloaded` / RESOURCE_EXHAUSTED. Unary updates never wait.
+    #[arg(long, env = "LOCUS_OVERLOAD_WAIT", default_value = "200ms", value_parser = parse_duration)]
+    pub overload_wait: Duration,
+    /// Group-commit interval of driver snapshots. A kill -9 loses at most the fixes
+    /// accepted in about one interval plus one flush.
+    #[arg(long, env = "LOCUS_PERSIST_INTERVAL", default_value = "250ms", value_parser = parse_duration)]
+    pub persist_interval: Duration,
+    /// A driver is re-indexed in the R-tree only after moving this far (queries widen
+    /// their search by it, so answers stay exact).
+    #[arg(long, env = "LOCUS_INDEX_SLACK_M", default_value_t = 30.0)]
+    pub index_slack_m: f64,
+    /// Distinct vehicle types accepted per shard.
+    #[arg(long, env = "LOCUS_MAX_VEHICLE_TYPES", default_value_t = 64)]
+    pub max_vehicle_types: usize,
+    /// sled page cache, MiB.
+    #[arg(long, env = "LOCUS_SLED_CACHE_MB", default_value_t = 64)]
+    pub sled_cache_mb: u64,
+    /// Fixes a WatchDriver client may fall behind before its stream is ended as lagged.
+    #[arg(long, env = "LOCUS_WATCH_QUEUE", default_value_t = 1024)]
+    pub watch_queue: usize,
+    /// How long a graceful shutdown waits for in-flight RPCs.
+    #[arg(long, env = "LOCUS_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl NodeConfig {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| PathBuf::from("data").join(&self.node_name))
+    }
+
+    /// Checks values clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.shards == 0 || self.shards > 256 {
+            return Err("--shards must be 1..=256".into());
+        }
+        if self.mailbox_capacity == 0 {
+            return Err("--mailbox-capacity must be > 0".into());
+        }
+        if !(self.max_speed_mps > 0.0) {
+            return Err("--max-speed-mps must be > 0".into());
+        }
+        if !(0.0..=10_000.0).contains(&self.index_slack_m) {
+            return Err("--index-slack-m must be in 0..=10000".into());
+        }
+        if self.driver_ttl.is_zero() {
+            return Err("--driver-ttl must be > 0".into());
+        }
+        if self.persist_interval.is_zero() {
+            return Err("--persist-interval must be > 0".into());
+        }
+        if self.watch_queue == 0 {
+            return Err("--watch-queue must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("900s"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

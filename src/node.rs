@@ -1,0 +1,161 @@
+//! Wires a node together and owns its shutdown.
+//!
+//! Start: open sled, restore every driver and timer into fresh shard cores (bulk-loading
+//! their R-trees), start the persister thread, the shard workers, a ticker, the gRPC and
+//! HTTP servers. Stop (SIGTERM/SIGINT): mark not-ready, end streams, let tonic finish
+//! in-flight RPCs, have every shard drain its mailbox and hand over its last writes,
+//! flush sled, exit 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+
+use crate::actors::{ShardHandle, ShardMsg, WorkerConfig, spawn_shard};
+use crate::api::LocationsApi;
+use crate::config::NodeConfig;
+use crate::drivers::{DriverShard, Limits, ShardConfig};
+use crate::keys::shard_of;
+use crate::pb::locations_server::LocationsServer;
+use crate::routing::{Router, SecondaryIndex};
+use crate::storage::{Persister, SledStore, Store};
+
+/// Largest gRPC message a node accepts or sends (a 10,000-fix batch is about 1 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Restores the shard cores from the store.
+fn restore(cfg: &NodeConfig, store: &dyn Store) -> anyhow::Result<Vec<DriverShard>> {
+    let t0 = Instant::now();
+    let n = cfg.shards;
+    let shard_cfg = ShardConfig {
+        ttl_ms: cfg.driver_ttl.as_millis() as i64,
+        trail_len: cfg.trail_len as usize,
+        max_speed_mps: cfg.max_speed_mps,
+        move_slack_m: cfg.index_slack_m,
+        max_vehicle_types: cfg.max_vehicle_types,
+    };
+    let mut cores: Vec<DriverShard> = (0..n).map(|_| DriverShard::new(shard_cfg.clone())).collect();
+    store
+        .load_drivers(&mut |s| cores[shard_of(s.driver_id.as_bytes(), n)].restore_driver(s))
+        .context("loading drivers")?;
+    let mut timers: Vec<Vec<(i64, String)>> = (0..n).map(|_| Vec::new()).collect();
+    store
+        .load_timers(&mut |due, id| timers[shard_of(id.as_bytes(), n)].push((due, id)))
+        .context("loading timers")?;
+    let ntimers: usize = timers.iter().map(Vec::len).sum();
+    for (core, t) in cores.iter_mut().zip(timers) {
+        core.finish_restore(t);
+    }
+    let drivers: usize = cores.iter().map(DriverShard::len).sum();
+    info!(drivers, timers = ntimers, ms = t0.elapsed().as_millis() as u64, "restored state");
+    Ok(cores)
+}
+
+/// Runs a node until `stop` resolves, then shuts it down gracefully.
+/// `on_ready` receives the bound gRPC and HTTP addresses.
+pub async fn run(
+    cfg: NodeConfig,
+    stop: impl std::future::Future<Output = ()>,
+    on_ready: impl FnOnce(SocketAddr, SocketAddr),
+) -> anyhow::Result<()> {
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    let dir = cfg.data_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(
+        SledStore::open(&dir, cfg.sled_cache_mb).with_context(|| format!("opening sled in {}", dir.display()))?,
+    );
+    let cores = restore(&cfg, store.as_ref())?;
+    let persister = Persister::start(store.clone(), 2 * cfg.shards);
+    let index = Arc::new(SecondaryIndex::default());
+    let wcfg = WorkerConfig { persist_interval: cfg.persist_interval, watch_queue: cfg.watch_queue };
+    let shards: Vec<ShardHandle> = cores
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| spawn_shard(i, c, cfg.mailbox_capacity, wcfg.clone(), index.clone(), persister.sender()))
+        .collect();
+    let txs: Vec<_> = shards.iter().map(|s| s.tx.clone()).collect();
+    let ticker = tokio::spawn(async move {
+        let mut iv = tokio::time::interval(Duration::from_millis(50));
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            iv.tick().await;
+            for tx in &txs {
+                // A full mailbox means the worker is busy anyway.
+                let _ = tx.try_send(ShardMsg::Tick);
+            }
+        }
+    });
+
+    let router = Arc::new(Router::new(shards.iter().map(|s| s.tx.clone()).collect(), index, cfg.overload_wait));
+    let (sd_tx, sd_rx) = watch::channel(false);
+    let limits = Limits { max_future_ms: cfg.max_future_skew.as_millis() as i64 };
+    let api = LocationsApi::new(router, limits, cfg.watch_queue, sd_rx.clone());
+    let svc = LocationsServer::new(api)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let listener = TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding {}", cfg.grpc_addr))?;
+    let grpc_addr = listener.local_addr()?;
+    // serve_with_incoming does not apply the builder's TCP options: set them per socket.
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+    let mut sd = sd_rx.clone();
+    let grpc = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = sd.wait_for(|s| *s).await;
+        });
+    let ready = Arc::new(AtomicBool::new(true));
+    let mut sd = sd_rx.clone();
+    let (http_addr, http) = crate::http::serve(cfg.http_addr, ready.clone(), async move {
+        let _ = sd.wait_for(|s| *s).await;
+    })
+    .await
+    .with_context(|| format!("binding {}", cfg.http_addr))?;
+    let grpc_task = tokio::spawn(grpc);
+    let http_task = tokio::spawn(http);
+    info!(node = %cfg.node_name, grpc = %grpc_addr, http = %http_addr, shards = cfg.shards, data = %dir.display(), "locus node serving");
+    on_ready(grpc_addr, http_addr);
+
+    stop.await;
+    info!("shutting down: draining RPCs");
+    ready.store(false, Ordering::Relaxed);
+    let _ = sd_tx.send(true);
+    match tokio::time::timeout(cfg.shutdown_grace, grpc_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(error = %e, "gRPC server error during shutdown"),
+        Ok(Err(e)) => warn!(error = %e, "gRPC server task failed"),
+        Err(_) => warn!("in-flight RPCs did not finish within the grace period"),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), http_task).await;
+    ticker.abort();
+    info!("shutting down: draining shard mailboxes");
+    for s in &shards {
+        let (reply, rx) = oneshot::channel();
+        if s.tx.send(ShardMsg::Shutdown { reply }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+    tokio::task::spawn_blocking(move || {
+        for s in shards {
+            s.join();
+        }
+        persister.stop(Duration::from_secs(30));
+    })
+    .await?;
+    info!("stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! Routing: from a keyed request to the actor that owns the key.
+//!
+//! The API layer talks only to the [`Router`]. Today every key is owned by a shard of this
+//! node (`keys::shard_of`); when the cluster arrives, the router first picks the owner
+//! node and forwards there, and neither the API nor the shard workers change.
+//!
+//! - Fixes: a batch is split by shard once and sent as one message per shard, in order,
+//!   so consecutive batches of one stream keep each driver's order.
+//! - Keyed reads and removals go to the driver's shard. Lookups by cab number or session
+//!   go through the [`SecondaryIndex`] and are verified by the owning shard.
+//! - Geo queries scatter to every shard and merge nearest first.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::actors::{ShardMsg, WatchEnd, Watcher};
+use crate::drivers::{DriverView, FixInput, IndexKind, Lookup, NearbyHit, NearbyQuery, Reject, WithinQuery};
+use crate::keys::{key_hash, shard_of};
+
+/// How a request names a driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DriverKey {
+    Id(String),
+    Cab(String),
+    Session(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("driver not found (unknown, removed or expired)")]
+    NotFound,
+    #[error("overloaded: the owner's mailbox is full, retry later")]
+    Overloaded,
+    #[error("unavailable: the node is shutting down")]
+    Unavailable,
+}
+
+/// `cab_number → driver` and `session → driver`. Written by shard workers when a
+/// driver's cab or session changes (rare: never per fix); read by lookups.
+///
+/// It is shared by all shard workers, so it is a striped map behind std mutexes that are
+/// never held across an await or for more than one map operation. Entries can be
+/// momentarily stale; the driver's shard verifies every hit (see `Lookup`).
+pub struct SecondaryIndex {
+    stripes: [Vec<Mutex<HashMap<Box<str>, Box<str>>>>; 2],
+}
+
+const STRIPES: usize = 16;
+
+impl Default for SecondaryIndex {
+    fn default() -> Self {
+        let mk = || (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect();
+        SecondaryIndex { stripes: [mk(), mk()] }
+    }
+}
+
+impl SecondaryIndex {
+    fn stripe(&self, kind: IndexKind, key: &str) -> &Mutex<HashMap<Box<str>, Box<str>>> {
+        let s = &self.stripes[kind as usize];
+        &s[(key_hash(key.as_bytes()) % STRIPES as u64) as usize]
+    }
+
+    /// `key` now names `driver_id` (the latest claim wins).
+    pub fn set(&self, kind: IndexKind, key: Box<str>, driver_id: Box<str>) {
+        self.stripe(kind, &key).lock().expect("index lock").insert(key, driver_id);
+    }
+
+    /// `key` no longer names `driver_id` (a no-op if another driver claimed it since).
+    pub fn unset(&self, kind: IndexKind, key: &str, driver_id: &str) {
+        let mut m = self.stripe(kind, key).lock().expect("index lock");
+        if m.get(key).is_some_and(|d| &**d == driver_id) {
+            m.remove(key);
+        }
+    }
+
+    pub fn get(&self, kind: IndexKind, key: &str) -> Option<String> {
+        self.stripe(kind, key).lock().expect("index lock").get(key).map(|d| d.to_string())
+    }
+}
+
+/// Routes requests to the shard that owns their key. Cheap to share (`Arc`).
+pub struct Router {
+    shards: Vec<mpsc::Sender<ShardMsg>>,
+    index: Arc<SecondaryIndex>,
+    /// How long a streamed batch or a read may wait for mailbox space.
+    overload_wait: Duration,
+}
+
+/// The outcome of a dispatched batch: every rejected fix with its index, in index order.
+pub type BatchResult = Vec<(u32, Reject)>;
+
+impl Router {
+    pub fn new(shards: Vec<mpsc::Sender<ShardMsg>>, index: Arc<SecondaryIndex>, overload_wait: Duration) -> Self {
+        Router { shards, index, overload_wait }
+    }
+
+    fn shard(&self, driver_id: &str) -> &mpsc::Sender<ShardMsg> {
+        &self.shards[shard_of(driver_id.as_bytes(), self.shards.len())]
+    }
+
+    async fn send(&self, tx: &mpsc::Sender<ShardMsg>, msg: ShardMsg) -> Result<(), RouteError> {
+        match tx.send_timeout(msg, self.overload_wait).await {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(RouteError::Overloaded),
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(RouteError::Unavailable),
+        }
+    }
+
+    /// One fix, for the unary RPC: never waits for mailbox space.
+    pub async fn update(&self, fix: FixInput) -> Result<(), Reject> {
+        let (reply, rx) = oneshot::channel();
+        let tx = self.shard(&fix.driver_id);
+        match tx.try_send(ShardMsg::Fixes { fixes: vec![(0, fix)], reply }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => return Err(Reject::Overloaded),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Reject::Unavailable),
+        }
+        match rx.await {
+            Ok(mut r) => r.pop().map_or(Ok(()), |(_, e)| Err(e)),
+            Err(_) => Err(Reject::Unavailable),
+        }
+    }
+
+    /// Sends a batch's fixes to their shards (one message per shard) and returns a
+    /// future of the result. Returning only after every message is queued keeps the
+    /// order of consecutive batches; awaiting the result can then happen concurrently.
+    pub async fn dispatch_batch(
+        &self,
+        fixes: impl IntoIterator<Item = (u32, FixInput)>,
+    ) -> impl Future<Output = BatchResult> + Send + 'static {
+        let n = self.shards.len();
+        let mut per: Vec<Vec<(u32, FixInput)>> = (0..n).map(|_| Vec::new()).collect();
+        for (i, f) in fixes {
+            per[shard_of(f.driver_id.as_bytes(), n)].push((i, f));
+        }
+        let mut rejected: BatchResult = Vec::new();
+        let mut pending = Vec::with_capacity(n);
+        for (s, fixes) in per.into_iter().enumerate() {
+            if fixes.is_empty() {
+                continue;
+            }
+            let idx: Vec<u32> = fixes.iter().map(|(i, _)| *i).collect();
+            let (reply, rx) = oneshot::channel();
+            match self.send(&self.shards[s], ShardMsg::Fixes { fixes, reply }).await {
+                Ok(()) => pending.push((idx, rx)),
+                Err(e) => {
+                    let why = if e == RouteError::Overloaded { Reject::Overloaded } else { Reject::Unavailable };
+                    rejected.extend(idx.into_iter().map(|i| (i, why.clone())));
+                }
+            }
+        }
+        async move {
+            for (idx, rx) in pending {
+                match rx.await {
+                    Ok(r) => rejected.extend(r),
+                    Err(_) => rejected.extend(idx.into_iter().map(|i| (i, Reject::Unavailable))),
+                }
+            }
+            rejected.sort_unstable_by_key(|(i, _)| *i);
+            rejected
+        }
+    }
+
+    fn lookup(&self, key: DriverKey) -> Result<Lookup, RouteError> {
+        Ok(match key {
+            DriverKey::Id(id) => Lookup::Id(id),
+            DriverKey::Cab(c) => {
+                let id = self.index.get(IndexKind::Cab, &c).ok_or(RouteError::NotFound)?;
+                Lookup::IdWithCab(id, c)
+            }
+            DriverKey::Session(s) => {
+                let id = self.index.get(IndexKind::Session, &s).ok_or(RouteError::NotFound)?;
+                Lookup::IdWithSession(id, s)
+            }
+        })
+    }
+
+    async fn ask<T>(&self, driver_id: &str, make: impl FnOnce(oneshot::Sender<T>) -> ShardMsg) -> Result<T, RouteError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(self.shard(driver_id), make(reply)).await?;
+        rx.await.map_err(|_| RouteError::Unavailable)
+    }
+
+    pub async fn get(&self, key: DriverKey, include_trail: bool) -> Result<DriverView, RouteError> {
+        let lookup = self.lookup(key)?;
+        let id = lookup.driver_id().to_string();
+        self.ask(&id, |reply| ShardMsg::Get { lookup, include_trail, reply }).await?.ok_or(RouteError::NotFound)
+    }
+
+    pub async fn remove(&self, key: DriverKey) -> Result<String, RouteError> {
+        let lookup = self.lookup(key)?;
+        let id = lookup.driver_id().to_string();
+        self.ask(&id, |reply| ShardMsg::Remove { lookup, reply }).await?.ok_or(RouteError::NotFound)
+    }
+
+    async fn scatter(
+        &self,
+        make: impl Fn(oneshot::Sender<Vec<NearbyHit>>) -> ShardMsg,
+    ) -> Result<Vec<NearbyHit>, RouteError> {
+        let mut pending = Vec::with_capacity(self.shards.len());
+        for tx in &self.shards {
+            let (reply, rx) = oneshot::channel();
+            self.send(tx, make(reply)).await?;
+            pending.push(rx);
+        }
+        let mut all = Vec::new();
+        for rx in pending {
+            all.extend(rx.await.map_err(|_| RouteError::Unavailable)?);
+        }
+        all.sort_by(|a, b| a.distance_m.total_cmp(&b.distance_m).then_with(|| a.driver_id.cmp(&b.driver_id)));
+        Ok(all)
+    }
+
+    /// The `q.limit` nearest drivers over every shard.
+    pub async fn nearby(&self, q: NearbyQuery) -> Result<Vec<NearbyHit>, RouteError> {
+        let limit = q.limit;
+        let q = Arc::new(q);
+        let mut all = self.scatter(|reply| ShardMsg::Nearby { q: q.clone(), reply }).await?;
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    /// The drivers in an area over every shard; `true` when more than `limit` matched.
+    pub async fn within(&self, q: WithinQuery) -> Result<(Vec<NearbyHit>, bool), RouteError> {
+        let limit = match &q {
+            WithinQuery::Circle { limit, .. } | WithinQuery::Box { limit, .. } => *limit,
+        };
+        let q = Arc::new(q);
+        let mut all = self.scatter(|reply| ShardMsg::Within { q: q.clone(), reply }).await?;
+        let truncated = all.len() > limit;
+        all.truncate(limit);
+        Ok((all, truncated))
+    }
+
+    /// Subscribes to a driver's accepted fixes: the current state, the stream of later
+    /// ones, and a receiver that says why the stream ended.
+    pub async fn watch(
+        &self,
+        driver_id: String,
+        queue: usize,
+    ) -> Result<(DriverView, mpsc::Receiver<DriverView>, oneshot::Receiver<WatchEnd>), RouteError> {
+        let (tx, rx) = mpsc::channel(queue);
+        let (end, end_rx) = oneshot::channel();
+        let watcher = Watcher { tx, end };
+        let id = driver_id.clone();
+        let current = self.ask(&id, |reply| ShardMsg::Watch { driver_id, watcher, reply }).await?;
+        Ok((current.ok_or(RouteError::NotFound)?, rx, end_rx))
+    }
+}
