@@ -109,7 +109,7 @@ impl NodeConfig {
         if self.mailbox_capacity == 0 {
             return Err("--mailbox-capacity must be > 0".into());
         }
-        if !(self.max_speed_mps > 0.0) {
+        if self.max_speed_mps.is_nan() || self.max_speed_mps <= 0.0 {
             return Err("--max-speed-mps must be > 0".into());
         }
         if !(0.0..=10_000.0).contains(&self.index_slack_m) {

@@ -46,9 +46,7 @@ fn restore(cfg: &NodeConfig, store: &dyn Store) -> anyhow::Result<Vec<DriverShar
         .load_drivers(&mut |s| cores[shard_of(s.driver_id.as_bytes(), n)].restore_driver(s))
         .context("loading drivers")?;
     let mut timers: Vec<Vec<(i64, String)>> = (0..n).map(|_| Vec::new()).collect();
-    store
-        .load_timers(&mut |due, id| timers[shard_of(id.as_bytes(), n)].push((due, id)))
-        .context("loading timers")?;
+    store.load_timers(&mut |due, id| timers[shard_of(id.as_bytes(), n)].push((due, id))).context("loading timers")?;
     let ntimers: usize = timers.iter().map(Vec::len).sum();
     for (core, t) in cores.iter_mut().zip(timers) {
         core.finish_restore(t);

@@ -23,17 +23,14 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::drivers::{
-    DriverShard, DriverView, Event, FixInput, GoneReason, Lookup, NearbyHit, NearbyQuery, PersistBatch,
-    Reject, ShardCounters, WithinQuery,
+    DriverShard, DriverView, Event, FixInput, GoneReason, Lookup, NearbyHit, NearbyQuery, PersistBatch, Reject,
+    ShardCounters, WithinQuery,
 };
 use crate::routing::SecondaryIndex;
 
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Why a watch stream ended.
@@ -66,17 +63,39 @@ pub struct Watcher {
 /// Everything a shard worker can be asked.
 pub enum ShardMsg {
     /// Fixes of one batch that belong to this shard, with their index in the batch.
-    Fixes { fixes: Vec<(u32, FixInput)>, reply: oneshot::Sender<Vec<(u32, Reject)>> },
-    Get { lookup: Lookup, include_trail: bool, reply: oneshot::Sender<Option<DriverView>> },
-    Remove { lookup: Lookup, reply: oneshot::Sender<Option<String>> },
-    Nearby { q: Arc<NearbyQuery>, reply: oneshot::Sender<Vec<NearbyHit>> },
-    Within { q: Arc<WithinQuery>, reply: oneshot::Sender<Vec<NearbyHit>> },
+    Fixes {
+        fixes: Vec<(u32, FixInput)>,
+        reply: oneshot::Sender<Vec<(u32, Reject)>>,
+    },
+    Get {
+        lookup: Lookup,
+        include_trail: bool,
+        reply: oneshot::Sender<Option<DriverView>>,
+    },
+    Remove {
+        lookup: Lookup,
+        reply: oneshot::Sender<Option<String>>,
+    },
+    Nearby {
+        q: Arc<NearbyQuery>,
+        reply: oneshot::Sender<Vec<NearbyHit>>,
+    },
+    Within {
+        q: Arc<WithinQuery>,
+        reply: oneshot::Sender<Vec<NearbyHit>>,
+    },
     /// Subscribe; the reply carries the current state (or `None` if unknown).
-    Watch { driver_id: String, watcher: Watcher, reply: oneshot::Sender<Option<DriverView>> },
+    Watch {
+        driver_id: String,
+        watcher: Watcher,
+        reply: oneshot::Sender<Option<DriverView>>,
+    },
     /// Wakes an idle worker so timers fire and writes are handed over on time.
     Tick,
     /// Handle what is queued, persist everything, end watchers, exit.
-    Shutdown { reply: oneshot::Sender<()> },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// Worker settings.
@@ -187,13 +206,17 @@ impl Worker {
                         rejected.push((i, e));
                     }
                 }
+                // Index changes land before the ack, so a caller's next lookup sees them.
+                self.perform_events();
                 let _ = reply.send(rejected);
             }
             ShardMsg::Get { lookup, include_trail, reply } => {
                 let _ = reply.send(self.core.get(&lookup, include_trail));
             }
             ShardMsg::Remove { lookup, reply } => {
-                let _ = reply.send(self.core.remove(&lookup));
+                let removed = self.core.remove(&lookup);
+                self.perform_events();
+                let _ = reply.send(removed);
             }
             ShardMsg::Nearby { q, reply } => {
                 let _ = reply.send(self.core.nearby(&q));
@@ -326,6 +349,7 @@ impl Worker {
         metrics::gauge!("locus_drivers", "shard" => shard.clone()).set(self.core.len() as f64);
         metrics::gauge!("locus_mailbox_depth", "mailbox" => format!("shard-{shard}"))
             .set((rx.max_capacity() - rx.capacity()) as f64);
-        metrics::gauge!("locus_watchers", "shard" => shard).set(self.watchers.values().map(Vec::len).sum::<usize>() as f64);
+        metrics::gauge!("locus_watchers", "shard" => shard)
+            .set(self.watchers.values().map(Vec::len).sum::<usize>() as f64);
     }
 }

@@ -9,15 +9,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::actors::{wall_ms, WatchEnd};
+use crate::actors::{WatchEnd, wall_ms};
 use crate::drivers::{
-    validate_fix, DriverView, FieldError, FixInput, Limits, NearbyHit, NearbyQuery, Position, Reject, Status as DStatus,
-    WithinQuery, REJECT_REASONS,
+    DriverView, FieldError, FixInput, Limits, NearbyHit, NearbyQuery, Position, REJECT_REASONS, Reject,
+    Status as DStatus, WithinQuery, validate_fix,
 };
 use crate::geo::LatLonBox;
 use crate::pb;
@@ -378,15 +378,14 @@ impl pb::locations_server::Locations for LocationsApi {
                 let now = wall_ms();
                 let n = batch.updates.len();
                 let mut invalid_fixes = Vec::new();
-                let valid = batch.updates.into_iter().enumerate().filter_map(|(i, u)| {
-                    match fix_from_proto(u, now, limits) {
+                let valid =
+                    batch.updates.into_iter().enumerate().filter_map(|(i, u)| match fix_from_proto(u, now, limits) {
                         Ok(f) => Some((i as u32, f)),
                         Err(e) => {
                             invalid_fixes.push((i as u32, Reject::Invalid(e)));
                             None
                         }
-                    }
-                });
+                    });
                 let valid: Vec<(u32, FixInput)> = valid.collect();
                 let pending = Box::pin(router.dispatch_batch(valid).await);
                 let item = AckItem::Batch { id: batch.batch_id, n, invalid: invalid_fixes, pending };
@@ -463,8 +462,7 @@ impl pb::locations_server::Locations for LocationsApi {
     ) -> Result<Response<Self::WatchDriverStream>, Status> {
         let r = req.into_inner();
         check_key_str("driver_id", &r.driver_id).map_err(|e| invalid(&e))?;
-        let (current, mut fixes, end) =
-            self.router.watch(r.driver_id, self.watch_queue).await.map_err(route_status)?;
+        let (current, mut fixes, end) = self.router.watch(r.driver_id, self.watch_queue).await.map_err(route_status)?;
         let (out_tx, out_rx) = mpsc::channel::<Result<pb::Driver, Status>>(16);
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -493,11 +491,9 @@ impl pb::locations_server::Locations for LocationsApi {
                     END_KEY,
                     WatchEnd::Lagged.as_str(),
                 ),
-                Ok(WatchEnd::ShuttingDown) | Err(_) => with_meta(
-                    Status::unavailable("node shutting down"),
-                    END_KEY,
-                    WatchEnd::ShuttingDown.as_str(),
-                ),
+                Ok(WatchEnd::ShuttingDown) | Err(_) => {
+                    with_meta(Status::unavailable("node shutting down"), END_KEY, WatchEnd::ShuttingDown.as_str())
+                }
             };
             let _ = out_tx.send(Err(status)).await;
         });

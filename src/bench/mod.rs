@@ -99,7 +99,11 @@ impl Workload {
     pub fn fix(&self, i: usize, round: usize) -> (f64, f64, i64) {
         let (lat, lon) = self.start[i];
         let step = round as f64 * 8.0 / EARTH_RADIUS_M;
-        (lat + step.to_degrees(), lon + (step / CITY.0.to_radians().cos()).to_degrees(), self.base_ms + round as i64 * 1_000)
+        (
+            lat + step.to_degrees(),
+            lon + (step / CITY.0.to_radians().cos()).to_degrees(),
+            self.base_ms + round as i64 * 1_000,
+        )
     }
 
     /// Pre-built batches per stream, in send order, for every round.
@@ -108,7 +112,12 @@ impl Workload {
     }
 
     /// Pre-built batches per stream, in send order, for some rounds.
-    pub fn batches_for(&self, streams: usize, batch: usize, rounds: std::ops::Range<usize>) -> Vec<Vec<pb::LocationBatch>> {
+    pub fn batches_for(
+        &self,
+        streams: usize,
+        batch: usize,
+        rounds: std::ops::Range<usize>,
+    ) -> Vec<Vec<pb::LocationBatch>> {
         let mut out: Vec<Vec<pb::LocationBatch>> = (0..streams).map(|_| Vec::new()).collect();
         let mut cur: Vec<Vec<pb::LocationUpdate>> = (0..streams).map(|_| Vec::new()).collect();
         let mut id = 0u64;
@@ -286,7 +295,11 @@ fn start_node(cfg: &BenchConfig, dir: &std::path::Path, trail: usize) -> anyhow:
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem = std::fs::read_to_string("/proc/meminfo")
@@ -357,7 +370,11 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss1 = rss_bytes(pid)?;
     let per_driver = (rss1.saturating_sub(rss0)) as f64 / cfg.query_drivers as f64;
-    eprintln!("[bench] loaded {loaded} fixes at {load_rate:.0}/s; RSS {} MiB -> {} MiB: {per_driver:.0} B/driver", rss0 >> 20, rss1 >> 20);
+    eprintln!(
+        "[bench] loaded {loaded} fixes at {load_rate:.0}/s; RSS {} MiB -> {} MiB: {per_driver:.0} B/driver",
+        rss0 >> 20,
+        rss1 >> 20
+    );
     let (locus_q, results) = nearby_latency(&target, cfg.queries, 3).await?;
     eprintln!("[bench] locus nearby p50={:.0}us p99={:.0}us ({} results)", locus_q.p50, locus_q.p99, results);
     drop(node);
@@ -384,7 +401,11 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
     writeln!(
         report,
         "| ingest, {} distinct drivers × {} fixes, batches of {} over {} streams (Redis: pipelined GEOADD, {} connections) | **{:.0} fixes/s** | {} | {} faster | ≥ 250,000 fixes/s |",
-        cfg.ingest_drivers, cfg.ingest_rounds, cfg.batch, cfg.streams, cfg.streams,
+        cfg.ingest_drivers,
+        cfg.ingest_rounds,
+        cfg.batch,
+        cfg.streams,
+        cfg.streams,
         locus_ingest.rate(),
         opt(redis_ingest, &|v| format!("{v:.0} fixes/s")),
         ratio(locus_ingest.rate(), redis_ingest),
@@ -392,8 +413,11 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
     writeln!(
         report,
         "| Nearby k=10 over {} drivers, p50 / p99 / p99.9 (Redis: GEOSEARCH BYRADIUS {} m ASC COUNT 10) | **{:.0} / {:.0} / {:.0} µs** | {} | p99 {} lower | p99 ≤ 2 ms |",
-        cfg.query_drivers, cfg.redis_radius_m,
-        locus_q.p50, locus_q.p99, locus_q.p999,
+        cfg.query_drivers,
+        cfg.redis_radius_m,
+        locus_q.p50,
+        locus_q.p99,
+        locus_q.p999,
         opt(redis_q.as_ref().map(|l| l.p50), &|_| {
             let l = redis_q.as_ref().expect("some");
             format!("{:.0} / {:.0} / {:.0} µs", l.p50, l.p99, l.p999)
@@ -403,17 +427,37 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
     writeln!(
         report,
         "| resident memory per driver, {} drivers with {}-fix trails (Redis: used_memory per GEO member, position only) | **{:.0} B** | {} | – | ≤ 1024 B |",
-        cfg.query_drivers, cfg.trail_fixes, per_driver,
+        cfg.query_drivers,
+        cfg.trail_fixes,
+        per_driver,
         opt(redis_mem, &|v| format!("{v:.0} B")),
     )?;
     writeln!(report, "\nDetails:\n")?;
-    writeln!(report, "- Ingest: {} fixes sent, {} accepted in {:.2} s. Every fix passes validation, the stale/jump checks, the R-tree update rule and the group-committed sled snapshot.", locus_ingest.fixes, locus_ingest.accepted, locus_ingest.secs)?;
-    writeln!(report, "- Memory load: {} fixes at {:.0} fixes/s; node RSS {} MiB before, {} MiB after (sled cache included).", loaded, load_rate, rss0 >> 20, rss1 >> 20)?;
-    writeln!(report, "- Nearby: {} sequential queries from one client over gRPC, {:.0} queries/s, no radius, no filter, {} results in all.", locus_q.n, locus_q.qps, results)?;
+    writeln!(
+        report,
+        "- Ingest: {} fixes sent, {} accepted in {:.2} s. Every fix passes validation, the stale/jump checks, the R-tree update rule and the group-committed sled snapshot.",
+        locus_ingest.fixes, locus_ingest.accepted, locus_ingest.secs
+    )?;
+    writeln!(
+        report,
+        "- Memory load: {} fixes at {:.0} fixes/s; node RSS {} MiB before, {} MiB after (sled cache included).",
+        loaded,
+        load_rate,
+        rss0 >> 20,
+        rss1 >> 20
+    )?;
+    writeln!(
+        report,
+        "- Nearby: {} sequential queries from one client over gRPC, {:.0} queries/s, no radius, no filter, {} results in all.",
+        locus_q.n, locus_q.qps, results
+    )?;
     if let Some(l) = &redis_q {
         writeln!(report, "- Redis GEOSEARCH: {} sequential queries, {:.0} queries/s.", l.n, l.qps)?;
     }
-    writeln!(report, "\nCommand: `make bench` (runs `locus bench --out BENCHMARKS.md` with the defaults shown in `locus bench --help`).")?;
+    writeln!(
+        report,
+        "\nCommand: `make bench` (runs `locus bench --out BENCHMARKS.md` with the defaults shown in `locus bench --help`)."
+    )?;
     std::fs::write(&cfg.out, &report).with_context(|| format!("writing {}", cfg.out.display()))?;
     println!("{report}");
     let _ = std::fs::remove_dir_all(&tmp);

@@ -62,7 +62,9 @@ impl Conn {
     }
 
     /// Reads one reply; arrays are read whole (their element count is returned).
-    fn read<'a>(&'a mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Reply>> + Send + 'a>> {
+    fn read<'a>(
+        &'a mut self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Reply>> + Send + 'a>> {
         Box::pin(async move {
             let mut l = Vec::with_capacity(64);
             self.line(&mut l).await?;
@@ -192,7 +194,20 @@ impl Server {
             let mut b = Vec::new();
             cmd(
                 &mut b,
-                &[b"GEOSEARCH", KEY.as_bytes(), b"FROMLONLAT", lon.as_bytes(), lat.as_bytes(), b"BYRADIUS", radius.as_bytes(), b"m", b"ASC", b"COUNT", b"10", b"WITHDIST"],
+                &[
+                    b"GEOSEARCH",
+                    KEY.as_bytes(),
+                    b"FROMLONLAT",
+                    lon.as_bytes(),
+                    lat.as_bytes(),
+                    b"BYRADIUS",
+                    radius.as_bytes(),
+                    b"m",
+                    b"ASC",
+                    b"COUNT",
+                    b"10",
+                    b"WITHDIST",
+                ],
             );
             b
         };

@@ -176,7 +176,14 @@ mod tests {
     #[test]
     fn round_trip() {
         let mut trail = Trail::default();
-        let p = |ts| Position { lat: 1.5, lon: -2.25, heading_deg: 90.0, speed_mps: 3.0, accuracy_m: 5.0, timestamp_ms: ts };
+        let p = |ts| Position {
+            lat: 1.5,
+            lon: -2.25,
+            heading_deg: 90.0,
+            speed_mps: 3.0,
+            accuracy_m: 5.0,
+            timestamp_ms: ts,
+        };
         trail.push(&p(1_000), 4);
         trail.push(&p(2_000), 4);
         let last = p(3_000);

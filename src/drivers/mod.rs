@@ -13,8 +13,7 @@ mod validate;
 
 pub use codec::{Snapshot, SnapshotError, decode_snapshot, encode_snapshot};
 pub use shard::{
-    Lookup, ShardCounters,
-    DriverShard, Event, GoneReason, IndexKind, NearbyQuery, PersistBatch, ShardConfig, StoreOp,
+    DriverShard, Event, GoneReason, IndexKind, Lookup, NearbyQuery, PersistBatch, ShardConfig, ShardCounters, StoreOp,
     WithinQuery,
 };
 pub use trail::{Trail, TrailFix};
@@ -133,5 +132,4 @@ impl Reject {
 }
 
 /// Every reject reason, in a fixed order (index = counter slot).
-pub const REJECT_REASONS: [&str; 5] =
-    ["invalid_argument", "stale", "implausible_jump", "overloaded", "unavailable"];
+pub const REJECT_REASONS: [&str; 5] = ["invalid_argument", "stale", "implausible_jump", "overloaded", "unavailable"];

@@ -78,11 +78,24 @@ pub enum GoneReason {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// A watched driver accepted a fix.
-    Accepted { slot: u32 },
+    Accepted {
+        slot: u32,
+    },
     /// A driver was removed or expired; its watchers end.
-    Gone { slot: u32, reason: GoneReason },
-    IndexSet { kind: IndexKind, key: Box<str>, driver_id: Box<str> },
-    IndexUnset { kind: IndexKind, key: Box<str>, driver_id: Box<str> },
+    Gone {
+        slot: u32,
+        reason: GoneReason,
+    },
+    IndexSet {
+        kind: IndexKind,
+        key: Box<str>,
+        driver_id: Box<str>,
+    },
+    IndexUnset {
+        kind: IndexKind,
+        key: Box<str>,
+        driver_id: Box<str>,
+    },
 }
 
 /// Storage writes other than driver snapshots, in the order they happened.
@@ -203,9 +216,7 @@ impl DriverShard {
     fn find(&self, id: &str) -> Option<u32> {
         let h = self.hasher.hash_one(id);
         let slots = &self.slots;
-        self.by_id
-            .find(h, |&s| slots[s as usize].as_ref().is_some_and(|r| &*r.id == id))
-            .copied()
+        self.by_id.find(h, |&s| slots[s as usize].as_ref().is_some_and(|r| &*r.id == id)).copied()
     }
 
     fn rec(&self, slot: u32) -> &Rec {
@@ -342,9 +353,7 @@ impl DriverShard {
         };
         let h = self.hasher.hash_one(&*self.rec(slot).id);
         let (slots, hasher) = (&self.slots, &self.hasher);
-        self.by_id.insert_unique(h, slot, |&s| {
-            hasher.hash_one(&*slots[s as usize].as_ref().expect("live slot").id)
-        });
+        self.by_id.insert_unique(h, slot, |&s| hasher.hash_one(&*slots[s as usize].as_ref().expect("live slot").id));
         slot
     }
 

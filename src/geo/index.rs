@@ -178,8 +178,7 @@ impl GeoIndex {
                 if radius_m.is_some_and(|r| approx > r + slack) {
                     break;
                 }
-                if best.len() == k && approx > best.peek().map_or(f64::INFINITY, |c| c.d) + slack
-                {
+                if best.len() == k && approx > best.peek().map_or(f64::INFINITY, |c| c.d) + slack {
                     break;
                 }
                 let (plat, plon, id) = pos(pt.slot);
@@ -196,10 +195,7 @@ impl GeoIndex {
                 }
             }
         }
-        best.into_sorted_vec()
-            .into_iter()
-            .map(|c| Hit { slot: c.slot, distance_m: c.d })
-            .collect()
+        best.into_sorted_vec().into_iter().map(|c| Hit { slot: c.slot, distance_m: c.d }).collect()
     }
 
     /// Every driver inside the box, with its distance to the box centre, unordered.

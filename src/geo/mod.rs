@@ -74,11 +74,7 @@ impl LatLonBox {
 
     /// Longitudinal width in degrees, accounting for the antimeridian.
     pub fn lon_span(&self) -> f64 {
-        if self.min_lon <= self.max_lon {
-            self.max_lon - self.min_lon
-        } else {
-            360.0 - self.min_lon + self.max_lon
-        }
+        if self.min_lon <= self.max_lon { self.max_lon - self.min_lon } else { 360.0 - self.min_lon + self.max_lon }
     }
 
     /// The box centre, used to order box results.
@@ -101,10 +97,7 @@ impl LatLonBox {
         let (sl_min, sl_max) = self.trig_range(f64::sin);
         let prod = |a_min: f64, a_max: f64, b_min: f64, b_max: f64| {
             let c = [a_min * b_min, a_min * b_max, a_max * b_min, a_max * b_max];
-            (
-                c.iter().copied().fold(f64::INFINITY, f64::min),
-                c.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-            )
+            (c.iter().copied().fold(f64::INFINITY, f64::min), c.iter().copied().fold(f64::NEG_INFINITY, f64::max))
         };
         let (x0, x1) = prod(cos_min, cos_max, cl_min, cl_max);
         let (y0, y1) = prod(cos_min, cos_max, sl_min, sl_max);

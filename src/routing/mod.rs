@@ -46,10 +46,13 @@ pub enum RouteError {
 /// never held across an await or for more than one map operation. Entries can be
 /// momentarily stale; the driver's shard verifies every hit (see `Lookup`).
 pub struct SecondaryIndex {
-    stripes: [Vec<Mutex<HashMap<Box<str>, Box<str>>>>; 2],
+    stripes: [Vec<Stripe>; 2],
 }
 
 const STRIPES: usize = 16;
+
+/// One lock's share of an index: key → driver id.
+type Stripe = Mutex<HashMap<Box<str>, Box<str>>>;
 
 impl Default for SecondaryIndex {
     fn default() -> Self {
@@ -59,7 +62,7 @@ impl Default for SecondaryIndex {
 }
 
 impl SecondaryIndex {
-    fn stripe(&self, kind: IndexKind, key: &str) -> &Mutex<HashMap<Box<str>, Box<str>>> {
+    fn stripe(&self, kind: IndexKind, key: &str) -> &Stripe {
         let s = &self.stripes[kind as usize];
         &s[(key_hash(key.as_bytes()) % STRIPES as u64) as usize]
     }
@@ -179,7 +182,11 @@ impl Router {
         })
     }
 
-    async fn ask<T>(&self, driver_id: &str, make: impl FnOnce(oneshot::Sender<T>) -> ShardMsg) -> Result<T, RouteError> {
+    async fn ask<T>(
+        &self,
+        driver_id: &str,
+        make: impl FnOnce(oneshot::Sender<T>) -> ShardMsg,
+    ) -> Result<T, RouteError> {
         let (reply, rx) = oneshot::channel();
         self.send(self.shard(driver_id), make(reply)).await?;
         rx.await.map_err(|_| RouteError::Unavailable)

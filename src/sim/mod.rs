@@ -147,7 +147,11 @@ impl City {
                 (d.lat, d.lon) = d.dest;
                 d.dest = random_point(&self.cfg, &mut self.rng);
                 if self.rng.random_bool(0.3) {
-                    d.status = if d.status == DriverStatus::Available { DriverStatus::OnTrip } else { DriverStatus::Available };
+                    d.status = if d.status == DriverStatus::Available {
+                        DriverStatus::OnTrip
+                    } else {
+                        DriverStatus::Available
+                    };
                 }
             } else {
                 d.lat += dlat * step / dist;

@@ -139,8 +139,8 @@ impl Store for SledStore {
         for kv in self.drivers.iter() {
             let (k, v) = kv?;
             let id = parse_driver_key(&k)?;
-            let snap = decode_snapshot(id, &v)
-                .map_err(|e| StoreError::Corrupt { key: k.to_vec(), reason: e.to_string() })?;
+            let snap =
+                decode_snapshot(id, &v).map_err(|e| StoreError::Corrupt { key: k.to_vec(), reason: e.to_string() })?;
             f(snap);
         }
         Ok(())
@@ -158,10 +158,13 @@ impl Store for SledStore {
     }
 }
 
+/// (drivers, timers), keyed exactly as in sled.
+type MemTrees = (BTreeMap<Vec<u8>, Vec<u8>>, BTreeMap<Vec<u8>, ()>);
+
 /// The in-memory twin of [`SledStore`], for tests of the shells without disk.
 #[derive(Default)]
 pub struct MemStore {
-    inner: Mutex<(BTreeMap<Vec<u8>, Vec<u8>>, BTreeMap<Vec<u8>, ()>)>,
+    inner: Mutex<MemTrees>,
 }
 
 impl Store for MemStore {

@@ -185,7 +185,9 @@ fn assert_same(got: &[NearbyHit], want: &[(String, f64)]) {
 
 /// Points clustered around a centre that may sit on a pole or the antimeridian, then
 /// moved a little (less than the index slack, so most are not re-indexed).
-fn world() -> impl Strategy<Value = ((f64, f64), Vec<(f64, f64)>, Vec<(f64, f64)>)> {
+type World = ((f64, f64), Vec<(f64, f64)>, Vec<(f64, f64)>);
+
+fn world() -> impl Strategy<Value = World> {
     let centre = prop_oneof![
         Just((0.0, 180.0)),
         Just((89.99, 0.0)),
@@ -202,7 +204,13 @@ fn world() -> impl Strategy<Value = ((f64, f64), Vec<(f64, f64)>, Vec<(f64, f64)
 
 fn wrap(lat: f64, lon: f64) -> (f64, f64) {
     let lat = lat.clamp(-90.0, 90.0);
-    let lon = if lon > 180.0 { lon - 360.0 } else if lon < -180.0 { lon + 360.0 } else { lon };
+    let lon = if lon > 180.0 {
+        lon - 360.0
+    } else if lon < -180.0 {
+        lon + 360.0
+    } else {
+        lon
+    };
     (lat, lon)
 }
 

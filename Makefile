@@ -1,0 +1,35 @@
+# Locus — the contract: every target does one thing; `make help` lists them.
+SHELL := /bin/bash
+CARGO ?= cargo
+LOCUS := ./target/release/locus
+
+.DEFAULT_GOAL := help
+.PHONY: help build fmt lint test bench run
+
+help: ## List the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
+
+build: ## Build the release binary (target/release/locus)
+	$(CARGO) build --release
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+lint: ## Clippy on every target, warnings are errors
+	$(CARGO) clippy --all-targets -- -D warnings
+
+test: ## Format check, lint, then every test (unit, property, end-to-end)
+	$(CARGO) fmt --all -- --check
+	$(MAKE) --no-print-directory lint
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --no-fail-fast; \
+	else \
+		$(CARGO) test --no-fail-fast; \
+	fi
+
+bench: build ## Run the benchmarks (Locus and redis-server) and write BENCHMARKS.md
+	@command -v redis-server >/dev/null || echo "redis-server not installed: apt-get install redis-server for the comparison"
+	$(LOCUS) bench --out BENCHMARKS.md
+
+run: build ## Start a local node and the city simulator feeding it (Ctrl-C stops both)
+	./cluster/run-local.sh

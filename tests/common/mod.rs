@@ -1,0 +1,150 @@
+//! Test harness: real `locus node` processes on loopback with their own sled directories.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use locus::pb;
+use locus::pb::locations_client::LocationsClient;
+use tonic::transport::Channel;
+
+pub const LOCUS: &str = env!("CARGO_BIN_EXE_locus");
+
+/// A running node process; killed on drop.
+pub struct NodeProc {
+    child: Option<Child>,
+    pub grpc: String,
+    pub http: String,
+    pub dir: PathBuf,
+    pub args: Vec<String>,
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!("\"{key}\":\"");
+    let start = line.find(&pat)? + pat.len();
+    let end = line[start..].find('"')? + start;
+    Some(&line[start..end])
+}
+
+impl NodeProc {
+    /// Starts a node on ephemeral ports with its data in `dir`.
+    pub fn start(dir: &Path, extra: &[&str]) -> NodeProc {
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut child = Command::new(LOCUS)
+            .args(["node", "--node-name", "test", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--log-format", "json", "--data-dir"])
+            .arg(dir)
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn locus node");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                // Shown by the test runner when a test fails.
+                eprintln!("[node] {line}");
+                if !sent && line.contains("locus node serving") {
+                    let g = field(&line, "grpc").map(str::to_string);
+                    let h = field(&line, "http").map(str::to_string);
+                    let _ = tx.send((g, h));
+                    sent = true;
+                }
+            }
+        });
+        let (g, h) = rx.recv_timeout(Duration::from_secs(30)).expect("node did not report its addresses");
+        NodeProc {
+            child: Some(child),
+            grpc: format!("http://{}", g.expect("grpc addr")),
+            http: h.expect("http addr"),
+            dir: dir.to_path_buf(),
+            args,
+        }
+    }
+
+    pub async fn client(&self) -> LocationsClient<Channel> {
+        locus::sim::connect(&self.grpc).await.expect("connect")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, no chance to flush.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("kill -9");
+            c.wait().expect("wait");
+        }
+    }
+
+    /// SIGTERM, then wait for the exit status (async, so the test's own gRPC clients
+    /// keep running and can see the server go away).
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let ok = Command::new("kill").args(["-TERM", &c.id().to_string()]).status().expect("kill -TERM");
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = c.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "node did not exit after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts a new process on the same data directory with the same flags.
+    pub fn restart(&self) -> NodeProc {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        NodeProc::start(&self.dir, &args)
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    locus::actors::wall_ms()
+}
+
+/// A valid fix for `id` at (lat, lon), `ts` ms.
+pub fn fix(id: &str, lat: f64, lon: f64, ts: i64) -> pb::LocationUpdate {
+    pb::LocationUpdate {
+        driver_id: id.into(),
+        lat,
+        lon,
+        timestamp_ms: ts,
+        status: pb::DriverStatus::Available as i32,
+        ..Default::default()
+    }
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
