@@ -47,7 +47,7 @@ pub struct NodeConfig {
     /// HTTP listen address: /healthz, /readyz and /metrics (Prometheus).
     #[arg(long, env = "LOCUS_HTTP_ADDR", default_value = "127.0.0.1:7480")]
     pub http_addr: SocketAddr,
-    /// Where sled keeps driver snapshots and timers. Default: ./data/<node-name>.
+    /// Where the driver log lives. Default: ./data/<node-name>.
     #[arg(long, env = "LOCUS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// A driver with no accepted fix for this long expires.
@@ -85,9 +85,6 @@ pub struct NodeConfig {
     /// Distinct vehicle types accepted per shard.
     #[arg(long, env = "LOCUS_MAX_VEHICLE_TYPES", default_value_t = 64)]
     pub max_vehicle_types: usize,
-    /// sled page cache, MiB.
-    #[arg(long, env = "LOCUS_SLED_CACHE_MB", default_value_t = 64)]
-    pub sled_cache_mb: u64,
     /// Fixes a WatchDriver client may fall behind before its stream is ended as lagged.
     #[arg(long, env = "LOCUS_WATCH_QUEUE", default_value_t = 1024)]
     pub watch_queue: usize,

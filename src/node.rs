@@ -1,12 +1,13 @@
 //! Wires a node together and owns its shutdown.
 //!
-//! Start: open sled, restore every driver and timer into fresh shard cores (bulk-loading
+//! Start: replay the driver log into fresh shard cores (bulk-loading
 //! their R-trees), start the persister thread, the shard workers, a ticker, the gRPC and
 //! HTTP servers. Stop (SIGTERM/SIGINT): mark not-ready, end streams, let tonic finish
 //! in-flight RPCs, have every shard drain its mailbox and hand over its last writes,
 //! flush sled, exit 0.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -25,13 +26,13 @@ use crate::drivers::{DriverShard, Limits, ShardConfig};
 use crate::keys::shard_of;
 use crate::pb::locations_server::LocationsServer;
 use crate::routing::{Router, SecondaryIndex};
-use crate::storage::{Persister, SledStore, Store};
+use crate::storage::{DriverLog, Persister, replay};
 
 /// Largest gRPC message a node accepts or sends (a 10,000-fix batch is about 1 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-/// Restores the shard cores from the store.
-fn restore(cfg: &NodeConfig, store: &dyn Store) -> anyhow::Result<Vec<DriverShard>> {
+/// Rebuilds the shard cores from the driver log.
+fn restore(cfg: &NodeConfig, log_dir: &Path) -> anyhow::Result<Vec<DriverShard>> {
     let t0 = Instant::now();
     let n = cfg.shards;
     let shard_cfg = ShardConfig {
@@ -41,18 +42,25 @@ fn restore(cfg: &NodeConfig, store: &dyn Store) -> anyhow::Result<Vec<DriverShar
         move_slack_m: cfg.index_slack_m,
         max_vehicle_types: cfg.max_vehicle_types,
     };
+    let (drivers, stats) =
+        replay(log_dir, shard_cfg.trail_len.saturating_sub(1)).context("replaying the driver log")?;
     let mut cores: Vec<DriverShard> = (0..n).map(|_| DriverShard::new(shard_cfg.clone())).collect();
-    store
-        .load_drivers(&mut |s| cores[shard_of(s.driver_id.as_bytes(), n)].restore_driver(s))
-        .context("loading drivers")?;
-    let mut timers: Vec<Vec<(i64, String)>> = (0..n).map(|_| Vec::new()).collect();
-    store.load_timers(&mut |due, id| timers[shard_of(id.as_bytes(), n)].push((due, id))).context("loading timers")?;
-    let ntimers: usize = timers.iter().map(Vec::len).sum();
-    for (core, t) in cores.iter_mut().zip(timers) {
-        core.finish_restore(t);
+    let count = drivers.len();
+    for (_, s) in drivers {
+        cores[shard_of(s.driver_id.as_bytes(), n)].restore_driver(s);
     }
-    let drivers: usize = cores.iter().map(DriverShard::len).sum();
-    info!(drivers, timers = ntimers, ms = t0.elapsed().as_millis() as u64, "restored state");
+    for core in &mut cores {
+        core.finish_restore();
+    }
+    info!(
+        drivers = count,
+        segments = stats.segments,
+        records = stats.records,
+        mib = stats.bytes >> 20,
+        skipped_bytes = stats.skipped_bytes,
+        ms = t0.elapsed().as_millis() as u64,
+        "restored state"
+    );
     Ok(cores)
 }
 
@@ -66,17 +74,19 @@ pub async fn run(
     cfg.validate().map_err(anyhow::Error::msg)?;
     let dir = cfg.data_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating data dir {}", dir.display()))?;
-    let store: Arc<dyn Store> = Arc::new(
-        SledStore::open(&dir, cfg.sled_cache_mb).with_context(|| format!("opening sled in {}", dir.display()))?,
-    );
-    let cores = restore(&cfg, store.as_ref())?;
-    let persister = Persister::start(store.clone(), 2 * cfg.shards);
+    let log_dir = dir.join("drivers");
+    let cores = restore(&cfg, &log_dir)?;
+    let log = DriverLog::open(&log_dir).context("opening the driver log")?;
+    let persister = Persister::start(log, cfg.shards, 2 * cfg.shards);
     let index = Arc::new(SecondaryIndex::default());
     let wcfg = WorkerConfig { persist_interval: cfg.persist_interval, watch_queue: cfg.watch_queue };
     let shards: Vec<ShardHandle> = cores
         .into_iter()
         .enumerate()
-        .map(|(i, c)| spawn_shard(i, c, cfg.mailbox_capacity, wcfg.clone(), index.clone(), persister.sender()))
+        .map(|(i, c)| {
+            let (persist, sweeps) = (persister.sender(), persister.sweeps.clone());
+            spawn_shard(i, c, cfg.mailbox_capacity, wcfg.clone(), index.clone(), persist, sweeps)
+        })
         .collect();
     let txs: Vec<_> = shards.iter().map(|s| s.tx.clone()).collect();
     let ticker = tokio::spawn(async move {

@@ -27,6 +27,7 @@ use crate::drivers::{
     ShardCounters, WithinQuery,
 };
 use crate::routing::SecondaryIndex;
+use crate::storage::SweepControl;
 
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn wall_ms() -> i64 {
@@ -130,6 +131,9 @@ struct Worker {
     cfg: WorkerConfig,
     index: Arc<SecondaryIndex>,
     persist: mpsc::Sender<PersistBatch>,
+    sweeps: Arc<SweepControl>,
+    /// The last compaction epoch this shard started a sweep for.
+    swept_epoch: u64,
     watchers: HashMap<u32, Vec<Watcher>>,
     next_persist: Instant,
     next_stats: Instant,
@@ -144,6 +148,7 @@ pub fn spawn_shard(
     cfg: WorkerConfig,
     index: Arc<SecondaryIndex>,
     persist: mpsc::Sender<PersistBatch>,
+    sweeps: Arc<SweepControl>,
 ) -> ShardHandle {
     let (tx, rx) = mpsc::channel(capacity);
     let now = Instant::now();
@@ -155,6 +160,8 @@ pub fn spawn_shard(
         cfg,
         index,
         persist,
+        swept_epoch: sweeps.epoch(),
+        sweeps,
         watchers: HashMap::new(),
         last_published: ShardCounters::default(),
     };
@@ -304,6 +311,11 @@ impl Worker {
     /// Hands pending writes to the persister. If its queue is full the changes stay
     /// pending (coalescing) and go with a later batch, unless `wait` is set.
     fn persist(&mut self, wait: bool) {
+        let epoch = self.sweeps.epoch();
+        if epoch > self.swept_epoch {
+            self.swept_epoch = epoch;
+            self.core.start_sweep(epoch);
+        }
         if !self.core.has_pending_writes() {
             return;
         }

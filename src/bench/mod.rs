@@ -62,6 +62,9 @@ pub struct BenchConfig {
     /// Skip the Redis side even if redis-server is installed.
     #[arg(long)]
     pub no_redis: bool,
+    /// Extra flags for the benchmarked `locus node` (repeatable), e.g. `--node-arg=--shards=1`.
+    #[arg(long = "node-arg", allow_hyphen_values = true)]
+    pub node_args: Vec<String>,
     /// Ports used by the processes the benchmark starts.
     #[arg(long, default_value_t = 7600)]
     pub port_base: u16,
@@ -285,6 +288,7 @@ fn start_node(cfg: &BenchConfig, dir: &std::path::Path, trail: usize) -> anyhow:
         .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
         .args(["--http-addr", &format!("127.0.0.1:{}", grpc + 1)])
         .args(["--data-dir", &dir.display().to_string(), "--trail-len", &trail.to_string()])
+        .args(&cfg.node_args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()

@@ -1,19 +1,28 @@
-//! The stored form of a driver (a snapshot): a versioned little-endian byte layout.
+//! The stored form of drivers: records of the driver log (see `storage`).
+//!
+//! Every record is framed so a torn tail (a crash in the middle of a write) is detected:
 //!
 //! ```text
-//! u8 version (1) | u8 status | i64 received_ms | f64 trip_cost
-//! | f64 lat, lon, heading, speed, accuracy | i64 timestamp_ms
-//! | str vehicle_type | str cab | str session | str trip_id      (str = u8 len + bytes)
-//! | i64 trail_base_ms | u16 n | n x (i32 lat_e7, i32 lon_e7, u32 dt, u16 hdg, u16 spd, u16 acc)
+//! u32 payload_len | u32 crc32(payload) | payload
+//! payload = u8 kind | u8 id_len | id | body
+//!   kind 1 (delta) and 2 (full):
+//!     body = u8 status | i64 received_ms | f64 trip_cost
+//!          | f64 lat, lon, heading, speed, accuracy | i64 timestamp_ms      (the last fix)
+//!          | str vehicle_type | str cab | str session | str trip_id       (str = u8 len + bytes)
+//!          | i64 trail_base_ms | u16 n | n x (i32 lat_e7, i32 lon_e7, u32 dt, u16 hdg, u16 spd, u16 acc)
+//!     full:  the trail entries are the whole trail;
+//!     delta: they are the fixes that entered the trail since the driver's previous record.
+//!   kind 3 (delete): no body.
 //! ```
-//! The driver id is the storage key, not part of the value.
-
-use std::collections::VecDeque;
+//! All integers little-endian.
 
 use super::trail::{Trail, TrailFix};
 use super::{Position, Status};
 
-const VERSION: u8 = 1;
+const KIND_DELTA: u8 = 1;
+const KIND_FULL: u8 = 2;
+const KIND_DELETE: u8 = 3;
+const HEADER: usize = 8;
 
 /// Borrowed parts of a driver, for encoding without copying.
 pub struct SnapshotRef<'a> {
@@ -28,7 +37,7 @@ pub struct SnapshotRef<'a> {
     pub trail: &'a Trail,
 }
 
-/// A decoded driver snapshot.
+/// A driver as read back from the log.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub driver_id: String,
@@ -43,12 +52,30 @@ pub struct Snapshot {
     pub trail: Trail,
 }
 
+/// One decoded log record.
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // Records are decoded one at a time and consumed at once.
+pub enum Record {
+    /// The driver's state. `full`: `trail` is its whole trail; otherwise `trail` holds the
+    /// fixes to append to the trail already known.
+    Upsert {
+        full: bool,
+        snap: Snapshot,
+        trail: Vec<Position>,
+    },
+    Delete {
+        driver_id: String,
+    },
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SnapshotError {
-    #[error("snapshot truncated")]
+    #[error("record truncated")]
     Truncated,
-    #[error("unknown snapshot version {0}")]
-    Version(u8),
+    #[error("record checksum mismatch")]
+    Checksum,
+    #[error("unknown record kind {0}")]
+    Kind(u8),
     #[error("bad status code {0}")]
     Status(u8),
     #[error("string is not UTF-8")]
@@ -62,9 +89,26 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&s.as_bytes()[..n]);
 }
 
-/// Appends the encoded snapshot to `out`.
-pub fn encode_snapshot(s: &SnapshotRef<'_>, out: &mut Vec<u8>) {
-    out.push(VERSION);
+fn begin(out: &mut Vec<u8>, kind: u8, id: &str) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; HEADER]);
+    out.push(kind);
+    put_str(out, id);
+    start
+}
+
+fn finish(out: &mut [u8], start: usize) {
+    let payload = &out[start + HEADER..];
+    let len = payload.len() as u32;
+    let crc = crc32fast::hash(payload);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Appends a driver record. `new_trail`: `None` writes the whole trail (a full record);
+/// `Some(n)` writes only the newest `n` trail fixes (a delta record).
+pub fn encode_upsert(out: &mut Vec<u8>, id: &str, s: &SnapshotRef<'_>, new_trail: Option<usize>) {
+    let start = begin(out, if new_trail.is_some() { KIND_DELTA } else { KIND_FULL }, id);
     out.push(s.status.code());
     out.extend_from_slice(&s.received_ms.to_le_bytes());
     out.extend_from_slice(&s.trip_cost.to_le_bytes());
@@ -76,9 +120,10 @@ pub fn encode_snapshot(s: &SnapshotRef<'_>, out: &mut Vec<u8>) {
         put_str(out, v);
     }
     let (base, fixes) = s.trail.raw();
+    let n = new_trail.unwrap_or(fixes.len()).min(fixes.len());
     out.extend_from_slice(&base.to_le_bytes());
-    out.extend_from_slice(&(fixes.len() as u16).to_le_bytes());
-    for f in fixes {
+    out.extend_from_slice(&(n as u16).to_le_bytes());
+    for f in fixes.iter().skip(fixes.len() - n) {
         out.extend_from_slice(&f.lat_e7.to_le_bytes());
         out.extend_from_slice(&f.lon_e7.to_le_bytes());
         out.extend_from_slice(&f.dt_ms.to_le_bytes());
@@ -86,6 +131,13 @@ pub fn encode_snapshot(s: &SnapshotRef<'_>, out: &mut Vec<u8>) {
         out.extend_from_slice(&f.speed_dmps.to_le_bytes());
         out.extend_from_slice(&f.accuracy_dm.to_le_bytes());
     }
+    finish(out, start);
+}
+
+/// Appends a deletion record.
+pub fn encode_delete(out: &mut Vec<u8>, id: &str) {
+    let start = begin(out, KIND_DELETE, id);
+    finish(out, start);
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -119,12 +171,15 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes a snapshot stored under `driver_id`.
-pub fn decode_snapshot(driver_id: &str, bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
-    let mut r = Reader(bytes);
-    let v = r.u8()?;
-    if v != VERSION {
-        return Err(SnapshotError::Version(v));
+fn decode_payload(p: &[u8]) -> Result<Record, SnapshotError> {
+    let mut r = Reader(p);
+    let kind = r.u8()?;
+    let driver_id = r.str()?;
+    if kind == KIND_DELETE {
+        return Ok(Record::Delete { driver_id });
+    }
+    if kind != KIND_DELTA && kind != KIND_FULL {
+        return Err(SnapshotError::Kind(kind));
     }
     let sc = r.u8()?;
     let status = Status::from_code(sc as i32).ok_or(SnapshotError::Status(sc))?;
@@ -144,19 +199,20 @@ pub fn decode_snapshot(driver_id: &str, bytes: &[u8]) -> Result<Snapshot, Snapsh
     let trip_id = r.str()?;
     let base = r.i64()?;
     let n = u16::from_le_bytes(r.take()?) as usize;
-    let mut fixes = VecDeque::with_capacity(n);
+    let mut trail = Vec::with_capacity(n);
     for _ in 0..n {
-        fixes.push_back(TrailFix {
+        let f = TrailFix {
             lat_e7: i32::from_le_bytes(r.take()?),
             lon_e7: i32::from_le_bytes(r.take()?),
             dt_ms: u32::from_le_bytes(r.take()?),
             heading_cdeg: u16::from_le_bytes(r.take()?),
             speed_dmps: u16::from_le_bytes(r.take()?),
             accuracy_dm: u16::from_le_bytes(r.take()?),
-        });
+        };
+        trail.push(f.unpack(base));
     }
-    Ok(Snapshot {
-        driver_id: driver_id.to_string(),
+    let snap = Snapshot {
+        driver_id,
         status,
         vehicle_type,
         last,
@@ -165,53 +221,98 @@ pub fn decode_snapshot(driver_id: &str, bytes: &[u8]) -> Result<Snapshot, Snapsh
         cab,
         session,
         trip_id,
-        trail: Trail::from_raw(base, fixes),
-    })
+        trail: Trail::default(),
+    };
+    Ok(Record::Upsert { full: kind == KIND_FULL, snap, trail })
+}
+
+/// Decodes the records at the start of `bytes`, calling `f` for each. Returns how many
+/// bytes held whole, valid records; anything after that is a torn or corrupt tail.
+pub fn decode_records(bytes: &[u8], mut f: impl FnMut(Record)) -> (usize, Option<SnapshotError>) {
+    let mut at = 0;
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        if rest.len() < HEADER {
+            return (at, Some(SnapshotError::Truncated));
+        }
+        let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
+        let Some(payload) = rest.get(HEADER..HEADER + len) else {
+            return (at, Some(SnapshotError::Truncated));
+        };
+        if crc32fast::hash(payload) != crc {
+            return (at, Some(SnapshotError::Checksum));
+        }
+        match decode_payload(payload) {
+            Ok(r) => f(r),
+            Err(e) => return (at, Some(e)),
+        }
+        at += HEADER + len;
+    }
+    (at, None)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn p(ts: i64) -> Position {
+        Position { lat: 1.5, lon: -2.25, heading_deg: 90.0, speed_mps: 3.0, accuracy_m: 5.0, timestamp_ms: ts }
+    }
+
     #[test]
-    fn round_trip() {
+    fn round_trip_full_delta_delete_and_torn_tails() {
         let mut trail = Trail::default();
-        let p = |ts| Position {
-            lat: 1.5,
-            lon: -2.25,
-            heading_deg: 90.0,
-            speed_mps: 3.0,
-            accuracy_m: 5.0,
-            timestamp_ms: ts,
-        };
-        trail.push(&p(1_000), 4);
-        trail.push(&p(2_000), 4);
-        let last = p(3_000);
-        let mut buf = vec![];
-        encode_snapshot(
-            &SnapshotRef {
-                status: Status::OnTrip,
-                vehicle_type: "suv",
-                last: &last,
-                received_ms: 42,
-                trip_cost: 12.5,
-                cab: "CAB-1",
-                session: "s-9",
-                trip_id: "",
-                trail: &trail,
-            },
-            &mut buf,
-        );
-        let s = decode_snapshot("d1", &buf).unwrap();
-        assert_eq!(s.driver_id, "d1");
-        assert_eq!(s.status, Status::OnTrip);
-        assert_eq!(s.vehicle_type, "suv");
-        assert_eq!(s.last, last);
-        assert_eq!((s.received_ms, s.trip_cost), (42, 12.5));
-        assert_eq!((s.cab.as_str(), s.session.as_str(), s.trip_id.as_str()), ("CAB-1", "s-9", ""));
-        assert_eq!(s.trail.iter().map(|p| p.timestamp_ms).collect::<Vec<_>>(), vec![1_000, 2_000]);
-        for cut in 0..buf.len() {
-            assert!(decode_snapshot("d1", &buf[..cut]).is_err(), "cut at {cut}");
+        for ts in [1_000, 2_000, 3_000] {
+            trail.push(&p(ts), 4);
         }
+        let last = p(4_000);
+        let s = SnapshotRef {
+            status: Status::OnTrip,
+            vehicle_type: "suv",
+            last: &last,
+            received_ms: 42,
+            trip_cost: 12.5,
+            cab: "CAB-1",
+            session: "s-9",
+            trip_id: "",
+            trail: &trail,
+        };
+        let mut buf = vec![];
+        encode_upsert(&mut buf, "d1", &s, None);
+        encode_upsert(&mut buf, "d1", &s, Some(1));
+        encode_delete(&mut buf, "d2");
+        let mut got = vec![];
+        assert_eq!(decode_records(&buf, |r| got.push(r)), (buf.len(), None));
+        let Record::Upsert { full: true, snap, trail: t } = &got[0] else { panic!("{:?}", got[0]) };
+        assert_eq!(snap.driver_id, "d1");
+        assert_eq!(snap.status, Status::OnTrip);
+        assert_eq!((snap.vehicle_type.as_str(), snap.cab.as_str(), snap.session.as_str()), ("suv", "CAB-1", "s-9"));
+        assert_eq!(snap.last, last);
+        assert_eq!((snap.received_ms, snap.trip_cost), (42, 12.5));
+        assert_eq!(t.iter().map(|p| p.timestamp_ms).collect::<Vec<_>>(), vec![1_000, 2_000, 3_000]);
+        let Record::Upsert { full: false, trail: t, .. } = &got[1] else { panic!("{:?}", got[1]) };
+        assert_eq!(t.iter().map(|p| p.timestamp_ms).collect::<Vec<_>>(), vec![3_000]);
+        assert!(matches!(&got[2], Record::Delete { driver_id } if driver_id == "d2"));
+
+        // Every cut inside the last record leaves the earlier records readable.
+        let first_two = {
+            let mut n = 0;
+            decode_records(&buf, |_| n += 1);
+            let mut b = vec![];
+            encode_upsert(&mut b, "d1", &s, None);
+            encode_upsert(&mut b, "d1", &s, Some(1));
+            b.len()
+        };
+        for cut in first_two..buf.len() {
+            let mut n = 0;
+            let (ok, err) = decode_records(&buf[..cut], |_| n += 1);
+            assert_eq!((ok, n), (first_two, 2), "cut at {cut}");
+            assert_eq!(err.is_some(), cut > first_two);
+        }
+        // A flipped bit is caught by the checksum.
+        let mut bad = buf.clone();
+        bad[20] ^= 1;
+        assert_eq!(decode_records(&bad, |_| {}).1, Some(SnapshotError::Checksum));
     }
 }

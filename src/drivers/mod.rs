@@ -11,9 +11,9 @@ mod shard;
 mod trail;
 mod validate;
 
-pub use codec::{Snapshot, SnapshotError, decode_snapshot, encode_snapshot};
+pub use codec::{Record, Snapshot, SnapshotError, decode_records, encode_delete, encode_upsert};
 pub use shard::{
-    DriverShard, Event, GoneReason, IndexKind, Lookup, NearbyQuery, PersistBatch, ShardConfig, ShardCounters, StoreOp,
+    DriverShard, Event, GoneReason, IndexKind, Lookup, NearbyQuery, PersistBatch, ShardConfig, ShardCounters,
     WithinQuery,
 };
 pub use trail::{Trail, TrailFix};

@@ -6,11 +6,10 @@ use std::hash::BuildHasher;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
-use super::codec::{Snapshot, SnapshotRef, encode_snapshot};
+use super::codec::{Snapshot, SnapshotRef, encode_delete, encode_upsert};
 use super::trail::Trail;
 use super::{DriverView, FieldError, FixInput, NearbyHit, Position, Reject, Status};
 use crate::geo::{GeoIndex, IndexKey, LatLonBox, QueryFilter, haversine_m, index::index_point};
-use crate::keys::partition_of;
 
 /// Behaviour knobs of a shard, from the node configuration.
 #[derive(Clone, Debug)]
@@ -98,28 +97,20 @@ pub enum Event {
     },
 }
 
-/// Storage writes other than driver snapshots, in the order they happened.
-#[derive(Clone, Debug, PartialEq)]
-pub enum StoreOp {
-    PutTimer { part: u16, due_ms: i64, driver_id: Box<str> },
-    DelTimer { part: u16, due_ms: i64, driver_id: Box<str> },
-    DelDriver { part: u16, driver_id: Box<str> },
-}
-
-/// What a shard hands to storage in one group commit: `ops` first, then the snapshots of
-/// every driver changed since the last commit, encoded into one buffer.
+/// What a shard hands to the driver log in one group commit: encoded records (deletions
+/// first, then every driver changed since the last commit, once each).
 #[derive(Debug, Default)]
 pub struct PersistBatch {
-    pub ops: Vec<StoreOp>,
-    /// Encoded snapshots back to back.
     pub buf: Vec<u8>,
-    /// (partition, driver id range in `buf`, value range in `buf`).
-    pub snapshots: Vec<(u16, std::ops::Range<usize>, std::ops::Range<usize>)>,
+    pub records: usize,
+    /// Set when this batch completes the compaction sweep of that epoch: every live
+    /// driver of the shard has a full record in this or an earlier batch of the sweep.
+    pub sweep_done: Option<u64>,
 }
 
 impl PersistBatch {
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty() && self.snapshots.is_empty()
+        self.records == 0 && self.sweep_done.is_none()
     }
 }
 
@@ -136,20 +127,22 @@ pub struct ShardCounters {
 
 const DIRTY: u8 = 1;
 const WATCHED: u8 = 2;
+/// The next record of this driver must be a full one (new driver, sweep, or more new
+/// trail fixes than the delta counter holds).
+const FULL: u8 = 4;
 
 struct Rec {
     id: Box<str>,
     generation: u32,
-    part: u16,
     flags: u8,
+    /// Trail fixes added since the driver's last record (for delta records).
+    unpersisted: u8,
     status: Status,
     vtype: u16,
     indexed: [f32; 3],
     last: Position,
     received_ms: i64,
     trip_cost: f64,
-    /// Due time of this driver's persisted expiry timer record.
-    timer_due_ms: i64,
     cab: Option<Box<str>>,
     session: Option<Box<str>>,
     trip_id: Option<Box<str>>,
@@ -180,10 +173,16 @@ pub struct DriverShard {
     timers: BinaryHeap<Reverse<(i64, u32, u32)>>,
     next_gen: u32,
     events: Vec<Event>,
-    ops: Vec<StoreOp>,
+    /// Drivers removed since the last commit.
+    deleted: Vec<Box<str>>,
     dirty: Vec<u32>,
+    /// A compaction sweep in progress: (epoch, next slot).
+    sweep: Option<(u64, u32)>,
     pub counters: ShardCounters,
 }
+
+/// Drivers given a full record per commit during a compaction sweep.
+const SWEEP_CHUNK: u32 = 10_000;
 
 impl DriverShard {
     pub fn new(cfg: ShardConfig) -> Self {
@@ -198,8 +197,9 @@ impl DriverShard {
             timers: BinaryHeap::new(),
             next_gen: 0,
             events: Vec::new(),
-            ops: Vec::new(),
+            deleted: Vec::new(),
             dirty: Vec::new(),
+            sweep: None,
             counters: ShardCounters::default(),
         }
     }
@@ -285,6 +285,7 @@ impl DriverShard {
         let rec = self.rec_mut(slot);
         let old_key = rec.key();
         rec.trail.push(&rec.last, trail_cap);
+        rec.unpersisted = rec.unpersisted.saturating_add(1);
         rec.last = pos;
         rec.received_ms = now_ms;
         if let Some(s) = fix.status {
@@ -360,19 +361,17 @@ impl DriverShard {
     fn create(&mut self, fix: FixInput, pos: Position, vtype: u16, now_ms: i64) {
         self.next_gen = self.next_gen.wrapping_add(1);
         let due = now_ms + self.cfg.ttl_ms;
-        let id: Box<str> = fix.driver_id.into_boxed_str();
         let rec = Rec {
-            part: partition_of(id.as_bytes()),
-            id,
+            id: fix.driver_id.into_boxed_str(),
             generation: self.next_gen,
-            flags: 0,
+            flags: FULL,
+            unpersisted: 0,
             status: fix.status.unwrap_or(Status::Offline),
             vtype,
             indexed: index_point(pos.lat, pos.lon),
             last: pos,
             received_ms: now_ms,
             trip_cost: fix.trip_cost,
-            timer_due_ms: due,
             cab: non_empty(fix.cab_number),
             session: non_empty(fix.session),
             trip_id: non_empty(fix.trip_id),
@@ -381,7 +380,6 @@ impl DriverShard {
         let slot = self.alloc_slot(rec);
         let rec = self.rec(slot);
         let (key, p, generation) = (rec.key(), rec.indexed, rec.generation);
-        self.ops.push(StoreOp::PutTimer { part: rec.part, due_ms: due, driver_id: rec.id.clone() });
         self.index.insert(key, slot, p);
         self.timers.push(Reverse((due, slot, generation)));
         self.index_changed(slot, IndexKind::Cab, None);
@@ -446,8 +444,7 @@ impl DriverShard {
         }
         self.free.push(slot);
         self.index.remove(rec.key(), slot, rec.indexed);
-        self.ops.push(StoreOp::DelTimer { part: rec.part, due_ms: rec.timer_due_ms, driver_id: rec.id.clone() });
-        self.ops.push(StoreOp::DelDriver { part: rec.part, driver_id: rec.id.clone() });
+        self.deleted.push(rec.id.clone());
         if let Some(key) = rec.cab {
             self.events.push(Event::IndexUnset { kind: IndexKind::Cab, key, driver_id: rec.id.clone() });
         }
@@ -459,7 +456,8 @@ impl DriverShard {
     }
 
     /// Fires every expiry timer due at `now_ms`: expires silent drivers and reschedules
-    /// (and re-persists) the timers of drivers that sent fixes since.
+    /// the timers of drivers that sent fixes since. (A driver's due time is a function of
+    /// its persisted `received_ms`, so timers survive restarts with the driver log.)
     pub fn fire_timers(&mut self, now_ms: i64) {
         while let Some(&Reverse((due, slot, generation))) = self.timers.peek() {
             if due > now_ms {
@@ -475,10 +473,6 @@ impl DriverShard {
                 self.counters.expired += 1;
                 self.drop_driver(slot, GoneReason::Expired);
             } else {
-                let (part, old, id) = (rec.part, rec.timer_due_ms, rec.id.clone());
-                self.ops.push(StoreOp::DelTimer { part, due_ms: old, driver_id: id.clone() });
-                self.ops.push(StoreOp::PutTimer { part, due_ms: real_due, driver_id: id });
-                self.rec_mut(slot).timer_due_ms = real_due;
                 self.timers.push(Reverse((real_due, slot, generation)));
             }
         }
@@ -573,63 +567,86 @@ impl DriverShard {
 
     /// Whether anything waits to be persisted.
     pub fn has_pending_writes(&self) -> bool {
-        !self.ops.is_empty() || !self.dirty.is_empty()
+        !self.deleted.is_empty() || !self.dirty.is_empty() || self.sweep.is_some()
     }
 
-    /// Moves every pending storage write into `out` (which is cleared first).
+    /// Starts a compaction sweep: over the next commits every live driver gets a full
+    /// record, after which older log segments are no longer needed.
+    pub fn start_sweep(&mut self, epoch: u64) {
+        self.sweep = Some((epoch, 0));
+    }
+
+    /// Encodes every pending write into `out` (which is cleared first).
     pub fn take_writes(&mut self, out: &mut PersistBatch) {
-        out.ops.clear();
         out.buf.clear();
-        out.snapshots.clear();
-        std::mem::swap(&mut out.ops, &mut self.ops);
+        out.records = 0;
+        out.sweep_done = None;
+        for id in self.deleted.drain(..) {
+            encode_delete(&mut out.buf, &id);
+            out.records += 1;
+        }
+        if let Some((epoch, from)) = self.sweep {
+            let to = from.saturating_add(SWEEP_CHUNK).min(self.slots.len() as u32);
+            for slot in from..to {
+                if let Some(r) = self.slots[slot as usize].as_mut() {
+                    r.flags |= FULL;
+                    if r.flags & DIRTY == 0 {
+                        r.flags |= DIRTY;
+                        self.dirty.push(slot);
+                    }
+                }
+            }
+            if to as usize >= self.slots.len() {
+                self.sweep = None;
+                out.sweep_done = Some(epoch);
+            } else {
+                self.sweep = Some((epoch, to));
+            }
+        }
         for slot in self.dirty.drain(..) {
             let Some(r) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else { continue };
             if r.flags & DIRTY == 0 {
                 continue;
             }
-            r.flags &= !DIRTY;
-            let id_start = out.buf.len();
-            out.buf.extend_from_slice(r.id.as_bytes());
-            let v_start = out.buf.len();
-            encode_snapshot(
-                &SnapshotRef {
-                    status: r.status,
-                    vehicle_type: &self.vtypes[r.vtype as usize],
-                    last: &r.last,
-                    received_ms: r.received_ms,
-                    trip_cost: r.trip_cost,
-                    cab: r.cab.as_deref().unwrap_or_default(),
-                    session: r.session.as_deref().unwrap_or_default(),
-                    trip_id: r.trip_id.as_deref().unwrap_or_default(),
-                    trail: &r.trail,
-                },
-                &mut out.buf,
-            );
-            out.snapshots.push((r.part, id_start..v_start, v_start..out.buf.len()));
+            let delta =
+                (r.flags & FULL == 0 && (r.unpersisted as usize) < u8::MAX as usize).then_some(r.unpersisted as usize);
+            r.flags &= !(DIRTY | FULL);
+            r.unpersisted = 0;
+            let snap = SnapshotRef {
+                status: r.status,
+                vehicle_type: &self.vtypes[r.vtype as usize],
+                last: &r.last,
+                received_ms: r.received_ms,
+                trip_cost: r.trip_cost,
+                cab: r.cab.as_deref().unwrap_or_default(),
+                session: r.session.as_deref().unwrap_or_default(),
+                trip_id: r.trip_id.as_deref().unwrap_or_default(),
+                trail: &r.trail,
+            };
+            encode_upsert(&mut out.buf, &r.id, &snap, delta);
+            out.records += 1;
         }
     }
 
-    /// Adds a driver read back from storage (no index or timer yet: see
-    /// [`finish_restore`](Self::finish_restore)). A duplicate id is ignored.
+    /// Adds a driver read back from the log (its geo index entry and expiry timer come
+    /// with [`finish_restore`](Self::finish_restore)). A duplicate id is ignored.
     pub fn restore_driver(&mut self, s: Snapshot) {
         if self.find(&s.driver_id).is_some() {
             return;
         }
         let vtype = self.intern_vtype(&s.vehicle_type, false).unwrap_or(0);
         self.next_gen = self.next_gen.wrapping_add(1);
-        let id: Box<str> = s.driver_id.into_boxed_str();
         let rec = Rec {
-            part: partition_of(id.as_bytes()),
-            id,
+            id: s.driver_id.into_boxed_str(),
             generation: self.next_gen,
             flags: 0,
+            unpersisted: 0,
             status: s.status,
             vtype,
             indexed: index_point(s.last.lat, s.last.lon),
             last: s.last,
             received_ms: s.received_ms,
             trip_cost: s.trip_cost,
-            timer_due_ms: i64::MIN,
             cab: non_empty(s.cab),
             session: non_empty(s.session),
             trip_id: non_empty(s.trip_id),
@@ -640,39 +657,14 @@ impl DriverShard {
         self.index_changed(slot, IndexKind::Session, None);
     }
 
-    /// Attaches the persisted timers to the restored drivers, deletes orphan timers,
-    /// schedules drivers that had none, and bulk-loads the geo index.
-    pub fn finish_restore(&mut self, timers: impl IntoIterator<Item = (i64, String)>) {
-        for (due, id) in timers {
-            match self.find(&id) {
-                Some(slot) => {
-                    let rec = self.rec_mut(slot);
-                    if rec.timer_due_ms != i64::MIN {
-                        // A second record for the same driver: keep the later one.
-                        let (part, keep) = (rec.part, rec.timer_due_ms.max(due));
-                        let drop = rec.timer_due_ms.min(due);
-                        rec.timer_due_ms = keep;
-                        self.ops.push(StoreOp::DelTimer { part, due_ms: drop, driver_id: id.into() });
-                    } else {
-                        rec.timer_due_ms = due;
-                    }
-                }
-                None => {
-                    let part = partition_of(id.as_bytes());
-                    self.ops.push(StoreOp::DelTimer { part, due_ms: due, driver_id: id.into() });
-                }
-            }
-        }
+    /// Schedules the expiry of every restored driver (overdue ones fire on the next
+    /// `fire_timers`) and bulk-loads the geo index.
+    pub fn finish_restore(&mut self) {
         let ttl = self.cfg.ttl_ms;
         let mut points = Vec::with_capacity(self.by_id.len());
         for slot in 0..self.slots.len() as u32 {
-            let Some(rec) = self.slots[slot as usize].as_mut() else { continue };
-            let real_due = rec.received_ms + ttl;
-            if rec.timer_due_ms == i64::MIN {
-                rec.timer_due_ms = real_due;
-                self.ops.push(StoreOp::PutTimer { part: rec.part, due_ms: real_due, driver_id: rec.id.clone() });
-            }
-            self.timers.push(Reverse((rec.timer_due_ms.min(real_due), slot, rec.generation)));
+            let Some(rec) = self.slots[slot as usize].as_ref() else { continue };
+            self.timers.push(Reverse((rec.received_ms + ttl, slot, rec.generation)));
             points.push((rec.key(), slot, rec.indexed));
         }
         self.index.bulk_load(points);

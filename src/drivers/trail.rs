@@ -37,7 +37,7 @@ impl TrailFix {
         }
     }
 
-    fn unpack(&self, base_ms: i64) -> Position {
+    pub(crate) fn unpack(&self, base_ms: i64) -> Position {
         Position {
             lat: self.lat_e7 as f64 / 1e7,
             lon: self.lon_e7 as f64 / 1e7,
@@ -110,11 +110,6 @@ impl Trail {
     /// Raw parts for the snapshot codec.
     pub fn raw(&self) -> (i64, &VecDeque<TrailFix>) {
         (self.base_ms, &self.fixes)
-    }
-
-    /// Rebuilds a trail from the snapshot codec's raw parts.
-    pub fn from_raw(base_ms: i64, fixes: VecDeque<TrailFix>) -> Trail {
-        Trail { base_ms, fixes }
     }
 }
 

@@ -1,5 +1,5 @@
 use super::*;
-use crate::drivers::codec::decode_snapshot;
+use crate::drivers::codec::{Record, decode_records};
 use proptest::prelude::*;
 
 const T0: i64 = 1_700_000_000_000;
@@ -68,44 +68,58 @@ fn expiry_fires_after_ttl_and_fixes_postpone_it() {
     assert!(sh.nearby(&q).is_empty());
 }
 
+fn records(b: &PersistBatch) -> Vec<Record> {
+    let mut out = vec![];
+    let (n, err) = decode_records(&b.buf, |r| out.push(r));
+    assert_eq!((n, err), (b.buf.len(), None));
+    assert_eq!(out.len(), b.records);
+    out
+}
+
 #[test]
-fn timers_and_snapshots_are_persisted_and_deleted() {
+fn writes_coalesce_into_one_record_per_driver_per_commit() {
     let mut sh = DriverShard::new(ShardConfig { ttl_ms: 10_000, ..cfg() });
     let mut b = PersistBatch::default();
     sh.apply(FixInput { cab_number: "CAB".into(), ..fix("d1", 1.0, 1.0, T0) }, T0).unwrap();
     sh.apply(fix("d1", 1.0, 1.0001, T0 + 1_000), T0 + 1_000).unwrap();
     sh.take_writes(&mut b);
-    let part = crate::keys::partition_of(b"d1");
-    assert_eq!(b.ops, vec![StoreOp::PutTimer { part, due_ms: T0 + 10_000, driver_id: "d1".into() }]);
-    assert_eq!(b.snapshots.len(), 1, "two fixes, one snapshot");
-    let (p, idr, vr) = b.snapshots[0].clone();
-    assert_eq!(p, part);
-    assert_eq!(&b.buf[idr], b"d1");
-    let snap = decode_snapshot("d1", &b.buf[vr]).unwrap();
-    assert_eq!(snap.last.lon, 1.0001);
-    assert_eq!(snap.cab, "CAB");
+    let r = records(&b);
+    assert_eq!(r.len(), 1, "two fixes, one record");
+    let Record::Upsert { full: true, snap, trail } = &r[0] else { panic!("a new driver gets a full record: {r:?}") };
+    assert_eq!((snap.driver_id.as_str(), snap.last.lon, snap.cab.as_str()), ("d1", 1.0001, "CAB"));
+    assert_eq!(trail.len(), 1);
     sh.take_writes(&mut b);
-    assert!(b.is_empty());
-    // The timer is rewritten once when it fires early, not on every fix.
-    sh.fire_timers(T0 + 10_000);
+    assert!(b.is_empty(), "nothing changed");
+    // Later commits carry only the trail fixes added since.
+    sh.apply(fix("d1", 1.0, 1.0002, T0 + 2_000), T0 + 2_000).unwrap();
     sh.take_writes(&mut b);
-    assert_eq!(
-        b.ops,
-        vec![
-            StoreOp::DelTimer { part, due_ms: T0 + 10_000, driver_id: "d1".into() },
-            StoreOp::PutTimer { part, due_ms: T0 + 11_000, driver_id: "d1".into() },
-        ]
-    );
+    let r = records(&b);
+    let Record::Upsert { full: false, trail, .. } = &r[0] else { panic!("{r:?}") };
+    assert_eq!(trail.iter().map(|p| p.timestamp_ms).collect::<Vec<_>>(), vec![T0 + 1_000]);
+    // Removal writes a deletion and nothing else.
+    sh.apply(fix("d1", 1.0, 1.0003, T0 + 3_000), T0 + 3_000).unwrap();
     assert_eq!(sh.remove(&Lookup::IdWithCab("d1".into(), "CAB".into())), Some("d1".into()));
     sh.take_writes(&mut b);
-    assert_eq!(
-        b.ops,
-        vec![
-            StoreOp::DelTimer { part, due_ms: T0 + 11_000, driver_id: "d1".into() },
-            StoreOp::DelDriver { part, driver_id: "d1".into() },
-        ]
-    );
-    assert!(b.snapshots.is_empty());
+    let r = records(&b);
+    assert!(matches!(&r[..], [Record::Delete { driver_id }] if driver_id == "d1"), "{r:?}");
+}
+
+#[test]
+fn a_sweep_writes_full_records_for_every_driver_in_chunks() {
+    let mut sh = DriverShard::new(cfg());
+    let mut b = PersistBatch::default();
+    for i in 0..(SWEEP_CHUNK as usize + 5) {
+        sh.apply(fix(&format!("d{i}"), 1.0, 1.0, T0), T0).unwrap();
+    }
+    sh.take_writes(&mut b);
+    sh.start_sweep(7);
+    sh.take_writes(&mut b);
+    assert_eq!((b.records, b.sweep_done), (SWEEP_CHUNK as usize, None));
+    sh.take_writes(&mut b);
+    assert_eq!((b.records, b.sweep_done), (5, Some(7)));
+    assert!(records(&b).iter().all(|r| matches!(r, Record::Upsert { full: true, .. })));
+    sh.take_writes(&mut b);
+    assert!(b.is_empty());
 }
 
 #[test]
@@ -141,24 +155,23 @@ fn too_many_vehicle_types_is_a_field_error() {
 }
 
 #[test]
-fn restore_rebuilds_index_timers_and_orphans() {
+fn restore_rebuilds_index_secondary_keys_and_expiry() {
     let mut a = DriverShard::new(ShardConfig { ttl_ms: 10_000, ..cfg() });
     let mut b = PersistBatch::default();
     a.apply(FixInput { session: "S".into(), ..fix("d1", 5.0, 5.0, T0) }, T0).unwrap();
     a.take_writes(&mut b);
-    let (_, idr, vr) = b.snapshots[0].clone();
-    let snap = decode_snapshot(std::str::from_utf8(&b.buf[idr]).unwrap(), &b.buf[vr]).unwrap();
+    let Record::Upsert { snap, .. } = records(&b).remove(0) else { panic!() };
 
     let mut r = DriverShard::new(ShardConfig { ttl_ms: 10_000, ..cfg() });
     r.restore_driver(snap);
-    r.finish_restore(vec![(T0 + 10_000, "d1".to_string()), (T0 + 3, "ghost".to_string())]);
+    r.finish_restore();
     assert!(r.drain_events().any(|e| matches!(e, Event::IndexSet { kind: IndexKind::Session, .. })));
     let q = NearbyQuery { lat: 5.0, lon: 5.0, limit: 1, radius_m: None, statuses: u32::MAX, vehicle_type: None };
     assert_eq!(r.nearby(&q)[0].driver_id, "d1");
-    r.take_writes(&mut b);
-    assert_eq!(b.ops.len(), 1, "the orphan timer is deleted: {:?}", b.ops);
+    r.fire_timers(T0 + 9_999);
+    assert_eq!(r.len(), 1);
     r.fire_timers(T0 + 10_000);
-    assert!(r.is_empty());
+    assert!(r.is_empty(), "expiry is due at the persisted received_ms + TTL");
 }
 
 /// Brute force: every driver, haversine distance, sorted by (distance, id).
