@@ -9,7 +9,7 @@
 //!     body = u8 status | i64 received_ms | f64 trip_cost
 //!          | f64 lat, lon, heading, speed, accuracy | i64 timestamp_ms      (the last fix)
 //!          | str vehicle_type | str cab | str session | str trip_id       (str = u8 len + bytes)
-//!          | i64 trail_base_ms | u16 n | n x (i32 lat_e7, i32 lon_e7, u32 dt, u16 hdg, u16 spd, u16 acc)
+//!          | i64 trail_base_ms | u16 n | n x (i32 lat_e7, i32 lon_e7, u32 dt, u32 motion)
 //!     full:  the trail entries are the whole trail;
 //!     delta: they are the fixes that entered the trail since the driver's previous record.
 //!   kind 3 (delete): no body.
@@ -127,9 +127,7 @@ pub fn encode_upsert(out: &mut Vec<u8>, id: &str, s: &SnapshotRef<'_>, new_trail
         out.extend_from_slice(&f.lat_e7.to_le_bytes());
         out.extend_from_slice(&f.lon_e7.to_le_bytes());
         out.extend_from_slice(&f.dt_ms.to_le_bytes());
-        out.extend_from_slice(&f.heading_cdeg.to_le_bytes());
-        out.extend_from_slice(&f.speed_dmps.to_le_bytes());
-        out.extend_from_slice(&f.accuracy_dm.to_le_bytes());
+        out.extend_from_slice(&f.motion.to_le_bytes());
     }
     finish(out, start);
 }
@@ -205,9 +203,7 @@ fn decode_payload(p: &[u8]) -> Result<Record, SnapshotError> {
             lat_e7: i32::from_le_bytes(r.take()?),
             lon_e7: i32::from_le_bytes(r.take()?),
             dt_ms: u32::from_le_bytes(r.take()?),
-            heading_cdeg: u16::from_le_bytes(r.take()?),
-            speed_dmps: u16::from_le_bytes(r.take()?),
-            accuracy_dm: u16::from_le_bytes(r.take()?),
+            motion: u32::from_le_bytes(r.take()?),
         };
         trail.push(f.unpack(base));
     }

@@ -1,9 +1,10 @@
-//! A driver's recent fixes in 20 bytes each.
+//! A driver's recent fixes in 16 bytes each.
 //!
-//! Positions are kept to 1e-7 degree (about 1.1 cm), heading to 0.01 degree, speed and
-//! accuracy to 0.1 m/s and 0.1 m; timestamps as u32 milliseconds after a per-trail base.
-//! The last accepted fix is kept at full precision by the driver record; the trail holds
-//! the ones before it.
+//! Positions are kept to 1e-7 degree (about 1.1 cm), timestamps as u32 milliseconds after
+//! a per-trail base, and heading, speed and accuracy packed into one u32: heading to 1°,
+//! speed to 0.1 m/s (up to 204.7 m/s), accuracy to 1 m (up to 4,095 m). The last
+//! accepted fix is kept at full precision by the driver record; the trail holds the ones
+//! before it.
 
 use std::collections::VecDeque;
 
@@ -16,24 +17,24 @@ pub struct TrailFix {
     pub lon_e7: i32,
     /// Milliseconds after the trail's base timestamp.
     pub dt_ms: u32,
-    pub heading_cdeg: u16,
-    pub speed_dmps: u16,
-    pub accuracy_dm: u16,
+    /// Bits 0–8 heading (degrees), 9–19 speed (0.1 m/s), 20–31 accuracy (m).
+    pub motion: u32,
 }
 
-fn clamp_u16(v: f64) -> u16 {
-    v.round().clamp(0.0, u16::MAX as f64) as u16
+fn field(v: f64, max: u32) -> u32 {
+    v.round().clamp(0.0, max as f64) as u32
 }
 
 impl TrailFix {
     fn pack(p: &Position, base_ms: i64) -> TrailFix {
+        let heading = field(p.heading_deg, 360) % 360;
+        let speed = field(p.speed_mps * 10.0, (1 << 11) - 1);
+        let accuracy = field(p.accuracy_m, (1 << 12) - 1);
         TrailFix {
             lat_e7: (p.lat * 1e7).round() as i32,
             lon_e7: (p.lon * 1e7).round() as i32,
             dt_ms: (p.timestamp_ms - base_ms) as u32,
-            heading_cdeg: clamp_u16(p.heading_deg * 100.0),
-            speed_dmps: clamp_u16(p.speed_mps * 10.0),
-            accuracy_dm: clamp_u16(p.accuracy_m * 10.0),
+            motion: heading | speed << 9 | accuracy << 20,
         }
     }
 
@@ -41,9 +42,9 @@ impl TrailFix {
         Position {
             lat: self.lat_e7 as f64 / 1e7,
             lon: self.lon_e7 as f64 / 1e7,
-            heading_deg: self.heading_cdeg as f64 / 100.0,
-            speed_mps: self.speed_dmps as f64 / 10.0,
-            accuracy_m: self.accuracy_dm as f64 / 10.0,
+            heading_deg: (self.motion & 0x1ff) as f64,
+            speed_mps: ((self.motion >> 9) & 0x7ff) as f64 / 10.0,
+            accuracy_m: (self.motion >> 20) as f64,
             timestamp_ms: base_ms + self.dt_ms as i64,
         }
     }
@@ -118,7 +119,7 @@ mod tests {
     use super::*;
 
     fn pos(ts: i64, lat: f64) -> Position {
-        Position { lat, lon: -0.1234567, heading_deg: 359.99, speed_mps: 12.3, accuracy_m: 4.5, timestamp_ms: ts }
+        Position { lat, lon: -0.1234567, heading_deg: 123.4, speed_mps: 12.34, accuracy_m: 4.6, timestamp_ms: ts }
     }
 
     #[test]
@@ -133,9 +134,8 @@ mod tests {
         assert_eq!(got[3].timestamp_ms, 10_000);
         assert!((got[3].lat - 50.0009).abs() < 1e-7);
         assert!((got[3].lon + 0.1234567).abs() < 1e-7);
-        assert!((got[3].heading_deg - 359.99).abs() < 0.01);
-        assert!((got[3].speed_mps - 12.3).abs() < 0.05);
-        assert_eq!(std::mem::size_of::<TrailFix>(), 20);
+        assert_eq!((got[3].heading_deg, got[3].speed_mps, got[3].accuracy_m), (123.0, 12.3, 5.0));
+        assert_eq!(std::mem::size_of::<TrailFix>(), 16);
     }
 
     #[test]

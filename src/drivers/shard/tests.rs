@@ -281,3 +281,10 @@ proptest! {
         assert_same(&sh.within(&w), &want);
     }
 }
+
+#[test]
+fn a_driver_record_stays_small() {
+    // The per-driver memory budget (≤ 1 KiB with a 32-fix trail) depends on it.
+    let size = std::mem::size_of::<Option<Rec>>();
+    assert!(size <= 192, "driver record grew to {size} bytes");
+}
