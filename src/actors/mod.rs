@@ -99,6 +99,11 @@ pub enum ShardMsg {
     },
 }
 
+/// How often a worker encodes its changes into the pending batch.
+const ENCODE_EVERY: Duration = Duration::from_millis(50);
+/// A pending batch this large is not grown further until it has been handed over.
+const MAX_PENDING_BYTES: usize = 32 << 20;
+
 /// Worker settings.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -136,6 +141,10 @@ struct Worker {
     swept_epoch: u64,
     watchers: HashMap<u32, Vec<Watcher>>,
     next_persist: Instant,
+    /// Records encoded since the last hand-over; encoded a little at a time (every
+    /// `ENCODE_EVERY`) so no single step stalls the mailbox.
+    pending: PersistBatch,
+    next_encode: Instant,
     next_stats: Instant,
     last_published: ShardCounters,
 }
@@ -156,6 +165,8 @@ pub fn spawn_shard(
         id,
         core,
         next_persist: now + cfg.persist_interval,
+        pending: PersistBatch::default(),
+        next_encode: now,
         next_stats: now,
         cfg,
         index,
@@ -190,6 +201,10 @@ impl Worker {
             self.handle(msg, now_ms);
             self.perform_events();
             let now = Instant::now();
+            if now >= self.next_encode {
+                self.next_encode = now + ENCODE_EVERY;
+                self.encode();
+            }
             if now >= self.next_persist {
                 self.next_persist = now + self.cfg.persist_interval;
                 self.persist(false);
@@ -308,30 +323,40 @@ impl Worker {
         });
     }
 
-    /// Hands pending writes to the persister. If its queue is full the changes stay
-    /// pending (coalescing) and go with a later batch, unless `wait` is set.
-    fn persist(&mut self, wait: bool) {
+    /// Encodes the writes accumulated so far into the pending batch, unless it is
+    /// already large (the persister is behind): then changes keep coalescing in the core.
+    fn encode(&mut self) {
         let epoch = self.sweeps.epoch();
         if epoch > self.swept_epoch {
             self.swept_epoch = epoch;
             self.core.start_sweep(epoch);
         }
-        if !self.core.has_pending_writes() {
+        if self.pending.buf.len() < MAX_PENDING_BYTES && self.core.has_pending_writes() {
+            self.core.take_writes(&mut self.pending);
+        }
+    }
+
+    /// Hands the pending batch to the persister. If its queue is full the batch stays
+    /// pending (and the core keeps coalescing) until a later interval, unless `wait`.
+    fn persist(&mut self, wait: bool) {
+        if wait {
+            while self.core.has_pending_writes() {
+                self.core.take_writes(&mut self.pending);
+            }
+        } else {
+            self.encode();
+        }
+        if self.pending.is_empty() {
             return;
         }
-        let mut batch = PersistBatch::default();
         if wait {
-            self.core.take_writes(&mut batch);
-            if self.persist.blocking_send(batch).is_err() {
+            if self.persist.blocking_send(std::mem::take(&mut self.pending)).is_err() {
                 warn!(shard = self.id, "persister gone; pending writes dropped");
             }
             return;
         }
         match self.persist.try_reserve() {
-            Ok(permit) => {
-                self.core.take_writes(&mut batch);
-                permit.send(batch);
-            }
+            Ok(permit) => permit.send(std::mem::take(&mut self.pending)),
             Err(_) => metrics::counter!("locus_persist_deferred_total").increment(1),
         }
     }

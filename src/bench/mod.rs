@@ -260,6 +260,36 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
+/// GET `path` from a local HTTP port (the node's metrics endpoint).
+async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+/// Waits until the node's driver log is quiet: no compaction sweep running and no
+/// bytes written for a second.
+async fn wait_idle(http_port: u16) -> anyhow::Result<()> {
+    let value = |m: &str, name: &str| {
+        m.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+    };
+    let mut last = None;
+    for _ in 0..600 {
+        let m = http_get(http_port, "/metrics").await?;
+        let running = value(&m, "locus_compaction_running ").unwrap_or(0.0);
+        let written = value(&m, "locus_persist_bytes_total ");
+        if running == 0.0 && written == last {
+            return Ok(());
+        }
+        last = written;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    bail!("the node's driver log did not go quiet")
+}
+
 /// A child process killed on drop.
 struct Proc(Child);
 
@@ -370,8 +400,8 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
         secs += res.secs;
         load_rate = loaded as f64 / secs;
     }
-    // Let the last group commits land, then measure.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Let the last group commits and any compaction sweep finish, then measure.
+    wait_idle(cfg.port_base + 1).await?;
     let rss1 = rss_bytes(pid)?;
     let per_driver = (rss1.saturating_sub(rss0)) as f64 / cfg.query_drivers as f64;
     eprintln!(

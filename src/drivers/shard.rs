@@ -9,7 +9,7 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 use super::codec::{Snapshot, SnapshotRef, encode_delete, encode_upsert};
 use super::trail::Trail;
 use super::{DriverView, FieldError, FixInput, NearbyHit, Position, Reject, Status};
-use crate::geo::{GeoIndex, IndexKey, LatLonBox, QueryFilter, haversine_m, index::index_point};
+use crate::geo::{Candidate, GeoIndex, IndexKey, LatLonBox, QueryFilter, haversine_m, index::index_point};
 
 /// Behaviour knobs of a shard, from the node configuration.
 #[derive(Clone, Debug)]
@@ -151,7 +151,7 @@ struct Rec {
 
 impl Rec {
     fn key(&self) -> IndexKey {
-        IndexKey { status: self.status.code(), vtype: self.vtype }
+        IndexKey { status: self.status.code() }
     }
 }
 
@@ -181,8 +181,8 @@ pub struct DriverShard {
     pub counters: ShardCounters,
 }
 
-/// Drivers given a full record per commit during a compaction sweep.
-const SWEEP_CHUNK: u32 = 10_000;
+/// Drivers given a full record per `take_writes` call during a compaction sweep.
+pub const SWEEP_CHUNK: u32 = 2_000;
 
 impl DriverShard {
     pub fn new(cfg: ShardConfig) -> Self {
@@ -503,10 +503,10 @@ impl DriverShard {
         }
     }
 
-    fn pos_of<'a>(&'a self) -> impl Fn(u32) -> (f64, f64, &'a str) + 'a {
+    fn pos_of<'a>(&'a self) -> impl Fn(u32) -> Candidate<'a> + 'a {
         |s| {
             let r = self.rec(s);
-            (r.last.lat, r.last.lon, &*r.id)
+            Candidate { lat: r.last.lat, lon: r.last.lon, id: &r.id, vtype: r.vtype }
         }
     }
 
@@ -576,11 +576,8 @@ impl DriverShard {
         self.sweep = Some((epoch, 0));
     }
 
-    /// Encodes every pending write into `out` (which is cleared first).
+    /// Appends every pending write to `out`, and marks the next chunk of a sweep.
     pub fn take_writes(&mut self, out: &mut PersistBatch) {
-        out.buf.clear();
-        out.records = 0;
-        out.sweep_done = None;
         for id in self.deleted.drain(..) {
             encode_delete(&mut out.buf, &id);
             out.records += 1;

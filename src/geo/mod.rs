@@ -12,7 +12,7 @@
 
 pub mod index;
 
-pub use index::{GeoIndex, Hit, IndexKey, QueryFilter};
+pub use index::{Candidate, GeoIndex, Hit, IndexKey, QueryFilter};
 
 /// Mean Earth radius (IUGG), metres. Every distance in Locus uses it.
 pub const EARTH_RADIUS_M: f64 = 6_371_008.8;

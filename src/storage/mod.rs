@@ -306,6 +306,7 @@ impl Persister {
                         }
                     }
                     metrics::gauge!("locus_driver_log_bytes").set((log.closed_bytes() + log.active_bytes()) as f64);
+                    metrics::gauge!("locus_compaction_running").set(if sweep.is_some() { 1.0 } else { 0.0 });
                 }
                 if let Err(e) = log.sync() {
                     fail("final sync", e);
@@ -442,7 +443,7 @@ mod tests {
         let from = log.rotate().unwrap();
         sh.start_sweep(1);
         let b = commit(&mut sh, &mut log);
-        assert_eq!(b.sweep_done, Some(1));
+        assert_eq!(b.sweep_done, Some(1), "30 drivers fit in one sweep chunk");
         log.drop_before(from).unwrap();
         let (drivers, stats) = replay(dir.path(), 3).unwrap();
         assert_eq!(stats.segments, 1);

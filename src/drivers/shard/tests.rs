@@ -79,19 +79,22 @@ fn records(b: &PersistBatch) -> Vec<Record> {
 #[test]
 fn writes_coalesce_into_one_record_per_driver_per_commit() {
     let mut sh = DriverShard::new(ShardConfig { ttl_ms: 10_000, ..cfg() });
-    let mut b = PersistBatch::default();
+    let mut b;
     sh.apply(FixInput { cab_number: "CAB".into(), ..fix("d1", 1.0, 1.0, T0) }, T0).unwrap();
     sh.apply(fix("d1", 1.0, 1.0001, T0 + 1_000), T0 + 1_000).unwrap();
+    b = PersistBatch::default();
     sh.take_writes(&mut b);
     let r = records(&b);
     assert_eq!(r.len(), 1, "two fixes, one record");
     let Record::Upsert { full: true, snap, trail } = &r[0] else { panic!("a new driver gets a full record: {r:?}") };
     assert_eq!((snap.driver_id.as_str(), snap.last.lon, snap.cab.as_str()), ("d1", 1.0001, "CAB"));
     assert_eq!(trail.len(), 1);
+    b = PersistBatch::default();
     sh.take_writes(&mut b);
     assert!(b.is_empty(), "nothing changed");
     // Later commits carry only the trail fixes added since.
     sh.apply(fix("d1", 1.0, 1.0002, T0 + 2_000), T0 + 2_000).unwrap();
+    b = PersistBatch::default();
     sh.take_writes(&mut b);
     let r = records(&b);
     let Record::Upsert { full: false, trail, .. } = &r[0] else { panic!("{r:?}") };
@@ -99,6 +102,7 @@ fn writes_coalesce_into_one_record_per_driver_per_commit() {
     // Removal writes a deletion and nothing else.
     sh.apply(fix("d1", 1.0, 1.0003, T0 + 3_000), T0 + 3_000).unwrap();
     assert_eq!(sh.remove(&Lookup::IdWithCab("d1".into(), "CAB".into())), Some("d1".into()));
+    b = PersistBatch::default();
     sh.take_writes(&mut b);
     let r = records(&b);
     assert!(matches!(&r[..], [Record::Delete { driver_id }] if driver_id == "d1"), "{r:?}");
@@ -107,17 +111,21 @@ fn writes_coalesce_into_one_record_per_driver_per_commit() {
 #[test]
 fn a_sweep_writes_full_records_for_every_driver_in_chunks() {
     let mut sh = DriverShard::new(cfg());
-    let mut b = PersistBatch::default();
+    let mut b;
     for i in 0..(SWEEP_CHUNK as usize + 5) {
         sh.apply(fix(&format!("d{i}"), 1.0, 1.0, T0), T0).unwrap();
     }
+    b = PersistBatch::default();
     sh.take_writes(&mut b);
     sh.start_sweep(7);
+    b = PersistBatch::default();
     sh.take_writes(&mut b);
     assert_eq!((b.records, b.sweep_done), (SWEEP_CHUNK as usize, None));
+    b = PersistBatch::default();
     sh.take_writes(&mut b);
     assert_eq!((b.records, b.sweep_done), (5, Some(7)));
     assert!(records(&b).iter().all(|r| matches!(r, Record::Upsert { full: true, .. })));
+    b = PersistBatch::default();
     sh.take_writes(&mut b);
     assert!(b.is_empty());
 }
