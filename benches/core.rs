@@ -35,7 +35,7 @@ fn main() {
         lat,
         lon,
         timestamp_ms: 1_700_000_000_000 + round * 1_000,
-        status: Some(if i % 4 == 0 { Status::OnTrip } else { Status::Available }),
+        status: Some(if i.is_multiple_of(4) { Status::OnTrip } else { Status::Available }),
         vehicle_type: ["sedan", "suv", "moto"][i % 3].into(),
         speed_mps: 8.0,
         ..Default::default()
