@@ -27,9 +27,12 @@ test: ## Format check, lint, then every test (unit, property, end-to-end)
 		$(CARGO) test --no-fail-fast; \
 	fi
 
-bench: build ## Run the benchmarks (Locus and redis-server) and write BENCHMARKS.md
+bench: build ## Run the benchmarks (Locus and redis-server side by side) and write BENCHMARKS.md
 	@command -v redis-server >/dev/null || echo "redis-server not installed: apt-get install redis-server for the comparison"
 	$(LOCUS) bench --out BENCHMARKS.md
+	$(CARGO) bench --bench core | tee target/core-bench.txt
+	@{ echo; echo '## Core micro-benchmark (`cargo bench --bench core`, no gRPC)'; echo; \
+	   echo '```text'; grep -v '^$$' target/core-bench.txt; echo '```'; } >> BENCHMARKS.md
 
 run: build ## Start a local node and the city simulator feeding it (Ctrl-C stops both)
 	./cluster/run-local.sh

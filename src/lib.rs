@@ -10,10 +10,10 @@
 //!  gRPC (api) ──► routing::Router ──► actors (shard workers, one thread each)
 //!                     │   keyed: to the key's shard      │ owns drivers::DriverShard
 //!                     │   geo: scatter to all, merge     │   ├─ per-driver state + trail
-//!                     └─ SecondaryIndex (cab, session)   │   ├─ geo::GeoIndex (R-trees)
+//!                     └─ SecondaryIndex (cab, session)   │   ├─ geo::GeoIndex (R-tree per status)
 //!                                                        │   └─ expiry schedule
 //!                                                        ▼
-//!                                   storage::Persister (group commit) ──► sled
+//!                  storage::Persister (group commit) ──► driver log (append-only segments)
 //! ```
 //!
 //! - [`api`]: the `locus.v1.Locations` service; validation; errors → `Status` in one place.
@@ -21,7 +21,7 @@
 //! - [`actors`]: shard worker threads, mailboxes, watchers, persistence hand-off.
 //! - [`drivers`]: pure driver state machines, validation, trail, snapshot codec.
 //! - [`geo`]: pure great-circle geometry and the R-tree index (exact k-NN, circle, box).
-//! - [`storage`]: the `Store` trait, sled and in-memory stores, the persister thread.
+//! - [`storage`]: the append-only driver log, its replay and compaction, the persister.
 //! - [`keys`]: deterministic key hashing and partitions (part of the on-disk layout).
 //! - [`config`], [`node`]: flags and wiring, startup restore and graceful shutdown.
 //! - [`http`]: health, readiness and Prometheus metrics.

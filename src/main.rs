@@ -28,7 +28,7 @@ enum Cmd {
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,tower=warn,hyper=warn,sled=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,tower=warn,hyper=warn"));
     let reg = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Json => reg.with(tracing_subscriber::fmt::layer().json().flatten_event(true)).init(),

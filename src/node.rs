@@ -4,7 +4,7 @@
 //! their R-trees), start the persister thread, the shard workers, a ticker, the gRPC and
 //! HTTP servers. Stop (SIGTERM/SIGINT): mark not-ready, end streams, let tonic finish
 //! in-flight RPCs, have every shard drain its mailbox and hand over its last writes,
-//! flush sled, exit 0.
+//! sync the driver log, exit 0.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -157,13 +157,10 @@ pub async fn run(
             let _ = rx.await;
         }
     }
-    tokio::task::spawn_blocking(move || {
-        for s in shards {
-            s.join();
-        }
-        persister.stop(Duration::from_secs(30));
-    })
-    .await?;
+    for s in shards {
+        s.join().await;
+    }
+    tokio::task::spawn_blocking(move || persister.stop(Duration::from_secs(30))).await?;
     info!("stopped cleanly");
     Ok(())
 }

@@ -469,12 +469,12 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
     writeln!(report, "\nDetails:\n")?;
     writeln!(
         report,
-        "- Ingest: {} fixes sent, {} accepted in {:.2} s. Every fix passes validation, the stale/jump checks, the R-tree update rule and the group-committed sled snapshot.",
+        "- Ingest: {} fixes sent, {} accepted in {:.2} s. Every fix passes validation, the stale/jump checks, the R-tree update rule and the group-committed driver log (fdatasync every 250 ms).",
         locus_ingest.fixes, locus_ingest.accepted, locus_ingest.secs
     )?;
     writeln!(
         report,
-        "- Memory load: {} fixes at {:.0} fixes/s; node RSS {} MiB before, {} MiB after (sled cache included).",
+        "- Memory load: {} fixes at {:.0} fixes/s; node RSS {} MiB before, {} MiB after (everything the process holds).",
         loaded,
         load_rate,
         rss0 >> 20,
