@@ -56,6 +56,9 @@ pub struct BenchConfig {
     /// Concurrent streams (and Redis connections) for ingest.
     #[arg(long, default_value_t = 4)]
     pub streams: usize,
+    /// GEOSEARCH queries to time (Redis answers them more slowly: fewer keep the run short).
+    #[arg(long, default_value_t = 5_000)]
+    pub redis_queries: usize,
     /// Radius given to Redis GEOSEARCH (Redis needs one; Locus Nearby does not).
     #[arg(long, default_value_t = 1_000.0)]
     pub redis_radius_m: f64,
@@ -418,7 +421,7 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
             let used0 = r.used_memory().await?;
             r.geoadd_pipelined(&Workload { rounds: 1, ..w }, cfg.streams, cfg.batch).await?;
             let used1 = r.used_memory().await?;
-            let lat = r.geosearch_latency(cfg.queries, cfg.redis_radius_m, 3).await?;
+            let lat = r.geosearch_latency(cfg.redis_queries, cfg.redis_radius_m, 3).await?;
             eprintln!("[bench] redis geosearch p50={:.0}us p99={:.0}us", lat.p50, lat.p99);
             (Some(lat), Some((used1.saturating_sub(used0)) as f64 / cfg.query_drivers as f64))
         }

@@ -119,11 +119,12 @@ pub fn encode_upsert(out: &mut Vec<u8>, id: &str, s: &SnapshotRef<'_>, new_trail
     for v in [s.vehicle_type, s.cab, s.session, s.trip_id] {
         put_str(out, v);
     }
-    let (base, fixes) = s.trail.raw();
-    let n = new_trail.unwrap_or(fixes.len()).min(fixes.len());
-    out.extend_from_slice(&base.to_le_bytes());
+    let fixes = s.trail.raw_fixes();
+    let len = fixes.len();
+    let n = new_trail.unwrap_or(len).min(len);
+    out.extend_from_slice(&s.trail.base_ms().to_le_bytes());
     out.extend_from_slice(&(n as u16).to_le_bytes());
-    for f in fixes.iter().skip(fixes.len() - n) {
+    for f in fixes.skip(len - n) {
         out.extend_from_slice(&f.lat_e7.to_le_bytes());
         out.extend_from_slice(&f.lon_e7.to_le_bytes());
         out.extend_from_slice(&f.dt_ms.to_le_bytes());

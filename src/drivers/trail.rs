@@ -6,8 +6,6 @@
 //! accepted fix is kept at full precision by the driver record; the trail holds the ones
 //! before it.
 
-use std::collections::VecDeque;
-
 use super::Position;
 
 /// One compact fix.
@@ -50,31 +48,55 @@ impl TrailFix {
     }
 }
 
-/// The bounded history of fixes before the last one, oldest first.
+/// The bounded history of fixes before the last one, oldest first: a ring in one
+/// exactly-sized allocation (no per-trail capacity slack).
 #[derive(Clone, Debug, Default)]
 pub struct Trail {
     base_ms: i64,
-    fixes: VecDeque<TrailFix>,
+    ring: Box<[TrailFix]>,
+    head: u16,
+    len: u16,
 }
 
+const EMPTY: TrailFix = TrailFix { lat_e7: 0, lon_e7: 0, dt_ms: 0, motion: 0 };
+
 impl Trail {
-    /// Appends `p` (which must be newer than every fix held), keeping at most `cap` fixes.
+    /// Appends `p` (which must be newer than every fix held), keeping at most `cap`
+    /// (≤ 65,535) fixes.
     pub fn push(&mut self, p: &Position, cap: usize) {
         if cap == 0 {
             return;
         }
-        if self.fixes.is_empty() {
+        if self.ring.len() != cap {
+            self.resize(cap);
+        }
+        if self.len == 0 {
             self.base_ms = p.timestamp_ms;
-            if self.fixes.capacity() < cap {
-                self.fixes.reserve_exact(cap);
-            }
         } else if p.timestamp_ms - self.base_ms > u32::MAX as i64 {
             self.rebase(p.timestamp_ms);
         }
-        if self.fixes.len() >= cap {
-            self.fixes.pop_front();
+        let f = TrailFix::pack(p, self.base_ms);
+        let cap16 = cap as u16;
+        if self.len < cap16 {
+            self.ring[((self.head + self.len) % cap16) as usize] = f;
+            self.len += 1;
+        } else {
+            self.ring[self.head as usize] = f;
+            self.head = (self.head + 1) % cap16;
         }
-        self.fixes.push_back(TrailFix::pack(p, self.base_ms));
+    }
+
+    /// Re-allocates the ring for a new capacity, keeping the newest fixes.
+    fn resize(&mut self, cap: usize) {
+        let keep: Vec<TrailFix> = self.raw_fixes().copied().collect();
+        let skip = keep.len().saturating_sub(cap);
+        let mut ring = vec![EMPTY; cap].into_boxed_slice();
+        for (slot, f) in ring.iter_mut().zip(&keep[skip..]) {
+            *slot = *f;
+        }
+        self.ring = ring;
+        self.head = 0;
+        self.len = (keep.len() - skip) as u16;
     }
 
     /// Moves the base forward so `newest_ms` fits in a u32 offset, dropping fixes that are
@@ -82,35 +104,38 @@ impl Trail {
     fn rebase(&mut self, newest_ms: i64) {
         let base = self.base_ms;
         let keep_from = newest_ms - u32::MAX as i64;
-        self.fixes.retain(|f| base + f.dt_ms as i64 >= keep_from);
-        let new_base = self.fixes.front().map_or(newest_ms, |f| base + f.dt_ms as i64);
-        for f in &mut self.fixes {
-            f.dt_ms = (base + f.dt_ms as i64 - new_base) as u32;
+        let kept: Vec<TrailFix> = self.raw_fixes().filter(|f| base + f.dt_ms as i64 >= keep_from).copied().collect();
+        let new_base = kept.first().map_or(newest_ms, |f| base + f.dt_ms as i64);
+        for (slot, f) in self.ring.iter_mut().zip(&kept) {
+            *slot = TrailFix { dt_ms: (base + f.dt_ms as i64 - new_base) as u32, ..*f };
         }
+        self.head = 0;
+        self.len = kept.len() as u16;
         self.base_ms = new_base;
     }
 
     pub fn len(&self) -> usize {
-        self.fixes.len()
+        self.len as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.fixes.is_empty()
+        self.len == 0
+    }
+
+    /// The packed fixes, oldest first.
+    pub fn raw_fixes(&self) -> impl ExactSizeIterator<Item = &TrailFix> + '_ {
+        let cap = self.ring.len().max(1);
+        (0..self.len as usize).map(move |i| &self.ring[(self.head as usize + i) % cap])
     }
 
     /// The fixes, oldest first.
     pub fn iter(&self) -> impl Iterator<Item = Position> + '_ {
-        self.fixes.iter().map(|f| f.unpack(self.base_ms))
+        self.raw_fixes().map(|f| f.unpack(self.base_ms))
     }
 
-    /// Frees the buffer when the driver no longer needs it.
-    pub fn clear(&mut self) {
-        self.fixes = VecDeque::new();
-    }
-
-    /// Raw parts for the snapshot codec.
-    pub fn raw(&self) -> (i64, &VecDeque<TrailFix>) {
-        (self.base_ms, &self.fixes)
+    /// The base timestamp the packed fixes are relative to (for the codec).
+    pub fn base_ms(&self) -> i64 {
+        self.base_ms
     }
 }
 
@@ -149,5 +174,12 @@ mod tests {
         assert_eq!(ts, vec![2_000, far]);
         t.push(&pos(far * 3, 1.0), 8);
         assert_eq!(t.iter().map(|p| p.timestamp_ms).collect::<Vec<_>>(), vec![far * 3]);
+        // A smaller capacity (a restart with a shorter --trail-len) keeps the newest.
+        for i in 1..=5 {
+            t.push(&pos(far * 3 + i, 1.0), 8);
+        }
+        t.push(&pos(far * 3 + 9, 1.0), 3);
+        let ts: Vec<i64> = t.iter().map(|p| p.timestamp_ms - far * 3).collect();
+        assert_eq!(ts, vec![4, 5, 9]);
     }
 }
