@@ -255,6 +255,20 @@ pub async fn nearby_latency(target: &str, queries: usize, seed: u64) -> anyhow::
     Ok((Latency::from(us, t0.elapsed().as_secs_f64()), results))
 }
 
+/// Runs a latency client on its own current-thread runtime, so the client's own thread
+/// hops do not add to what is measured (the same for Locus and Redis).
+async fn on_one_thread<F, Fut, T>(make: F) -> anyhow::Result<T>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(make())
+    })
+    .await?
+}
+
 /// Resident set size of a process, bytes.
 pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -412,7 +426,8 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
         rss0 >> 20,
         rss1 >> 20
     );
-    let (locus_q, results) = nearby_latency(&target, cfg.queries, 3).await?;
+    let (t, q) = (target.clone(), cfg.queries);
+    let (locus_q, results) = on_one_thread(move || async move { nearby_latency(&t, q, 3).await }).await?;
     eprintln!("[bench] locus nearby p50={:.0}us p99={:.0}us ({} results)", locus_q.p50, locus_q.p99, results);
     drop(node);
     let (redis_q, redis_mem) = match &redis {
@@ -421,7 +436,8 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
             let used0 = r.used_memory().await?;
             r.geoadd_pipelined(&Workload { rounds: 1, ..w }, cfg.streams, cfg.batch).await?;
             let used1 = r.used_memory().await?;
-            let lat = r.geosearch_latency(cfg.redis_queries, cfg.redis_radius_m, 3).await?;
+            let (port, q, radius) = (r.port(), cfg.redis_queries, cfg.redis_radius_m);
+            let lat = on_one_thread(move || redis::geosearch_latency(port, q, radius, 3)).await?;
             eprintln!("[bench] redis geosearch p50={:.0}us p99={:.0}us", lat.p50, lat.p99);
             (Some(lat), Some((used1.saturating_sub(used0)) as f64 / cfg.query_drivers as f64))
         }

@@ -182,10 +182,16 @@ impl Server {
         Ok(total as f64 / t0.elapsed().as_secs_f64())
     }
 
-    /// Sequential `GEOSEARCH drivers FROMLONLAT lon lat BYRADIUS r m ASC COUNT 10
-    /// WITHDIST` at random city points, one connection.
-    pub async fn geosearch_latency(&self, queries: usize, radius_m: f64, seed: u64) -> anyhow::Result<Latency> {
-        let mut c = Conn::open(self.port).await?;
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// Sequential `GEOSEARCH drivers FROMLONLAT lon lat BYRADIUS r m ASC COUNT 10 WITHDIST` at
+/// random city points, one connection to the server on `port`.
+pub async fn geosearch_latency(port: u16, queries: usize, radius_m: f64, seed: u64) -> anyhow::Result<Latency> {
+    {
+        let mut c = Conn::open(port).await?;
         let mut rng = SmallRng::seed_from_u64(seed);
         let radius = format!("{radius_m}");
         let one = |rng: &mut SmallRng| {
