@@ -231,7 +231,8 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<()> {
     // Queries.
     let qstats = stats.clone();
     let qcfg = cfg.clone();
-    let qclient = client.clone();
+    // Queries come from apps, not the gateway: their own connection.
+    let qclient = connect(&cfg.target).await?;
     tokio::spawn(async move {
         if qcfg.queries_per_sec == 0 {
             return;
