@@ -64,7 +64,7 @@ pub struct NodeConfig {
     /// Fixes implying a faster move from the last accepted fix are rejected.
     #[arg(long, env = "LOCUS_MAX_SPEED_MPS", default_value_t = 70.0)]
     pub max_speed_mps: f64,
-    /// Shard workers (threads owning drivers). Default: one per CPU.
+    /// Shard workers (tasks owning drivers). Default: one per CPU.
     #[arg(long, env = "LOCUS_SHARDS", default_value_t = default_shards())]
     pub shards: usize,
     /// Messages each shard mailbox holds (a streamed batch is one message per shard).

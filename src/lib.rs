@@ -7,7 +7,7 @@
 //! # Layout
 //!
 //! ```text
-//!  gRPC (api) ──► routing::Router ──► actors (shard workers, one thread each)
+//!  gRPC (api) ──► routing::Router ──► actors (shard workers, tokio tasks)
 //!                     │   keyed: to the key's shard      │ owns drivers::DriverShard
 //!                     │   geo: scatter to all, merge     │   ├─ per-driver state + trail
 //!                     └─ SecondaryIndex (cab, session)   │   ├─ geo::GeoIndex (R-tree per status)
@@ -18,7 +18,7 @@
 //!
 //! - [`api`]: the `locus.v1.Locations` service; validation; errors → `Status` in one place.
 //! - [`routing`]: key → owner (a local shard today; a node once the cluster lands).
-//! - [`actors`]: shard worker threads, mailboxes, watchers, persistence hand-off.
+//! - [`actors`]: shard worker tasks, mailboxes, watchers, persistence hand-off.
 //! - [`drivers`]: pure driver state machines, validation, trail, snapshot codec.
 //! - [`geo`]: pure great-circle geometry and the R-tree index (exact k-NN, circle, box).
 //! - [`storage`]: the append-only driver log, its replay and compaction, the persister.

@@ -150,8 +150,9 @@ struct Worker {
 ///
 /// Workers are tasks, not threads: a query hops to every shard and back, and on a small
 /// machine OS threads beyond the core count turned those hops into scheduler waits
-/// (measured: Nearby p99 went from about 3 ms to about 1 ms). A message's work is
-/// bounded (a batch of at most 10,000 fixes, a sweep step of 2,000 records).
+/// (`locus bench`, 1M drivers, 2 cores: Nearby p50/p99 430–510 µs / 1.1–3.0 ms over three
+/// runs with threads, 360 µs / 1.05 ms with tasks). A message's work is bounded (a batch
+/// of at most 10,000 fixes, a sweep step of 2,000 records).
 pub fn spawn_shard(
     id: usize,
     core: DriverShard,

@@ -22,10 +22,11 @@
 //! Restart: [`replay`] reads the segments oldest first, applying records in order; a torn
 //! or corrupt tail (a crash mid-write) ends that segment's replay and is reported.
 //!
-//! Why not sled for this: measured on this machine, sled 0.34 took about 60k small
-//! inserts/s and grew to 3.3 GiB RSS for 1M keys, far over the per-driver memory budget;
-//! an append-only log writes a fix in ~60 bytes of sequential IO and keeps no index in
-//! memory.
+//! Why a log rather than a key-value store such as sled: every fix must be durable within
+//! the persist interval, so the write rate is the fix rate; an append-only log writes a
+//! fix as ~60 bytes of sequential IO and keeps no index in memory, where a B-tree store
+//! rewrites pages and caches them (sled 0.34 proved far too slow and too large at 1M
+//! drivers when tried during design).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
