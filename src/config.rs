@@ -82,6 +82,13 @@ pub struct NodeConfig {
     /// their search by it, so answers stay exact).
     #[arg(long, env = "LOCUS_INDEX_SLACK_M", default_value_t = 30.0)]
     pub index_slack_m: f64,
+    /// Driver log segments are closed at this size (bytes).
+    #[arg(long, env = "LOCUS_LOG_SEGMENT_BYTES", default_value_t = 64 << 20)]
+    pub log_segment_bytes: u64,
+    /// Compact the driver log once closed segments exceed this (bytes), or twice the
+    /// live state, whichever is larger.
+    #[arg(long, env = "LOCUS_LOG_COMPACT_BYTES", default_value_t = 256 << 20)]
+    pub log_compact_bytes: u64,
     /// Distinct vehicle types accepted per shard.
     #[arg(long, env = "LOCUS_MAX_VEHICLE_TYPES", default_value_t = 64)]
     pub max_vehicle_types: usize,
@@ -112,8 +119,11 @@ impl NodeConfig {
         if !(0.0..=10_000.0).contains(&self.index_slack_m) {
             return Err("--index-slack-m must be in 0..=10000".into());
         }
-        if self.driver_ttl.is_zero() {
-            return Err("--driver-ttl must be > 0".into());
+        if self.driver_ttl.is_zero() || self.driver_ttl > Duration::from_secs(366 * 86_400) {
+            return Err("--driver-ttl must be > 0 and at most 366 days".into());
+        }
+        if self.max_future_skew > Duration::from_secs(86_400) {
+            return Err("--max-future-skew must be at most 1 day".into());
         }
         if self.persist_interval.is_zero() {
             return Err("--persist-interval must be > 0".into());

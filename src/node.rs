@@ -26,7 +26,7 @@ use crate::drivers::{DriverShard, Limits, ShardConfig};
 use crate::keys::shard_of;
 use crate::pb::locations_server::LocationsServer;
 use crate::routing::{Router, SecondaryIndex};
-use crate::storage::{DriverLog, Persister, replay};
+use crate::storage::{DriverLog, LogLimits, Persister, replay};
 
 /// Largest gRPC message a node accepts or sends (a 10,000-fix batch is about 1 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
@@ -77,7 +77,8 @@ pub async fn run(
     let log_dir = dir.join("drivers");
     let cores = restore(&cfg, &log_dir)?;
     let log = DriverLog::open(&log_dir).context("opening the driver log")?;
-    let persister = Persister::start(log, cfg.shards, 2 * cfg.shards);
+    let limits = LogLimits { segment_bytes: cfg.log_segment_bytes, compact_bytes: cfg.log_compact_bytes };
+    let persister = Persister::start(log, limits, cfg.shards, 2 * cfg.shards);
     let index = Arc::new(SecondaryIndex::default());
     let wcfg = WorkerConfig { persist_interval: cfg.persist_interval, watch_queue: cfg.watch_queue };
     let shards: Vec<ShardHandle> = cores

@@ -118,3 +118,54 @@ async fn expiry_timers_fire_after_a_restart() {
         "the restored timer fires"
     );
 }
+
+fn segments(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join("drivers"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".log"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn compaction_drops_old_segments_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--persist-interval", "100ms", "--log-segment-bytes", "20000", "--log-compact-bytes", "60000"];
+    let mut node = NodeProc::start(dir.path(), &args);
+    let t = now_ms() - 600_000;
+    // 300 drivers x 30 rounds, one batch per round, with pauses so commits interleave.
+    let mut c = node.client().await;
+    for r in 0..30i64 {
+        let batch = pb::LocationBatch {
+            batch_id: r as u64,
+            updates: (0..300)
+                .map(|i| fix(&format!("p{i}"), 48.0 + i as f64 * 1e-3, 2.0 + r as f64 * 1e-4, t + r * 1_000))
+                .collect(),
+        };
+        let mut acks = c.update_stream(tokio_stream::iter(vec![batch])).await.unwrap().into_inner();
+        assert_eq!(acks.next().await.unwrap().unwrap().accepted, 300);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    // 9,000 fixes write far more than 60 kB: the first segment must be compacted away.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let dir = dir.path().to_path_buf();
+            async move { !segments(&dir).contains(&"000000000001.log".to_string()) }
+        })
+        .await,
+        "no segment was ever dropped: {:?}",
+        segments(dir.path())
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.kill9();
+    let node = node.restart();
+    let mut c = node.client().await;
+    for i in 0..300 {
+        let d = c.get_driver(by_id(&format!("p{i}"))).await.unwrap().into_inner();
+        assert_eq!(d.timestamp_ms, t + 29_000, "driver p{i}");
+        let ts: Vec<i64> = d.trail.iter().map(|f| f.timestamp_ms).collect();
+        assert_eq!(ts, (0..30).map(|r| t + r * 1_000).collect::<Vec<_>>(), "driver p{i} trail");
+    }
+}

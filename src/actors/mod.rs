@@ -260,46 +260,45 @@ impl Worker {
     }
 
     fn perform_events(&mut self) {
-        // Events borrow the core; collect the few we need to act on with the core.
-        let mut accepted: Vec<u32> = Vec::new();
-        let mut gone: Vec<(u32, GoneReason)> = Vec::new();
-        for ev in self.core.drain_events() {
+        let events: Vec<Event> = self.core.drain_events().collect();
+        for ev in events {
             match ev {
-                Event::Accepted { slot } => accepted.push(slot),
-                Event::Gone { slot, reason } => gone.push((slot, reason)),
+                Event::Accepted { slot, view } => self.notify_watchers(slot, *view),
+                Event::Gone { slot, reason } => {
+                    let end = match reason {
+                        GoneReason::Removed => WatchEnd::Removed,
+                        GoneReason::Expired => WatchEnd::Expired,
+                    };
+                    for w in self.watchers.remove(&slot).unwrap_or_default() {
+                        let _ = w.end.send(end);
+                    }
+                }
                 Event::IndexSet { kind, key, driver_id } => self.index.set(kind, key, driver_id),
                 Event::IndexUnset { kind, key, driver_id } => self.index.unset(kind, &key, &driver_id),
             }
         }
-        for slot in accepted {
-            let Some(list) = self.watchers.get_mut(&slot) else { continue };
-            let view = self.core.view(slot, false);
-            let mut i = 0;
-            while i < list.len() {
-                match list[i].tx.try_send(view.clone()) {
-                    Ok(()) => i += 1,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        let w = list.swap_remove(i);
-                        let _ = w.end.send(WatchEnd::Lagged);
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        list.swap_remove(i);
-                    }
+    }
+
+    /// Sends one accepted fix to every watcher of `slot`; a watcher whose queue is full
+    /// is ended as lagged rather than silently missing fixes.
+    fn notify_watchers(&mut self, slot: u32, view: DriverView) {
+        let Some(list) = self.watchers.get_mut(&slot) else { return };
+        let mut i = 0;
+        while i < list.len() {
+            match list[i].tx.try_send(view.clone()) {
+                Ok(()) => i += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    let w = list.swap_remove(i);
+                    let _ = w.end.send(WatchEnd::Lagged);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    list.swap_remove(i);
                 }
             }
-            if list.is_empty() {
-                self.watchers.remove(&slot);
-                self.core.set_watched(slot, false);
-            }
         }
-        for (slot, reason) in gone {
-            let end = match reason {
-                GoneReason::Removed => WatchEnd::Removed,
-                GoneReason::Expired => WatchEnd::Expired,
-            };
-            for w in self.watchers.remove(&slot).unwrap_or_default() {
-                let _ = w.end.send(end);
-            }
+        if list.is_empty() {
+            self.watchers.remove(&slot);
+            self.core.set_watched(slot, false);
         }
     }
 

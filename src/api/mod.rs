@@ -475,6 +475,8 @@ impl pb::locations_server::Locations for LocationsApi {
                         Some(v) => if out_tx.send(Ok(driver_proto(v))).await.is_err() { return },
                         None => break,
                     },
+                    // The client went away: drop the subscription now, not at the next fix.
+                    _ = out_tx.closed() => return,
                     _ = stopped(&mut shutdown) => {
                         let s = with_meta(Status::unavailable("node shutting down"), END_KEY, WatchEnd::ShuttingDown.as_str());
                         let _ = out_tx.send(Err(s)).await;

@@ -76,9 +76,10 @@ pub enum GoneReason {
 /// Effects the shell performs after each message.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    /// A watched driver accepted a fix.
+    /// A watched driver accepted a fix; its state right after that fix.
     Accepted {
         slot: u32,
+        view: Box<DriverView>,
     },
     /// A driver was removed or expired; its watchers end.
     Gone {
@@ -167,8 +168,9 @@ pub struct DriverShard {
     by_id: HashTable<u32>,
     hasher: DefaultHashBuilder,
     index: GeoIndex,
-    /// Interned vehicle types; 0 is "none".
-    vtypes: Vec<Box<str>>,
+    /// Interned vehicle types with the number of drivers of each; 0 is "none". An entry
+    /// no driver uses any more is recycled, so junk types cannot fill the table for good.
+    vtypes: Vec<(Box<str>, u32)>,
     /// Expiry schedule: (due, slot, generation); at most one entry per driver.
     timers: BinaryHeap<Reverse<(i64, u32, u32)>>,
     next_gen: u32,
@@ -193,7 +195,7 @@ impl DriverShard {
             free: Vec::new(),
             by_id: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
-            vtypes: vec!["".into()],
+            vtypes: vec![("".into(), 0)],
             timers: BinaryHeap::new(),
             next_gen: 0,
             events: Vec::new(),
@@ -228,21 +230,35 @@ impl DriverShard {
     }
 
     fn vtype_id(&self, name: &str) -> Option<u16> {
-        self.vtypes.iter().position(|v| &**v == name).map(|i| i as u16)
+        self.vtypes.iter().position(|(v, _)| &**v == name).map(|i| i as u16)
     }
 
+    fn vtype_name(&self, id: u16) -> &str {
+        &self.vtypes[id as usize].0
+    }
+
+    /// The id of a vehicle type, interning it (or recycling an unused entry) if new.
     fn intern_vtype(&mut self, name: &str, limit: bool) -> Result<u16, FieldError> {
         if let Some(i) = self.vtype_id(name) {
             return Ok(i);
         }
+        if let Some(i) = self.vtypes.iter().skip(1).position(|(_, refs)| *refs == 0) {
+            self.vtypes[i + 1].0 = name.into();
+            return Ok((i + 1) as u16);
+        }
         if limit && self.vtypes.len() > self.cfg.max_vehicle_types {
             return Err(FieldError::new(
                 "vehicle_type",
-                format!("too many distinct vehicle types (at most {})", self.cfg.max_vehicle_types),
+                format!("too many distinct vehicle types in use (at most {})", self.cfg.max_vehicle_types),
             ));
         }
-        self.vtypes.push(name.into());
+        self.vtypes.push((name.into(), 0));
         Ok((self.vtypes.len() - 1) as u16)
+    }
+
+    fn vtype_ref(&mut self, id: u16, delta: i32) {
+        let refs = &mut self.vtypes[id as usize].1;
+        *refs = refs.saturating_add_signed(delta);
     }
 
     fn mark_dirty(&mut self, slot: u32) {
@@ -255,7 +271,6 @@ impl DriverShard {
 
     /// Applies one validated fix at server time `now_ms`.
     pub fn apply(&mut self, fix: FixInput, now_ms: i64) -> Result<(), Reject> {
-        let vtype = if fix.vehicle_type.is_empty() { None } else { Some(self.intern_vtype(&fix.vehicle_type, true)?) };
         let pos = Position {
             lat: fix.lat,
             lon: fix.lon,
@@ -265,7 +280,8 @@ impl DriverShard {
             timestamp_ms: fix.timestamp_ms,
         };
         let Some(slot) = self.find(&fix.driver_id) else {
-            self.create(fix, pos, vtype.unwrap_or(0), now_ms);
+            let vtype = if fix.vehicle_type.is_empty() { 0 } else { self.intern_vtype(&fix.vehicle_type, true)? };
+            self.create(fix, pos, vtype, now_ms);
             self.counters.accepted += 1;
             return Ok(());
         };
@@ -282,6 +298,16 @@ impl DriverShard {
             self.counters.implausible += 1;
             return Err(Reject::ImplausibleJump { distance_m, dt_s, speed_mps: distance_m / dt_s, max_mps: max_speed });
         }
+        let old_vtype = self.rec(slot).vtype;
+        let vtype = match fix.vehicle_type.as_str() {
+            "" => old_vtype,
+            name if name == self.vtype_name(old_vtype) => old_vtype,
+            name => self.intern_vtype(name, true)?,
+        };
+        if vtype != old_vtype {
+            self.vtype_ref(old_vtype, -1);
+            self.vtype_ref(vtype, 1);
+        }
         let rec = self.rec_mut(slot);
         let old_key = rec.key();
         rec.trail.push(&rec.last, trail_cap);
@@ -291,9 +317,7 @@ impl DriverShard {
         if let Some(s) = fix.status {
             rec.status = s;
         }
-        if let Some(v) = vtype {
-            rec.vtype = v;
-        }
+        rec.vtype = vtype;
         rec.trip_id = non_empty(fix.trip_id);
         rec.trip_cost = fix.trip_cost;
         let mut index_events = [None, None];
@@ -320,7 +344,8 @@ impl DriverShard {
         }
         self.mark_dirty(slot);
         if watched {
-            self.events.push(Event::Accepted { slot });
+            let view = Box::new(self.view(slot, false));
+            self.events.push(Event::Accepted { slot, view });
         }
         self.counters.accepted += 1;
         Ok(())
@@ -378,6 +403,7 @@ impl DriverShard {
             trail: Trail::default(),
         };
         let slot = self.alloc_slot(rec);
+        self.vtype_ref(vtype, 1);
         let rec = self.rec(slot);
         let (key, p, generation) = (rec.key(), rec.indexed, rec.generation);
         self.index.insert(key, slot, p);
@@ -419,7 +445,7 @@ impl DriverShard {
             driver_id: r.id.to_string(),
             last: r.last,
             status: r.status,
-            vehicle_type: self.vtypes[r.vtype as usize].to_string(),
+            vehicle_type: self.vtype_name(r.vtype).to_string(),
             cab_number: r.cab.as_deref().unwrap_or_default().to_string(),
             session: r.session.as_deref().unwrap_or_default().to_string(),
             trip_id: r.trip_id.as_deref().unwrap_or_default().to_string(),
@@ -443,6 +469,7 @@ impl DriverShard {
             e.remove();
         }
         self.free.push(slot);
+        self.vtype_ref(rec.vtype, -1);
         self.index.remove(rec.key(), slot, rec.indexed);
         self.deleted.push(rec.id.clone());
         if let Some(key) = rec.cab {
@@ -452,6 +479,14 @@ impl DriverShard {
             self.events.push(Event::IndexUnset { kind: IndexKind::Session, key, driver_id: rec.id.clone() });
         }
         self.events.push(Event::Gone { slot, reason });
+        // Timers of removed drivers stay in the heap until due; under heavy churn, sweep
+        // them out so the heap stays proportional to the live drivers.
+        if self.timers.len() > 2 * self.by_id.len() + 1024 {
+            let slots = &self.slots;
+            self.timers.retain(|Reverse((_, s, g))| {
+                slots.get(*s as usize).and_then(Option::as_ref).is_some_and(|r| r.generation == *g)
+            });
+        }
         rec.id
     }
 
@@ -499,7 +534,7 @@ impl DriverShard {
             pos: r.last,
             distance_m,
             status: r.status,
-            vehicle_type: self.vtypes[r.vtype as usize].to_string(),
+            vehicle_type: self.vtype_name(r.vtype).to_string(),
         }
     }
 
@@ -611,7 +646,7 @@ impl DriverShard {
             r.unpersisted = 0;
             let snap = SnapshotRef {
                 status: r.status,
-                vehicle_type: &self.vtypes[r.vtype as usize],
+                vehicle_type: &self.vtypes[r.vtype as usize].0,
                 last: &r.last,
                 received_ms: r.received_ms,
                 trip_cost: r.trip_cost,
@@ -650,6 +685,7 @@ impl DriverShard {
             trail: s.trail,
         };
         let slot = self.alloc_slot(rec);
+        self.vtype_ref(vtype, 1);
         self.index_changed(slot, IndexKind::Cab, None);
         self.index_changed(slot, IndexKind::Session, None);
     }

@@ -9,7 +9,7 @@ use std::collections::{BinaryHeap, HashMap};
 
 use rstar::{AABB, PointDistance, RTree, RTreeObject};
 
-use super::{LatLonBox, chord2_to_metres, haversine_m, metres_to_chord2, unit_vector};
+use super::{LatLonBox, haversine_m, metres_to_chord2, unit_vector};
 
 /// Which tree a driver lives in: its status code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -89,8 +89,19 @@ pub struct GeoIndex {
     trees: HashMap<IndexKey, RTree<Pt>>,
     /// Re-index a driver once it is this far (squared unit chord) from its indexed point.
     move_chord2: f64,
-    /// Widening applied to every search, metres: the move slack plus f32 rounding.
-    query_slack_m: f64,
+    /// Widening applied to every search, as a unit chord: the move slack plus f32
+    /// rounding. Pruning compares chords (straight-line distances between unit
+    /// vectors), where the triangle inequality holds and f32 error stays constant at any
+    /// range (converting f32 chords back to metres amplifies it near the antipode).
+    slack_chord: f64,
+}
+
+/// f32 rounding of an indexed point plus the query point, as a unit chord (~6 m).
+const F32_CHORD_EPS: f64 = 1e-6;
+
+#[inline]
+fn chord(d_m: f64) -> f64 {
+    metres_to_chord2(d_m).sqrt()
 }
 
 /// A candidate in a top-k selection, ordered by (distance, id) so ties are deterministic.
@@ -124,7 +135,7 @@ impl GeoIndex {
         GeoIndex {
             trees: HashMap::new(),
             move_chord2: metres_to_chord2(move_slack_m),
-            query_slack_m: move_slack_m + 1.0,
+            slack_chord: chord(move_slack_m) + F32_CHORD_EPS,
         }
     }
 
@@ -181,19 +192,19 @@ impl GeoIndex {
             return Vec::new();
         }
         let q = index_point(lat, lon);
-        let slack = self.query_slack_m;
-        // Max-heap of the best k so far, by (distance, id).
+        let slack = self.slack_chord;
+        let radius_chord = radius_m.map(chord);
+        // Max-heap of the best k so far, by (distance, id), and the chord of the worst.
         let mut best: BinaryHeap<Cand<'a>> = BinaryHeap::with_capacity(k + 1);
+        let mut worst_chord = f64::INFINITY;
         for (key, tree) in &self.trees {
             if !filter.accepts_tree(*key) {
                 continue;
             }
             for (pt, d2) in tree.nearest_neighbor_iter_with_distance_2(q) {
-                let approx = chord2_to_metres(d2 as f64);
-                if radius_m.is_some_and(|r| approx > r + slack) {
-                    break;
-                }
-                if best.len() == k && approx > best.peek().map_or(f64::INFINITY, |c| c.d) + slack {
+                // |q - p'| > bound + slack implies |q - p| > bound for the true point p.
+                let c_approx = (d2 as f64).sqrt();
+                if radius_chord.is_some_and(|rc| c_approx > rc + slack) || c_approx > worst_chord + slack {
                     break;
                 }
                 let c = pos(pt.slot);
@@ -210,6 +221,11 @@ impl GeoIndex {
                 } else if best.peek().is_some_and(|worst| c < *worst) {
                     best.pop();
                     best.push(c);
+                } else {
+                    continue;
+                }
+                if best.len() == k {
+                    worst_chord = best.peek().map_or(f64::INFINITY, |w| chord(w.d));
                 }
             }
         }
@@ -222,7 +238,7 @@ impl GeoIndex {
         F: Fn(u32) -> Candidate<'a>,
     {
         let (mut lo, mut hi) = b.unit_bounds();
-        let pad = metres_to_chord2(self.query_slack_m).sqrt();
+        let pad = self.slack_chord;
         for i in 0..3 {
             lo[i] -= pad;
             hi[i] += pad;

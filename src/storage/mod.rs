@@ -12,7 +12,7 @@
 //! new segment `S` and asks every shard to sweep: over the next commits each shard writes
 //! a *full* record of every live driver. When all shards have finished, every live driver
 //! has a full record in a segment ≥ `S`, so the segments before `S` are deleted. Disk use
-//! stays within a few times the live state; the write cost per fix stays a few dozen
+//! stays within a few times the live state; the write cost per fix stays about a hundred
 //! bytes of sequential IO.
 //!
 //! Expiry timers need no separate records: a driver's expiry is due at its persisted
@@ -24,7 +24,7 @@
 //!
 //! Why a log rather than a key-value store such as sled: every fix must be durable within
 //! the persist interval, so the write rate is the fix rate; an append-only log writes a
-//! fix as ~60 bytes of sequential IO and keeps no index in memory, where a B-tree store
+//! fix as ~120 bytes of sequential IO and keeps no index in memory, where a B-tree store
 //! rewrites pages and caches them (sled 0.34 proved far too slow and too large at 1M
 //! drivers when tried during design).
 
@@ -42,10 +42,15 @@ use tracing::{error, info, warn};
 
 use crate::drivers::{PersistBatch, Record, Snapshot, Trail, decode_records};
 
-/// A segment is closed once it holds this many bytes.
-pub const SEGMENT_BYTES: u64 = 64 << 20;
-/// Closed segments may hold at least this much before a compaction sweep starts.
-pub const MIN_COMPACT_BYTES: u64 = 256 << 20;
+/// When segments close and compaction starts.
+#[derive(Clone, Copy, Debug)]
+pub struct LogLimits {
+    /// A segment is closed once it holds this many bytes.
+    pub segment_bytes: u64,
+    /// A compaction sweep starts once closed segments hold more than this, or more than
+    /// twice what the last sweep wrote (the live state), whichever is larger.
+    pub compact_bytes: u64,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -244,7 +249,7 @@ impl Persister {
     /// Starts the thread for a log with `shards` writers. `queue` bounds how many
     /// batches may wait; a shard that finds the queue full keeps coalescing its changes
     /// until the next interval.
-    pub fn start(mut log: DriverLog, shards: usize, queue: usize) -> Persister {
+    pub fn start(mut log: DriverLog, limits: LogLimits, shards: usize, queue: usize) -> Persister {
         let (tx, mut rx) = mpsc::channel::<PersistBatch>(queue);
         let sweeps = Arc::new(SweepControl::default());
         let ctl = sweeps.clone();
@@ -260,12 +265,19 @@ impl Persister {
                 while let Some(first) = rx.blocking_recv() {
                     let t0 = Instant::now();
                     let (mut records, mut bytes) = (0usize, 0u64);
+                    let mut failed = false;
                     let mut batch = Some(first);
                     while let Some(b) = batch {
                         records += b.records;
                         bytes += b.buf.len() as u64;
                         if let Err(e) = log.append(&b.buf) {
                             fail("append", e);
+                            failed = true;
+                            // A partial write would hide every later record of this
+                            // segment from replay: continue in a fresh segment.
+                            if let Err(e) = log.rotate() {
+                                fail("rotate after a failed append", e);
+                            }
                         }
                         if let (Some(s), Some(epoch)) = (sweep.as_mut(), b.sweep_done)
                             && s.epoch == epoch
@@ -279,6 +291,12 @@ impl Persister {
                     }
                     if let Err(e) = log.sync() {
                         fail("sync", e);
+                        failed = true;
+                    }
+                    if failed && let Some(s) = sweep.take() {
+                        // Some full records may be missing: keep the old segments; a
+                        // later sweep starts over.
+                        warn!(epoch = s.epoch, "driver log: compaction abandoned after an IO error");
                     }
                     metrics::counter!("locus_persist_records_total").increment(records as u64);
                     metrics::counter!("locus_persist_bytes_total").increment(bytes);
@@ -291,12 +309,12 @@ impl Persister {
                             Err(e) => fail("compaction", e),
                         }
                     }
-                    if log.active_bytes() >= SEGMENT_BYTES
+                    if log.active_bytes() >= limits.segment_bytes
                         && let Err(e) = log.rotate()
                     {
                         fail("rotate", e);
                     }
-                    if sweep.is_none() && log.closed_bytes() > MIN_COMPACT_BYTES.max(2 * last_full_bytes) {
+                    if sweep.is_none() && log.closed_bytes() > limits.compact_bytes.max(2 * last_full_bytes) {
                         match log.rotate() {
                             Ok(from_seq) => {
                                 let epoch = ctl.epoch() + 1;

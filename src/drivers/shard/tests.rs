@@ -296,3 +296,73 @@ fn a_driver_record_stays_small() {
     let size = std::mem::size_of::<Option<Rec>>();
     assert!(size <= 192, "driver record grew to {size} bytes");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// A sparse fleet over the whole globe: answers stay exact at any range, up to the
+    /// antipode, where f32 rounding is at its worst once converted to metres.
+    #[test]
+    fn nearby_is_exact_at_global_range(
+        pts in proptest::collection::vec((-90.0..90.0f64, -180.0..180.0f64), 1..60),
+        q in (-90.0..90.0f64, -180.0..180.0f64),
+        k in 1usize..8,
+        radius in 1_000_000.0..20_100_000.0f64,
+    ) {
+        let mut sh = DriverShard::new(ShardConfig { move_slack_m: 30.0, ..cfg() });
+        for (i, p) in pts.iter().enumerate() {
+            sh.apply(fix(&format!("d{i:04}"), p.0, p.1, T0), T0).unwrap();
+        }
+        let nq = NearbyQuery { lat: q.0, lon: q.1, limit: k, radius_m: None, statuses: u32::MAX, vehicle_type: None };
+        let mut want = brute(&pts, q.0, q.1, |_, _| true);
+        want.truncate(k);
+        assert_same(&sh.nearby(&nq), &want);
+        let w = WithinQuery::Circle { lat: q.0, lon: q.1, radius_m: radius, limit: 100, statuses: u32::MAX, vehicle_type: None };
+        let want = brute(&pts, q.0, q.1, |_, d| d <= radius);
+        assert_same(&sh.within(&w), &want);
+    }
+}
+
+#[test]
+fn watchers_see_every_fix_of_a_batch_and_junk_vehicle_types_are_recycled() {
+    let mut sh = DriverShard::new(cfg());
+    sh.apply(fix("w", 1.0, 1.0, T0), T0).unwrap();
+    let slot = sh.slot_of("w").unwrap();
+    sh.set_watched(slot, true);
+    sh.drain_events().for_each(drop);
+    for i in 1..=3 {
+        sh.apply(fix("w", 1.0, 1.0, T0 + i * 1_000), T0).unwrap();
+    }
+    let seen: Vec<i64> = sh
+        .drain_events()
+        .filter_map(|e| match e {
+            Event::Accepted { view, .. } => Some(view.last.timestamp_ms),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seen, vec![T0 + 1_000, T0 + 2_000, T0 + 3_000]);
+
+    // max_vehicle_types is 3: types in use count, types nobody uses any more do not.
+    for (i, t) in ["a", "b", "c"].iter().enumerate() {
+        sh.apply(FixInput { vehicle_type: t.to_string(), ..fix(&format!("v{i}"), 1.0, 1.0, T0) }, T0).unwrap();
+    }
+    // A stale fix does not intern its type.
+    assert!(sh.apply(FixInput { vehicle_type: "junk".into(), ..fix("v0", 1.0, 1.0, T0) }, T0).is_err());
+    assert!(sh.apply(FixInput { vehicle_type: "d".into(), ..fix("v9", 1.0, 1.0, T0) }, T0).is_err());
+    sh.remove(&Lookup::Id("v1".into()));
+    sh.apply(FixInput { vehicle_type: "d".into(), ..fix("v9", 1.0, 1.0, T0) }, T0).unwrap();
+    assert_eq!(sh.get(&Lookup::Id("v9".into()), false).unwrap().vehicle_type, "d");
+    assert_eq!(sh.get(&Lookup::Id("v2".into()), false).unwrap().vehicle_type, "c");
+}
+
+#[test]
+fn churn_does_not_grow_the_timer_heap() {
+    let mut sh = DriverShard::new(cfg());
+    for i in 0..20_000 {
+        let id = format!("c{i}");
+        sh.apply(fix(&id, 1.0, 1.0, T0), T0).unwrap();
+        sh.remove(&Lookup::Id(id));
+    }
+    assert!(sh.is_empty());
+    assert!(sh.timers.len() <= 1_024 + 1, "{} timers for no drivers", sh.timers.len());
+}
