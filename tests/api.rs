@@ -66,6 +66,11 @@ async fn update_then_get_by_id_cab_and_session_with_trail() {
     let cab8 =
         pb::GetDriverRequest { key: Some(get_driver_request::Key::CabNumber("CAB-8".into())), include_trail: false };
     assert_eq!(c.get_driver(cab8).await.unwrap().into_inner().driver_id, "d2");
+    // When d2 moves on, CAB-8 answers with d1 again, which still reports it.
+    c.update(pb::LocationUpdate { cab_number: "CAB-9".into(), ..fix("d2", 1.0, 1.0, t + 1_000) }).await.unwrap();
+    let cab8 =
+        pb::GetDriverRequest { key: Some(get_driver_request::Key::CabNumber("CAB-8".into())), include_trail: false };
+    assert_eq!(c.get_driver(cab8).await.unwrap().into_inner().driver_id, "d1");
 
     let e = c.get_driver(by_id("nobody", false)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);

@@ -40,7 +40,9 @@ pub enum RouteError {
 }
 
 /// `cab_number → driver` and `session → driver`. Written by shard workers when a
-/// driver's cab or session changes (rare: never per fix); read by lookups.
+/// driver's cab or session changes (rare: never per fix); read by lookups. If two
+/// drivers report the same cab number, the latest claim answers, and the other still
+/// does once the latest moves on.
 ///
 /// It is shared by all shard workers, so it is a striped map behind std mutexes that are
 /// never held across an await or for more than one map operation. Entries can be
@@ -51,8 +53,9 @@ pub struct SecondaryIndex {
 
 const STRIPES: usize = 16;
 
-/// One lock's share of an index: key → driver id.
-type Stripe = Mutex<HashMap<Box<str>, Box<str>>>;
+/// One lock's share of an index: key → the drivers that claim it, latest claim last
+/// (almost always exactly one).
+type Stripe = Mutex<HashMap<Box<str>, Vec<Box<str>>>>;
 
 impl Default for SecondaryIndex {
     fn default() -> Self {
@@ -67,21 +70,29 @@ impl SecondaryIndex {
         &s[(key_hash(key.as_bytes()) % STRIPES as u64) as usize]
     }
 
-    /// `key` now names `driver_id` (the latest claim wins).
+    /// `driver_id` now claims `key`; the latest claim is tried first by lookups.
     pub fn set(&self, kind: IndexKind, key: Box<str>, driver_id: Box<str>) {
-        self.stripe(kind, &key).lock().expect("index lock").insert(key, driver_id);
+        let mut m = self.stripe(kind, &key).lock().expect("index lock");
+        let holders = m.entry(key).or_default();
+        holders.retain(|d| *d != driver_id);
+        holders.push(driver_id);
     }
 
-    /// `key` no longer names `driver_id` (a no-op if another driver claimed it since).
+    /// `driver_id` no longer claims `key`; other claimants keep it.
     pub fn unset(&self, kind: IndexKind, key: &str, driver_id: &str) {
         let mut m = self.stripe(kind, key).lock().expect("index lock");
-        if m.get(key).is_some_and(|d| &**d == driver_id) {
-            m.remove(key);
+        if let Some(holders) = m.get_mut(key) {
+            holders.retain(|d| &**d != driver_id);
+            if holders.is_empty() {
+                m.remove(key);
+            }
         }
     }
 
-    pub fn get(&self, kind: IndexKind, key: &str) -> Option<String> {
-        self.stripe(kind, key).lock().expect("index lock").get(key).map(|d| d.to_string())
+    /// The drivers claiming `key`, latest claim first.
+    pub fn get(&self, kind: IndexKind, key: &str) -> Vec<String> {
+        let m = self.stripe(kind, key).lock().expect("index lock");
+        m.get(key).map(|h| h.iter().rev().map(|d| d.to_string()).collect()).unwrap_or_default()
     }
 }
 
@@ -168,18 +179,21 @@ impl Router {
         }
     }
 
-    fn lookup(&self, key: DriverKey) -> Result<Lookup, RouteError> {
-        Ok(match key {
-            DriverKey::Id(id) => Lookup::Id(id),
+    /// The lookups to try for a key, in order: the id itself, or every driver claiming a
+    /// cab number or session (latest claim first), each verified by its shard.
+    fn lookups(&self, key: DriverKey) -> Vec<Lookup> {
+        match key {
+            DriverKey::Id(id) => vec![Lookup::Id(id)],
             DriverKey::Cab(c) => {
-                let id = self.index.get(IndexKind::Cab, &c).ok_or(RouteError::NotFound)?;
-                Lookup::IdWithCab(id, c)
+                self.index.get(IndexKind::Cab, &c).into_iter().map(|id| Lookup::IdWithCab(id, c.clone())).collect()
             }
-            DriverKey::Session(s) => {
-                let id = self.index.get(IndexKind::Session, &s).ok_or(RouteError::NotFound)?;
-                Lookup::IdWithSession(id, s)
-            }
-        })
+            DriverKey::Session(s) => self
+                .index
+                .get(IndexKind::Session, &s)
+                .into_iter()
+                .map(|id| Lookup::IdWithSession(id, s.clone()))
+                .collect(),
+        }
     }
 
     async fn ask<T>(
@@ -193,15 +207,23 @@ impl Router {
     }
 
     pub async fn get(&self, key: DriverKey, include_trail: bool) -> Result<DriverView, RouteError> {
-        let lookup = self.lookup(key)?;
-        let id = lookup.driver_id().to_string();
-        self.ask(&id, |reply| ShardMsg::Get { lookup, include_trail, reply }).await?.ok_or(RouteError::NotFound)
+        for lookup in self.lookups(key) {
+            let id = lookup.driver_id().to_string();
+            if let Some(v) = self.ask(&id, |reply| ShardMsg::Get { lookup, include_trail, reply }).await? {
+                return Ok(v);
+            }
+        }
+        Err(RouteError::NotFound)
     }
 
     pub async fn remove(&self, key: DriverKey) -> Result<String, RouteError> {
-        let lookup = self.lookup(key)?;
-        let id = lookup.driver_id().to_string();
-        self.ask(&id, |reply| ShardMsg::Remove { lookup, reply }).await?.ok_or(RouteError::NotFound)
+        for lookup in self.lookups(key) {
+            let id = lookup.driver_id().to_string();
+            if let Some(removed) = self.ask(&id, |reply| ShardMsg::Remove { lookup, reply }).await? {
+                return Ok(removed);
+            }
+        }
+        Err(RouteError::NotFound)
     }
 
     async fn scatter(
@@ -256,5 +278,27 @@ impl Router {
         let id = driver_id.clone();
         let current = self.ask(&id, |reply| ShardMsg::Watch { driver_id, watcher, reply }).await?;
         Ok((current.ok_or(RouteError::NotFound)?, rx, end_rx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secondary_index_keeps_every_claimant_latest_first() {
+        let ix = SecondaryIndex::default();
+        ix.set(IndexKind::Cab, "X".into(), "a".into());
+        ix.set(IndexKind::Cab, "X".into(), "b".into());
+        ix.set(IndexKind::Session, "X".into(), "c".into());
+        assert_eq!(ix.get(IndexKind::Cab, "X"), vec!["b", "a"]);
+        // Re-claiming moves a driver to the front.
+        ix.set(IndexKind::Cab, "X".into(), "a".into());
+        assert_eq!(ix.get(IndexKind::Cab, "X"), vec!["a", "b"]);
+        ix.unset(IndexKind::Cab, "X", "a");
+        assert_eq!(ix.get(IndexKind::Cab, "X"), vec!["b"]);
+        ix.unset(IndexKind::Cab, "X", "b");
+        assert!(ix.get(IndexKind::Cab, "X").is_empty());
+        assert_eq!(ix.get(IndexKind::Session, "X"), vec!["c"], "kinds are separate");
     }
 }
