@@ -703,13 +703,6 @@ impl DriverShard {
         self.index.bulk_load(points);
     }
 
-    /// Frees memory held beyond what the live drivers need (after a large removal).
-    pub fn shrink(&mut self) {
-        self.timers.shrink_to_fit();
-        self.dirty.shrink_to_fit();
-        self.events.shrink_to_fit();
-    }
-
     /// The geo index, for tests and metrics.
     pub fn indexed_points(&self) -> usize {
         self.index.len()
