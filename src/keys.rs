@@ -1,10 +1,10 @@
 //! Key hashing and partitions: pure, deterministic across processes and platforms.
 //!
-//! Every driver key hashes (FNV-1a, 64 bit) to one of [`PARTITIONS`] partitions. Stored
-//! state is laid out by partition (see `storage`) so that moving a partition to another
-//! node later is one range scan; shards within a node are chosen from the same hash.
+//! Every driver key hashes (FNV-1a, 64 bit) to one of [`PARTITIONS`] partitions, and a
+//! node's shards own whole partitions ([`shard_of`]). Ownership is thus planned in units
+//! that can move: the cluster will assign partitions to nodes and hand them off.
 
-/// Number of storage partitions. Fixed forever: it is part of the on-disk layout.
+/// Number of partitions. Fixed for the life of a cluster: every node must agree on it.
 pub const PARTITIONS: u16 = 1024;
 
 /// FNV-1a 64-bit hash of a key.
@@ -21,16 +21,16 @@ pub fn key_hash(key: &[u8]) -> u64 {
     h ^ (h >> 33)
 }
 
-/// The storage partition of a key.
+/// The partition of a key.
 #[inline]
 pub fn partition_of(key: &[u8]) -> u16 {
     (key_hash(key) % PARTITIONS as u64) as u16
 }
 
-/// The shard (of `shards`) on this node that owns a key.
+/// The shard (of `shards`) on this node that owns a key: the owner of its partition.
 #[inline]
 pub fn shard_of(key: &[u8], shards: usize) -> usize {
-    ((key_hash(key) >> 16) % shards as u64) as usize
+    partition_of(key) as usize % shards
 }
 
 #[cfg(test)]
@@ -39,7 +39,7 @@ mod tests {
 
     #[test]
     fn stable_and_spread() {
-        // The hash is part of the on-disk layout: it must never change.
+        // Every node must compute the same partition for a key.
         assert_eq!(key_hash(b""), key_hash(b""));
         assert_eq!(partition_of(b"driver-42"), partition_of(b"driver-42"));
         let mut counts = [0u32; 4];

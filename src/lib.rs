@@ -22,7 +22,7 @@
 //! - [`drivers`]: pure driver state machines, validation, trail, snapshot codec.
 //! - [`geo`]: pure great-circle geometry and the R-tree index (exact k-NN, circle, box).
 //! - [`storage`]: the append-only driver log, its replay and compaction, the persister.
-//! - [`keys`]: deterministic key hashing and partitions (part of the on-disk layout).
+//! - [`keys`]: deterministic key hashing; partitions, the unit shards (and later nodes) own.
 //! - [`config`], [`node`]: flags and wiring, startup restore and graceful shutdown.
 //! - [`http`]: health, readiness and Prometheus metrics.
 //! - [`sim`]: the city simulator and load generator; [`bench`]: the benchmarks.

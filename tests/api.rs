@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{NodeProc, eventually, fix, now_ms};
+use common::{NodeProc, by_cab, by_session, eventually, fix, now_ms};
 use locus::geo::haversine_m;
 use locus::pb::{self, DriverStatus, get_driver_request, remove_driver_request, within_request};
 use tokio_stream::StreamExt;
@@ -50,27 +50,17 @@ async fn update_then_get_by_id_cab_and_session_with_trail() {
     assert_eq!(ts, vec![t + 2_000, t + 3_000, t + 4_000], "oldest first, --trail-len 3");
     assert!(c.get_driver(by_id("d1", false)).await.unwrap().into_inner().trail.is_empty());
 
-    let by_cab =
-        pb::GetDriverRequest { key: Some(get_driver_request::Key::CabNumber("CAB-7".into())), include_trail: false };
-    assert_eq!(c.get_driver(by_cab).await.unwrap().into_inner().driver_id, "d1");
-    let by_session =
-        pb::GetDriverRequest { key: Some(get_driver_request::Key::Session("sess-1".into())), include_trail: false };
-    assert_eq!(c.get_driver(by_session).await.unwrap().into_inner().driver_id, "d1");
+    assert_eq!(c.get_driver(by_cab("CAB-7")).await.unwrap().into_inner().driver_id, "d1");
+    assert_eq!(c.get_driver(by_session("sess-1")).await.unwrap().into_inner().driver_id, "d1");
 
     // A new cab number replaces the old mapping; another driver taking a cab takes it over.
     c.update(pb::LocationUpdate { cab_number: "CAB-8".into(), ..fix("d1", 52.5004, 13.4, t + 5_000) }).await.unwrap();
-    let old =
-        pb::GetDriverRequest { key: Some(get_driver_request::Key::CabNumber("CAB-7".into())), include_trail: false };
-    assert_eq!(c.get_driver(old).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(c.get_driver(by_cab("CAB-7")).await.unwrap_err().code(), Code::NotFound);
     c.update(pb::LocationUpdate { cab_number: "CAB-8".into(), ..fix("d2", 1.0, 1.0, t) }).await.unwrap();
-    let cab8 =
-        pb::GetDriverRequest { key: Some(get_driver_request::Key::CabNumber("CAB-8".into())), include_trail: false };
-    assert_eq!(c.get_driver(cab8).await.unwrap().into_inner().driver_id, "d2");
+    assert_eq!(c.get_driver(by_cab("CAB-8")).await.unwrap().into_inner().driver_id, "d2");
     // When d2 moves on, CAB-8 answers with d1 again, which still reports it.
     c.update(pb::LocationUpdate { cab_number: "CAB-9".into(), ..fix("d2", 1.0, 1.0, t + 1_000) }).await.unwrap();
-    let cab8 =
-        pb::GetDriverRequest { key: Some(get_driver_request::Key::CabNumber("CAB-8".into())), include_trail: false };
-    assert_eq!(c.get_driver(cab8).await.unwrap().into_inner().driver_id, "d1");
+    assert_eq!(c.get_driver(by_cab("CAB-8")).await.unwrap().into_inner().driver_id, "d1");
 
     let e = c.get_driver(by_id("nobody", false)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{NodeProc, eventually, fix, now_ms};
+use common::{NodeProc, by_cab, by_session, eventually, fix, now_ms};
 use locus::pb::{self, get_driver_request};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -45,12 +45,8 @@ async fn assert_all_there(node: &NodeProc, drivers: usize, rounds: i64, t: i64) 
         assert_eq!(d.cab_number, format!("CAB{i}"));
     }
     // Secondary indexes and the geo index are rebuilt too.
-    let by_cab =
-        pb::GetDriverRequest { key: Some(get_driver_request::Key::CabNumber("CAB3".into())), include_trail: false };
-    assert_eq!(c.get_driver(by_cab).await.unwrap().into_inner().driver_id, "p3");
-    let by_session =
-        pb::GetDriverRequest { key: Some(get_driver_request::Key::Session("S4".into())), include_trail: false };
-    assert_eq!(c.get_driver(by_session).await.unwrap().into_inner().driver_id, "p4");
+    assert_eq!(c.get_driver(by_cab("CAB3")).await.unwrap().into_inner().driver_id, "p3");
+    assert_eq!(c.get_driver(by_session("S4")).await.unwrap().into_inner().driver_id, "p4");
     let r =
         c.nearby(pb::NearbyRequest { lat: 48.0, lon: 2.0, limit: 3, ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(r.drivers.iter().map(|h| h.driver_id.as_str()).collect::<Vec<_>>(), vec!["p0", "p1", "p2"]);

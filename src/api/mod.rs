@@ -16,8 +16,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::actors::{WatchEnd, wall_ms};
 use crate::drivers::{
-    DriverView, FieldError, FixInput, Limits, NearbyHit, NearbyQuery, Position, REJECT_REASONS, Reject,
-    Status as DStatus, WithinQuery, validate_fix,
+    DriverView, FieldError, FixInput, Limits, MAX_ID_BYTES, MAX_VEHICLE_TYPE_BYTES, NearbyHit, NearbyQuery, Position,
+    REJECT_REASONS, Reject, Status as DStatus, WithinQuery, check_range, check_str, validate_fix,
 };
 use crate::geo::LatLonBox;
 use crate::pb;
@@ -153,23 +153,12 @@ fn hit_proto(h: NearbyHit) -> pb::NearbyHit {
 }
 
 fn check_key_str(field: &'static str, v: &str) -> Result<(), FieldError> {
-    if v.is_empty() {
-        return Err(FieldError::new(field, "must not be empty"));
-    }
-    if v.len() > crate::drivers::MAX_ID_BYTES {
-        return Err(FieldError::new(field, format!("{} bytes, at most 64 allowed", v.len())));
-    }
-    Ok(())
+    check_str(field, v, true, MAX_ID_BYTES)
 }
 
 fn check_coord(lat_f: &'static str, lat: f64, lon_f: &'static str, lon: f64) -> Result<(), FieldError> {
-    if !lat.is_finite() || !(-90.0..=90.0).contains(&lat) {
-        return Err(FieldError::new(lat_f, format!("{lat} is not a latitude in [-90, 90]")));
-    }
-    if !lon.is_finite() || !(-180.0..=180.0).contains(&lon) {
-        return Err(FieldError::new(lon_f, format!("{lon} is not a longitude in [-180, 180]")));
-    }
-    Ok(())
+    check_range(lat_f, lat, -90.0, 90.0)?;
+    check_range(lon_f, lon, -180.0, 180.0)
 }
 
 fn check_radius(field: &'static str, r: f64) -> Result<(), FieldError> {
@@ -193,9 +182,7 @@ fn status_mask(statuses: &[i32]) -> Result<u32, FieldError> {
 }
 
 fn vehicle_filter(v: String) -> Result<Option<String>, FieldError> {
-    if v.len() > crate::drivers::MAX_VEHICLE_TYPE_BYTES {
-        return Err(FieldError::new("vehicle_type", format!("{} bytes, at most 32 allowed", v.len())));
-    }
+    check_str("vehicle_type", &v, false, MAX_VEHICLE_TYPE_BYTES)?;
     Ok((!v.is_empty()).then_some(v))
 }
 

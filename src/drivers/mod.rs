@@ -17,7 +17,7 @@ pub use shard::{
     WithinQuery,
 };
 pub use trail::{Trail, TrailFix};
-pub use validate::{FieldError, Limits, MAX_ID_BYTES, MAX_VEHICLE_TYPE_BYTES, validate_fix};
+pub use validate::{FieldError, Limits, MAX_ID_BYTES, MAX_VEHICLE_TYPE_BYTES, check_range, check_str, validate_fix};
 
 /// A driver's availability. The codes are the wire codes of `locus.v1.DriverStatus`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

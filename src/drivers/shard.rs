@@ -332,8 +332,10 @@ impl DriverShard {
         let new_key = rec.key();
         let indexed = rec.indexed;
         let watched = rec.flags & WATCHED != 0;
-        if new_key != old_key || self.index.needs_move(indexed, pos.lat, pos.lon) {
-            let p = index_point(pos.lat, pos.lon);
+        let moved = self.index.moved_point(indexed, pos.lat, pos.lon);
+        if new_key != old_key || moved.is_some() {
+            // Within the slack the old indexed point stays valid, even in a new tree.
+            let p = moved.unwrap_or(indexed);
             self.index.remove(old_key, slot, indexed);
             self.index.insert(new_key, slot, p);
             self.rec_mut(slot).indexed = p;

@@ -31,7 +31,8 @@ pub const MAX_REPORTED_SPEED_MPS: f64 = 1_000.0;
 /// Accuracy radii above this are meaningless for tracking.
 pub const MAX_ACCURACY_M: f64 = 100_000.0;
 
-fn check_str(field: &'static str, v: &str, required: bool, max: usize) -> Result<(), FieldError> {
+/// A string field: present if `required`, at most `max` bytes, no control characters.
+pub fn check_str(field: &'static str, v: &str, required: bool, max: usize) -> Result<(), FieldError> {
     if required && v.is_empty() {
         return Err(FieldError::new(field, "required"));
     }
@@ -44,7 +45,8 @@ fn check_str(field: &'static str, v: &str, required: bool, max: usize) -> Result
     Ok(())
 }
 
-fn check_range(field: &'static str, v: f64, lo: f64, hi: f64) -> Result<(), FieldError> {
+/// A number field: finite and within `[lo, hi]`.
+pub fn check_range(field: &'static str, v: f64, lo: f64, hi: f64) -> Result<(), FieldError> {
     if !v.is_finite() {
         return Err(FieldError::new(field, format!("must be a finite number, got {v}")));
     }

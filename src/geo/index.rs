@@ -139,12 +139,13 @@ impl GeoIndex {
         }
     }
 
-    /// Whether a driver indexed at `indexed` must be re-indexed at (lat, lon).
+    /// The point to re-index a driver at, if (lat, lon) is more than the slack away from
+    /// its indexed point `indexed`; `None` while the indexed point is still good enough.
     #[inline]
-    pub fn needs_move(&self, indexed: [f32; 3], lat: f64, lon: f64) -> bool {
+    pub fn moved_point(&self, indexed: [f32; 3], lat: f64, lon: f64) -> Option<[f32; 3]> {
         let v = unit_vector(lat, lon);
         let d2: f64 = (0..3).map(|i| (v[i] - indexed[i] as f64).powi(2)).sum();
-        d2 > self.move_chord2
+        (d2 > self.move_chord2).then(|| v.map(|c| c as f32))
     }
 
     /// Number of indexed points.
@@ -303,7 +304,7 @@ mod tests {
         for p in &mut w.pts {
             p.0 += 0.00027;
         }
-        assert!(!w.idx.needs_move(w.indexed[0], w.pts[0].0, w.pts[0].1));
+        assert!(w.idx.moved_point(w.indexed[0], w.pts[0].0, w.pts[0].1).is_none());
         let got = w.nearest(52.5, 13.4, 5, None, QueryFilter::ALL);
         let mut brute: Vec<(f64, &str)> =
             w.pts.iter().map(|p| (haversine_m(52.5, 13.4, p.0, p.1), p.2.as_str())).collect();

@@ -148,3 +148,13 @@ where
     }
     false
 }
+
+/// GetDriver by cab number, without the trail.
+pub fn by_cab(cab: &str) -> pb::GetDriverRequest {
+    pb::GetDriverRequest { key: Some(pb::get_driver_request::Key::CabNumber(cab.into())), include_trail: false }
+}
+
+/// GetDriver by session, without the trail.
+pub fn by_session(session: &str) -> pb::GetDriverRequest {
+    pb::GetDriverRequest { key: Some(pb::get_driver_request::Key::Session(session.into())), include_trail: false }
+}
