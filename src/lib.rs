@@ -38,6 +38,8 @@ pub mod http;
 pub mod keys;
 pub mod node;
 pub mod pb;
+pub mod membership;
+pub mod ring;
 pub mod routing;
 pub mod sim;
 pub mod storage;

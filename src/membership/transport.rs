@@ -1,0 +1,133 @@
+//! How gossip packets travel: UDP in production, an in-process network in tests.
+//!
+//! A transport only sends; what arrives is delivered into a bounded channel that the
+//! membership shell reads. Sends never block: gossip is datagrams, and a packet that
+//! cannot be sent now is as good as lost (SWIM tolerates loss).
+//!
+//! [`MemNet`] serializes nothing away: it carries the same bytes UDP would, and can cut
+//! links (one direction or both) to make partitions, as chitchat's test transport does.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+/// Gossip packets waiting for the membership task. Small: SWIM tolerates drops.
+pub const INBOX: usize = 1024;
+
+/// Sends one gossip packet.
+pub trait Transport: Send + Sync + 'static {
+    fn send(&self, to: SocketAddr, packet: &[u8]);
+}
+
+/// Gossip over a UDP socket.
+pub struct UdpTransport {
+    socket: Arc<UdpSocket>,
+}
+
+impl UdpTransport {
+    /// Binds `addr` and starts a receive loop that feeds the returned channel.
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpTransport, SocketAddr, mpsc::Receiver<Vec<u8>>)> {
+        let socket = Arc::new(UdpSocket::bind(addr).await?);
+        let local = socket.local_addr()?;
+        let (tx, rx) = mpsc::channel(INBOX);
+        let rsock = socket.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            loop {
+                match rsock.recv_from(&mut buf).await {
+                    Ok((n, _)) => match tx.try_send(buf[..n].to_vec()) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            metrics::counter!("locus_channel_dropped_total", "channel" => "gossip_inbox").increment(1)
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    },
+                    // ICMP errors from an earlier send surface here on some platforms.
+                    Err(e) => tracing::debug!(error = %e, "gossip recv"),
+                }
+            }
+        });
+        Ok((UdpTransport { socket }, local, rx))
+    }
+}
+
+impl Transport for UdpTransport {
+    fn send(&self, to: SocketAddr, packet: &[u8]) {
+        if let Err(e) = self.socket.try_send_to(packet, to) {
+            tracing::debug!(error = %e, %to, "gossip send");
+        }
+    }
+}
+
+#[derive(Default)]
+struct NetState {
+    inboxes: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    /// Directed links that drop every packet: (from, to).
+    cut: HashSet<(SocketAddr, SocketAddr)>,
+}
+
+/// An in-process network for membership tests.
+#[derive(Clone, Default)]
+pub struct MemNet {
+    state: Arc<Mutex<NetState>>,
+}
+
+/// One node's end of a [`MemNet`].
+pub struct MemTransport {
+    me: SocketAddr,
+    net: MemNet,
+}
+
+impl MemNet {
+    pub fn new() -> MemNet {
+        MemNet::default()
+    }
+
+    /// Attaches (or re-attaches, after a simulated restart) a node at `addr`.
+    pub fn endpoint(&self, addr: SocketAddr) -> (MemTransport, mpsc::Receiver<Vec<u8>>) {
+        let (tx, rx) = mpsc::channel(INBOX);
+        self.state.lock().expect("net lock").inboxes.insert(addr, tx);
+        (MemTransport { me: addr, net: self.clone() }, rx)
+    }
+
+    /// Drops every packet between `a` and `b`, both ways.
+    pub fn cut(&self, a: SocketAddr, b: SocketAddr) {
+        let mut s = self.state.lock().expect("net lock");
+        s.cut.insert((a, b));
+        s.cut.insert((b, a));
+    }
+
+    /// Cuts `a` off from every other node in `others`.
+    pub fn isolate(&self, a: SocketAddr, others: &[SocketAddr]) {
+        for o in others {
+            if *o != a {
+                self.cut(a, *o);
+            }
+        }
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        self.state.lock().expect("net lock").cut.clear();
+    }
+
+    /// Detaches a node: packets to it are dropped (a killed process).
+    pub fn detach(&self, addr: SocketAddr) {
+        self.state.lock().expect("net lock").inboxes.remove(&addr);
+    }
+}
+
+impl Transport for MemTransport {
+    fn send(&self, to: SocketAddr, packet: &[u8]) {
+        let s = self.net.state.lock().expect("net lock");
+        if s.cut.contains(&(self.me, to)) {
+            return;
+        }
+        if let Some(tx) = s.inboxes.get(&to) {
+            let _ = tx.try_send(packet.to_vec());
+        }
+    }
+}
