@@ -47,6 +47,30 @@ pub struct NodeConfig {
     /// HTTP listen address: /healthz, /readyz and /metrics (Prometheus).
     #[arg(long, env = "LOCUS_HTTP_ADDR", default_value = "127.0.0.1:7480")]
     pub http_addr: SocketAddr,
+    /// Gossip (SWIM over UDP) address; also this node's identity on the ring, so keep it
+    /// stable across restarts. Must be an address peers can reach (not 0.0.0.0).
+    #[arg(long, env = "LOCUS_GOSSIP_ADDR", default_value = "127.0.0.1:7946")]
+    pub gossip_addr: SocketAddr,
+    /// Gossip addresses of nodes to join (`host:port,host:port`); retried with backoff
+    /// until one answers. Without it the node starts a cluster of its own.
+    #[arg(long, env = "LOCUS_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// Virtual nodes per member on the ring. Every node of a cluster must agree.
+    #[arg(long, env = "LOCUS_VNODES", default_value_t = crate::ring::DEFAULT_VNODES,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub vnodes: u32,
+    /// Default deadline of a scatter-gather query (Nearby, Within); a request may set its own.
+    #[arg(long, env = "LOCUS_SCATTER_TIMEOUT", default_value = "200ms", value_parser = parse_duration)]
+    pub scatter_timeout: Duration,
+    /// How long a suspected member has to refute before it is declared down.
+    #[arg(long, env = "LOCUS_SUSPECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub suspect_timeout: Duration,
+    /// Quiet time before a changed member set becomes a new ring.
+    #[arg(long, env = "LOCUS_RING_DEBOUNCE", default_value = "200ms", value_parser = parse_duration)]
+    pub ring_debounce: Duration,
+    /// On leave or shutdown, how long to wait for peers to drop this node from their rings.
+    #[arg(long, env = "LOCUS_LEAVE_WAIT", default_value = "3s", value_parser = parse_duration)]
+    pub leave_wait: Duration,
     /// Where the driver log lives. Default: ./data/<node-name>.
     #[arg(long, env = "LOCUS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -130,6 +154,15 @@ impl NodeConfig {
         }
         if self.watch_queue == 0 {
             return Err("--watch-queue must be > 0".into());
+        }
+        if self.gossip_addr.ip().is_unspecified() {
+            return Err("--gossip-addr must be an address peers can reach, not 0.0.0.0 or ::".into());
+        }
+        if self.scatter_timeout.is_zero() || self.scatter_timeout > Duration::from_secs(10) {
+            return Err("--scatter-timeout must be > 0 and at most 10s".into());
+        }
+        if self.suspect_timeout < Duration::from_millis(500) {
+            return Err("--suspect-timeout must be at least 500ms".into());
         }
         Ok(())
     }

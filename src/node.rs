@@ -1,10 +1,15 @@
 //! Wires a node together and owns its shutdown.
 //!
-//! Start: replay the driver log into fresh shard cores (bulk-loading
-//! their R-trees), start the persister thread, the shard workers, a ticker, the gRPC and
-//! HTTP servers. Stop (SIGTERM/SIGINT): mark not-ready, end streams, let tonic finish
-//! in-flight RPCs, have every shard drain its mailbox and hand over its last writes,
-//! sync the driver log, exit 0.
+//! Start: replay the driver log into fresh shard cores (bulk-loading their R-trees),
+//! start the persister thread, the shard workers, a ticker, the gRPC and HTTP servers,
+//! then the membership task (gossip) and the ownership task, which follows the ring:
+//! when this node's partitions change it tells every shard to drop drivers it no longer
+//! owns, and it keeps `/readyz` true only while the node is on the ring.
+//!
+//! Stop (SIGTERM/SIGINT, or `Cluster.Leave`): leave the cluster first (say "leaving",
+//! wait until peers route around this node, leave the gossip) while still serving, then
+//! mark not-ready, end streams, let tonic finish in-flight RPCs, have every shard drain
+//! its mailbox and hand over its last writes, sync the driver log, exit 0.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,13 +19,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 use crate::actors::{ShardHandle, ShardMsg, WorkerConfig, spawn_shard};
-use crate::api::LocationsApi;
+use crate::api::{ClusterApi, LocationsApi};
+use crate::membership::{self, ClusterView, MembershipConfig, UdpTransport};
+use crate::pb::cluster_server::ClusterServer;
+use crate::routing::cluster::Cluster;
 use crate::config::NodeConfig;
 use crate::drivers::{DriverShard, Limits, ShardConfig};
 use crate::keys::shard_of;
@@ -64,6 +72,58 @@ fn restore(cfg: &NodeConfig, log_dir: &Path) -> anyhow::Result<Vec<DriverShard>>
     Ok(cores)
 }
 
+/// Resolves `--join` entries; one that does not resolve is skipped with a warning.
+async fn resolve_seeds(join: &[String]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for j in join.iter().map(|j| j.trim()).filter(|j| !j.is_empty()) {
+        match tokio::net::lookup_host(j).await {
+            Ok(addrs) => out.extend(addrs),
+            Err(e) => warn!(seed = j, error = %e, "cannot resolve a --join address; skipping it"),
+        }
+    }
+    out
+}
+
+/// The address peers use for a listener: its own, or the gossip address's IP when the
+/// listener is bound to every interface.
+fn advertised(listen: SocketAddr, gossip: SocketAddr) -> SocketAddr {
+    if listen.ip().is_unspecified() { SocketAddr::new(gossip.ip(), listen.port()) } else { listen }
+}
+
+/// The ownership task: follows the published ring. When this node is on it, every shard
+/// drops the drivers of partitions the node no longer owns (so a stale copy never
+/// answers), and `/readyz` is true. A node off the ring (joining, leaving) keeps its
+/// state: it forwards every request, and a restarting single node must not lose data.
+async fn follow_ring(
+    mut view: watch::Receiver<Arc<ClusterView>>,
+    shards: Vec<tokio::sync::mpsc::Sender<ShardMsg>>,
+    cluster: Arc<Cluster>,
+    ready: Arc<AtomicBool>,
+) {
+    let mut last_checksum = None;
+    loop {
+        let v = view.borrow_and_update().clone();
+        let on_ring = v.ring.contains(&v.me);
+        ready.store(on_ring, Ordering::Relaxed);
+        metrics::gauge!("locus_ring_members").set(v.ring.members().len() as f64);
+        let live: Vec<SocketAddr> = v.members.iter().filter_map(|m| m.meta.as_ref().map(|x| x.grpc)).collect();
+        cluster.peers().retain(&live);
+        if on_ring && last_checksum != Some(v.ring.checksum()) {
+            last_checksum = Some(v.ring.checksum());
+            let owned = Arc::new(v.ring.owned_by(&v.me));
+            let n = owned.iter().filter(|o| **o).count();
+            info!(partitions = n, "this node's partitions");
+            metrics::gauge!("locus_partitions_owned").set(n as f64);
+            for tx in &shards {
+                let _ = tx.send(ShardMsg::Retain { owned: owned.clone() }).await;
+            }
+        }
+        if view.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Runs a node until `stop` resolves, then shuts it down gracefully.
 /// `on_ready` receives the bound gRPC and HTTP addresses.
 pub async fn run(
@@ -105,12 +165,44 @@ pub async fn run(
     let router = Arc::new(Router::new(shards.iter().map(|s| s.tx.clone()).collect(), index, cfg.overload_wait));
     let (sd_tx, sd_rx) = watch::channel(false);
     let limits = Limits { max_future_ms: cfg.max_future_skew.as_millis() as i64 };
-    let api = LocationsApi::new(router, limits, cfg.watch_queue, sd_rx.clone());
+
+    // Addresses first: the gossip metadata carries them.
+    let listener = TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding {}", cfg.grpc_addr))?;
+    let grpc_addr = listener.local_addr()?;
+    let http_listener =
+        TcpListener::bind(cfg.http_addr).await.with_context(|| format!("binding {}", cfg.http_addr))?;
+    let http_addr = http_listener.local_addr()?;
+    let (transport, gossip_addr, inbox) =
+        UdpTransport::bind(cfg.gossip_addr).await.with_context(|| format!("binding gossip {}", cfg.gossip_addr))?;
+    let seeds = resolve_seeds(&cfg.join).await;
+    let mcfg = MembershipConfig {
+        gossip_addr,
+        seeds,
+        name: cfg.node_name.clone(),
+        grpc: advertised(grpc_addr, gossip_addr),
+        http: advertised(http_addr, gossip_addr),
+        vnodes: cfg.vnodes,
+        ring_debounce: cfg.ring_debounce,
+        leave_wait: cfg.leave_wait,
+        suspect_to_down: cfg.suspect_timeout,
+        rebroadcast_every: Duration::from_secs(5),
+    };
+    let members = membership::spawn(mcfg, transport, inbox);
+    let cluster = Arc::new(Cluster::new(members.view.clone(), cfg.scatter_timeout));
+    let ready = Arc::new(AtomicBool::new(false));
+    let ownership = tokio::spawn(follow_ring(
+        members.view.clone(),
+        shards.iter().map(|s| s.tx.clone()).collect(),
+        cluster.clone(),
+        ready.clone(),
+    ));
+
+    let leave = Arc::new(Notify::new());
+    let api = LocationsApi::new(router, cluster.clone(), limits, cfg.watch_queue, sd_rx.clone());
     let svc = LocationsServer::new(api)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let listener = TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding {}", cfg.grpc_addr))?;
-    let grpc_addr = listener.local_addr()?;
+    let admin = ClusterServer::new(ClusterApi::new(cluster.clone(), leave.clone()));
     // serve_with_incoming does not apply the builder's TCP options: set them per socket.
     let incoming = TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
@@ -124,22 +216,27 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(svc)
+        .add_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = sd.wait_for(|s| *s).await;
         });
-    let ready = Arc::new(AtomicBool::new(true));
     let mut sd = sd_rx.clone();
-    let (http_addr, http) = crate::http::serve(cfg.http_addr, ready.clone(), async move {
+    let http = crate::http::serve(http_listener, ready.clone(), async move {
         let _ = sd.wait_for(|s| *s).await;
-    })
-    .await
-    .with_context(|| format!("binding {}", cfg.http_addr))?;
+    });
     let grpc_task = tokio::spawn(grpc);
     let http_task = tokio::spawn(http);
-    info!(node = %cfg.node_name, grpc = %grpc_addr, http = %http_addr, shards = cfg.shards, data = %dir.display(), "locus node serving");
+    info!(node = %cfg.node_name, grpc = %grpc_addr, http = %http_addr, gossip = %gossip_addr, shards = cfg.shards, data = %dir.display(), "locus node serving");
     on_ready(grpc_addr, http_addr);
 
-    stop.await;
+    tokio::select! {
+        _ = stop => info!("shutting down: leaving the cluster"),
+        _ = leave.notified() => info!("leaving the cluster on request"),
+    }
+    if tokio::time::timeout(cfg.leave_wait + Duration::from_secs(1), members.leave()).await.is_err() {
+        warn!("leaving the gossip took too long; stopping anyway");
+    }
+    ownership.abort();
     info!("shutting down: draining RPCs");
     ready.store(false, Ordering::Relaxed);
     let _ = sd_tx.send(true);

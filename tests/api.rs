@@ -290,6 +290,7 @@ async fn nearby_and_within_equal_brute_force_across_the_antimeridian() {
             radius_m: Some(15_000.0),
             statuses: vec![DriverStatus::Available as i32],
             vehicle_type: "moto".into(),
+            deadline_ms: None,
         })
         .await
         .unwrap()

@@ -42,6 +42,8 @@ pub enum WatchEnd {
     /// The client did not keep up; fixes would have been dropped.
     Lagged,
     ShuttingDown,
+    /// The driver's partition moved to another node: resubscribe through any node.
+    Moved,
 }
 
 impl WatchEnd {
@@ -51,6 +53,7 @@ impl WatchEnd {
             WatchEnd::Expired => "expired",
             WatchEnd::Lagged => "lagged",
             WatchEnd::ShuttingDown => "shutting_down",
+            WatchEnd::Moved => "moved",
         }
     }
 }
@@ -93,6 +96,9 @@ pub enum ShardMsg {
     },
     /// Wakes an idle worker so timers fire and writes are handed over on time.
     Tick,
+    /// The node's ring changed: drop drivers of partitions it no longer owns
+    /// (`owned[partition]`), so a stale copy never answers.
+    Retain { owned: Arc<Vec<bool>> },
     /// Handle what is queued, persist everything, end watchers, exit.
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -255,6 +261,13 @@ impl Worker {
                     let _ = reply.send(None);
                 }
             },
+            ShardMsg::Retain { owned } => {
+                let n = self.core.retain_partitions(|p| owned.get(p as usize).copied().unwrap_or(false));
+                if n > 0 {
+                    debug!(shard = self.id, dropped = n, "dropped drivers whose partitions moved away");
+                    metrics::counter!("locus_drivers_disowned_total").increment(n as u64);
+                }
+            }
             ShardMsg::Tick | ShardMsg::Shutdown { .. } => {}
         }
     }
@@ -268,6 +281,7 @@ impl Worker {
                     let end = match reason {
                         GoneReason::Removed => WatchEnd::Removed,
                         GoneReason::Expired => WatchEnd::Expired,
+                        GoneReason::Moved => WatchEnd::Moved,
                     };
                     for w in self.watchers.remove(&slot).unwrap_or_default() {
                         let _ = w.end.send(end);

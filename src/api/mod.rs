@@ -5,23 +5,25 @@
 //! Stateless checks (ranges, lengths, clock skew) happen here, at the entry node; stale
 //! and implausible fixes are judged by the driver's actor, which knows its last fix.
 
-use std::pin::Pin;
-use std::sync::Arc;
+mod admin;
+mod locations;
+mod stream;
 
-use tokio::sync::{mpsc, watch};
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::Status;
 use tonic::metadata::MetadataValue;
-use tonic::{Request, Response, Status, Streaming};
 
-use crate::actors::{WatchEnd, wall_ms};
+pub use admin::ClusterApi;
+pub use locations::LocationsApi;
 use crate::drivers::{
     DriverView, FieldError, FixInput, Limits, MAX_ID_BYTES, MAX_VEHICLE_TYPE_BYTES, NearbyHit, NearbyQuery, Position,
     REJECT_REASONS, Reject, Status as DStatus, WithinQuery, check_range, check_str, validate_fix,
 };
 use crate::geo::LatLonBox;
 use crate::pb;
-use crate::routing::{DriverKey, RouteError, Router};
+use crate::routing::{DriverKey, RouteError};
 
 /// Most fixes one `LocationBatch` may carry.
 pub const MAX_BATCH: usize = 10_000;
@@ -104,6 +106,39 @@ pub fn fix_from_proto(u: pb::LocationUpdate, now_ms: i64, limits: Limits) -> Res
     };
     validate_fix(&fix, now_ms, limits)?;
     Ok(fix)
+}
+
+/// A validated fix back as protobuf, to forward it to its owner (moves, no copies).
+pub fn fix_to_proto(f: FixInput) -> pb::LocationUpdate {
+    pb::LocationUpdate {
+        driver_id: f.driver_id,
+        lat: f.lat,
+        lon: f.lon,
+        heading_deg: f.heading_deg,
+        speed_mps: f.speed_mps,
+        accuracy_m: f.accuracy_m,
+        timestamp_ms: f.timestamp_ms,
+        status: f.status.map_or(0, status_to_proto),
+        vehicle_type: f.vehicle_type,
+        cab_number: f.cab_number,
+        session: f.session,
+        trip_id: f.trip_id,
+        trip_cost: f.trip_cost,
+    }
+}
+
+/// Longest scatter deadline a request may ask for.
+pub const MAX_DEADLINE_MS: u32 = 10_000;
+
+/// A query's scatter deadline: the request's, validated, or the node's default.
+pub fn scatter_deadline(ms: Option<u32>, default: Duration) -> Result<Duration, FieldError> {
+    match ms {
+        None => Ok(default),
+        Some(d) if d == 0 || d > MAX_DEADLINE_MS => {
+            Err(FieldError::new("deadline_ms", format!("{d} is outside 1..={MAX_DEADLINE_MS}")))
+        }
+        Some(d) => Ok(Duration::from_millis(d as u64)),
+    }
 }
 
 fn fix_proto(p: &Position) -> pb::Fix {
@@ -271,21 +306,12 @@ pub fn within_query(r: pb::WithinRequest) -> Result<WithinQuery, FieldError> {
     }
 }
 
-/// The `locus.v1.Locations` service.
-pub struct LocationsApi {
-    router: Arc<Router>,
-    limits: Limits,
-    watch_queue: usize,
-    shutdown: watch::Receiver<bool>,
+/// Resolves once the node starts shutting down.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
-impl LocationsApi {
-    pub fn new(router: Arc<Router>, limits: Limits, watch_queue: usize, shutdown: watch::Receiver<bool>) -> Self {
-        LocationsApi { router, limits, watch_queue, shutdown }
-    }
-}
-
-fn count_rejects(rejected: &[(u32, Reject)]) {
+pub(crate) fn count_rejects(rejected: &[(u32, Reject)]) {
     let mut counts = [0u64; REJECT_REASONS.len()];
     for (_, r) in rejected {
         let i = REJECT_REASONS.iter().position(|n| *n == r.reason()).unwrap_or(0);
@@ -296,197 +322,6 @@ fn count_rejects(rejected: &[(u32, Reject)]) {
         if n > 0 && !matches!(REJECT_REASONS[i], "stale" | "implausible_jump") {
             metrics::counter!("locus_fixes_rejected_total", "reason" => REJECT_REASONS[i]).increment(n);
         }
-    }
-}
-
-/// Resolves once the node starts shutting down.
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-type PendingBatch = Pin<Box<dyn std::future::Future<Output = Vec<(u32, Reject)>> + Send>>;
-
-enum AckItem {
-    Batch { id: u64, n: usize, invalid: Vec<(u32, Reject)>, pending: PendingBatch },
-    End(Status),
-}
-
-#[tonic::async_trait]
-impl pb::locations_server::Locations for LocationsApi {
-    async fn update(&self, req: Request<pb::LocationUpdate>) -> Result<Response<pb::UpdateAck>, Status> {
-        let fix = fix_from_proto(req.into_inner(), wall_ms(), self.limits).map_err(|e| {
-            count_rejects(&[(0, Reject::Invalid(e.clone()))]);
-            invalid(&e)
-        })?;
-        match self.router.update(fix).await {
-            Ok(()) => Ok(Response::new(pb::UpdateAck { received_ms: wall_ms() })),
-            Err(r) => {
-                count_rejects(&[(0, r.clone())]);
-                Err(reject_status(&r))
-            }
-        }
-    }
-
-    type UpdateStreamStream = BoxStream<pb::BatchAck>;
-
-    async fn update_stream(
-        &self,
-        req: Request<Streaming<pb::LocationBatch>>,
-    ) -> Result<Response<Self::UpdateStreamStream>, Status> {
-        let mut inbound = req.into_inner();
-        let (out_tx, out_rx) = mpsc::channel::<Result<pb::BatchAck, Status>>(16);
-        // Batches dispatched but not yet acknowledged; bounds a stream's work in flight.
-        let (ack_tx, mut ack_rx) = mpsc::channel::<AckItem>(8);
-        let router = self.router.clone();
-        let limits = self.limits;
-        let mut shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    m = inbound.message() => m,
-                    _ = stopped(&mut shutdown) => {
-                        let _ = ack_tx.send(AckItem::End(Status::unavailable("node shutting down"))).await;
-                        return;
-                    }
-                };
-                let batch = match msg {
-                    Ok(Some(b)) => b,
-                    Ok(None) | Err(_) => return,
-                };
-                if batch.updates.len() > MAX_BATCH {
-                    let e = FieldError::new(
-                        "updates",
-                        format!("batch has {} fixes, at most {MAX_BATCH} allowed", batch.updates.len()),
-                    );
-                    let _ = ack_tx.send(AckItem::End(invalid(&e))).await;
-                    return;
-                }
-                let now = wall_ms();
-                let n = batch.updates.len();
-                let mut invalid_fixes = Vec::new();
-                let valid =
-                    batch.updates.into_iter().enumerate().filter_map(|(i, u)| match fix_from_proto(u, now, limits) {
-                        Ok(f) => Some((i as u32, f)),
-                        Err(e) => {
-                            invalid_fixes.push((i as u32, Reject::Invalid(e)));
-                            None
-                        }
-                    });
-                let valid: Vec<(u32, FixInput)> = valid.collect();
-                let pending = Box::pin(router.dispatch_batch(valid).await);
-                let item = AckItem::Batch { id: batch.batch_id, n, invalid: invalid_fixes, pending };
-                if ack_tx.send(item).await.is_err() {
-                    return;
-                }
-            }
-        });
-        tokio::spawn(async move {
-            while let Some(item) = ack_rx.recv().await {
-                let (id, n, invalid_fixes, pending) = match item {
-                    AckItem::Batch { id, n, invalid, pending } => (id, n, invalid, pending),
-                    AckItem::End(status) => {
-                        let _ = out_tx.send(Err(status)).await;
-                        return;
-                    }
-                };
-                let mut rejected = pending.await;
-                if !invalid_fixes.is_empty() {
-                    rejected.extend(invalid_fixes);
-                    rejected.sort_unstable_by_key(|(i, _)| *i);
-                }
-                count_rejects(&rejected);
-                let ack = pb::BatchAck {
-                    batch_id: id,
-                    accepted: (n - rejected.len()) as u32,
-                    rejected: rejected.iter().map(|(i, r)| reject_proto(*i, r)).collect(),
-                };
-                if out_tx.send(Ok(ack)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
-    }
-
-    async fn get_driver(&self, req: Request<pb::GetDriverRequest>) -> Result<Response<pb::Driver>, Status> {
-        let r = req.into_inner();
-        let key = driver_key(r.key.map(Into::into)).map_err(|e| invalid(&e))?;
-        let v = self.router.get(key, r.include_trail).await.map_err(route_status)?;
-        Ok(Response::new(driver_proto(v)))
-    }
-
-    async fn remove_driver(
-        &self,
-        req: Request<pb::RemoveDriverRequest>,
-    ) -> Result<Response<pb::RemoveDriverResponse>, Status> {
-        let key = driver_key(req.into_inner().key.map(Into::into)).map_err(|e| invalid(&e))?;
-        let driver_id = self.router.remove(key).await.map_err(route_status)?;
-        Ok(Response::new(pb::RemoveDriverResponse { driver_id }))
-    }
-
-    async fn nearby(&self, req: Request<pb::NearbyRequest>) -> Result<Response<pb::NearbyResponse>, Status> {
-        let q = nearby_query(req.into_inner()).map_err(|e| invalid(&e))?;
-        let hits = self.router.nearby(q).await.map_err(route_status)?;
-        Ok(Response::new(pb::NearbyResponse { drivers: hits.into_iter().map(hit_proto).collect(), partial: false }))
-    }
-
-    async fn within(&self, req: Request<pb::WithinRequest>) -> Result<Response<pb::WithinResponse>, Status> {
-        let q = within_query(req.into_inner()).map_err(|e| invalid(&e))?;
-        let (hits, truncated) = self.router.within(q).await.map_err(route_status)?;
-        Ok(Response::new(pb::WithinResponse {
-            drivers: hits.into_iter().map(hit_proto).collect(),
-            truncated,
-            partial: false,
-        }))
-    }
-
-    type WatchDriverStream = BoxStream<pb::Driver>;
-
-    async fn watch_driver(
-        &self,
-        req: Request<pb::WatchDriverRequest>,
-    ) -> Result<Response<Self::WatchDriverStream>, Status> {
-        let r = req.into_inner();
-        check_key_str("driver_id", &r.driver_id).map_err(|e| invalid(&e))?;
-        let (current, mut fixes, end) = self.router.watch(r.driver_id, self.watch_queue).await.map_err(route_status)?;
-        let (out_tx, out_rx) = mpsc::channel::<Result<pb::Driver, Status>>(16);
-        let mut shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            if r.include_current && out_tx.send(Ok(driver_proto(current))).await.is_err() {
-                return;
-            }
-            loop {
-                tokio::select! {
-                    v = fixes.recv() => match v {
-                        Some(v) => if out_tx.send(Ok(driver_proto(v))).await.is_err() { return },
-                        None => break,
-                    },
-                    // The client went away: drop the subscription now, not at the next fix.
-                    _ = out_tx.closed() => return,
-                    _ = stopped(&mut shutdown) => {
-                        let s = with_meta(Status::unavailable("node shutting down"), END_KEY, WatchEnd::ShuttingDown.as_str());
-                        let _ = out_tx.send(Err(s)).await;
-                        return;
-                    }
-                }
-            }
-            let status = match end.await {
-                Ok(why @ (WatchEnd::Removed | WatchEnd::Expired)) => {
-                    with_meta(Status::not_found(format!("driver {}", why.as_str())), END_KEY, why.as_str())
-                }
-                Ok(WatchEnd::Lagged) => with_meta(
-                    Status::resource_exhausted("watcher fell too far behind; resubscribe"),
-                    END_KEY,
-                    WatchEnd::Lagged.as_str(),
-                ),
-                Ok(WatchEnd::ShuttingDown) | Err(_) => {
-                    with_meta(Status::unavailable("node shutting down"), END_KEY, WatchEnd::ShuttingDown.as_str())
-                }
-            };
-            let _ = out_tx.send(Err(status)).await;
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 }
 

@@ -114,7 +114,7 @@ pub enum Reject {
     ImplausibleJump { distance_m: f64, dt_s: f64, speed_mps: f64, max_mps: f64 },
     #[error("overloaded: the driver's shard mailbox is full, retry later")]
     Overloaded,
-    #[error("unavailable: the node is shutting down")]
+    #[error("unavailable: the owner is unreachable, changing or shutting down; retry")]
     Unavailable,
 }
 

@@ -9,6 +9,7 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 use super::codec::{Snapshot, SnapshotRef, encode_delete, encode_upsert};
 use super::trail::Trail;
 use super::{DriverView, FieldError, FixInput, NearbyHit, Position, Reject, Status};
+use crate::keys::partition_of;
 use crate::geo::{Candidate, GeoIndex, IndexKey, LatLonBox, QueryFilter, haversine_m, index::index_point};
 
 /// Behaviour knobs of a shard, from the node configuration.
@@ -60,6 +61,14 @@ pub enum WithinQuery {
     Box { b: LatLonBox, limit: usize, statuses: u32, vehicle_type: Option<String> },
 }
 
+impl WithinQuery {
+    pub fn limit(&self) -> usize {
+        match self {
+            WithinQuery::Circle { limit, .. } | WithinQuery::Box { limit, .. } => *limit,
+        }
+    }
+}
+
 /// Which secondary index an [`Event::IndexSet`] / [`Event::IndexUnset`] is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IndexKind {
@@ -71,6 +80,8 @@ pub enum IndexKind {
 pub enum GoneReason {
     Removed,
     Expired,
+    /// Its partition now belongs to another node.
+    Moved,
 }
 
 /// Effects the shell performs after each message.
@@ -462,6 +473,18 @@ impl DriverShard {
         let slot = self.resolve(lookup)?;
         self.counters.removed += 1;
         Some(self.drop_driver(slot, GoneReason::Removed).into())
+    }
+
+    /// Drops every driver whose partition `keep` rejects (ownership moved to another
+    /// node); returns how many were dropped. Their deletions are persisted like removals.
+    pub fn retain_partitions(&mut self, keep: impl Fn(u16) -> bool) -> usize {
+        let gone: Vec<u32> = (0..self.slots.len() as u32)
+            .filter(|&s| self.slots[s as usize].as_ref().is_some_and(|r| !keep(partition_of(r.id.as_bytes()))))
+            .collect();
+        for &slot in &gone {
+            self.drop_driver(slot, GoneReason::Moved);
+        }
+        gone.len()
     }
 
     fn drop_driver(&mut self, slot: u32, reason: GoneReason) -> Box<str> {

@@ -4,7 +4,6 @@
 //! Owns no state of its own: it reads the readiness flag the node flips and renders the
 //! process-wide metrics recorder.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,17 +52,15 @@ async fn metrics(State(s): State<HttpState>) -> String {
 }
 
 /// Binds the HTTP listener; the returned future serves until `shutdown` resolves.
-pub async fn serve(
-    addr: SocketAddr,
+pub fn serve(
+    listener: TcpListener,
     ready: Arc<AtomicBool>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = std::io::Result<()>>)> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
+) -> impl std::future::Future<Output = std::io::Result<()>> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(HttpState { ready, metrics: metrics_handle() });
-    Ok((local, async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await }))
+    async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await }
 }

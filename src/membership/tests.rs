@@ -154,7 +154,6 @@ async fn a_killed_node_leaves_the_ring_within_five_seconds_and_rejoins_after_res
     .await;
     let old = h.view(0).member(&addr(2)).expect("member").incarnation;
     h.run(vec![Op::Kill(2), Op::Converge(vec![0, 1], Duration::from_secs(5))]).await;
-    eprintln!("detect {:?}", h.last_converge);
     assert!(h.last_converge < Duration::from_secs(5), "detection took {:?}", h.last_converge);
     h.run(vec![
         Op::Start(2, vec![0, 1]),

@@ -10,6 +10,8 @@
 //!   go through the [`SecondaryIndex`] and are verified by the owning shard.
 //! - Geo queries scatter to every shard and merge nearest first.
 
+pub mod cluster;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -255,9 +257,7 @@ impl Router {
 
     /// The drivers in an area over every shard; `true` when more than `limit` matched.
     pub async fn within(&self, q: WithinQuery) -> Result<(Vec<NearbyHit>, bool), RouteError> {
-        let limit = match &q {
-            WithinQuery::Circle { limit, .. } | WithinQuery::Box { limit, .. } => *limit,
-        };
+        let limit = q.limit();
         let q = Arc::new(q);
         let mut all = self.scatter(|reply| ShardMsg::Within { q: q.clone(), reply }).await?;
         let truncated = all.len() > limit;

@@ -18,6 +18,8 @@ pub struct NodeProc {
     child: Option<Child>,
     pub grpc: String,
     pub http: String,
+    /// The gossip (ring key) address, `host:port`.
+    pub gossip: String,
     pub dir: PathBuf,
     pub args: Vec<String>,
 }
@@ -33,8 +35,21 @@ impl NodeProc {
     /// Starts a node on ephemeral ports with its data in `dir`.
     pub fn start(dir: &Path, extra: &[&str]) -> NodeProc {
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        // Ephemeral ports unless the test pins them (a restarted cluster node keeps its
+        // gossip address: it is the node's identity on the ring).
+        let mut base: Vec<&str> = vec!["node"];
+        for (flag, default) in [
+            ("--node-name", "test"),
+            ("--grpc-addr", "127.0.0.1:0"),
+            ("--http-addr", "127.0.0.1:0"),
+            ("--gossip-addr", "127.0.0.1:0"),
+        ] {
+            if !extra.contains(&flag) {
+                base.extend([flag, default]);
+            }
+        }
         let mut child = Command::new(LOCUS)
-            .args(["node", "--node-name", "test", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(&base)
             .args(["--log-format", "json", "--data-dir"])
             .arg(dir)
             .args(&args)
@@ -54,16 +69,18 @@ impl NodeProc {
                 if !sent && line.contains("locus node serving") {
                     let g = field(&line, "grpc").map(str::to_string);
                     let h = field(&line, "http").map(str::to_string);
-                    let _ = tx.send((g, h));
+                    let o = field(&line, "gossip").map(str::to_string);
+                    let _ = tx.send((g, h, o));
                     sent = true;
                 }
             }
         });
-        let (g, h) = rx.recv_timeout(Duration::from_secs(30)).expect("node did not report its addresses");
+        let (g, h, o) = rx.recv_timeout(Duration::from_secs(30)).expect("node did not report its addresses");
         NodeProc {
             child: Some(child),
             grpc: format!("http://{}", g.expect("grpc addr")),
             http: h.expect("http addr"),
+            gossip: o.expect("gossip addr"),
             dir: dir.to_path_buf(),
             args,
         }

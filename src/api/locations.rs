@@ -1,0 +1,419 @@
+//! The `locus.v1.Locations` service on a node of the cluster.
+//!
+//! Keyed RPCs run on the key's owner: here through the local [`Router`], or forwarded to
+//! the owner over gRPC with the hop marked ([`crate::routing::cluster`]). Geo queries and
+//! lookups by cab number or session scatter to every node of the ring with a deadline and
+//! merge; a node that does not answer in time is named and the answer is `partial`.
+//! `UpdateStream` lives in [`super::stream`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use super::{
+    END_KEY, check_key_str, count_rejects, driver_key, driver_proto, fix_from_proto, fix_to_proto, hit_proto, invalid,
+    nearby_query, reject_status, route_status, scatter_deadline, with_meta, within_query,
+};
+use crate::actors::{WatchEnd, wall_ms};
+use crate::drivers::{Limits, Reject};
+use crate::pb;
+use crate::pb::locations_client::LocationsClient;
+use crate::routing::cluster::{
+    Cluster, MAX_HOPS, Owner, Peer, RETRY_AFTER_MS, RETRY_KEY, hops, is_local_scope, set_hop, set_local_scope,
+};
+use crate::routing::{DriverKey, RouteError, Router};
+
+/// The `locus.v1.Locations` service.
+pub struct LocationsApi {
+    pub(super) router: Arc<Router>,
+    pub(super) cluster: Arc<Cluster>,
+    pub(super) limits: Limits,
+    watch_queue: usize,
+    pub(super) shutdown: watch::Receiver<bool>,
+}
+
+impl LocationsApi {
+    pub fn new(
+        router: Arc<Router>,
+        cluster: Arc<Cluster>,
+        limits: Limits,
+        watch_queue: usize,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        LocationsApi { router, cluster, limits, watch_queue, shutdown }
+    }
+}
+
+/// `UNAVAILABLE` with a retry hint: the ring is changing or the owner is unknown.
+pub(super) fn unavailable_retry(msg: impl Into<String>) -> Status {
+    let mut s = Status::unavailable(msg);
+    s.metadata_mut().insert(RETRY_KEY, RETRY_AFTER_MS.into());
+    s
+}
+
+/// Where a keyed request goes: here, or a peer with the hop count to send.
+pub(super) enum Target {
+    Local,
+    Forward(Peer, u32),
+}
+
+/// Decides where a keyed request with `hop` forwards so far runs.
+pub(super) fn target(cluster: &Cluster, key: &str, hop: u32) -> Result<Target, Status> {
+    match cluster.owner(key.as_bytes()) {
+        Owner::Local => Ok(Target::Local),
+        Owner::Remote(p) if hop < MAX_HOPS => Ok(Target::Forward(p, hop + 1)),
+        Owner::Remote(p) => Err(unavailable_retry(format!(
+            "the owner of {key:?} is {} by this node's ring, but the request was already forwarded {hop} times; \
+             the ring is changing",
+            p.name
+        ))),
+        Owner::Unknown => Err(unavailable_retry("no active node owns this key yet (the cluster is forming)")),
+    }
+}
+
+fn forwarded<T>(msg: T, hop: u32) -> Request<T> {
+    let mut r = Request::new(msg);
+    set_hop(r.metadata_mut(), hop);
+    r
+}
+
+/// A peer's error, as this node answers it: its code and message, marked with the peer.
+fn peer_status(p: &Peer, s: Status) -> Status {
+    match s.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Internal | Code::Cancelled => {
+            unavailable_retry(format!("owner {} did not answer: {}", p.name, s.message()))
+        }
+        _ => s,
+    }
+}
+
+pub(super) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// One scatter part's answer: the response, or the name of the node that did not answer.
+type Part<R> = Result<R, String>;
+
+/// Sends `req` (marked local-scope) to every peer, in parallel, each bounded by
+/// `deadline`; an unknown peer address counts as missing.
+async fn scatter<Req, Resp, F, Fut>(peers: Vec<Result<Peer, String>>, req: Req, deadline: Duration, call: F) -> Vec<Part<Resp>>
+where
+    Req: Clone + Send + 'static,
+    Resp: Send + 'static,
+    F: Fn(LocationsClient<Channel>, Request<Req>) -> Fut,
+    Fut: Future<Output = Result<Response<Resp>, Status>> + Send + 'static,
+{
+    let mut set = JoinSet::new();
+    let mut out = Vec::with_capacity(peers.len());
+    for p in peers {
+        let p = match p {
+            Ok(p) => p,
+            Err(name) => {
+                out.push(Err(name));
+                continue;
+            }
+        };
+        let mut r = Request::new(req.clone());
+        set_local_scope(r.metadata_mut());
+        set_hop(r.metadata_mut(), 1);
+        r.set_timeout(deadline);
+        let fut = call(p.client.clone(), r);
+        let name = p.name.clone();
+        set.spawn(async move {
+            match tokio::time::timeout(deadline, fut).await {
+                Ok(Ok(resp)) => Ok(resp.into_inner()),
+                Ok(Err(s)) => {
+                    tracing::debug!(peer = %name, error = %s, "scatter part failed");
+                    Err((name, s))
+                }
+                Err(_) => Err((name, Status::deadline_exceeded("scatter deadline"))),
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        out.push(match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err((name, s))) => {
+                metrics::counter!("locus_scatter_missing_total", "code" => code_name(s.code())).increment(1);
+                Err(name)
+            }
+            Err(_) => Err("unknown".to_string()),
+        });
+    }
+    out
+}
+
+fn code_name(c: Code) -> &'static str {
+    match c {
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::Unavailable => "unavailable",
+        Code::ResourceExhausted => "resource_exhausted",
+        _ => "other",
+    }
+}
+
+fn by_distance(a: &pb::NearbyHit, b: &pb::NearbyHit) -> std::cmp::Ordering {
+    a.distance_m.total_cmp(&b.distance_m).then_with(|| a.driver_id.cmp(&b.driver_id))
+}
+
+impl LocationsApi {
+    /// The local part of a lookup by cab number or session, then every other node's;
+    /// the most recently heard-from driver wins.
+    async fn find_by_secondary(&self, key: DriverKey, include_trail: bool) -> Result<pb::Driver, Status> {
+        let (local, peers) = self.cluster.scatter_targets();
+        let req = match &key {
+            DriverKey::Cab(c) => pb::GetDriverRequest {
+                key: Some(pb::get_driver_request::Key::CabNumber(c.clone())),
+                include_trail,
+            },
+            DriverKey::Session(s) => {
+                pb::GetDriverRequest { key: Some(pb::get_driver_request::Key::Session(s.clone())), include_trail }
+            }
+            DriverKey::Id(_) => unreachable!("ids are routed, not scattered"),
+        };
+        let deadline = self.cluster.scatter_timeout;
+        let remote = scatter(peers, req, deadline, |mut c, r| async move { c.get_driver(r).await });
+        let here = async {
+            if local { Some(self.router.get(key.clone(), include_trail).await) } else { None }
+        };
+        let (here, remote) = tokio::join!(here, remote);
+        let mut best: Option<pb::Driver> = None;
+        let mut missing = Vec::new();
+        let mut consider = |d: pb::Driver| {
+            if best.as_ref().is_none_or(|b| d.received_ms > b.received_ms) {
+                best = Some(d);
+            }
+        };
+        match here {
+            Some(Ok(v)) => consider(driver_proto(v)),
+            Some(Err(RouteError::NotFound)) | None => {}
+            Some(Err(e)) => return Err(route_status(e)),
+        }
+        for part in remote {
+            match part {
+                Ok(d) => consider(d),
+                Err(name) => missing.push(name),
+            }
+        }
+        // A peer's NOT_FOUND is an answer, not a missing node.
+        match best {
+            Some(d) => Ok(d),
+            None if missing.is_empty() => Err(route_status(RouteError::NotFound)),
+            None => Err(unavailable_retry(format!("not found on the nodes that answered; missing: {}", missing.join(", ")))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::locations_server::Locations for LocationsApi {
+    async fn update(&self, req: Request<pb::LocationUpdate>) -> Result<Response<pb::UpdateAck>, Status> {
+        let hop = hops(req.metadata());
+        let fix = fix_from_proto(req.into_inner(), wall_ms(), self.limits).map_err(|e| {
+            count_rejects(&[(0, Reject::Invalid(e.clone()))]);
+            invalid(&e)
+        })?;
+        match target(&self.cluster, &fix.driver_id, hop)? {
+            Target::Local => match self.router.update(fix).await {
+                Ok(()) => Ok(Response::new(pb::UpdateAck { received_ms: wall_ms() })),
+                Err(r) => {
+                    count_rejects(&[(0, r.clone())]);
+                    Err(reject_status(&r))
+                }
+            },
+            Target::Forward(mut p, hop) => {
+                let r = p.client.update(forwarded(fix_to_proto(fix), hop)).await;
+                r.map_err(|s| peer_status(&p, s))
+            }
+        }
+    }
+
+    type UpdateStreamStream = BoxStream<pb::BatchAck>;
+
+    async fn update_stream(
+        &self,
+        req: Request<Streaming<pb::LocationBatch>>,
+    ) -> Result<Response<Self::UpdateStreamStream>, Status> {
+        let hop = hops(req.metadata());
+        Ok(Response::new(super::stream::start(self, hop, req.into_inner())))
+    }
+
+    async fn get_driver(&self, req: Request<pb::GetDriverRequest>) -> Result<Response<pb::Driver>, Status> {
+        let (hop, local_only) = (hops(req.metadata()), is_local_scope(req.metadata()));
+        let r = req.into_inner();
+        let key = driver_key(r.key.clone().map(Into::into)).map_err(|e| invalid(&e))?;
+        if local_only {
+            let v = self.router.get(key, r.include_trail).await.map_err(route_status)?;
+            return Ok(Response::new(driver_proto(v)));
+        }
+        let id = match &key {
+            DriverKey::Id(id) => id.clone(),
+            _ => return self.find_by_secondary(key, r.include_trail).await.map(Response::new),
+        };
+        match target(&self.cluster, &id, hop)? {
+            Target::Local => {
+                let v = self.router.get(key, r.include_trail).await.map_err(route_status)?;
+                Ok(Response::new(driver_proto(v)))
+            }
+            Target::Forward(mut p, hop) => p.client.get_driver(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s)),
+        }
+    }
+
+    async fn remove_driver(
+        &self,
+        req: Request<pb::RemoveDriverRequest>,
+    ) -> Result<Response<pb::RemoveDriverResponse>, Status> {
+        let hop = hops(req.metadata());
+        let key = driver_key(req.into_inner().key.map(Into::into)).map_err(|e| invalid(&e))?;
+        // By cab number or session: find the driver first, then remove it at its owner.
+        let id = match key {
+            DriverKey::Id(id) => id,
+            other => self.find_by_secondary(other, false).await?.driver_id,
+        };
+        match target(&self.cluster, &id, hop)? {
+            Target::Local => {
+                let driver_id = self.router.remove(DriverKey::Id(id)).await.map_err(route_status)?;
+                Ok(Response::new(pb::RemoveDriverResponse { driver_id }))
+            }
+            Target::Forward(mut p, hop) => {
+                let r = pb::RemoveDriverRequest { key: Some(pb::remove_driver_request::Key::DriverId(id)) };
+                p.client.remove_driver(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))
+            }
+        }
+    }
+
+    async fn nearby(&self, req: Request<pb::NearbyRequest>) -> Result<Response<pb::NearbyResponse>, Status> {
+        let local_only = is_local_scope(req.metadata());
+        let r = req.into_inner();
+        let deadline = scatter_deadline(r.deadline_ms, self.cluster.scatter_timeout).map_err(|e| invalid(&e))?;
+        let q = nearby_query(r.clone()).map_err(|e| invalid(&e))?;
+        let limit = q.limit;
+        if local_only {
+            let hits = self.router.nearby(q).await.map_err(route_status)?;
+            let drivers = hits.into_iter().map(hit_proto).collect();
+            return Ok(Response::new(pb::NearbyResponse { drivers, partial: false, missing_nodes: vec![] }));
+        }
+        let (local, peers) = self.cluster.scatter_targets();
+        let remote = scatter(peers, r, deadline, |mut c, r| async move { c.nearby(r).await });
+        let here = async { if local { Some(self.router.nearby(q).await) } else { None } };
+        let (here, remote) = tokio::join!(here, remote);
+        let mut drivers: Vec<pb::NearbyHit> = match here {
+            Some(r) => r.map_err(route_status)?.into_iter().map(hit_proto).collect(),
+            None => Vec::new(),
+        };
+        let mut missing_nodes = Vec::new();
+        for part in remote {
+            match part {
+                Ok(resp) => drivers.extend(resp.drivers),
+                Err(name) => missing_nodes.push(name),
+            }
+        }
+        drivers.sort_by(by_distance);
+        drivers.truncate(limit);
+        missing_nodes.sort();
+        Ok(Response::new(pb::NearbyResponse { drivers, partial: !missing_nodes.is_empty(), missing_nodes }))
+    }
+
+    async fn within(&self, req: Request<pb::WithinRequest>) -> Result<Response<pb::WithinResponse>, Status> {
+        let local_only = is_local_scope(req.metadata());
+        let r = req.into_inner();
+        let deadline = scatter_deadline(r.deadline_ms, self.cluster.scatter_timeout).map_err(|e| invalid(&e))?;
+        let q = within_query(r.clone()).map_err(|e| invalid(&e))?;
+        let limit = q.limit();
+        if local_only {
+            let (hits, truncated) = self.router.within(q).await.map_err(route_status)?;
+            let drivers = hits.into_iter().map(hit_proto).collect();
+            return Ok(Response::new(pb::WithinResponse { drivers, truncated, partial: false, missing_nodes: vec![] }));
+        }
+        let (local, peers) = self.cluster.scatter_targets();
+        let remote = scatter(peers, r, deadline, |mut c, r| async move { c.within(r).await });
+        let here = async { if local { Some(self.router.within(q).await) } else { None } };
+        let (here, remote) = tokio::join!(here, remote);
+        let (mut drivers, mut truncated): (Vec<pb::NearbyHit>, bool) = match here {
+            Some(r) => {
+                let (hits, t) = r.map_err(route_status)?;
+                (hits.into_iter().map(hit_proto).collect(), t)
+            }
+            None => (Vec::new(), false),
+        };
+        let mut missing_nodes = Vec::new();
+        for part in remote {
+            match part {
+                Ok(resp) => {
+                    truncated |= resp.truncated;
+                    drivers.extend(resp.drivers);
+                }
+                Err(name) => missing_nodes.push(name),
+            }
+        }
+        drivers.sort_by(by_distance);
+        truncated |= drivers.len() > limit;
+        drivers.truncate(limit);
+        missing_nodes.sort();
+        Ok(Response::new(pb::WithinResponse { drivers, truncated, partial: !missing_nodes.is_empty(), missing_nodes }))
+    }
+
+    type WatchDriverStream = BoxStream<pb::Driver>;
+
+    async fn watch_driver(
+        &self,
+        req: Request<pb::WatchDriverRequest>,
+    ) -> Result<Response<Self::WatchDriverStream>, Status> {
+        let hop = hops(req.metadata());
+        let r = req.into_inner();
+        check_key_str("driver_id", &r.driver_id).map_err(|e| invalid(&e))?;
+        if let Target::Forward(mut p, hop) = target(&self.cluster, &r.driver_id, hop)? {
+            // The owner's stream, relayed as is (its end status and trailers included).
+            let s = p.client.watch_driver(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))?;
+            return Ok(Response::new(Box::pin(s.into_inner())));
+        }
+        let (current, mut fixes, end) = self.router.watch(r.driver_id, self.watch_queue).await.map_err(route_status)?;
+        let (out_tx, out_rx) = mpsc::channel::<Result<pb::Driver, Status>>(16);
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            if r.include_current && out_tx.send(Ok(driver_proto(current))).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    v = fixes.recv() => match v {
+                        Some(v) => if out_tx.send(Ok(driver_proto(v))).await.is_err() { return },
+                        None => break,
+                    },
+                    // The client went away: drop the subscription now, not at the next fix.
+                    _ = out_tx.closed() => return,
+                    _ = super::stopped(&mut shutdown) => {
+                        let s = with_meta(Status::unavailable("node shutting down"), END_KEY, WatchEnd::ShuttingDown.as_str());
+                        let _ = out_tx.send(Err(s)).await;
+                        return;
+                    }
+                }
+            }
+            let status = match end.await {
+                Ok(why @ (WatchEnd::Removed | WatchEnd::Expired)) => {
+                    with_meta(Status::not_found(format!("driver {}", why.as_str())), END_KEY, why.as_str())
+                }
+                Ok(WatchEnd::Lagged) => with_meta(
+                    Status::resource_exhausted("watcher fell too far behind; resubscribe"),
+                    END_KEY,
+                    WatchEnd::Lagged.as_str(),
+                ),
+                Ok(WatchEnd::Moved) => with_meta(
+                    unavailable_retry("the driver's partition moved to another node; resubscribe"),
+                    END_KEY,
+                    WatchEnd::Moved.as_str(),
+                ),
+                Ok(WatchEnd::ShuttingDown) | Err(_) => {
+                    with_meta(Status::unavailable("node shutting down"), END_KEY, WatchEnd::ShuttingDown.as_str())
+                }
+            };
+            let _ = out_tx.send(Err(status)).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+}

@@ -1,0 +1,159 @@
+//! Cluster routing: which node owns a key, and the gRPC channels to reach the others.
+//!
+//! Reads the latest [`ClusterView`] published by the membership task (a `watch` borrow,
+//! never held across an await). Owners come from the ring; peers' gRPC addresses from
+//! their gossiped metadata. Forwarded requests carry [`HOP_KEY`]: the entry node sends
+//! with hop 1; a receiver whose ring disagrees may re-forward once (hop 2); beyond that
+//! the answer is `UNAVAILABLE` with a retry hint, so a request never loops.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::membership::ClusterView;
+use crate::node::MAX_MESSAGE_BYTES;
+use crate::pb::locations_client::LocationsClient;
+
+/// Metadata key: how many times a request has been forwarded.
+pub const HOP_KEY: &str = "locus-hop";
+/// Metadata key: `local` asks a node to answer from its own shards only (scatter parts).
+pub const SCOPE_KEY: &str = "locus-scope";
+/// Metadata key on `UNAVAILABLE` answers: when to retry.
+pub const RETRY_KEY: &str = "locus-retry-after-ms";
+/// A request is forwarded at most this many times (the entry hop plus one re-forward).
+pub const MAX_HOPS: u32 = 2;
+/// The retry hint while the ring is changing: about one debounce plus gossip.
+pub const RETRY_AFTER_MS: u32 = 500;
+
+/// The hop count of an incoming request (0 from a client).
+pub fn hops(md: &MetadataMap) -> u32 {
+    md.get(HOP_KEY).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Whether an incoming request is one node's part of a scatter.
+pub fn is_local_scope(md: &MetadataMap) -> bool {
+    md.get(SCOPE_KEY).is_some_and(|v| v.as_bytes() == b"local")
+}
+
+/// Marks an outgoing request as forwarded `hop` times.
+pub fn set_hop(md: &mut MetadataMap, hop: u32) {
+    md.insert(HOP_KEY, MetadataValue::from(hop));
+}
+
+pub fn set_local_scope(md: &mut MetadataMap) {
+    md.insert(SCOPE_KEY, MetadataValue::from_static("local"));
+}
+
+/// A node to forward to.
+#[derive(Clone)]
+pub struct Peer {
+    /// Its ring key (gossip address).
+    pub addr: SocketAddr,
+    pub name: String,
+    pub client: LocationsClient<Channel>,
+}
+
+/// Where a key's requests run.
+pub enum Owner {
+    Local,
+    Remote(Peer),
+    /// The ring is empty or the owner's address is not known yet.
+    Unknown,
+}
+
+/// One lazily connected channel per peer (HTTP/2 multiplexes every request on it).
+#[derive(Default)]
+pub struct Peers {
+    clients: Mutex<HashMap<SocketAddr, LocationsClient<Channel>>>,
+}
+
+impl Peers {
+    pub fn client(&self, grpc: SocketAddr) -> LocationsClient<Channel> {
+        let mut m = self.clients.lock().expect("peers lock");
+        m.entry(grpc)
+            .or_insert_with(|| {
+                let ep = Endpoint::from_shared(format!("http://{grpc}"))
+                    .expect("a socket address is a valid URI")
+                    .tcp_nodelay(true)
+                    .connect_timeout(Duration::from_secs(1))
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5));
+                LocationsClient::new(ep.connect_lazy())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            })
+            .clone()
+    }
+
+    /// Forgets channels to addresses no member uses any more.
+    pub fn retain(&self, live: &[SocketAddr]) {
+        self.clients.lock().expect("peers lock").retain(|a, _| live.contains(a));
+    }
+}
+
+/// The cluster as routing sees it. Cheap to share (`Arc`).
+pub struct Cluster {
+    view: watch::Receiver<Arc<ClusterView>>,
+    peers: Peers,
+    /// Default deadline of a scatter-gather query.
+    pub scatter_timeout: Duration,
+}
+
+impl Cluster {
+    pub fn new(view: watch::Receiver<Arc<ClusterView>>, scatter_timeout: Duration) -> Cluster {
+        Cluster { view, peers: Peers::default(), scatter_timeout }
+    }
+
+    /// The current view (a snapshot: hold it for one request).
+    pub fn view(&self) -> Arc<ClusterView> {
+        self.view.borrow().clone()
+    }
+
+    fn peer(&self, v: &ClusterView, addr: SocketAddr) -> Option<Peer> {
+        let meta = v.meta(&addr)?;
+        Some(Peer { addr, name: meta.name.clone(), client: self.peers.client(meta.grpc) })
+    }
+
+    /// The owner of `key` in view `v`.
+    pub fn owner_in(&self, v: &ClusterView, key: &[u8]) -> Owner {
+        match v.ring.owner(key) {
+            None => Owner::Unknown,
+            Some(a) if a == v.me => Owner::Local,
+            Some(a) => self.peer(v, a).map_or(Owner::Unknown, Owner::Remote),
+        }
+    }
+
+    pub fn owner(&self, key: &[u8]) -> Owner {
+        self.owner_in(&self.view(), key)
+    }
+
+    /// The peer for a ring member of `v`, if its address is known.
+    pub fn peer_in(&self, v: &ClusterView, addr: SocketAddr) -> Option<Peer> {
+        self.peer(v, addr)
+    }
+
+    /// Who answers a scatter: whether this node is in the ring, and every other ring
+    /// member (by name when its address is unknown: it counts as missing).
+    pub fn scatter_targets(&self) -> (bool, Vec<Result<Peer, String>>) {
+        let v = self.view();
+        let mut local = false;
+        let mut remote = Vec::new();
+        for a in v.ring.members() {
+            if *a == v.me {
+                local = true;
+            } else {
+                remote.push(self.peer(&v, *a).ok_or_else(|| v.name_of(a)));
+            }
+        }
+        (local, remote)
+    }
+
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+}
