@@ -29,6 +29,7 @@
 //! - [`pb`]: generated protobuf/gRPC code.
 
 pub mod actors;
+pub mod admin;
 pub mod api;
 pub mod bench;
 pub mod config;
@@ -36,9 +37,9 @@ pub mod drivers;
 pub mod geo;
 pub mod http;
 pub mod keys;
+pub mod membership;
 pub mod node;
 pub mod pb;
-pub mod membership;
 pub mod ring;
 pub mod routing;
 pub mod sim;

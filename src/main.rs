@@ -1,5 +1,5 @@
 //! The `locus` binary: `locus node` runs a node, `locus sim` runs the city simulator,
-//! `locus bench` runs the benchmarks.
+//! `locus admin` asks a node about the cluster, `locus bench` runs the benchmarks.
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -24,9 +24,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a Locus node.
-    Node(NodeConfig),
+    Node(Box<NodeConfig>),
     /// Run the city simulator against a node.
     Sim(SimConfig),
+    /// Ask a node about the cluster: members, lookup KEY, ring, leave.
+    Admin(locus::admin::AdminConfig),
     /// Run a benchmark (see `make bench`).
     Bench(locus::bench::BenchConfig),
 }
@@ -56,12 +58,13 @@ async fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Node(cfg) => {
             init_tracing(cfg.log_format);
-            locus::node::run(cfg, terminated(), |_, _| {}).await
+            locus::node::run(*cfg, terminated(), |_, _| {}).await
         }
         Cmd::Sim(cfg) => {
             init_tracing(LogFormat::Text);
             locus::sim::run(cfg).await
         }
+        Cmd::Admin(cfg) => locus::admin::run(cfg).await,
         Cmd::Bench(cfg) => {
             init_tracing(LogFormat::Text);
             locus::bench::run(cfg).await

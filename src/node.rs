@@ -26,13 +26,13 @@ use tracing::{info, warn};
 
 use crate::actors::{ShardHandle, ShardMsg, WorkerConfig, spawn_shard};
 use crate::api::{ClusterApi, LocationsApi};
-use crate::membership::{self, ClusterView, MembershipConfig, UdpTransport};
-use crate::pb::cluster_server::ClusterServer;
-use crate::routing::cluster::Cluster;
 use crate::config::NodeConfig;
 use crate::drivers::{DriverShard, Limits, ShardConfig};
 use crate::keys::shard_of;
+use crate::membership::{self, ClusterView, MembershipConfig, UdpTransport};
+use crate::pb::cluster_server::ClusterServer;
 use crate::pb::locations_server::LocationsServer;
+use crate::routing::cluster::Cluster;
 use crate::routing::{Router, SecondaryIndex};
 use crate::storage::{DriverLog, LogLimits, Persister, replay};
 
@@ -169,8 +169,7 @@ pub async fn run(
     // Addresses first: the gossip metadata carries them.
     let listener = TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding {}", cfg.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
-    let http_listener =
-        TcpListener::bind(cfg.http_addr).await.with_context(|| format!("binding {}", cfg.http_addr))?;
+    let http_listener = TcpListener::bind(cfg.http_addr).await.with_context(|| format!("binding {}", cfg.http_addr))?;
     let http_addr = http_listener.local_addr()?;
     let (transport, gossip_addr, inbox) =
         UdpTransport::bind(cfg.gossip_addr).await.with_context(|| format!("binding gossip {}", cfg.gossip_addr))?;

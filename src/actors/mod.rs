@@ -98,7 +98,9 @@ pub enum ShardMsg {
     Tick,
     /// The node's ring changed: drop drivers of partitions it no longer owns
     /// (`owned[partition]`), so a stale copy never answers.
-    Retain { owned: Arc<Vec<bool>> },
+    Retain {
+        owned: Arc<Vec<bool>>,
+    },
     /// Handle what is queued, persist everything, end watchers, exit.
     Shutdown {
         reply: oneshot::Sender<()>,

@@ -62,7 +62,7 @@ pub(super) fn unavailable_retry(msg: impl Into<String>) -> Status {
 /// Where a keyed request goes: here, or a peer with the hop count to send.
 pub(super) enum Target {
     Local,
-    Forward(Peer, u32),
+    Forward(Box<Peer>, u32),
 }
 
 /// Decides where a keyed request with `hop` forwards so far runs.
@@ -102,7 +102,12 @@ type Part<R> = Result<R, String>;
 
 /// Sends `req` (marked local-scope) to every peer, in parallel, each bounded by
 /// `deadline`; an unknown peer address counts as missing.
-async fn scatter<Req, Resp, F, Fut>(peers: Vec<Result<Peer, String>>, req: Req, deadline: Duration, call: F) -> Vec<Part<Resp>>
+async fn scatter<Req, Resp, F, Fut>(
+    peers: Vec<Result<Peer, String>>,
+    req: Req,
+    deadline: Duration,
+    call: F,
+) -> Vec<Part<Resp>>
 where
     Req: Clone + Send + 'static,
     Resp: Send + 'static,
@@ -168,10 +173,9 @@ impl LocationsApi {
     async fn find_by_secondary(&self, key: DriverKey, include_trail: bool) -> Result<pb::Driver, Status> {
         let (local, peers) = self.cluster.scatter_targets();
         let req = match &key {
-            DriverKey::Cab(c) => pb::GetDriverRequest {
-                key: Some(pb::get_driver_request::Key::CabNumber(c.clone())),
-                include_trail,
-            },
+            DriverKey::Cab(c) => {
+                pb::GetDriverRequest { key: Some(pb::get_driver_request::Key::CabNumber(c.clone())), include_trail }
+            }
             DriverKey::Session(s) => {
                 pb::GetDriverRequest { key: Some(pb::get_driver_request::Key::Session(s.clone())), include_trail }
             }
@@ -179,9 +183,7 @@ impl LocationsApi {
         };
         let deadline = self.cluster.scatter_timeout;
         let remote = scatter(peers, req, deadline, |mut c, r| async move { c.get_driver(r).await });
-        let here = async {
-            if local { Some(self.router.get(key.clone(), include_trail).await) } else { None }
-        };
+        let here = async { if local { Some(self.router.get(key.clone(), include_trail).await) } else { None } };
         let (here, remote) = tokio::join!(here, remote);
         let mut best: Option<pb::Driver> = None;
         let mut missing = Vec::new();
@@ -205,7 +207,9 @@ impl LocationsApi {
         match best {
             Some(d) => Ok(d),
             None if missing.is_empty() => Err(route_status(RouteError::NotFound)),
-            None => Err(unavailable_retry(format!("not found on the nodes that answered; missing: {}", missing.join(", ")))),
+            None => {
+                Err(unavailable_retry(format!("not found on the nodes that answered; missing: {}", missing.join(", "))))
+            }
         }
     }
 }

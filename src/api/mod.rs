@@ -15,8 +15,6 @@ use tokio::sync::watch;
 use tonic::Status;
 use tonic::metadata::MetadataValue;
 
-pub use admin::ClusterApi;
-pub use locations::LocationsApi;
 use crate::drivers::{
     DriverView, FieldError, FixInput, Limits, MAX_ID_BYTES, MAX_VEHICLE_TYPE_BYTES, NearbyHit, NearbyQuery, Position,
     REJECT_REASONS, Reject, Status as DStatus, WithinQuery, check_range, check_str, validate_fix,
@@ -24,6 +22,8 @@ use crate::drivers::{
 use crate::geo::LatLonBox;
 use crate::pb;
 use crate::routing::{DriverKey, RouteError};
+pub use admin::ClusterApi;
+pub use locations::LocationsApi;
 
 /// Most fixes one `LocationBatch` may carry.
 pub const MAX_BATCH: usize = 10_000;

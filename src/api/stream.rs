@@ -51,8 +51,18 @@ struct RemotePart {
 
 enum AckItem {
     /// A new forwarding stream; batches after this item may use it.
-    Link { peer: SocketAddr, generation: u64, acks: Streaming<pb::BatchAck> },
-    Batch { id: u64, n: usize, early: Vec<(u32, Reject)>, local: PendingBatch, remote: Vec<RemotePart> },
+    Link {
+        peer: SocketAddr,
+        generation: u64,
+        acks: Streaming<pb::BatchAck>,
+    },
+    Batch {
+        id: u64,
+        n: usize,
+        early: Vec<(u32, Reject)>,
+        local: PendingBatch,
+        remote: Vec<RemotePart>,
+    },
     End(Status),
 }
 
@@ -66,7 +76,11 @@ struct LinkTx {
 type Broken = Arc<Mutex<HashSet<(SocketAddr, u64)>>>;
 
 /// Starts the reader and writer tasks of one gateway stream; returns the ack stream.
-pub(super) fn start(api: &LocationsApi, hop: u32, mut inbound: Streaming<pb::LocationBatch>) -> BoxStream<pb::BatchAck> {
+pub(super) fn start(
+    api: &LocationsApi,
+    hop: u32,
+    mut inbound: Streaming<pb::LocationBatch>,
+) -> BoxStream<pb::BatchAck> {
     let (out_tx, out_rx) = mpsc::channel::<Result<pb::BatchAck, Status>>(16);
     // Batches dispatched but not yet acknowledged; bounds a stream's work in flight.
     let (ack_tx, ack_rx) = mpsc::channel::<AckItem>(8);
@@ -133,11 +147,13 @@ pub(super) fn start(api: &LocationsApi, hop: u32, mut inbound: Streaming<pb::Loc
             let mut remote = Vec::with_capacity(parts.len());
             for (peer, idx, updates) in parts {
                 // A link the writer saw fail is reopened.
-                if let Some(l) = links.get(&peer) {
-                    if broken.lock().expect("broken lock").remove(&(peer, l.generation)) {
-                        links.remove(&peer);
-                    }
+                if let Some(l) = links.get(&peer)
+                    && broken.lock().expect("broken lock").remove(&(peer, l.generation))
+                {
+                    links.remove(&peer);
                 }
+                // Not `entry()`: opening awaits, and the ack queue must learn of the link first.
+                #[allow(clippy::map_entry)]
                 if !links.contains_key(&peer) {
                     let open_ok = backoff.get(&peer).is_none_or(|t| Instant::now() >= *t);
                     let p = cluster.peer_in(&view, peer);

@@ -9,8 +9,8 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 use super::codec::{Snapshot, SnapshotRef, encode_delete, encode_upsert};
 use super::trail::Trail;
 use super::{DriverView, FieldError, FixInput, NearbyHit, Position, Reject, Status};
-use crate::keys::partition_of;
 use crate::geo::{Candidate, GeoIndex, IndexKey, LatLonBox, QueryFilter, haversine_m, index::index_point};
+use crate::keys::partition_of;
 
 /// Behaviour knobs of a shard, from the node configuration.
 #[derive(Clone, Debug)]

@@ -420,11 +420,22 @@ impl Core {
         }
     }
 
-    /// Starts leaving: says so, and drops this node from its own ring at once.
+    /// Starts leaving: says so. Peers drop this node from their rings; this node keeps
+    /// its own ring (and answers for its keys) until it is gone, so requests peers sent
+    /// before they noticed still succeed.
     pub fn start_leave(&mut self, now: Instant) {
         self.set_state(NodeState::Leaving, now);
-        self.rebuild_ring(now);
-        self.ring_due = None;
+    }
+
+    /// The members this node's ring should hold now.
+    fn ring_input(&self) -> Vec<SocketAddr> {
+        let mut want = ring_members(&self.members);
+        if self.state == NodeState::Leaving && self.ring.contains(&self.cfg.gossip_addr) {
+            want.push(self.cfg.gossip_addr);
+        }
+        want.sort_by_key(crate::ring::addr_bytes);
+        want.dedup();
+        want
     }
 
     /// Whether every alive peer already routes by a ring without this node.
@@ -432,10 +443,9 @@ impl Core {
         let me = self.cfg.gossip_addr;
         // What a peer's ring should be now: the active members, without this node.
         let expect = Ring::new(ring_members(&self.members).into_iter().filter(|a| *a != me), self.cfg.vnodes);
-        self.members
-            .iter()
-            .filter(|m| m.addr != me && m.liveness == Liveness::Alive)
-            .all(|m| m.meta.as_ref().is_some_and(|x| x.ring_checksum == expect.checksum() || x.state != NodeState::Active))
+        self.members.iter().filter(|m| m.addr != me && m.liveness == Liveness::Alive).all(|m| {
+            m.meta.as_ref().is_some_and(|x| x.ring_checksum == expect.checksum() || x.state != NodeState::Active)
+        })
     }
 
     /// Leaves the gossip for good.
@@ -499,11 +509,7 @@ impl Core {
                     }
                 }
                 OwnedNotification::Rejoin(id) => info!(incarnation = id.incarnation, "rejoined with a new identity"),
-                OwnedNotification::Defunct => {
-                    if !self.left {
-                        warn!("declared down and cannot rejoin")
-                    }
-                }
+                OwnedNotification::Defunct if !self.left => warn!("declared down and cannot rejoin"),
                 #[allow(unreachable_patterns)]
                 _ => {}
             }
@@ -542,22 +548,16 @@ impl Core {
         }
         drop(table);
         members.sort_by_key(|m| m.addr);
-        let mut want = ring_members(&members);
-        want.sort_by_key(crate::ring::addr_bytes);
-        if want != self.ring.members() && self.ring_due.is_none() {
+        self.members = members;
+        if self.ring_input() != self.ring.members() && self.ring_due.is_none() {
             self.ring_due = Some(now + self.cfg.ring_debounce);
         }
-        self.members = members;
     }
 
     fn rebuild_ring(&mut self, now: Instant) {
-        let ring = Ring::new(ring_members(&self.members), self.cfg.vnodes);
+        let ring = Ring::new(self.ring_input(), self.cfg.vnodes);
         if ring.checksum() != self.ring.checksum() {
-            info!(
-                members = ring.members().len(),
-                checksum = format!("{:016x}", ring.checksum()),
-                "ring changed"
-            );
+            info!(members = ring.members().len(), checksum = format!("{:016x}", ring.checksum()), "ring changed");
             self.ring = Arc::new(ring);
             if !self.left {
                 self.broadcast_meta();
@@ -627,18 +627,18 @@ pub fn spawn_with(
                 transport.send(to, &bytes);
             }
             publish(&view_tx, &core);
-            if let Some((deadline, _)) = &leaving {
-                if core.peers_dropped_me() || Instant::now() >= *deadline {
-                    let (_, reply) = leaving.take().expect("leaving");
-                    core.finish_leave(Instant::now());
-                    for (to, bytes) in core.take_outbox() {
-                        transport.send(to, &bytes);
-                    }
-                    publish(&view_tx, &core);
-                    let _ = reply.send(());
-                    info!("left the cluster");
-                    return;
+            if let Some((deadline, _)) = &leaving
+                && (core.peers_dropped_me() || Instant::now() >= *deadline)
+            {
+                let (_, reply) = leaving.take().expect("leaving");
+                core.finish_leave(Instant::now());
+                for (to, bytes) in core.take_outbox() {
+                    transport.send(to, &bytes);
                 }
+                publish(&view_tx, &core);
+                let _ = reply.send(());
+                info!("left the cluster");
+                return;
             }
             let next = core.next_deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             let next = match &leaving {

@@ -37,7 +37,11 @@ enum Op {
     /// equal checksums, and knows every member's metadata.
     Converge(Vec<usize>, Duration),
     /// Every listed node sees node `who` with an incarnation above `above`.
-    IncarnationAbove { who: usize, above: u64, seen_by: Vec<usize> },
+    IncarnationAbove {
+        who: usize,
+        above: u64,
+        seen_by: Vec<usize>,
+    },
 }
 
 struct Harness {
@@ -50,7 +54,12 @@ struct Harness {
 
 impl Harness {
     fn new(n: usize) -> Harness {
-        Harness { net: MemNet::new(), nodes: (0..n).map(|_| None).collect(), boots: 1_000, last_converge: Duration::ZERO }
+        Harness {
+            net: MemNet::new(),
+            nodes: (0..n).map(|_| None).collect(),
+            boots: 1_000,
+            last_converge: Duration::ZERO,
+        }
     }
 
     fn view(&self, i: usize) -> Arc<ClusterView> {
@@ -80,7 +89,10 @@ impl Harness {
                     let m = self.nodes[i].take().expect("running");
                     let t0 = Instant::now();
                     m.leave().await;
-                    assert!(t0.elapsed() < Duration::from_secs(5), "leave waited for its deadline: peers never dropped it");
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(5),
+                        "leave waited for its deadline: peers never dropped it"
+                    );
                     self.net.detach(addr(i));
                 }
                 Op::Converge(who, within) => {

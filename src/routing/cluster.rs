@@ -61,7 +61,7 @@ pub struct Peer {
 /// Where a key's requests run.
 pub enum Owner {
     Local,
-    Remote(Peer),
+    Remote(Box<Peer>),
     /// The ring is empty or the owner's address is not known yet.
     Unknown,
 }
@@ -124,7 +124,7 @@ impl Cluster {
         match v.ring.owner(key) {
             None => Owner::Unknown,
             Some(a) if a == v.me => Owner::Local,
-            Some(a) => self.peer(v, a).map_or(Owner::Unknown, Owner::Remote),
+            Some(a) => self.peer(v, a).map_or(Owner::Unknown, |p| Owner::Remote(Box::new(p))),
         }
     }
 

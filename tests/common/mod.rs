@@ -22,6 +22,7 @@ pub struct NodeProc {
     pub gossip: String,
     pub dir: PathBuf,
     pub args: Vec<String>,
+    exited: Option<ExitStatus>,
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
@@ -83,6 +84,7 @@ impl NodeProc {
             gossip: o.expect("gossip addr"),
             dir: dir.to_path_buf(),
             args,
+            exited: None,
         }
     }
 
@@ -116,6 +118,22 @@ impl NodeProc {
             assert!(Instant::now() < deadline, "node did not exit after SIGTERM");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The exit status if the process has exited (it is then reaped).
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            let c = self.child.as_mut()?;
+            if let Some(s) = c.try_wait().expect("try_wait") {
+                self.exited = Some(s);
+                self.child = None;
+            }
+        }
+        self.exited
+    }
+
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.exited
     }
 
     /// Starts a new process on the same data directory with the same flags.
@@ -174,4 +192,14 @@ pub fn by_cab(cab: &str) -> pb::GetDriverRequest {
 /// GetDriver by session, without the trail.
 pub fn by_session(session: &str) -> pb::GetDriverRequest {
     pb::GetDriverRequest { key: Some(pb::get_driver_request::Key::Session(session.into())), include_trail: false }
+}
+
+/// GetDriver by driver id, without the trail.
+pub fn by_id(id: &str) -> pb::GetDriverRequest {
+    pb::GetDriverRequest { key: Some(pb::get_driver_request::Key::DriverId(id.into())), include_trail: false }
+}
+
+/// RemoveDriver by driver id.
+pub fn remove_by_id(id: &str) -> pb::RemoveDriverRequest {
+    pb::RemoveDriverRequest { key: Some(pb::remove_driver_request::Key::DriverId(id.into())) }
 }

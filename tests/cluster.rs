@@ -1,0 +1,380 @@
+//! Scripted cluster tests over real node processes on loopback: convergence, routing to
+//! owners from any node, exact scatter-gather, kill -9 and restart, graceful leave.
+//! (Partitions and late joiners are scripted in-process: `membership::tests`.)
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{NodeProc, eventually, fix, now_ms};
+use locus::geo::haversine_m;
+use locus::pb;
+use locus::pb::cluster_client::ClusterClient;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+/// A free loopback port (TCP and UDP), released for the node to bind.
+fn free_port() -> u16 {
+    loop {
+        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = t.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// N nodes with pinned ports (a restart keeps its identity), all joining node 0.
+struct TestCluster {
+    dirs: Vec<tempfile::TempDir>,
+    args: Vec<Vec<String>>,
+    nodes: Vec<Option<NodeProc>>,
+}
+
+impl TestCluster {
+    fn start(n: usize) -> TestCluster {
+        let gossip: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let mut c = TestCluster { dirs: Vec::new(), args: Vec::new(), nodes: Vec::new() };
+        for (i, g) in gossip.iter().enumerate() {
+            let mut a = vec![
+                "--node-name".to_string(),
+                format!("n{i}"),
+                "--gossip-addr".into(),
+                g.clone(),
+                "--grpc-addr".into(),
+                format!("127.0.0.1:{}", free_port()),
+                "--shards".into(),
+                "2".into(),
+            ];
+            if i > 0 {
+                a.extend(["--join".to_string(), gossip[0].clone()]);
+            }
+            c.args.push(a);
+            c.dirs.push(tempfile::tempdir().unwrap());
+            c.nodes.push(None);
+            c.launch(i);
+        }
+        c
+    }
+
+    fn launch(&mut self, i: usize) {
+        let args: Vec<&str> = self.args[i].iter().map(String::as_str).collect();
+        self.nodes[i] = Some(NodeProc::start(self.dirs[i].path(), &args));
+    }
+
+    fn node(&self, i: usize) -> &NodeProc {
+        self.nodes[i].as_ref().expect("running")
+    }
+
+    async fn client(&self, i: usize) -> locus::pb::locations_client::LocationsClient<Channel> {
+        self.node(i).client().await
+    }
+
+    async fn admin(&self, i: usize) -> ClusterClient<Channel> {
+        ClusterClient::connect(self.node(i).grpc.clone()).await.unwrap()
+    }
+
+    /// Waits until every running node routes by the same ring of exactly `want` nodes
+    /// (by name) and reports it; returns how long that took.
+    async fn converge(&self, want: &[&str], within: Duration) -> Duration {
+        let t0 = Instant::now();
+        let running: Vec<usize> = (0..self.nodes.len()).filter(|i| self.nodes[*i].is_some()).collect();
+        let mut last = String::new();
+        while t0.elapsed() < within {
+            last.clear();
+            let mut sums = Vec::new();
+            let mut ok = true;
+            for &i in &running {
+                let Ok(mut a) = ClusterClient::connect(self.node(i).grpc.clone()).await else {
+                    ok = false;
+                    last += "connect failed ";
+                    break;
+                };
+                let Ok(m) = a.members(pb::MembersRequest {}).await else {
+                    ok = false;
+                    last += "members failed ";
+                    break;
+                };
+                let m = m.into_inner();
+                let mut ring: Vec<&str> = m.members.iter().filter(|x| x.in_ring).map(|x| x.name.as_str()).collect();
+                ring.sort();
+                let reported = m.members.iter().filter(|x| x.in_ring).all(|x| x.ring_checksum == m.ring_checksum);
+                last += &format!("[{}: ring {ring:?} {:x} reported-agree {reported}] ", m.node, m.ring_checksum);
+                ok &= ring == want && reported;
+                sums.push(m.ring_checksum);
+            }
+            if ok && sums.windows(2).all(|w| w[0] == w[1]) {
+                return t0.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no convergence on {want:?} within {within:?}; last: {last}");
+    }
+}
+
+/// Drivers spread around Berlin, sent through `entry` as one streamed batch.
+async fn load(c: &TestCluster, entry: usize, n: usize, ts: i64) -> Vec<(String, f64, f64)> {
+    let pts: Vec<(String, f64, f64)> = (0..n)
+        .map(|i| {
+            let a = i as f64 * 0.618;
+            (format!("drv-{i}"), 52.5 + 0.1 * a.sin() * (i % 17) as f64 / 17.0, 13.4 + 0.15 * a.cos())
+        })
+        .collect();
+    let batch =
+        pb::LocationBatch { updates: pts.iter().map(|(id, la, lo)| fix(id, *la, *lo, ts)).collect(), batch_id: 1 };
+    let mut cl = c.client(entry).await;
+    let mut acks = cl.update_stream(tokio_stream::iter(vec![batch])).await.unwrap().into_inner();
+    let ack = acks.next().await.unwrap().unwrap();
+    assert_eq!(ack.accepted as usize, n, "rejected: {:?}", ack.rejected.first());
+    pts
+}
+
+fn brute(pts: &[(String, f64, f64)], lat: f64, lon: f64, k: usize) -> Vec<String> {
+    let mut v: Vec<(f64, &String)> = pts.iter().map(|p| (haversine_m(lat, lon, p.1, p.2), &p.0)).collect();
+    v.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(b.1)));
+    v.into_iter().take(k).map(|x| x.1.clone()).collect()
+}
+
+fn ids(r: &pb::NearbyResponse) -> Vec<String> {
+    r.drivers.iter().map(|d| d.driver_id.clone()).collect()
+}
+
+/// GetDriver answered by one node's own shards only (the scatter part), to see where a
+/// driver's state lives.
+async fn held_by(c: &TestCluster, i: usize, id: &str) -> bool {
+    let mut cl = c.client(i).await;
+    let mut req = tonic::Request::new(pb::GetDriverRequest {
+        key: Some(pb::get_driver_request::Key::DriverId(id.into())),
+        include_trail: false,
+    });
+    req.metadata_mut().insert("locus-scope", "local".parse().unwrap());
+    cl.get_driver(req).await.is_ok()
+}
+
+async fn owner_name(c: &TestCluster, via: usize, key: &str) -> String {
+    let r = c.admin(via).await.lookup(pb::LookupRequest { key: key.into(), successors: 3 }).await.unwrap();
+    let r = r.into_inner();
+    assert_eq!(r.successors.len(), 3, "three distinct successors");
+    r.owner.unwrap().name
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_route_every_key_to_one_owner_and_answer_from_any_node() {
+    let c = TestCluster::start(3);
+    c.converge(&["n0", "n1", "n2"], Duration::from_secs(20)).await;
+    let ts = now_ms() - 1_000;
+    let pts = load(&c, 0, 600, ts).await;
+    // Unary updates through another node, and a cab number to look up from a third.
+    let mut c1 = c.client(1).await;
+    let mut f = fix("cab-driver", 52.52, 13.40, ts);
+    f.cab_number = "B-LX-42".into();
+    c1.update(f).await.unwrap();
+
+    // Every driver lives on exactly one node: the owner every node names.
+    let mut per_node = [0usize; 3];
+    for (id, _, _) in pts.iter().step_by(7) {
+        let owner = owner_name(&c, 2, id).await;
+        assert_eq!(owner, owner_name(&c, 0, id).await, "nodes agree on the owner of {id}");
+        let mut holders = Vec::new();
+        for i in 0..3 {
+            if held_by(&c, i, id).await {
+                holders.push(format!("n{i}"));
+            }
+        }
+        assert_eq!(holders, vec![owner.clone()], "{id} is held only by its owner");
+        per_node[owner[1..].parse::<usize>().unwrap()] += 1;
+        // Readable from any node.
+        for i in 0..3 {
+            let d = c.client(i).await.get_driver(common::by_id(id)).await.unwrap().into_inner();
+            assert_eq!(d.driver_id, *id);
+        }
+    }
+    assert!(per_node.iter().all(|n| *n > 0), "every node owns some drivers: {per_node:?}");
+    let d = c.client(2).await.get_driver(common::by_cab("B-LX-42")).await.unwrap().into_inner();
+    assert_eq!(d.driver_id, "cab-driver");
+
+    // Nearby from any node equals brute force over all drivers.
+    let all: Vec<(String, f64, f64)> =
+        pts.iter().cloned().chain(std::iter::once(("cab-driver".to_string(), 52.52, 13.40))).collect();
+    for (i, (lat, lon)) in [(52.5, 13.4), (52.55, 13.3), (52.45, 13.52)].into_iter().enumerate() {
+        let r = c
+            .client(i)
+            .await
+            .nearby(pb::NearbyRequest { lat, lon, limit: 25, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.partial, "{:?}", r.missing_nodes);
+        assert_eq!(ids(&r), brute(&all, lat, lon, 25));
+    }
+    // Within over the whole city from one node returns every driver exactly once.
+    let r = c
+        .client(1)
+        .await
+        .within(pb::WithinRequest {
+            area: Some(pb::within_request::Area::Circle(pb::Circle { lat: 52.5, lon: 13.4, radius_m: 50_000.0 })),
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.drivers.len(), all.len());
+    assert!(!r.truncated && !r.partial);
+    // Removing through a non-owner removes it at the owner.
+    c.client(0).await.remove_driver(common::remove_by_id("drv-3")).await.unwrap();
+    for i in 0..3 {
+        let e = c.client(i).await.get_driver(common::by_id("drv-3")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+    }
+    // A bad scatter deadline is named.
+    let e = c
+        .client(0)
+        .await
+        .nearby(pb::NearbyRequest { lat: 1.0, lon: 1.0, limit: 1, deadline_ms: Some(0), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("deadline_ms"), "{}", e.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_answers_partial_at_once_then_complete_and_a_restart_takes_its_keys_back() {
+    let mut c = TestCluster::start(3);
+    c.converge(&["n0", "n1", "n2"], Duration::from_secs(20)).await;
+    let ts = now_ms() - 2_000;
+    let pts = load(&c, 1, 300, ts).await;
+    let inc_before = {
+        let m = c.admin(0).await.members(pb::MembersRequest {}).await.unwrap().into_inner();
+        m.members.iter().find(|x| x.name == "n2").unwrap().incarnation
+    };
+    let n2_keys: Vec<String> = {
+        let mut v = Vec::new();
+        for (id, _, _) in pts.iter().take(60) {
+            if owner_name(&c, 0, id).await == "n2" {
+                v.push(id.clone());
+            }
+        }
+        v
+    };
+    assert!(!n2_keys.is_empty());
+
+    c.nodes[2].take().unwrap().kill9();
+    let killed = Instant::now();
+    // At once: an answer, marked partial, naming the missing node, within the deadline.
+    let t0 = Instant::now();
+    let r = c
+        .client(0)
+        .await
+        .nearby(pb::NearbyRequest { lat: 52.5, lon: 13.4, limit: 10, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    assert!(r.partial);
+    assert_eq!(r.missing_nodes, vec!["n2".to_string()]);
+    // After detection: complete again, without n2.
+    c.converge(&["n0", "n1"], Duration::from_secs(10)).await;
+    let detected = killed.elapsed();
+    assert!(detected < Duration::from_secs(8), "detection took {detected:?}");
+    let r = c
+        .client(1)
+        .await
+        .nearby(pb::NearbyRequest { lat: 52.5, lon: 13.4, limit: 10, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.partial);
+    // n2's drivers re-home on the survivors with their next fix.
+    let mut cl = c.client(0).await;
+    for id in &n2_keys {
+        cl.update(fix(id, 52.5, 13.4, ts + 1_000)).await.unwrap();
+        let d = c.client(1).await.get_driver(common::by_id(id)).await.unwrap().into_inner();
+        assert_eq!(d.timestamp_ms, ts + 1_000);
+    }
+
+    // Restart: a new incarnation, and its keys come back to it.
+    c.launch(2);
+    c.converge(&["n0", "n1", "n2"], Duration::from_secs(20)).await;
+    let m = c.admin(1).await.members(pb::MembersRequest {}).await.unwrap().into_inner();
+    let n2 = m.members.iter().find(|x| x.name == "n2").unwrap();
+    assert!(n2.incarnation > inc_before, "incarnation {} not above {inc_before}", n2.incarnation);
+    for id in &n2_keys {
+        assert_eq!(owner_name(&c, 0, id).await, "n2");
+        cl.update(fix(id, 52.51, 13.41, ts + 2_000)).await.unwrap();
+        assert!(held_by(&c, 2, id).await, "{id} re-homed on n2");
+        for i in 0..2 {
+            assert!(!held_by(&c, i, id).await, "a stale copy of {id} remains on n{i}");
+        }
+        let d = c.client(0).await.get_driver(common::by_id(id)).await.unwrap().into_inner();
+        assert_eq!(d.timestamp_ms, ts + 2_000);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_removes_a_node_without_errors_at_clients() {
+    let mut c = TestCluster::start(3);
+    c.converge(&["n0", "n1", "n2"], Duration::from_secs(20)).await;
+    let ts = now_ms() - 60_000;
+    let pts = load(&c, 0, 300, ts).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A gateway streaming through n0 and a dispatcher querying n1 while n2 leaves.
+    let gateway = {
+        let mut cl = c.client(0).await;
+        let stop = stop.clone();
+        let pts = pts.clone();
+        tokio::spawn(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let mut acks =
+                cl.update_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+            let mut round = 0i64;
+            let mut errors = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                round += 1;
+                let updates = pts.iter().map(|(id, la, lo)| fix(id, *la, *lo, ts + round * 100)).collect();
+                tx.send(pb::LocationBatch { updates, batch_id: round as u64 }).await.unwrap();
+                let ack = acks.next().await.unwrap().unwrap();
+                errors += ack.rejected.len();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (round, errors)
+        })
+    };
+    let dispatcher = {
+        let mut cl = c.client(1).await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut n, mut bad) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                match cl.nearby(pb::NearbyRequest { lat: 52.5, lon: 13.4, limit: 10, ..Default::default() }).await {
+                    Ok(r) if !r.get_ref().partial => {}
+                    _ => bad += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (n, bad)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = c.admin(2).await.leave(pb::LeaveRequest {}).await.unwrap().into_inner();
+    assert_eq!(r.node, "n2");
+    let mut n2 = c.nodes[2].take().unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let exited = n2.try_exit().is_some();
+            async move { exited }
+        })
+        .await,
+        "n2 did not exit after Leave"
+    );
+    assert!(n2.exit_status().is_some_and(|s| s.success()), "n2 exited with {:?}", n2.exit_status());
+    c.converge(&["n0", "n1"], Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (rounds, rejected) = gateway.await.unwrap();
+    let (queries, bad) = dispatcher.await.unwrap();
+    assert!(rounds > 5 && queries > 20, "{rounds} rounds, {queries} queries");
+    assert_eq!(rejected, 0, "fixes rejected while a node left");
+    assert_eq!(bad, 0, "queries failed or partial while a node left");
+}
