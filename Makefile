@@ -34,5 +34,5 @@ bench: build ## Run the benchmarks (Locus and redis-server side by side) and wri
 	@{ echo; echo '## Core micro-benchmark (`cargo bench --bench core`, no gRPC)'; echo; \
 	   echo '```text'; grep -v '^$$' target/core-bench.txt; echo '```'; } >> BENCHMARKS.md
 
-run: build ## Start a local node and the city simulator feeding it (Ctrl-C stops both)
+run: build ## Start a 3-node local cluster and the city simulator feeding it (Ctrl-C stops all)
 	./cluster/run-local.sh

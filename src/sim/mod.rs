@@ -7,6 +7,11 @@
 //!
 //! A small share of fixes (`--bad-ratio`) is made wrong on purpose (replayed, or a jump
 //! across town), so the rejection counters show the validation working.
+//!
+//! `--target` may list several nodes: streams are spread over them and any node routes
+//! each fix to its owner. With `--owner-aware` the simulator acts like a smart gateway:
+//! it reads the ring from `Cluster.RingInfo` (refreshed every 2 s), computes each fix's
+//! owner itself and sends it straight there, saving the forwarding hop.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -31,9 +36,12 @@ use crate::pb::{self, DriverStatus};
 
 #[derive(Args, Clone, Debug)]
 pub struct SimConfig {
-    /// gRPC address of a Locus node.
+    /// gRPC address of a Locus node, or several separated by commas.
     #[arg(long, env = "LOCUS_SIM_TARGET", default_value = "http://127.0.0.1:7400")]
     pub target: String,
+    /// Route each fix to its owner node (reads the ring from the cluster).
+    #[arg(long)]
+    pub owner_aware: bool,
     /// Number of simulated drivers.
     #[arg(long, default_value_t = 10_000)]
     pub drivers: usize,
@@ -67,6 +75,107 @@ pub struct SimConfig {
     /// Prefix of the simulated driver ids.
     #[arg(long, default_value = "sim-")]
     pub id_prefix: String,
+}
+
+/// The ring as an owner-aware client sees it: owner of every key, and where to send.
+pub struct ClientRing {
+    pub ring: crate::ring::Ring,
+    /// Ring member (gossip address) → its gRPC URL.
+    pub grpc: std::collections::HashMap<std::net::SocketAddr, String>,
+}
+
+impl ClientRing {
+    /// The gRPC URL of the node owning `key`.
+    pub fn owner_url(&self, key: &str) -> Option<&str> {
+        self.grpc.get(&self.ring.owner(key.as_bytes())?).map(String::as_str)
+    }
+}
+
+/// Reads the ring from any node's `Cluster.RingInfo`.
+pub async fn fetch_ring(target: &str) -> anyhow::Result<ClientRing> {
+    let ch = Endpoint::from_shared(target.to_string())?.connect_timeout(Duration::from_secs(3)).connect().await?;
+    let r = crate::pb::cluster_client::ClusterClient::new(ch).ring_info(pb::RingInfoRequest {}).await?.into_inner();
+    let mut grpc = std::collections::HashMap::new();
+    for m in &r.members {
+        grpc.insert(m.gossip_addr.parse()?, format!("http://{}", m.grpc_addr));
+    }
+    let ring = crate::ring::Ring::new(grpc.keys().copied(), r.vnodes_per_member);
+    anyhow::ensure!(ring.checksum() == r.checksum, "ring checksum mismatch: is this client the same version?");
+    Ok(ClientRing { ring, grpc })
+}
+
+/// Opens one UpdateStream to `client` whose acks feed `stats`; returns its batch sender.
+fn open_stream(client: LocationsClient<Channel>, stats: Arc<Stats>) -> mpsc::Sender<pb::LocationBatch> {
+    let (tx, rx) = mpsc::channel::<pb::LocationBatch>(4);
+    let mut c = client;
+    tokio::spawn(async move {
+        let mut acks = match c.update_stream(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => return eprintln!("\nUpdateStream failed: {e}"),
+        };
+        while let Some(ack) = acks.next().await {
+            match ack {
+                Ok(a) => {
+                    stats.accepted.fetch_add(a.accepted as u64, Ordering::Relaxed);
+                    let mut m = stats.rejected.lock().expect("stats");
+                    for r in a.rejected {
+                        *m.entry(r.reason_name).or_default() += 1;
+                    }
+                }
+                Err(e) => return eprintln!("\nUpdateStream ended: {e}"),
+            }
+        }
+    });
+    tx
+}
+
+/// Where the simulator's batches go: streams spread over the targets, or per owner.
+struct Outlets {
+    /// Target URL → its streams.
+    streams: std::collections::HashMap<String, Vec<mpsc::Sender<pb::LocationBatch>>>,
+    per_target: usize,
+    /// Every stream, for sending to any node.
+    flat: Vec<mpsc::Sender<pb::LocationBatch>>,
+    ring: Option<ClientRing>,
+    next: usize,
+    stats: Arc<Stats>,
+}
+
+impl Outlets {
+    async fn streams_for(&mut self, url: &str) -> anyhow::Result<&mut Vec<mpsc::Sender<pb::LocationBatch>>> {
+        if !self.streams.contains_key(url) {
+            let client = connect(url).await?;
+            let v = (0..self.per_target).map(|_| open_stream(client.clone(), self.stats.clone())).collect();
+            self.streams.insert(url.to_string(), v);
+        }
+        Ok(self.streams.get_mut(url).expect("just inserted"))
+    }
+
+    /// Sends one batch: whole to the next stream, or split by owner.
+    async fn send(&mut self, batch: Vec<pb::LocationUpdate>, batch_id: u64) {
+        self.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.next = self.next.wrapping_add(1);
+        let Some(ring) = &self.ring else {
+            let tx = self.flat[self.next % self.flat.len()].clone();
+            let _ = tx.send(pb::LocationBatch { updates: batch, batch_id }).await;
+            return;
+        };
+        let mut parts: std::collections::HashMap<String, Vec<pb::LocationUpdate>> = Default::default();
+        for u in batch {
+            let url = ring.owner_url(&u.driver_id).unwrap_or_default().to_string();
+            parts.entry(url).or_default().push(u);
+        }
+        let next = self.next;
+        for (url, updates) in parts {
+            match self.streams_for(&url).await {
+                Ok(v) => {
+                    let tx = v[next % v.len()].clone();
+                    let _ = tx.send(pb::LocationBatch { updates, batch_id }).await;
+                }
+                Err(e) => eprintln!("\ncannot reach owner {url}: {e}"),
+            }
+        }
+    }
 }
 
 /// Connects a client with the node's message limits.
@@ -201,38 +310,29 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 /// Runs the simulator until `--duration` passes or Ctrl-C.
 pub async fn run(cfg: SimConfig) -> anyhow::Result<()> {
-    let client = connect(&cfg.target).await?;
+    let targets: Vec<String> = cfg.target.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+    anyhow::ensure!(!targets.is_empty(), "--target: at least one node address is required");
     let stats = Arc::new(Stats::default());
-    let mut senders = Vec::new();
-    for _ in 0..cfg.streams.max(1) {
-        let (tx, rx) = mpsc::channel::<pb::LocationBatch>(4);
-        let mut c = client.clone();
-        let stats = stats.clone();
-        senders.push(tx);
-        tokio::spawn(async move {
-            let mut acks = match c.update_stream(ReceiverStream::new(rx)).await {
-                Ok(r) => r.into_inner(),
-                Err(e) => return eprintln!("\nUpdateStream failed: {e}"),
-            };
-            while let Some(ack) = acks.next().await {
-                match ack {
-                    Ok(a) => {
-                        stats.accepted.fetch_add(a.accepted as u64, Ordering::Relaxed);
-                        let mut m = stats.rejected.lock().expect("stats");
-                        for r in a.rejected {
-                            *m.entry(r.reason_name).or_default() += 1;
-                        }
-                    }
-                    Err(e) => return eprintln!("\nUpdateStream ended: {e}"),
-                }
-            }
-        });
+    let mut outlets = Outlets {
+        streams: Default::default(),
+        per_target: if cfg.owner_aware { 1 } else { cfg.streams.max(1).div_ceil(targets.len()) },
+        ring: if cfg.owner_aware { Some(fetch_ring(&targets[0]).await?) } else { None },
+        next: 0,
+        flat: Vec::new(),
+        stats: stats.clone(),
+    };
+    if !cfg.owner_aware {
+        for t in &targets {
+            let v = outlets.streams_for(t).await?.clone();
+            outlets.flat.extend(v);
+        }
     }
+    let mut last_ring = Instant::now();
     // Queries.
     let qstats = stats.clone();
     let qcfg = cfg.clone();
     // Queries come from apps, not the gateway: their own connection.
-    let qclient = connect(&cfg.target).await?;
+    let qclient = connect(&targets[targets.len() - 1]).await?;
     tokio::spawn(async move {
         if qcfg.queries_per_sec == 0 {
             return;
@@ -289,16 +389,19 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<()> {
             next = (next + 1) % cfg.drivers.max(1);
             if batch.len() == cfg.batch {
                 batch_id += 1;
-                let tx = &senders[batch_id as usize % senders.len()];
-                stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                let _ = tx.send(pb::LocationBatch { updates: std::mem::take(&mut batch), batch_id }).await;
+                outlets.send(std::mem::take(&mut batch), batch_id).await;
             }
         }
         if !batch.is_empty() {
             batch_id += 1;
-            stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            let tx = &senders[batch_id as usize % senders.len()];
-            let _ = tx.send(pb::LocationBatch { updates: batch, batch_id }).await;
+            outlets.send(batch, batch_id).await;
+        }
+        if cfg.owner_aware && last_ring.elapsed() >= Duration::from_secs(2) {
+            last_ring = Instant::now();
+            match fetch_ring(&targets[0]).await {
+                Ok(r) => outlets.ring = Some(r),
+                Err(e) => eprintln!("\nring refresh failed (keeping the last ring): {e}"),
+            }
         }
         if last_report.elapsed() >= Duration::from_secs(1) {
             let secs = last_report.elapsed().as_secs_f64();
