@@ -10,6 +10,7 @@
 //!
 //! The load generator runs on the same machine, sharing its cores with the server.
 
+mod cluster;
 mod redis;
 
 use std::fmt::Write as _;
@@ -69,6 +70,9 @@ pub struct BenchConfig {
     /// Extra flags for the benchmarked `locus node` (repeatable), e.g. `--node-arg=--shards=1`.
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     pub node_args: Vec<String>,
+    /// Skip the three-node cluster benchmarks.
+    #[arg(long)]
+    pub no_cluster: bool,
     /// Ports used by the processes the benchmark starts.
     #[arg(long, default_value_t = 7600)]
     pub port_base: u16,
@@ -175,40 +179,51 @@ impl IngestResult {
 
 /// Streams pre-built batches into a node and waits for every ack.
 pub async fn ingest(target: &str, per_stream: Vec<Vec<pb::LocationBatch>>) -> anyhow::Result<IngestResult> {
-    let client = connect(target).await?;
-    let fixes: u64 = per_stream.iter().flatten().map(|b| b.updates.len() as u64).sum();
+    ingest_many(vec![(target.to_string(), per_stream)]).await
+}
+
+/// Streams pre-built batches into several nodes at once (per node: its streams, each a
+/// list of batches in send order) and waits for every ack.
+pub async fn ingest_many(targets: Vec<(String, Vec<Vec<pb::LocationBatch>>)>) -> anyhow::Result<IngestResult> {
+    let mut clients = Vec::new();
+    for (t, per_stream) in targets {
+        clients.push((connect(&t).await?, per_stream));
+    }
+    let fixes: u64 = clients.iter().flat_map(|c| c.1.iter().flatten()).map(|b| b.updates.len() as u64).sum();
     let t0 = Instant::now();
     let mut tasks = Vec::new();
-    for batches in per_stream {
-        let mut c = client.clone();
-        tasks.push(tokio::spawn(async move {
-            let (tx, rx) = mpsc::channel(8);
-            let n = batches.len();
-            let feeder = tokio::spawn(async move {
-                for b in batches {
-                    if tx.send(b).await.is_err() {
-                        break;
+    for (client, per_stream) in clients {
+        for batches in per_stream {
+            let mut c = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let (tx, rx) = mpsc::channel(8);
+                let n = batches.len();
+                let feeder = tokio::spawn(async move {
+                    for b in batches {
+                        if tx.send(b).await.is_err() {
+                            break;
+                        }
                     }
+                });
+                let mut acks = c.update_stream(ReceiverStream::new(rx)).await?.into_inner();
+                let (mut accepted, mut seen) = (0u64, 0usize);
+                let mut reasons = std::collections::BTreeMap::<String, u64>::new();
+                while seen < n {
+                    let Some(a) = acks.next().await else { break };
+                    let a = a?;
+                    accepted += a.accepted as u64;
+                    for r in a.rejected {
+                        *reasons.entry(r.reason_name).or_default() += 1;
+                    }
+                    seen += 1;
                 }
-            });
-            let mut acks = c.update_stream(ReceiverStream::new(rx)).await?.into_inner();
-            let (mut accepted, mut seen) = (0u64, 0usize);
-            let mut reasons = std::collections::BTreeMap::<String, u64>::new();
-            while seen < n {
-                let Some(a) = acks.next().await else { break };
-                let a = a?;
-                accepted += a.accepted as u64;
-                for r in a.rejected {
-                    *reasons.entry(r.reason_name).or_default() += 1;
+                feeder.abort();
+                if !reasons.is_empty() {
+                    eprintln!("rejections: {reasons:?}");
                 }
-                seen += 1;
-            }
-            feeder.abort();
-            if !reasons.is_empty() {
-                eprintln!("rejections: {reasons:?}");
-            }
-            anyhow::Ok(accepted)
-        }));
+                anyhow::Ok(accepted)
+            }));
+        }
     }
     let mut accepted = 0;
     for t in tasks {
@@ -532,6 +547,11 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
         report,
         "\nCommand: `make bench` (runs `locus bench --out BENCHMARKS.md` with the defaults shown in `locus bench --help`)."
     )?;
+    if !cfg.no_cluster {
+        eprintln!("[bench] cluster: three nodes");
+        let f = cluster::run(&cfg, &tmp.join("cluster")).await?;
+        cluster::report(&cfg, &f, &mut report)?;
+    }
     std::fs::write(&cfg.out, &report).with_context(|| format!("writing {}", cfg.out.display()))?;
     println!("{report}");
     let _ = std::fs::remove_dir_all(&tmp);

@@ -1,0 +1,238 @@
+//! The cluster benchmarks of `locus bench`: three real node processes on this machine.
+//!
+//! 1. Convergence: time from a third node's start until every node routes by the same
+//!    three-member ring.
+//! 2. Ingest with the gateway sending each stream to any node (nodes forward to owners),
+//!    then the same volume with an owner-aware gateway (fixes split by the ring).
+//! 3. Nearby k=10 over `query_drivers` drivers spread over the three nodes, from one
+//!    client to one node (every query is a scatter-gather over all three).
+//! 4. Failure: time from `kill -9` of one node until both survivors agree on the
+//!    two-member ring.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tonic::transport::Endpoint;
+
+use super::{
+    BenchConfig, IngestResult, Latency, Proc, Workload, ingest_many, nearby_latency, on_one_thread, wait_port,
+};
+use crate::pb;
+use crate::pb::cluster_client::ClusterClient;
+use crate::sim::fetch_ring;
+
+struct Ports {
+    grpc: u16,
+    http: u16,
+    gossip: u16,
+}
+
+fn ports(cfg: &BenchConfig, i: usize) -> Ports {
+    let b = cfg.port_base + 100 + 10 * i as u16;
+    Ports { grpc: b, http: b + 1, gossip: b + 2 }
+}
+
+fn url(cfg: &BenchConfig, i: usize) -> String {
+    format!("http://127.0.0.1:{}", ports(cfg, i).grpc)
+}
+
+fn start(cfg: &BenchConfig, dir: &std::path::Path, i: usize) -> anyhow::Result<Proc> {
+    let p = ports(cfg, i);
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["node", "--node-name", &format!("n{i}"), "--log-format", "text"])
+        .args(["--grpc-addr", &format!("127.0.0.1:{}", p.grpc)])
+        .args(["--http-addr", &format!("127.0.0.1:{}", p.http)])
+        .args(["--gossip-addr", &format!("127.0.0.1:{}", p.gossip)])
+        .args(["--data-dir", &dir.join(format!("n{i}")).display().to_string(), "--trail-len", "4"]);
+    if i > 0 {
+        cmd.args(["--join", &format!("127.0.0.1:{}", ports(cfg, 0).gossip)]);
+    }
+    let child =
+        cmd.args(&cfg.node_args).env("RUST_LOG", "warn").stdout(Stdio::null()).spawn().context("starting a node")?;
+    Ok(Proc(child))
+}
+
+/// Whether every listed node reports a ring of exactly `n` members with one checksum.
+async fn agreed(cfg: &BenchConfig, nodes: &[usize], n: usize) -> bool {
+    let mut sums = Vec::new();
+    for &i in nodes {
+        let Ok(ep) = Endpoint::from_shared(url(cfg, i)) else { return false };
+        let Ok(ch) = ep.connect_timeout(Duration::from_millis(200)).connect().await else { return false };
+        let Ok(m) = ClusterClient::new(ch).members(pb::MembersRequest {}).await else { return false };
+        let m = m.into_inner();
+        let ring: Vec<_> = m.members.iter().filter(|x| x.in_ring).collect();
+        if ring.len() != n || ring.iter().any(|x| x.ring_checksum != m.ring_checksum) {
+            return false;
+        }
+        sums.push(m.ring_checksum);
+    }
+    sums.windows(2).all(|w| w[0] == w[1])
+}
+
+async fn time_to_agree(cfg: &BenchConfig, nodes: &[usize], n: usize, t0: Instant) -> anyhow::Result<Duration> {
+    while t0.elapsed() < Duration::from_secs(30) {
+        if agreed(cfg, nodes, n).await {
+            return Ok(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("nodes {nodes:?} did not agree on a {n}-member ring within 30 s")
+}
+
+/// Splits per-stream batches by owner: per node URL, the sub-batches in order.
+async fn by_owner(
+    target: &str,
+    per_stream: Vec<Vec<pb::LocationBatch>>,
+) -> anyhow::Result<Vec<(String, Vec<Vec<pb::LocationBatch>>)>> {
+    let ring = fetch_ring(target).await?;
+    let mut out: HashMap<String, Vec<Vec<pb::LocationBatch>>> = HashMap::new();
+    for (s, batches) in per_stream.into_iter().enumerate() {
+        for b in batches {
+            let mut parts: HashMap<&str, Vec<pb::LocationUpdate>> = HashMap::new();
+            for u in b.updates {
+                let owner = ring.owner_url(&u.driver_id).context("empty ring")?;
+                parts.entry(owner).or_default().push(u);
+            }
+            for (owner, updates) in parts {
+                let streams = out.entry(owner.to_string()).or_default();
+                while streams.len() <= s {
+                    streams.push(Vec::new());
+                }
+                streams[s].push(pb::LocationBatch { updates, batch_id: b.batch_id });
+            }
+        }
+    }
+    Ok(out.into_iter().map(|(u, s)| (u, s.into_iter().filter(|v| !v.is_empty()).collect())).collect())
+}
+
+pub struct ClusterFigures {
+    pub join_converge: Duration,
+    pub ingest_any: IngestResult,
+    pub ingest_owner: IngestResult,
+    pub nearby: Latency,
+    pub results: usize,
+    pub kill_converge: Duration,
+}
+
+/// Runs the cluster benchmarks in `dir`.
+pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<ClusterFigures> {
+    let mut procs = Vec::new();
+    for i in 0..2 {
+        procs.push(start(cfg, dir, i)?);
+        wait_port(ports(cfg, i).grpc).await?;
+    }
+    time_to_agree(cfg, &[0, 1], 2, Instant::now()).await?;
+    let t0 = Instant::now();
+    procs.push(start(cfg, dir, 2)?);
+    let join_converge = time_to_agree(cfg, &[0, 1, 2], 3, t0).await?;
+    eprintln!("[bench] cluster: a third node joined and the ring converged in {join_converge:?}");
+
+    // Ingest: streams spread over the nodes, then owner-aware.
+    let w = Workload::new(cfg.ingest_drivers, 2 * cfg.ingest_rounds, 21);
+    let half = cfg.ingest_rounds;
+    let streams = cfg.streams.max(3);
+    let per_stream = w.batches_for(streams, cfg.batch, 0..half);
+    let spread: Vec<(String, Vec<Vec<pb::LocationBatch>>)> = {
+        let mut m: Vec<(String, Vec<Vec<pb::LocationBatch>>)> = (0..3).map(|i| (url(cfg, i), Vec::new())).collect();
+        for (s, b) in per_stream.into_iter().enumerate() {
+            m[s % 3].1.push(b);
+        }
+        m
+    };
+    let ingest_any = ingest_many(spread).await?;
+    eprintln!("[bench] cluster ingest, any node: {:.0} fixes/s", ingest_any.rate());
+    let owned = by_owner(&url(cfg, 0), w.batches_for(streams, cfg.batch, half..2 * half)).await?;
+    let ingest_owner = ingest_many(owned).await?;
+    eprintln!("[bench] cluster ingest, owner-aware: {:.0} fixes/s", ingest_owner.rate());
+    drop(w);
+
+    // Nearby over many drivers on three nodes.
+    let w = Workload::new(cfg.query_drivers, 1, 31);
+    let chunk = 200_000;
+    for start in (0..cfg.query_drivers).step_by(chunk) {
+        let part = Workload {
+            drivers: (cfg.query_drivers - start).min(chunk),
+            rounds: 1,
+            start: w.start[start..(start + chunk).min(cfg.query_drivers)].to_vec(),
+            base_ms: w.base_ms,
+        };
+        let mut batches = part.batches_for(streams, cfg.batch, 0..1);
+        // Distinct ids per chunk.
+        for b in batches.iter_mut().flatten() {
+            for u in &mut b.updates {
+                u.driver_id = format!("q{start}-{}", u.driver_id);
+            }
+        }
+        ingest_many(by_owner(&url(cfg, 0), batches).await?).await?;
+    }
+    let (t, q) = (url(cfg, 0), cfg.queries);
+    let (nearby, results) = on_one_thread(move || async move { nearby_latency(&t, q, 5).await }).await?;
+    eprintln!("[bench] cluster nearby p50={:.0}us p99={:.0}us", nearby.p50, nearby.p99);
+
+    // Failure detection.
+    let mut victim = procs.pop().expect("three nodes");
+    let t0 = Instant::now();
+    victim.0.kill().context("kill -9")?;
+    let _ = victim.0.wait();
+    let kill_converge = time_to_agree(cfg, &[0, 1], 2, t0).await?;
+    eprintln!("[bench] cluster: after kill -9 the survivors agreed in {kill_converge:?}");
+    drop(procs);
+    Ok(ClusterFigures { join_converge, ingest_any, ingest_owner, nearby, results, kill_converge })
+}
+
+/// The report section.
+pub fn report(cfg: &BenchConfig, f: &ClusterFigures, out: &mut String) -> std::fmt::Result {
+    writeln!(out, "\n## Cluster: three nodes on this machine\n")?;
+    writeln!(out, "| benchmark | Locus, 3 nodes | target |")?;
+    writeln!(out, "|---|---|---|")?;
+    writeln!(
+        out,
+        "| ingest, gateway streams spread over all nodes ({} drivers × {} fixes, batches of {}) | **{:.0} fixes/s** | ≥ 150,000 fixes/s |",
+        cfg.ingest_drivers,
+        cfg.ingest_rounds,
+        cfg.batch,
+        f.ingest_any.rate()
+    )?;
+    writeln!(
+        out,
+        "| ingest, owner-aware gateway (same volume, split by the ring) | **{:.0} fixes/s** | – |",
+        f.ingest_owner.rate()
+    )?;
+    writeln!(
+        out,
+        "| Nearby k=10 over {} drivers on 3 nodes, p50 / p99 / p99.9 (scatter-gather) | **{:.0} / {:.0} / {:.0} µs** | p99 ≤ 5 ms |",
+        cfg.query_drivers, f.nearby.p50, f.nearby.p99, f.nearby.p999
+    )?;
+    writeln!(
+        out,
+        "| `kill -9` of one node → both survivors agree on the new ring | **{:.2} s** | detection ≤ 5 s |",
+        f.kill_converge.as_secs_f64()
+    )?;
+    writeln!(
+        out,
+        "| a new node's start → all three agree on the ring | **{:.2} s** | – |",
+        f.join_converge.as_secs_f64()
+    )?;
+    writeln!(
+        out,
+        "\n- Ingest, any node: {} fixes, {} accepted in {:.2} s; about two thirds of the fixes take a forwarding hop. Owner-aware: {} fixes, {} accepted in {:.2} s.",
+        f.ingest_any.fixes,
+        f.ingest_any.accepted,
+        f.ingest_any.secs,
+        f.ingest_owner.fixes,
+        f.ingest_owner.accepted,
+        f.ingest_owner.secs
+    )?;
+    writeln!(
+        out,
+        "- Nearby: {} sequential queries from one client to one node, {:.0} queries/s, {} results in all; each query asks all three nodes in parallel (default deadline 200 ms) and merges.",
+        f.nearby.n, f.nearby.qps, f.results
+    )?;
+    writeln!(
+        out,
+        "- Failure detection uses foca's LAN settings with a 2 s suspicion timeout (`--suspect-timeout`) and a 200 ms ring debounce; the figure includes the survivors' debounce and gossip of their new checksums."
+    )
+}
