@@ -1,8 +1,8 @@
 //! Key hashing and partitions: pure, deterministic across processes and platforms.
 //!
 //! Every driver key hashes (FNV-1a, 64 bit) to one of [`PARTITIONS`] partitions, and a
-//! node's shards own whole partitions ([`shard_of`]). Ownership is thus planned in units
-//! that can move: the cluster will assign partitions to nodes and hand them off.
+//! node's shards own whole partitions ([`shard_of`]), and the ring assigns whole
+//! partitions to nodes (`ring::Ring`). Ownership moves in these units.
 
 /// Number of partitions. Fixed for the life of a cluster: every node must agree on it.
 pub const PARTITIONS: u16 = 1024;

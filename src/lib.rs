@@ -2,12 +2,18 @@
 //!
 //! Gateways stream drivers' GPS fixes in; apps and dispatch services read drivers, ask
 //! who is nearest, and follow a driver live. Every operation is keyed by a driver, and
-//! each key has exactly one owner that handles its messages one at a time.
+//! each key has exactly one owner node, where one shard handles its messages one at a
+//! time. Nodes form a SWIM gossip ring; any node accepts any request.
 //!
 //! # Layout
 //!
 //! ```text
-//!  gRPC (api) ──► routing::Router ──► actors (shard workers, tokio tasks)
+//!  membership (foca task) ──publishes──► ClusterView { members, ring::Ring }
+//!                                              │
+//!  gRPC (api) ──► routing::cluster: owner(key) ─┴─ another node ──► forward (hop ≤ 2)
+//!                     │ this node                 geo, cab lookups ──► scatter, merge
+//!                     ▼
+//!                 routing::Router ──► actors (shard workers, tokio tasks)
 //!                     │   keyed: to the key's shard      │ owns drivers::DriverShard
 //!                     │   geo: scatter to all, merge     │   ├─ per-driver state + trail
 //!                     └─ SecondaryIndex (cab, session)   │   ├─ geo::GeoIndex (R-tree per status)
@@ -16,16 +22,22 @@
 //!                  storage::Persister (group commit) ──► driver log (append-only segments)
 //! ```
 //!
-//! - [`api`]: the `locus.v1.Locations` service; validation; errors → `Status` in one place.
-//! - [`routing`]: key → owner (a local shard today; a node once the cluster lands).
+//! - [`api`]: `locus.v1.Locations` (keyed → owner, geo → scatter) and `locus.v1.Cluster`;
+//!   validation; errors → `Status` in one place.
+//! - [`membership`]: SWIM gossip (foca) core and shell, node metadata, the in-process
+//!   test network; publishes the cluster view.
+//! - [`ring`]: pure consistent-hash ring of virtual nodes over partitions.
+//! - [`routing`]: key → owner node (`routing::cluster`, peers, hops) and → local shard.
 //! - [`actors`]: shard worker tasks, mailboxes, watchers, persistence hand-off.
 //! - [`drivers`]: pure driver state machines, validation, trail, snapshot codec.
 //! - [`geo`]: pure great-circle geometry and the R-tree index (exact k-NN, circle, box).
 //! - [`storage`]: the append-only driver log, its replay and compaction, the persister.
-//! - [`keys`]: deterministic key hashing; partitions, the unit shards (and later nodes) own.
-//! - [`config`], [`node`]: flags and wiring, startup restore and graceful shutdown.
+//! - [`keys`]: deterministic key hashing; partitions, the unit shards and nodes own.
+//! - [`config`], [`node`]: flags and wiring, ownership following the ring, startup restore
+//!   and graceful shutdown (leave first).
 //! - [`http`]: health, readiness and Prometheus metrics.
-//! - [`sim`]: the city simulator and load generator; [`bench`]: the benchmarks.
+//! - [`admin`]: the `locus admin` CLI; [`sim`]: the city simulator and load generator
+//!   (owner-aware or not); [`bench`]: the benchmarks.
 //! - [`pb`]: generated protobuf/gRPC code.
 
 pub mod actors;

@@ -1,4 +1,4 @@
-//! The HTTP side of a node: `/healthz` (alive), `/readyz` (serving, not draining) and
+//! The HTTP side of a node: `/healthz` (alive), `/readyz` (on the ring, not draining) and
 //! `/metrics` (Prometheus text format).
 //!
 //! Owns no state of its own: it reads the readiness flag the node flips and renders the

@@ -1,8 +1,8 @@
 //! Routing: from a keyed request to the actor that owns the key.
 //!
-//! The API layer talks only to the [`Router`]. Today every key is owned by a shard of this
-//! node (`keys::shard_of`); when the cluster arrives, the router first picks the owner
-//! node and forwards there, and neither the API nor the shard workers change.
+//! Two levels. [`cluster`] picks the owner node from the ring (the API forwards there
+//! when it is another node); the [`Router`] here takes a request this node owns to the
+//! shard that owns its partition (`keys::shard_of`).
 //!
 //! - Fixes: a batch is split by shard once and sent as one message per shard, in order,
 //!   so consecutive batches of one stream keep each driver's order.

@@ -1,4 +1,4 @@
-//! Test harness: real `locus node` processes on loopback with their own sled directories.
+//! Test harness: real `locus node` processes on loopback with their own data directories.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
