@@ -421,3 +421,48 @@ impl pb::locations_server::Locations for LocationsApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::membership::{ClusterView, Liveness, MemberView, NodeMeta, NodeState};
+    use crate::ring::Ring;
+
+    fn member(addr: SocketAddr, name: &str) -> MemberView {
+        MemberView {
+            addr,
+            incarnation: 1,
+            liveness: Liveness::Alive,
+            meta: Some(NodeMeta {
+                name: name.into(),
+                grpc: SocketAddr::from(([127, 0, 0, 1], addr.port() + 1)),
+                http: SocketAddr::from(([127, 0, 0, 1], addr.port() + 2)),
+                state: NodeState::Active,
+                ring_checksum: 0,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_is_forwarded_at_most_twice_then_unavailable_with_a_retry_hint() {
+        let (a, b) = (SocketAddr::from(([127, 0, 0, 1], 9000)), SocketAddr::from(([127, 0, 0, 1], 9100)));
+        let ring = Arc::new(Ring::new([a, b], 16));
+        let view = ClusterView { me: a, members: vec![member(a, "a"), member(b, "b")], ring: ring.clone() };
+        let (_tx, rx) = watch::channel(Arc::new(view));
+        let cluster = Cluster::new(rx, Duration::from_millis(200));
+        let key_of = |owner: SocketAddr| {
+            (0..1000).map(|i| format!("k{i}")).find(|k| ring.owner(k.as_bytes()) == Some(owner)).expect("a key")
+        };
+        let (mine, theirs) = (key_of(a), key_of(b));
+        for hop in 0..3 {
+            assert!(matches!(target(&cluster, &mine, hop), Ok(Target::Local)), "own keys run here at hop {hop}");
+        }
+        assert!(matches!(target(&cluster, &theirs, 0), Ok(Target::Forward(p, 1)) if p.name == "b"));
+        assert!(matches!(target(&cluster, &theirs, 1), Ok(Target::Forward(_, 2))), "one re-forward");
+        let Err(s) = target(&cluster, &theirs, 2) else { panic!("forwarded a third time") };
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.metadata().get(RETRY_KEY).and_then(|v| v.to_str().ok()), Some("500"));
+    }
+}
