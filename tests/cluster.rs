@@ -320,10 +320,12 @@ async fn leave_removes_a_node_without_errors_at_clients() {
     let ts = now_ms() - 60_000;
     let pts = load(&c, 0, 300, ts).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     // A gateway streaming through n0 and a dispatcher querying n1 while n2 leaves.
     let gateway = {
         let mut cl = c.client(0).await;
         let stop = stop.clone();
+        let progress = progress.clone();
         let pts = pts.clone();
         tokio::spawn(async move {
             let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -337,6 +339,7 @@ async fn leave_removes_a_node_without_errors_at_clients() {
                 tx.send(pb::LocationBatch { updates, batch_id: round as u64 }).await.unwrap();
                 let ack = acks.next().await.unwrap().unwrap();
                 errors += ack.rejected.len();
+                progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             (round, errors)
@@ -358,7 +361,19 @@ async fn leave_removes_a_node_without_errors_at_clients() {
             (n, bad)
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Traffic flows before the leave, and goes on after it.
+    let rounds_after = |n: u64| {
+        let p = progress.clone();
+        async move {
+            let start = p.load(std::sync::atomic::Ordering::Relaxed);
+            eventually(Duration::from_secs(10), || {
+                let done = p.load(std::sync::atomic::Ordering::Relaxed) >= start + n;
+                async move { done }
+            })
+            .await
+        }
+    };
+    assert!(rounds_after(5).await, "the gateway made no progress");
     let r = c.admin(2).await.leave(pb::LeaveRequest {}).await.unwrap().into_inner();
     assert_eq!(r.node, "n2");
     let mut n2 = c.nodes[2].take().unwrap();
@@ -372,7 +387,7 @@ async fn leave_removes_a_node_without_errors_at_clients() {
     );
     assert!(n2.exit_status().is_some_and(|s| s.success()), "n2 exited with {:?}", n2.exit_status());
     c.converge(&["n0", "n1"], Duration::from_secs(5)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rounds_after(5).await, "the gateway made no progress after the leave");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (rounds, rejected) = gateway.await.unwrap();
     let (queries, bad) = dispatcher.await.unwrap();
