@@ -395,3 +395,32 @@ async fn leave_removes_a_node_without_errors_at_clients() {
     assert_eq!(rejected, 0, "fixes rejected while a node left");
     assert_eq!(bad, 0, "queries failed or partial while a node left");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_is_declared_down_and_rejoins_by_itself_when_it_thaws() {
+    // SIGSTOP cuts a node off as a partition would (it neither sends nor answers); after
+    // SIGCONT it learns it was declared down, renews its identity and rejoins unaided.
+    let c = TestCluster::start(3);
+    c.converge(&["n0", "n1", "n2"], Duration::from_secs(20)).await;
+    let inc_before = {
+        let m = c.admin(0).await.members(pb::MembersRequest {}).await.unwrap().into_inner();
+        m.members.iter().find(|x| x.name == "n2").unwrap().incarnation
+    };
+    let pid = c.node(2).pid().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(ok.success());
+    };
+    signal("-STOP");
+    let survivors = TestCluster {
+        dirs: Vec::new(),
+        args: Vec::new(),
+        nodes: c.nodes.iter().take(2).map(|n| n.as_ref().map(NodeProc::share)).collect(),
+    };
+    survivors.converge(&["n0", "n1"], Duration::from_secs(10)).await;
+    signal("-CONT");
+    c.converge(&["n0", "n1", "n2"], Duration::from_secs(20)).await;
+    let m = c.admin(0).await.members(pb::MembersRequest {}).await.unwrap().into_inner();
+    let n2 = m.members.iter().find(|x| x.name == "n2").unwrap();
+    assert!(n2.incarnation > inc_before, "n2 rejoined without renewing its identity");
+}

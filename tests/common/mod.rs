@@ -120,6 +120,19 @@ impl NodeProc {
         }
     }
 
+    /// A handle on the same process that does not own it (dropping it kills nothing).
+    pub fn share(&self) -> NodeProc {
+        NodeProc {
+            child: None,
+            grpc: self.grpc.clone(),
+            http: self.http.clone(),
+            gossip: self.gossip.clone(),
+            dir: self.dir.clone(),
+            args: self.args.clone(),
+            exited: None,
+        }
+    }
+
     /// The exit status if the process has exited (it is then reaped).
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
         if self.exited.is_none() {
