@@ -106,6 +106,10 @@ async fn follow_ring(
         let on_ring = v.ring.contains(&v.me);
         ready.store(on_ring, Ordering::Relaxed);
         metrics::gauge!("locus_ring_members").set(v.ring.members().len() as f64);
+        for l in [membership::Liveness::Alive, membership::Liveness::Suspect, membership::Liveness::Down] {
+            let n = v.members.iter().filter(|m| m.liveness == l).count();
+            metrics::gauge!("locus_members", "liveness" => l.as_str()).set(n as f64);
+        }
         let live: Vec<SocketAddr> = v.members.iter().filter_map(|m| m.meta.as_ref().map(|x| x.grpc)).collect();
         cluster.peers().retain(&live);
         if on_ring && last_checksum != Some(v.ring.checksum()) {
