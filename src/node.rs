@@ -72,16 +72,27 @@ fn restore(cfg: &NodeConfig, log_dir: &Path) -> anyhow::Result<Vec<DriverShard>>
     Ok(cores)
 }
 
-/// Resolves `--join` entries; one that does not resolve is skipped with a warning.
+/// Resolves `--join` entries; one that does not resolve is skipped with a warning. When
+/// seeds were given but none resolves (DNS not up yet, say), it retries rather than
+/// starting a cluster of its own: a node told to join must never split off alone.
 async fn resolve_seeds(join: &[String]) -> Vec<SocketAddr> {
-    let mut out = Vec::new();
-    for j in join.iter().map(|j| j.trim()).filter(|j| !j.is_empty()) {
-        match tokio::net::lookup_host(j).await {
-            Ok(addrs) => out.extend(addrs),
-            Err(e) => warn!(seed = j, error = %e, "cannot resolve a --join address; skipping it"),
+    let wanted: Vec<&str> = join.iter().map(|j| j.trim()).filter(|j| !j.is_empty()).collect();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let mut out = Vec::new();
+        for j in &wanted {
+            match tokio::net::lookup_host(*j).await {
+                Ok(addrs) => out.extend(addrs),
+                Err(e) => warn!(seed = j, error = %e, "cannot resolve a --join address"),
+            }
         }
+        if wanted.is_empty() || !out.is_empty() {
+            return out;
+        }
+        warn!(retry_in_ms = backoff.as_millis() as u64, "no --join address resolves; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
-    out
 }
 
 /// The address peers use for a listener: its own, or the gossip address's IP when the
