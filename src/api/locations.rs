@@ -23,7 +23,7 @@ use super::{
     nearby_query, reject_status, route_status, scatter_deadline, with_meta, within_query,
 };
 use crate::actors::{WatchEnd, wall_ms};
-use crate::drivers::{Limits, Reject};
+use crate::drivers::{Limits, NearbyHit, Reject};
 use crate::pb;
 use crate::pb::locations_client::LocationsClient;
 use crate::routing::cluster::{
@@ -167,6 +167,39 @@ fn by_distance(a: &pb::NearbyHit, b: &pb::NearbyHit) -> std::cmp::Ordering {
     a.distance_m.total_cmp(&b.distance_m).then_with(|| a.driver_id.cmp(&b.driver_id))
 }
 
+/// A merged geo answer.
+struct Gathered {
+    drivers: Vec<pb::NearbyHit>,
+    truncated: bool,
+    missing_nodes: Vec<String>,
+}
+
+/// Merges this node's hits and every peer's (hits, truncated) into the global `limit`
+/// nearest, naming the peers that did not answer.
+fn gather(
+    here: Option<(Vec<NearbyHit>, bool)>,
+    remote: impl Iterator<Item = Part<(Vec<pb::NearbyHit>, bool)>>,
+    limit: usize,
+) -> Gathered {
+    let (hits, mut truncated) = here.unwrap_or_default();
+    let mut drivers: Vec<pb::NearbyHit> = hits.into_iter().map(hit_proto).collect();
+    let mut missing_nodes = Vec::new();
+    for part in remote {
+        match part {
+            Ok((hits, t)) => {
+                truncated |= t;
+                drivers.extend(hits);
+            }
+            Err(name) => missing_nodes.push(name),
+        }
+    }
+    drivers.sort_by(by_distance);
+    truncated |= drivers.len() > limit;
+    drivers.truncate(limit);
+    missing_nodes.sort();
+    Gathered { drivers, truncated, missing_nodes }
+}
+
 impl LocationsApi {
     /// The local part of a lookup by cab number or session, then every other node's;
     /// the most recently heard-from driver wins.
@@ -292,74 +325,54 @@ impl pb::locations_server::Locations for LocationsApi {
     }
 
     async fn nearby(&self, req: Request<pb::NearbyRequest>) -> Result<Response<pb::NearbyResponse>, Status> {
-        let local_only = is_local_scope(req.metadata());
-        let r = req.into_inner();
-        let deadline = scatter_deadline(r.deadline_ms, self.cluster.scatter_timeout).map_err(|e| invalid(&e))?;
-        let q = nearby_query(r.clone()).map_err(|e| invalid(&e))?;
-        let limit = q.limit;
-        if local_only {
+        if is_local_scope(req.metadata()) {
+            let q = nearby_query(req.into_inner()).map_err(|e| invalid(&e))?;
             let hits = self.router.nearby(q).await.map_err(route_status)?;
             let drivers = hits.into_iter().map(hit_proto).collect();
             return Ok(Response::new(pb::NearbyResponse { drivers, partial: false, missing_nodes: vec![] }));
         }
+        let r = req.into_inner();
+        let deadline = scatter_deadline(r.deadline_ms, self.cluster.scatter_timeout).map_err(|e| invalid(&e))?;
+        let q = nearby_query(r.clone()).map_err(|e| invalid(&e))?;
+        let limit = q.limit;
         let (local, peers) = self.cluster.scatter_targets();
         let remote = scatter(peers, r, deadline, |mut c, r| async move { c.nearby(r).await });
         let here = async { if local { Some(self.router.nearby(q).await) } else { None } };
         let (here, remote) = tokio::join!(here, remote);
-        let mut drivers: Vec<pb::NearbyHit> = match here {
-            Some(r) => r.map_err(route_status)?.into_iter().map(hit_proto).collect(),
-            None => Vec::new(),
-        };
-        let mut missing_nodes = Vec::new();
-        for part in remote {
-            match part {
-                Ok(resp) => drivers.extend(resp.drivers),
-                Err(name) => missing_nodes.push(name),
-            }
-        }
-        drivers.sort_by(by_distance);
-        drivers.truncate(limit);
-        missing_nodes.sort();
-        Ok(Response::new(pb::NearbyResponse { drivers, partial: !missing_nodes.is_empty(), missing_nodes }))
+        let here = here.transpose().map_err(route_status)?.map(|hits| (hits, false));
+        let remote = remote.into_iter().map(|p| p.map(|r| (r.drivers, false)));
+        let g = gather(here, remote, limit);
+        Ok(Response::new(pb::NearbyResponse {
+            drivers: g.drivers,
+            partial: !g.missing_nodes.is_empty(),
+            missing_nodes: g.missing_nodes,
+        }))
     }
 
     async fn within(&self, req: Request<pb::WithinRequest>) -> Result<Response<pb::WithinResponse>, Status> {
-        let local_only = is_local_scope(req.metadata());
-        let r = req.into_inner();
-        let deadline = scatter_deadline(r.deadline_ms, self.cluster.scatter_timeout).map_err(|e| invalid(&e))?;
-        let q = within_query(r.clone()).map_err(|e| invalid(&e))?;
-        let limit = q.limit();
-        if local_only {
+        if is_local_scope(req.metadata()) {
+            let q = within_query(req.into_inner()).map_err(|e| invalid(&e))?;
             let (hits, truncated) = self.router.within(q).await.map_err(route_status)?;
             let drivers = hits.into_iter().map(hit_proto).collect();
             return Ok(Response::new(pb::WithinResponse { drivers, truncated, partial: false, missing_nodes: vec![] }));
         }
+        let r = req.into_inner();
+        let deadline = scatter_deadline(r.deadline_ms, self.cluster.scatter_timeout).map_err(|e| invalid(&e))?;
+        let q = within_query(r.clone()).map_err(|e| invalid(&e))?;
+        let limit = q.limit();
         let (local, peers) = self.cluster.scatter_targets();
         let remote = scatter(peers, r, deadline, |mut c, r| async move { c.within(r).await });
         let here = async { if local { Some(self.router.within(q).await) } else { None } };
         let (here, remote) = tokio::join!(here, remote);
-        let (mut drivers, mut truncated): (Vec<pb::NearbyHit>, bool) = match here {
-            Some(r) => {
-                let (hits, t) = r.map_err(route_status)?;
-                (hits.into_iter().map(hit_proto).collect(), t)
-            }
-            None => (Vec::new(), false),
-        };
-        let mut missing_nodes = Vec::new();
-        for part in remote {
-            match part {
-                Ok(resp) => {
-                    truncated |= resp.truncated;
-                    drivers.extend(resp.drivers);
-                }
-                Err(name) => missing_nodes.push(name),
-            }
-        }
-        drivers.sort_by(by_distance);
-        truncated |= drivers.len() > limit;
-        drivers.truncate(limit);
-        missing_nodes.sort();
-        Ok(Response::new(pb::WithinResponse { drivers, truncated, partial: !missing_nodes.is_empty(), missing_nodes }))
+        let here = here.transpose().map_err(route_status)?;
+        let remote = remote.into_iter().map(|p| p.map(|r| (r.drivers, r.truncated)));
+        let g = gather(here, remote, limit);
+        Ok(Response::new(pb::WithinResponse {
+            drivers: g.drivers,
+            truncated: g.truncated,
+            partial: !g.missing_nodes.is_empty(),
+            missing_nodes: g.missing_nodes,
+        }))
     }
 
     type WatchDriverStream = BoxStream<pb::Driver>;

@@ -230,10 +230,11 @@ async fn write_acks(
                 return;
             }
         };
+        // This node's verdicts (local, early, and remote parts that failed) are counted
+        // here; a peer counts the rejections it answers.
         let mut own = local.await;
         own.extend(early);
-        count_rejects(&own);
-        let mut rejected: Vec<pb::Rejection> = own.iter().map(|(i, r)| reject_proto(*i, r)).collect();
+        let mut from_peers: Vec<pb::Rejection> = Vec::new();
         for part in remote {
             let ack = match links.get_mut(&part.peer) {
                 Some((g, acks)) if *g == part.generation => {
@@ -245,7 +246,7 @@ async fn write_acks(
                 _ => None,
             };
             match ack {
-                Some(ack) => rejected.extend(ack.rejected.into_iter().filter_map(|mut r| {
+                Some(ack) => from_peers.extend(ack.rejected.into_iter().filter_map(|mut r| {
                     r.index = *part.idx.get(r.index as usize)?;
                     Some(r)
                 })),
@@ -254,12 +255,13 @@ async fn write_acks(
                         links.remove(&part.peer);
                         broken.lock().expect("broken lock").insert((part.peer, part.generation));
                     }
-                    metrics::counter!("locus_fixes_rejected_total", "reason" => "unavailable")
-                        .increment(part.idx.len() as u64);
-                    rejected.extend(part.idx.iter().map(|i| reject_proto(*i, &Reject::Unavailable)));
+                    own.extend(part.idx.iter().map(|i| (*i, Reject::Unavailable)));
                 }
             }
         }
+        count_rejects(&own);
+        let mut rejected: Vec<pb::Rejection> = own.iter().map(|(i, r)| reject_proto(*i, r)).collect();
+        rejected.append(&mut from_peers);
         rejected.sort_unstable_by_key(|r| r.index);
         let ack = pb::BatchAck { batch_id: id, accepted: (n - rejected.len()) as u32, rejected };
         if out_tx.send(Ok(ack)).await.is_err() {

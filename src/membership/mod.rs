@@ -196,10 +196,6 @@ impl ClusterView {
     pub fn name_of(&self, addr: &SocketAddr) -> String {
         self.meta(addr).map_or_else(|| addr.to_string(), |m| m.name.clone())
     }
-
-    pub fn my_state(&self) -> NodeState {
-        self.meta(&self.me).map_or(NodeState::Joining, |m| m.state)
-    }
 }
 
 /// Which members the ring holds: the active ones that are not known to be down.
@@ -244,8 +240,6 @@ impl MembershipConfig {
 
 /// Requests to the membership task.
 pub enum Cmd {
-    /// Become active now (a node that starts alone).
-    Activate,
     /// Leave gracefully: say "leaving", wait for peers to drop this node from their
     /// rings (bounded by `leave_wait`), leave the gossip, then reply.
     Leave { reply: oneshot::Sender<()> },
@@ -312,18 +306,6 @@ impl Core {
         core.broadcast_meta();
         core.ring_due = None;
         core
-    }
-
-    pub fn identity(&self) -> &NodeId {
-        self.foca.identity()
-    }
-
-    pub fn state(&self) -> NodeState {
-        self.state
-    }
-
-    pub fn has_left(&self) -> bool {
-        self.left
     }
 
     fn meta(&self) -> NodeMeta {
@@ -412,12 +394,6 @@ impl Core {
         self.next_join = Some(now + self.join_backoff);
         self.join_backoff = (self.join_backoff * 2).min(JOIN_BACKOFF_MAX);
         self.after_call(now);
-    }
-
-    pub fn handle_cmd_activate(&mut self, now: Instant) {
-        if self.state == NodeState::Joining {
-            self.set_state(NodeState::Active, now);
-        }
     }
 
     /// Starts leaving: says so. Peers drop this node from their rings; this node keeps
@@ -592,10 +568,6 @@ impl Membership {
             let _ = rx.await;
         }
     }
-
-    pub async fn activate(&self) {
-        let _ = self.cmd.send(Cmd::Activate).await;
-    }
 }
 
 fn wall_ms() -> u64 {
@@ -652,7 +624,6 @@ pub fn spawn_with(
                 },
                 _ = tokio::time::sleep_until(next) => core.handle_due(Instant::now()),
                 c = cmd_rx.recv(), if cmds_open => match c {
-                    Some(Cmd::Activate) => core.handle_cmd_activate(Instant::now()),
                     Some(Cmd::Leave { reply }) => {
                         core.start_leave(Instant::now());
                         leaving = Some((Instant::now() + leave_wait, reply));

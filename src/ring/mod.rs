@@ -32,6 +32,28 @@ pub fn addr_bytes(a: &SocketAddr) -> [u8; 18] {
     b
 }
 
+/// Members in ring order, without duplicates.
+fn canonical(members: impl IntoIterator<Item = SocketAddr>) -> Vec<SocketAddr> {
+    let mut members: Vec<SocketAddr> = members.into_iter().collect();
+    members.sort_by_key(addr_bytes);
+    members.dedup();
+    members.truncate(u16::MAX as usize);
+    members
+}
+
+fn checksum_sorted(members: &[SocketAddr], vnodes: u32) -> u64 {
+    let mut bytes = vnodes.max(1).to_be_bytes().to_vec();
+    for a in members {
+        bytes.extend_from_slice(&addr_bytes(a));
+    }
+    key_hash(&bytes)
+}
+
+/// The checksum [`Ring::new`] would give these members, without building the ring.
+pub fn checksum(members: impl IntoIterator<Item = SocketAddr>, vnodes: u32) -> u64 {
+    checksum_sorted(&canonical(members), vnodes)
+}
+
 /// One virtual node. `Copy` because hashring clones points freely.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct VNode {
@@ -72,28 +94,25 @@ pub struct Ring {
 impl Ring {
     /// Builds the ring for `members` (order and duplicates do not matter).
     pub fn new(members: impl IntoIterator<Item = SocketAddr>, vnodes: u32) -> Ring {
-        let mut members: Vec<SocketAddr> = members.into_iter().collect();
-        members.sort_by_key(addr_bytes);
-        members.dedup();
-        members.truncate(u16::MAX as usize);
+        let members = canonical(members);
         let vnodes = vnodes.max(1);
-        let mut ring = HashRing::with_hasher(DefaultHashBuilder);
-        let mut points = Vec::with_capacity(members.len() * vnodes as usize);
+        let mut vns = Vec::with_capacity(members.len() * vnodes as usize);
+        let mut points = Vec::with_capacity(vns.capacity());
         for (m, a) in members.iter().enumerate() {
             let key = addr_bytes(a);
             for idx in 0..vnodes {
                 let v = VNode { member: m as u16, idx, key };
                 points.push((DefaultHashBuilder.hash_one(v), m as u16));
-                ring.add(v);
+                vns.push(v);
             }
         }
         points.sort_unstable();
+        // One sort for all points (`add` would re-sort per point).
+        let mut ring = HashRing::with_hasher(DefaultHashBuilder);
+        ring.batch_add(vns);
         let owners = (0..PARTITIONS).map(|p| ring.get(&PartitionPoint(p)).map_or(0, |v| v.member)).collect();
-        let mut bytes = vnodes.to_be_bytes().to_vec();
-        for a in &members {
-            bytes.extend_from_slice(&addr_bytes(a));
-        }
-        Ring { members, vnodes, points, owners, checksum: key_hash(&bytes) }
+        let checksum = checksum_sorted(&members, vnodes);
+        Ring { members, vnodes, points, owners, checksum }
     }
 
     /// The members, in ring order (sorted by address bytes).
@@ -103,10 +122,6 @@ impl Ring {
 
     pub fn vnodes(&self) -> u32 {
         self.vnodes
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
     }
 
     pub fn contains(&self, a: &SocketAddr) -> bool {
@@ -200,8 +215,12 @@ mod tests {
         for p in 0..PARTITIONS as usize {
             assert_eq!(r1.partition_owner(p), r2.partition_owner(p));
         }
-        // Pinned values: a change here changes ownership across versions.
-        assert_eq!(r1.owner(b"driver-1"), r1.successors(b"driver-1", 1).first().copied());
+        assert_eq!(r1.checksum(), checksum(addrs(5), 128), "the checksum needs no ring");
+        // Pinned values: nodes of different builds must agree, so a change here breaks
+        // mixed-version clusters.
+        assert_eq!(r1.checksum(), 0x93c9_c513_3abc_d22b);
+        assert_eq!(r1.owner(b"driver-1"), Some(addrs(5)[2]));
+        assert_eq!(r1.owner(b"driver-2"), Some(addrs(5)[0]));
     }
 
     #[test]

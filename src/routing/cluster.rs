@@ -119,17 +119,14 @@ impl Cluster {
         Some(Peer { addr, name: meta.name.clone(), client: self.peers.client(meta.grpc) })
     }
 
-    /// The owner of `key` in view `v`.
-    pub fn owner_in(&self, v: &ClusterView, key: &[u8]) -> Owner {
+    /// The owner of `key` in the current view.
+    pub fn owner(&self, key: &[u8]) -> Owner {
+        let v = self.view();
         match v.ring.owner(key) {
             None => Owner::Unknown,
             Some(a) if a == v.me => Owner::Local,
-            Some(a) => self.peer(v, a).map_or(Owner::Unknown, |p| Owner::Remote(Box::new(p))),
+            Some(a) => self.peer(&v, a).map_or(Owner::Unknown, |p| Owner::Remote(Box::new(p))),
         }
-    }
-
-    pub fn owner(&self, key: &[u8]) -> Owner {
-        self.owner_in(&self.view(), key)
     }
 
     /// The peer for a ring member of `v`, if its address is known.
