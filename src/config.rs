@@ -119,6 +119,40 @@ pub struct NodeConfig {
     /// Fixes a WatchDriver client may fall behind before its stream is ended as lagged.
     #[arg(long, env = "LOCUS_WATCH_QUEUE", default_value_t = 1024)]
     pub watch_queue: usize,
+    /// How long a driver claimed by `Match` waits for DRIVER_ASSIGNED before it is
+    /// AVAILABLE again.
+    #[arg(long, env = "LOCUS_OFFER_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub offer_timeout: Duration,
+    /// Added to a trip's estimated drive time for its TTL (pushed forward by each event).
+    #[arg(long, env = "LOCUS_TRIP_BUFFER", default_value = "15m", value_parser = parse_duration)]
+    pub trip_buffer: Duration,
+    /// How long a dropped or cancelled trip (and its share link) stays.
+    #[arg(long, env = "LOCUS_TRIP_LINGER", default_value = "5m", value_parser = parse_duration)]
+    pub trip_linger: Duration,
+    /// Route points a trip keeps before down-sampling.
+    #[arg(long, env = "LOCUS_ROUTE_MAX", default_value_t = 512, value_parser = clap::value_parser!(u32).range(8..=100_000))]
+    pub route_max: u32,
+    /// DRIVER_NEAR_PICKUP fires when the assigned driver comes this close to the pickup.
+    #[arg(long, env = "LOCUS_NEAR_PICKUP_M", default_value_t = 200.0)]
+    pub near_pickup_m: f64,
+    /// Fare: base amount.
+    #[arg(long, env = "LOCUS_FARE_BASE", default_value_t = 3.5)]
+    pub fare_base: f64,
+    /// Fare: per kilometre driven with the passenger.
+    #[arg(long, env = "LOCUS_FARE_PER_KM", default_value_t = 1.2)]
+    pub fare_per_km: f64,
+    /// Fare: per minute of carriage.
+    #[arg(long, env = "LOCUS_FARE_PER_MIN", default_value_t = 0.3)]
+    pub fare_per_min: f64,
+    /// Base of public share URLs. Default: http://<advertised HTTP address>.
+    #[arg(long, env = "LOCUS_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Share endpoints: requests per second per client address (bursts of twice that).
+    #[arg(long, env = "LOCUS_SHARE_CLIENT_RATE", default_value_t = 20.0)]
+    pub share_client_rate: f64,
+    /// `GET /share/{token}`: requests per second per token (bursts of twice that).
+    #[arg(long, env = "LOCUS_SHARE_TOKEN_RATE", default_value_t = 10.0)]
+    pub share_token_rate: f64,
     /// How long a graceful shutdown waits for in-flight RPCs.
     #[arg(long, env = "LOCUS_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -160,6 +194,24 @@ impl NodeConfig {
         }
         if self.scatter_timeout.is_zero() || self.scatter_timeout > Duration::from_secs(10) {
             return Err("--scatter-timeout must be > 0 and at most 10s".into());
+        }
+        for (name, v) in [
+            ("--near-pickup-m", self.near_pickup_m),
+            ("--fare-base", self.fare_base),
+            ("--fare-per-km", self.fare_per_km),
+            ("--fare-per-min", self.fare_per_min),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(format!("{name} must be a number >= 0"));
+            }
+        }
+        for (name, v) in [("--share-client-rate", self.share_client_rate), ("--share-token-rate", self.share_token_rate)] {
+            if !v.is_finite() || v <= 0.0 {
+                return Err(format!("{name} must be > 0"));
+            }
+        }
+        if self.offer_timeout.is_zero() {
+            return Err("--offer-timeout must be > 0".into());
         }
         if self.suspect_timeout < Duration::from_millis(500) {
             return Err("--suspect-timeout must be at least 500ms".into());

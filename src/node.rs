@@ -24,14 +24,22 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
-use crate::actors::{ShardHandle, ShardMsg, WorkerConfig, spawn_shard};
-use crate::api::{ClusterApi, LocationsApi};
+use crate::actors::{Hooks, ShardHandle, ShardMsg, WorkerConfig, spawn_shard};
+use crate::api::{ClusterApi, DispatchApi, EventsApi, InternalApi, LocationsApi, TripsApi};
+use crate::dispatch::{Dispatcher, load_claims};
+use crate::trips::Trips;
+use crate::trips::model::{Fare, TripConfig};
+use crate::trips::share::RateLimiter;
 use crate::config::NodeConfig;
 use crate::drivers::{DriverShard, Limits, ShardConfig};
 use crate::keys::shard_of;
 use crate::membership::{self, ClusterView, MembershipConfig, UdpTransport};
 use crate::pb::cluster_server::ClusterServer;
+use crate::pb::dispatch_server::DispatchServer;
+use crate::pb::events_server::EventsServer;
+use crate::pb::internal_server::InternalServer;
 use crate::pb::locations_server::LocationsServer;
+use crate::pb::trips_server::TripsServer;
 use crate::routing::cluster::Cluster;
 use crate::routing::{Router, SecondaryIndex};
 use crate::storage::{DriverLog, LogLimits, Persister, replay};
@@ -155,13 +163,19 @@ pub async fn run(
     let limits = LogLimits { segment_bytes: cfg.log_segment_bytes, compact_bytes: cfg.log_compact_bytes };
     let persister = Persister::start(log, limits, cfg.shards, 2 * cfg.shards);
     let index = Arc::new(SecondaryIndex::default());
+    // Claims, trips and their timers: small, low-rate, durable (sled).
+    let db = sled::Config::new().path(dir.join("meta")).open().context("opening the trips/claims store")?;
+    let claims_tree = db.open_tree("claims").context("opening the claims tree")?;
+    let bus = crate::events::bus();
+    let (trip_fix_tx, trip_fix_rx) = tokio::sync::mpsc::channel(8192);
+    let hooks = Hooks { claims: Some(claims_tree.clone()), trip_fixes: Some(trip_fix_tx), events: Some(bus.clone()) };
     let wcfg = WorkerConfig { persist_interval: cfg.persist_interval, watch_queue: cfg.watch_queue };
     let shards: Vec<ShardHandle> = cores
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
             let (persist, sweeps) = (persister.sender(), persister.sweeps.clone());
-            spawn_shard(i, c, cfg.mailbox_capacity, wcfg.clone(), index.clone(), persist, sweeps)
+            spawn_shard(i, c, cfg.mailbox_capacity, wcfg.clone(), index.clone(), persist, sweeps, hooks.clone())
         })
         .collect();
     let txs: Vec<_> = shards.iter().map(|s| s.tx.clone()).collect();
@@ -178,6 +192,9 @@ pub async fn run(
     });
 
     let router = Arc::new(Router::new(shards.iter().map(|s| s.tx.clone()).collect(), index, cfg.overload_wait));
+    let claims = load_claims(&claims_tree);
+    info!(claims = claims.len(), "restored driver claims");
+    router.restore_claims(claims).await;
     let (sd_tx, sd_rx) = watch::channel(false);
     let limits = Limits { max_future_ms: cfg.max_future_skew.as_millis() as i64 };
 
@@ -211,11 +228,40 @@ pub async fn run(
         ready.clone(),
     ));
 
+    let dispatch = Arc::new(Dispatcher::new(router.clone(), cluster.clone(), db.clone(), cfg.offer_timeout));
+    let trip_cfg = TripConfig {
+        buffer_ms: cfg.trip_buffer.as_millis() as i64,
+        linger_ms: cfg.trip_linger.as_millis() as i64,
+        route_max: cfg.route_max as usize,
+        near_pickup_m: cfg.near_pickup_m,
+        fare: Fare { base: cfg.fare_base, per_km: cfg.fare_per_km, per_min: cfg.fare_per_min },
+    };
+    let public_url = cfg
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", advertised(http_addr, gossip_addr)))
+        .trim_end_matches('/')
+        .to_string();
+    let trips = Trips::new(db.clone(), trip_cfg, public_url, bus.clone(), dispatch.clone(), cfg.watch_queue)
+        .context("opening the trips tree")?;
+    trips.load();
+    let feed = tokio::spawn(crate::trips::run_feed(trip_fix_rx, trips.clone(), cluster.clone()));
+
     let leave = Arc::new(Notify::new());
-    let api = LocationsApi::new(router, cluster.clone(), limits, cfg.watch_queue, sd_rx.clone());
-    let svc = LocationsServer::new(api)
+    let api = Arc::new(LocationsApi::new(router, cluster.clone(), limits, cfg.watch_queue, sd_rx.clone()));
+    let svc = LocationsServer::from_arc(api.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let trips_svc = TripsServer::new(TripsApi::new(trips.clone(), cluster.clone()));
+    let dispatch_svc = DispatchServer::new(DispatchApi::new(api.clone(), dispatch.clone()));
+    let events_svc = EventsServer::new(EventsApi::new(bus.clone(), cluster.clone()));
+    let internal_svc = InternalServer::new(InternalApi::new(dispatch.clone(), trips.clone()));
+    let share = Arc::new(crate::http::Share {
+        trips: trips.clone(),
+        cluster: cluster.clone(),
+        per_client: RateLimiter::new(1 << 16, cfg.share_client_rate, 2.0 * cfg.share_client_rate),
+        per_token: RateLimiter::new(1 << 16, cfg.share_token_rate, 2.0 * cfg.share_token_rate),
+    });
     let admin = ClusterServer::new(ClusterApi::new(cluster.clone(), leave.clone()));
     // serve_with_incoming does not apply the builder's TCP options: set them per socket.
     let incoming = TcpListenerStream::new(listener).map(|s| {
@@ -231,11 +277,15 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(svc)
         .add_service(admin)
+        .add_service(trips_svc)
+        .add_service(dispatch_svc)
+        .add_service(events_svc)
+        .add_service(internal_svc)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = sd.wait_for(|s| *s).await;
         });
     let mut sd = sd_rx.clone();
-    let http = crate::http::serve(http_listener, ready.clone(), async move {
+    let http = crate::http::serve(http_listener, ready.clone(), Some(share), async move {
         let _ = sd.wait_for(|s| *s).await;
     });
     let grpc_task = tokio::spawn(grpc);
@@ -272,7 +322,11 @@ pub async fn run(
     for s in shards {
         s.join().await;
     }
+    feed.abort();
     tokio::task::spawn_blocking(move || persister.stop(Duration::from_secs(30))).await?;
+    if let Err(e) = db.flush_async().await {
+        warn!(error = %e, "flushing the trips/claims store");
+    }
     info!("stopped cleanly");
     Ok(())
 }

@@ -23,9 +23,10 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::drivers::{
-    DriverShard, DriverView, Event, FixInput, GoneReason, Lookup, NearbyHit, NearbyQuery, PersistBatch, Reject,
-    ShardCounters, WithinQuery,
+    Claim, ClaimError, ClaimOk, DriverShard, DriverView, Event, FixInput, GoneReason, Lookup, NearbyHit, NearbyQuery,
+    PersistBatch, Position, Reject, ShardCounters, WithinQuery,
 };
+use crate::events::{Bus, driver_change};
 use crate::routing::SecondaryIndex;
 use crate::storage::SweepControl;
 
@@ -94,6 +95,30 @@ pub enum ShardMsg {
         watcher: Watcher,
         reply: oneshot::Sender<Option<DriverView>>,
     },
+    /// Dispatch: compare-and-set AVAILABLE → DISPATCHED for a trip.
+    Claim {
+        driver_id: String,
+        trip_id: String,
+        vehicle_type: String,
+        offer_due_ms: i64,
+        reply: oneshot::Sender<Result<ClaimOk, ClaimError>>,
+    },
+    /// DRIVER_ASSIGNED: the claim holds and the driver's fixes go to the trip.
+    Confirm {
+        driver_id: String,
+        trip_id: String,
+        reply: oneshot::Sender<Result<ClaimOk, ClaimError>>,
+    },
+    /// The trip ended: free the driver if still claimed for it.
+    Release {
+        driver_id: String,
+        trip_id: String,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Startup: claims read back from the claims store.
+    RestoreClaims {
+        claims: Vec<(String, Claim)>,
+    },
     /// Wakes an idle worker so timers fire and writes are handed over on time.
     Tick,
     /// The node's ring changed: drop drivers of partitions it no longer owns
@@ -121,6 +146,41 @@ pub struct WorkerConfig {
     pub watch_queue: usize,
 }
 
+/// One accepted fix of a driver on a trip, on its way to the trip's actor.
+#[derive(Clone, Debug)]
+pub struct TripFix {
+    pub trip_id: Box<str>,
+    pub driver_id: Box<str>,
+    pub pos: Position,
+}
+
+/// Where a worker sends the effects that leave the driver world: persisted claims,
+/// fixes of drivers on trips, and state changes. Every part is optional (benchmarks and
+/// unit tests run workers without them).
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Claims by driver id (the claims store, written in order, flushed by the caller).
+    pub claims: Option<sled::Tree>,
+    /// Fixes of assigned drivers, to the trip feed (dropped and counted when full).
+    pub trip_fixes: Option<mpsc::Sender<TripFix>>,
+    /// The node's state-change bus.
+    pub events: Option<Bus>,
+}
+
+/// Encodes a claim as stored: offer due time (i64, -1 = confirmed) then the trip id.
+pub fn encode_claim(c: &Claim) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + c.trip_id.len());
+    v.extend_from_slice(&c.offer_due_ms.unwrap_or(-1).to_be_bytes());
+    v.extend_from_slice(c.trip_id.as_bytes());
+    v
+}
+
+pub fn decode_claim(b: &[u8]) -> Option<Claim> {
+    let due = i64::from_be_bytes(b.get(..8)?.try_into().ok()?);
+    let trip_id = std::str::from_utf8(&b[8..]).ok()?.into();
+    Some(Claim { trip_id, offer_due_ms: (due >= 0).then_some(due) })
+}
+
 /// A running shard worker.
 pub struct ShardHandle {
     pub tx: mpsc::Sender<ShardMsg>,
@@ -141,6 +201,7 @@ struct Worker {
     index: Arc<SecondaryIndex>,
     persist: mpsc::Sender<PersistBatch>,
     sweeps: Arc<SweepControl>,
+    hooks: Hooks,
     /// The last compaction epoch this shard started a sweep for.
     swept_epoch: u64,
     watchers: HashMap<u32, Vec<Watcher>>,
@@ -169,6 +230,7 @@ pub fn spawn_shard(
     index: Arc<SecondaryIndex>,
     persist: mpsc::Sender<PersistBatch>,
     sweeps: Arc<SweepControl>,
+    hooks: Hooks,
 ) -> ShardHandle {
     let (tx, rx) = mpsc::channel(capacity);
     let now = Instant::now();
@@ -184,6 +246,7 @@ pub fn spawn_shard(
         persist,
         swept_epoch: sweeps.epoch(),
         sweeps,
+        hooks,
         watchers: HashMap::new(),
         last_published: ShardCounters::default(),
     };
@@ -270,6 +333,32 @@ impl Worker {
                     metrics::counter!("locus_drivers_disowned_total").increment(n as u64);
                 }
             }
+            ShardMsg::Claim { driver_id, trip_id, vehicle_type, offer_due_ms, reply } => {
+                let r = self.core.claim(&driver_id, &trip_id, &vehicle_type, offer_due_ms);
+                // The claim is written to the store before the caller hears of it.
+                self.perform_events();
+                let _ = reply.send(r);
+            }
+            ShardMsg::Confirm { driver_id, trip_id, reply } => {
+                let r = self.core.confirm(&driver_id, &trip_id);
+                self.perform_events();
+                let _ = reply.send(r);
+            }
+            ShardMsg::Release { driver_id, trip_id, reply } => {
+                let r = self.core.release(&driver_id, &trip_id);
+                self.perform_events();
+                let _ = reply.send(r);
+            }
+            ShardMsg::RestoreClaims { claims } => {
+                for (driver_id, claim) in claims {
+                    if !self.core.restore_claim(&driver_id, claim) {
+                        // The driver expired while the node was down: the claim is moot.
+                        if let Some(t) = &self.hooks.claims {
+                            let _ = t.remove(driver_id.as_bytes());
+                        }
+                    }
+                }
+            }
             ShardMsg::Tick | ShardMsg::Shutdown { .. } => {}
         }
     }
@@ -291,6 +380,36 @@ impl Worker {
                 }
                 Event::IndexSet { kind, key, driver_id } => self.index.set(kind, key, driver_id),
                 Event::IndexUnset { kind, key, driver_id } => self.index.unset(kind, &key, &driver_id),
+                Event::StatusChanged { driver_id, from, to, lat, lon } => {
+                    if let Some(bus) = &self.hooks.events
+                        && bus.receiver_count() > 0
+                    {
+                        let _ = bus.send(driver_change(&driver_id, from, to, lat, lon));
+                    }
+                }
+                Event::ClaimSet { driver_id, claim } => {
+                    if let Some(t) = &self.hooks.claims
+                        && let Err(e) = t.insert(driver_id.as_bytes(), encode_claim(&claim))
+                    {
+                        warn!(shard = self.id, error = %e, "cannot store a claim");
+                    }
+                }
+                Event::ClaimEnded { driver_id, trip_id, why } => {
+                    debug!(shard = self.id, driver = %driver_id, trip = %trip_id, ?why, "claim ended");
+                    metrics::counter!("locus_claims_ended_total", "why" => format!("{why:?}")).increment(1);
+                    if let Some(t) = &self.hooks.claims
+                        && let Err(e) = t.remove(driver_id.as_bytes())
+                    {
+                        warn!(shard = self.id, error = %e, "cannot forget a claim");
+                    }
+                }
+                Event::TripFix { trip_id, driver_id, pos } => {
+                    if let Some(tx) = &self.hooks.trip_fixes
+                        && tx.try_send(TripFix { trip_id, driver_id, pos }).is_err()
+                    {
+                        metrics::counter!("locus_trip_fixes_dropped_total").increment(1);
+                    }
+                }
             }
         }
     }

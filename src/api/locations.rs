@@ -53,20 +53,20 @@ impl LocationsApi {
 }
 
 /// `UNAVAILABLE` with a retry hint: the ring is changing or the owner is unknown.
-pub(super) fn unavailable_retry(msg: impl Into<String>) -> Status {
+pub(crate) fn unavailable_retry(msg: impl Into<String>) -> Status {
     let mut s = Status::unavailable(msg);
     s.metadata_mut().insert(RETRY_KEY, RETRY_AFTER_MS.into());
     s
 }
 
 /// Where a keyed request goes: here, or a peer with the hop count to send.
-pub(super) enum Target {
+pub(crate) enum Target {
     Local,
     Forward(Box<Peer>, u32),
 }
 
 /// Decides where a keyed request with `hop` forwards so far runs.
-pub(super) fn target(cluster: &Cluster, key: &str, hop: u32) -> Result<Target, Status> {
+pub(crate) fn target(cluster: &Cluster, key: &str, hop: u32) -> Result<Target, Status> {
     match cluster.owner(key.as_bytes()) {
         Owner::Local => Ok(Target::Local),
         Owner::Remote(p) if hop < MAX_HOPS => Ok(Target::Forward(p, hop + 1)),
@@ -79,14 +79,14 @@ pub(super) fn target(cluster: &Cluster, key: &str, hop: u32) -> Result<Target, S
     }
 }
 
-fn forwarded<T>(msg: T, hop: u32) -> Request<T> {
+pub(crate) fn forwarded<T>(msg: T, hop: u32) -> Request<T> {
     let mut r = Request::new(msg);
     set_hop(r.metadata_mut(), hop);
     r
 }
 
 /// A peer's error, as this node answers it: its code and message, marked with the peer.
-fn peer_status(p: &Peer, s: Status) -> Status {
+pub(crate) fn peer_status(p: &Peer, s: Status) -> Status {
     match s.code() {
         Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Internal | Code::Cancelled => {
             unavailable_retry(format!("owner {} did not answer: {}", p.name, s.message()))

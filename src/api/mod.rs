@@ -6,8 +6,9 @@
 //! and implausible fixes are judged by the driver's actor, which knows its last fix.
 
 mod admin;
-mod locations;
+pub(crate) mod locations;
 mod stream;
+mod trips;
 
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use crate::pb;
 use crate::routing::{DriverKey, RouteError};
 pub use admin::ClusterApi;
 pub use locations::LocationsApi;
+pub use trips::{DispatchApi, EventsApi, InternalApi, TripsApi, trip_event};
 
 /// Most fixes one `LocationBatch` may carry.
 pub const MAX_BATCH: usize = 10_000;
@@ -36,12 +38,12 @@ pub const DEFAULT_WITHIN: u32 = 1_000;
 pub const REASON_KEY: &str = "locus-reject-reason";
 pub const END_KEY: &str = "locus-end-reason";
 
-fn with_meta(mut s: Status, key: &'static str, value: &'static str) -> Status {
+pub(crate) fn with_meta(mut s: Status, key: &'static str, value: &'static str) -> Status {
     s.metadata_mut().insert(key, MetadataValue::from_static(value));
     s
 }
 
-fn invalid(e: &FieldError) -> Status {
+pub(crate) fn invalid(e: &FieldError) -> Status {
     with_meta(Status::invalid_argument(e.to_string()), REASON_KEY, "invalid_argument")
 }
 
@@ -89,8 +91,12 @@ fn status_to_proto(s: DStatus) -> i32 {
 
 /// Converts and validates one fix (stateless checks only).
 pub fn fix_from_proto(u: pb::LocationUpdate, now_ms: i64, limits: Limits) -> Result<FixInput, FieldError> {
+    let status = status_from_proto(u.status, "status")?;
+    if status == Some(DStatus::Dispatched) {
+        return Err(FieldError::new("status", "DISPATCHED is set by dispatch, not reported by a fix"));
+    }
     let fix = FixInput {
-        status: status_from_proto(u.status, "status")?,
+        status,
         driver_id: u.driver_id,
         lat: u.lat,
         lon: u.lon,
@@ -141,7 +147,7 @@ pub fn scatter_deadline(ms: Option<u32>, default: Duration) -> Result<Duration, 
     }
 }
 
-fn fix_proto(p: &Position) -> pb::Fix {
+pub fn fix_proto(p: &Position) -> pb::Fix {
     pb::Fix {
         lat: p.lat,
         lon: p.lon,
@@ -187,11 +193,11 @@ fn hit_proto(h: NearbyHit) -> pb::NearbyHit {
     }
 }
 
-fn check_key_str(field: &'static str, v: &str) -> Result<(), FieldError> {
+pub(crate) fn check_key_str(field: &'static str, v: &str) -> Result<(), FieldError> {
     check_str(field, v, true, MAX_ID_BYTES)
 }
 
-fn check_coord(lat_f: &'static str, lat: f64, lon_f: &'static str, lon: f64) -> Result<(), FieldError> {
+pub(crate) fn check_coord(lat_f: &'static str, lat: f64, lon_f: &'static str, lon: f64) -> Result<(), FieldError> {
     check_range(lat_f, lat, -90.0, 90.0)?;
     check_range(lon_f, lon, -180.0, 180.0)
 }

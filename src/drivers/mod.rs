@@ -13,7 +13,7 @@ mod validate;
 
 pub use codec::{Record, Snapshot, SnapshotError, decode_records, encode_delete, encode_upsert};
 pub use shard::{
-    DriverShard, Event, GoneReason, IndexKind, Lookup, NearbyQuery, PersistBatch, ShardConfig, ShardCounters,
+    Claim, ClaimEnd, ClaimError, ClaimOk, DriverShard, Event, GoneReason, IndexKind, Lookup, NearbyQuery, PersistBatch, ShardConfig, ShardCounters,
     WithinQuery,
 };
 pub use trail::{Trail, TrailFix};
@@ -26,6 +26,9 @@ pub enum Status {
     Offline = 1,
     Available = 2,
     OnTrip = 3,
+    /// Claimed by dispatch for a trip, waiting for the trip to confirm. Set by the server
+    /// only (a fix cannot report it).
+    Dispatched = 4,
 }
 
 impl Status {
@@ -35,7 +38,18 @@ impl Status {
             1 => Some(Status::Offline),
             2 => Some(Status::Available),
             3 => Some(Status::OnTrip),
+            4 => Some(Status::Dispatched),
             _ => None,
+        }
+    }
+
+    /// The canonical name, as in `locus.v1.DriverStatus` and state-change events.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Offline => "OFFLINE",
+            Status::Available => "AVAILABLE",
+            Status::OnTrip => "ON_TRIP",
+            Status::Dispatched => "DISPATCHED",
         }
     }
 

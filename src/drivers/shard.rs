@@ -1,7 +1,7 @@
 //! The state machines of all drivers of one shard, their geo index and expiry schedule.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::hash::BuildHasher;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
@@ -107,6 +107,78 @@ pub enum Event {
         key: Box<str>,
         driver_id: Box<str>,
     },
+    /// A driver's status as queries see it changed (`from: None` = new driver, `to:
+    /// None` = gone). Drives the driver side of `Events.Subscribe`.
+    StatusChanged {
+        driver_id: Box<str>,
+        from: Option<Status>,
+        to: Option<Status>,
+        lat: f64,
+        lon: f64,
+    },
+    /// A claim was taken or confirmed: persist it (`offer_due_ms: None` = confirmed).
+    ClaimSet {
+        driver_id: Box<str>,
+        claim: Claim,
+    },
+    /// A claim ended: forget its persisted record.
+    ClaimEnded {
+        driver_id: Box<str>,
+        trip_id: Box<str>,
+        why: ClaimEnd,
+    },
+    /// An accepted fix of a driver assigned to a trip: the trip records it.
+    TripFix {
+        trip_id: Box<str>,
+        driver_id: Box<str>,
+        pos: Position,
+    },
+}
+
+/// A driver's claim by one trip (few drivers have one: they live beside the records).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Claim {
+    pub trip_id: Box<str>,
+    /// When the offer lapses unless the trip confirms; `None` once confirmed.
+    pub offer_due_ms: Option<i64>,
+}
+
+/// Why a claim ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimEnd {
+    Released,
+    OfferTimeout,
+    /// The driver was removed, expired or moved to another node.
+    DriverGone,
+}
+
+/// Why a claim or confirmation was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    #[error("not_found: the driver is unknown, removed or expired")]
+    NotFound,
+    #[error("not_available: the driver is {0}")]
+    NotAvailable(&'static str),
+    #[error("claimed: the driver is claimed for another trip")]
+    Claimed,
+}
+
+impl ClaimError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ClaimError::NotFound => "not_found",
+            ClaimError::NotAvailable(_) => "not_available",
+            ClaimError::Claimed => "claimed",
+        }
+    }
+}
+
+/// A successful claim or confirmation: where the driver is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClaimOk {
+    pub pos: Position,
+    pub vehicle_type: String,
+    pub offer_due_ms: Option<i64>,
 }
 
 /// What a shard hands to the driver log in one group commit: encoded records (deletions
@@ -142,6 +214,10 @@ const WATCHED: u8 = 2;
 /// The next record of this driver must be a full one (new driver, sweep, or more new
 /// trail fixes than the delta counter holds).
 const FULL: u8 = 4;
+/// Claimed by a trip (an entry in `DriverShard::claims`): DISPATCHED to queries.
+const CLAIMED: u8 = 8;
+/// The claim was confirmed (DRIVER_ASSIGNED): ON_TRIP to queries, fixes go to the trip.
+const ASSIGNED: u8 = 16;
 
 struct Rec {
     id: Box<str>,
@@ -162,8 +238,19 @@ struct Rec {
 }
 
 impl Rec {
+    /// The status queries see: a claim overrides what the app reports.
+    fn effective(&self) -> Status {
+        if self.flags & ASSIGNED != 0 {
+            Status::OnTrip
+        } else if self.flags & CLAIMED != 0 {
+            Status::Dispatched
+        } else {
+            self.status
+        }
+    }
+
     fn key(&self) -> IndexKey {
-        IndexKey { status: self.status.code() }
+        IndexKey { status: self.effective().code() }
     }
 }
 
@@ -191,6 +278,10 @@ pub struct DriverShard {
     dirty: Vec<u32>,
     /// A compaction sweep in progress: (epoch, next slot).
     sweep: Option<(u64, u32)>,
+    /// Claims by trips, by slot (drivers with the CLAIMED flag).
+    claims: HashMap<u32, Claim>,
+    /// Offer timeouts: (due, slot, generation); stale entries are skipped.
+    offers: BinaryHeap<Reverse<(i64, u32, u32)>>,
     pub counters: ShardCounters,
 }
 
@@ -213,6 +304,8 @@ impl DriverShard {
             deleted: Vec::new(),
             dirty: Vec::new(),
             sweep: None,
+            claims: HashMap::new(),
+            offers: BinaryHeap::new(),
             counters: ShardCounters::default(),
         }
     }
@@ -343,6 +436,15 @@ impl DriverShard {
         let new_key = rec.key();
         let indexed = rec.indexed;
         let watched = rec.flags & WATCHED != 0;
+        if rec.flags & ASSIGNED != 0 {
+            let driver_id = rec.id.clone();
+            if let Some(c) = self.claims.get(&slot) {
+                self.events.push(Event::TripFix { trip_id: c.trip_id.clone(), driver_id, pos });
+            }
+        }
+        if new_key != old_key {
+            self.status_changed(slot, Status::from_code(old_key.status as i32));
+        }
         let moved = self.index.moved_point(indexed, pos.lat, pos.lon);
         if new_key != old_key || moved.is_some() {
             // Within the slack the old indexed point stays valid, even in a new tree.
@@ -362,6 +464,146 @@ impl DriverShard {
         }
         self.counters.accepted += 1;
         Ok(())
+    }
+
+    fn status_changed(&mut self, slot: u32, from: Option<Status>) {
+        let r = self.rec(slot);
+        let ev = Event::StatusChanged {
+            driver_id: r.id.clone(),
+            from,
+            to: Some(r.effective()),
+            lat: r.last.lat,
+            lon: r.last.lon,
+        };
+        self.events.push(ev);
+    }
+
+    /// Moves a driver to the R-tree of its (new) effective status after a claim change.
+    fn reindex_claim(&mut self, slot: u32, old_key: IndexKey) {
+        let r = self.rec(slot);
+        let (new_key, p) = (r.key(), r.indexed);
+        if new_key != old_key {
+            self.index.remove(old_key, slot, p);
+            self.index.insert(new_key, slot, p);
+            self.status_changed(slot, Status::from_code(old_key.status as i32));
+        }
+    }
+
+    fn claim_ok(&self, slot: u32) -> ClaimOk {
+        let r = self.rec(slot);
+        ClaimOk {
+            pos: r.last,
+            vehicle_type: self.vtype_name(r.vtype).to_string(),
+            offer_due_ms: self.claims.get(&slot).and_then(|c| c.offer_due_ms),
+        }
+    }
+
+    /// Compare-and-set AVAILABLE → DISPATCHED for `trip_id` (idempotent for the same
+    /// trip). The claim lapses at `offer_due_ms` unless [`confirm`](Self::confirm)ed.
+    pub fn claim(
+        &mut self,
+        driver_id: &str,
+        trip_id: &str,
+        vehicle_type: &str,
+        offer_due_ms: i64,
+    ) -> Result<ClaimOk, ClaimError> {
+        let slot = self.find(driver_id).ok_or(ClaimError::NotFound)?;
+        let rec = self.rec(slot);
+        if rec.flags & CLAIMED != 0 {
+            return match self.claims.get(&slot) {
+                Some(c) if &*c.trip_id == trip_id => Ok(self.claim_ok(slot)),
+                _ => Err(ClaimError::Claimed),
+            };
+        }
+        if rec.status != Status::Available {
+            return Err(ClaimError::NotAvailable(rec.status.name()));
+        }
+        if !vehicle_type.is_empty() && self.vtype_name(rec.vtype) != vehicle_type {
+            return Err(ClaimError::NotAvailable("of another vehicle type"));
+        }
+        self.set_claim(slot, Claim { trip_id: trip_id.into(), offer_due_ms: Some(offer_due_ms) });
+        Ok(self.claim_ok(slot))
+    }
+
+    /// The trip confirmed its driver (DRIVER_ASSIGNED): the claim no longer lapses and
+    /// the driver's fixes go to the trip. An unclaimed driver is claimed now, whatever
+    /// its app reports (dispatch chose it); one claimed for another trip is refused.
+    pub fn confirm(&mut self, driver_id: &str, trip_id: &str) -> Result<ClaimOk, ClaimError> {
+        let slot = self.find(driver_id).ok_or(ClaimError::NotFound)?;
+        if let Some(c) = self.claims.get(&slot) {
+            if &*c.trip_id != trip_id {
+                return Err(ClaimError::Claimed);
+            }
+            if c.offer_due_ms.is_none() {
+                return Ok(self.claim_ok(slot));
+            }
+        }
+        self.set_claim(slot, Claim { trip_id: trip_id.into(), offer_due_ms: None });
+        Ok(self.claim_ok(slot))
+    }
+
+    fn set_claim(&mut self, slot: u32, claim: Claim) {
+        let old_key = self.rec(slot).key();
+        let generation = self.rec(slot).generation;
+        if let Some(due) = claim.offer_due_ms {
+            self.offers.push(Reverse((due, slot, generation)));
+        }
+        let rec = self.rec_mut(slot);
+        rec.flags |= CLAIMED;
+        if claim.offer_due_ms.is_none() {
+            rec.flags |= ASSIGNED;
+        }
+        let driver_id = rec.id.clone();
+        self.claims.insert(slot, claim.clone());
+        self.events.push(Event::ClaimSet { driver_id, claim });
+        self.reindex_claim(slot, old_key);
+    }
+
+    /// Frees a driver claimed for `trip_id`; false if it is not (any more).
+    pub fn release(&mut self, driver_id: &str, trip_id: &str) -> bool {
+        let Some(slot) = self.find(driver_id) else { return false };
+        if self.claims.get(&slot).is_none_or(|c| &*c.trip_id != trip_id) {
+            return false;
+        }
+        self.end_claim(slot, ClaimEnd::Released);
+        true
+    }
+
+    fn end_claim(&mut self, slot: u32, why: ClaimEnd) {
+        let Some(c) = self.claims.remove(&slot) else { return };
+        let old_key = self.rec(slot).key();
+        let rec = self.rec_mut(slot);
+        rec.flags &= !(CLAIMED | ASSIGNED);
+        let driver_id = rec.id.clone();
+        self.events.push(Event::ClaimEnded { driver_id, trip_id: c.trip_id, why });
+        self.reindex_claim(slot, old_key);
+    }
+
+    /// Puts back a persisted claim after a restart; false if the driver is gone. An
+    /// offer already past its time lapses at the next [`fire_timers`](Self::fire_timers).
+    pub fn restore_claim(&mut self, driver_id: &str, claim: Claim) -> bool {
+        let Some(slot) = self.find(driver_id) else { return false };
+        let old_key = self.rec(slot).key();
+        let generation = self.rec(slot).generation;
+        if let Some(due) = claim.offer_due_ms {
+            self.offers.push(Reverse((due, slot, generation)));
+        }
+        let rec = self.rec_mut(slot);
+        rec.flags |= CLAIMED;
+        if claim.offer_due_ms.is_none() {
+            rec.flags |= ASSIGNED;
+        }
+        self.claims.insert(slot, claim);
+        let r = self.rec(slot);
+        let (new_key, p) = (r.key(), r.indexed);
+        self.index.remove(old_key, slot, p);
+        self.index.insert(new_key, slot, p);
+        true
+    }
+
+    /// Number of drivers claimed by trips.
+    pub fn claimed(&self) -> usize {
+        self.claims.len()
     }
 
     fn index_changed(&mut self, slot: u32, kind: IndexKind, old: Option<Box<str>>) {
@@ -423,6 +665,7 @@ impl DriverShard {
         self.timers.push(Reverse((due, slot, generation)));
         self.index_changed(slot, IndexKind::Cab, None);
         self.index_changed(slot, IndexKind::Session, None);
+        self.status_changed(slot, None);
         self.mark_dirty(slot);
     }
 
@@ -457,7 +700,7 @@ impl DriverShard {
         DriverView {
             driver_id: r.id.to_string(),
             last: r.last,
-            status: r.status,
+            status: r.effective(),
             vehicle_type: self.vtype_name(r.vtype).to_string(),
             cab_number: r.cab.as_deref().unwrap_or_default().to_string(),
             session: r.session.as_deref().unwrap_or_default().to_string(),
@@ -488,6 +731,21 @@ impl DriverShard {
     }
 
     fn drop_driver(&mut self, slot: u32, reason: GoneReason) -> Box<str> {
+        if let Some(c) = self.claims.remove(&slot) {
+            let driver_id = self.rec(slot).id.clone();
+            self.events.push(Event::ClaimEnded { driver_id, trip_id: c.trip_id, why: ClaimEnd::DriverGone });
+        }
+        {
+            let r = self.rec(slot);
+            let ev = Event::StatusChanged {
+                driver_id: r.id.clone(),
+                from: Some(r.effective()),
+                to: None,
+                lat: r.last.lat,
+                lon: r.last.lon,
+            };
+            self.events.push(ev);
+        }
         let rec = self.slots[slot as usize].take().expect("live slot");
         let h = self.hasher.hash_one(&*rec.id);
         if let Ok(e) = self.by_id.find_entry(h, |&s| s == slot) {
@@ -519,6 +777,16 @@ impl DriverShard {
     /// the timers of drivers that sent fixes since. (A driver's due time is a function of
     /// its persisted `received_ms`, so timers survive restarts with the driver log.)
     pub fn fire_timers(&mut self, now_ms: i64) {
+        while let Some(&Reverse((due, slot, generation))) = self.offers.peek() {
+            if due > now_ms {
+                break;
+            }
+            self.offers.pop();
+            let live = self.slots.get(slot as usize).and_then(Option::as_ref).is_some_and(|r| r.generation == generation);
+            if live && self.claims.get(&slot).is_some_and(|c| c.offer_due_ms == Some(due)) {
+                self.end_claim(slot, ClaimEnd::OfferTimeout);
+            }
+        }
         while let Some(&Reverse((due, slot, generation))) = self.timers.peek() {
             if due > now_ms {
                 break;
@@ -558,7 +826,7 @@ impl DriverShard {
             driver_id: r.id.to_string(),
             pos: r.last,
             distance_m,
-            status: r.status,
+            status: r.effective(),
             vehicle_type: self.vtype_name(r.vtype).to_string(),
         }
     }

@@ -1,19 +1,36 @@
-//! The HTTP side of a node: `/healthz` (alive), `/readyz` (on the ring, not draining) and
-//! `/metrics` (Prometheus text format).
+//! The HTTP side of a node: `/healthz` (alive), `/readyz` (on the ring, not draining),
+//! `/metrics` (Prometheus text format), and the public Share My Trip endpoints.
 //!
-//! Owns no state of its own: it reads the readiness flag the node flips and renders the
-//! process-wide metrics recorder.
+//! - `GET /share/{token}`: the trip as JSON, `200` only from PASSENGER_CARRY until the
+//!   trip expires, `404` otherwise (the same answer as for a token that never existed).
+//!   The token names the trip's partition, so a node that does not own it forwards the
+//!   request to the owner (one internal gRPC call, no scatter) and the owner answers from
+//!   memory (`trips::share`).
+//! - `GET /share/{token}/view`: a self-contained live page.
+//!
+//! Both are rate-limited per client address, and the JSON also per token, answering
+//! `429`. A malformed token costs one length/hex check and never reaches a map or a peer.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
+
+use crate::actors::wall_ms;
+use crate::pb;
+use crate::routing::cluster::{Cluster, Owner};
+use crate::trips::Trips;
+use crate::trips::share::{RateLimiter, VIEW_HTML, token_partition};
 
 /// The process-wide Prometheus recorder (installed once; later calls reuse it).
 pub fn metrics_handle() -> PrometheusHandle {
@@ -29,10 +46,19 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// What the share endpoints need.
+pub struct Share {
+    pub trips: Arc<Trips>,
+    pub cluster: Arc<Cluster>,
+    pub per_client: RateLimiter,
+    pub per_token: RateLimiter,
+}
+
 #[derive(Clone)]
 struct HttpState {
     ready: Arc<AtomicBool>,
     metrics: PrometheusHandle,
+    share: Option<Arc<Share>>,
 }
 
 async fn healthz() -> &'static str {
@@ -51,16 +77,104 @@ async fn metrics(State(s): State<HttpState>) -> String {
     s.metrics.render()
 }
 
+fn plain(code: StatusCode, msg: &'static str) -> Response {
+    let counter = match code {
+        StatusCode::OK => "200",
+        StatusCode::NOT_FOUND => "404",
+        StatusCode::TOO_MANY_REQUESTS => "429",
+        _ => "other",
+    };
+    metrics::counter!("locus_share_requests_total", "code" => counter).increment(1);
+    (code, [(header::CACHE_CONTROL, "no-store")], msg).into_response()
+}
+
+fn not_found() -> Response {
+    plain(StatusCode::NOT_FOUND, "not found\n")
+}
+
+fn client_key(addr: &SocketAddr) -> Vec<u8> {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+    }
+}
+
+async fn share_json(
+    State(s): State<HttpState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    Path(token): Path<String>,
+) -> Response {
+    let Some(share) = s.share else { return not_found() };
+    if !share.per_client.allow(&client_key(&addr)) {
+        return plain(StatusCode::TOO_MANY_REQUESTS, "too many requests\n");
+    }
+    let Some(partition) = token_partition(&token) else { return not_found() };
+    if !share.per_token.allow(token.as_bytes()) {
+        return plain(StatusCode::TOO_MANY_REQUESTS, "too many requests\n");
+    }
+    let json: Option<Bytes> = match share.cluster.partition_owner(partition) {
+        Owner::Local => share.trips.shares.get(&token, wall_ms()),
+        Owner::Remote(p) => {
+            let mut c = pb::internal_client::InternalClient::new(p.channel.clone());
+            let mut r = tonic::Request::new(pb::ShareRequest { token });
+            r.set_timeout(Duration::from_secs(1));
+            match c.share(r).await {
+                Ok(a) => {
+                    let a = a.into_inner();
+                    (a.http_status == 200).then(|| Bytes::from(a.json))
+                }
+                Err(_) => return plain(StatusCode::SERVICE_UNAVAILABLE, "the trip's node did not answer; retry\n"),
+            }
+        }
+        Owner::Unknown => return plain(StatusCode::SERVICE_UNAVAILABLE, "the cluster is forming; retry\n"),
+    };
+    match json {
+        Some(body) => {
+            metrics::counter!("locus_share_requests_total", "code" => "200").increment(1);
+            (StatusCode::OK, [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], body)
+                .into_response()
+        }
+        None => not_found(),
+    }
+}
+
+async fn share_view(
+    State(s): State<HttpState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    Path(token): Path<String>,
+) -> Response {
+    let Some(share) = s.share else { return not_found() };
+    if !share.per_client.allow(&client_key(&addr)) {
+        return plain(StatusCode::TOO_MANY_REQUESTS, "too many requests\n");
+    }
+    if token_partition(&token).is_none() {
+        return not_found();
+    }
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")],
+        VIEW_HTML,
+    )
+        .into_response()
+}
+
 /// Binds the HTTP listener; the returned future serves until `shutdown` resolves.
 pub fn serve(
     listener: TcpListener,
     ready: Arc<AtomicBool>,
+    share: Option<Arc<Share>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> impl std::future::Future<Output = std::io::Result<()>> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(HttpState { ready, metrics: metrics_handle() });
-    async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await }
+        .route("/share/{token}", get(share_json))
+        .route("/share/{token}/view", get(share_view))
+        .with_state(HttpState { ready, metrics: metrics_handle(), share });
+    async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
 }

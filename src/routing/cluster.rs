@@ -56,6 +56,8 @@ pub struct Peer {
     pub addr: SocketAddr,
     pub name: String,
     pub client: LocationsClient<Channel>,
+    /// The same connection, for the other services' clients.
+    pub channel: Channel,
 }
 
 /// Where a key's requests run.
@@ -69,11 +71,12 @@ pub enum Owner {
 /// One lazily connected channel per peer (HTTP/2 multiplexes every request on it).
 #[derive(Default)]
 pub struct Peers {
-    clients: Mutex<HashMap<SocketAddr, LocationsClient<Channel>>>,
+    clients: Mutex<HashMap<SocketAddr, Channel>>,
 }
 
 impl Peers {
-    pub fn client(&self, grpc: SocketAddr) -> LocationsClient<Channel> {
+    /// The channel to a peer's gRPC address (created lazily, then shared).
+    pub fn channel(&self, grpc: SocketAddr) -> Channel {
         let mut m = self.clients.lock().expect("peers lock");
         m.entry(grpc)
             .or_insert_with(|| {
@@ -83,11 +86,15 @@ impl Peers {
                     .connect_timeout(Duration::from_secs(1))
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5));
-                LocationsClient::new(ep.connect_lazy())
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                ep.connect_lazy()
             })
             .clone()
+    }
+
+    pub fn client(&self, grpc: SocketAddr) -> LocationsClient<Channel> {
+        LocationsClient::new(self.channel(grpc))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     /// Forgets channels to addresses no member uses any more.
@@ -109,6 +116,11 @@ impl Cluster {
         Cluster { view, peers: Peers::default(), scatter_timeout }
     }
 
+    /// A receiver of every new view (for tasks that follow the ring).
+    pub fn watch_view(&self) -> watch::Receiver<Arc<ClusterView>> {
+        self.view.clone()
+    }
+
     /// The current view (a snapshot: hold it for one request).
     pub fn view(&self) -> Arc<ClusterView> {
         self.view.borrow().clone()
@@ -116,7 +128,21 @@ impl Cluster {
 
     fn peer(&self, v: &ClusterView, addr: SocketAddr) -> Option<Peer> {
         let meta = v.meta(&addr)?;
-        Some(Peer { addr, name: meta.name.clone(), client: self.peers.client(meta.grpc) })
+        let channel = self.peers.channel(meta.grpc);
+        let client = LocationsClient::new(channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Some(Peer { addr, name: meta.name.clone(), client, channel })
+    }
+
+    /// The owner of a partition in the current view.
+    pub fn partition_owner(&self, partition: usize) -> Owner {
+        let v = self.view();
+        match v.ring.partition_owner(partition) {
+            None => Owner::Unknown,
+            Some(a) if a == v.me => Owner::Local,
+            Some(a) => self.peer(&v, a).map_or(Owner::Unknown, |p| Owner::Remote(Box::new(p))),
+        }
     }
 
     /// The owner of `key` in the current view.

@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::actors::{ShardMsg, WatchEnd, Watcher};
-use crate::drivers::{DriverView, FixInput, IndexKind, Lookup, NearbyHit, NearbyQuery, Reject, WithinQuery};
+use crate::drivers::{Claim, ClaimError, ClaimOk, DriverView, FixInput, IndexKind, Lookup, NearbyHit, NearbyQuery, Reject, WithinQuery};
 use crate::keys::{key_hash, shard_of};
 
 /// How a request names a driver.
@@ -263,6 +263,43 @@ impl Router {
         let truncated = all.len() > limit;
         all.truncate(limit);
         Ok((all, truncated))
+    }
+
+    /// Dispatch's compare-and-set AVAILABLE → DISPATCHED in the driver's shard.
+    pub async fn claim(
+        &self,
+        driver_id: String,
+        trip_id: String,
+        vehicle_type: String,
+        offer_due_ms: i64,
+    ) -> Result<Result<ClaimOk, ClaimError>, RouteError> {
+        let id = driver_id.clone();
+        self.ask(&id, |reply| ShardMsg::Claim { driver_id, trip_id, vehicle_type, offer_due_ms, reply }).await
+    }
+
+    /// DRIVER_ASSIGNED: confirm (or take) the driver's claim for the trip.
+    pub async fn confirm(&self, driver_id: String, trip_id: String) -> Result<Result<ClaimOk, ClaimError>, RouteError> {
+        let id = driver_id.clone();
+        self.ask(&id, |reply| ShardMsg::Confirm { driver_id, trip_id, reply }).await
+    }
+
+    /// Frees the driver if it is still claimed for the trip.
+    pub async fn release(&self, driver_id: String, trip_id: String) -> Result<bool, RouteError> {
+        let id = driver_id.clone();
+        self.ask(&id, |reply| ShardMsg::Release { driver_id, trip_id, reply }).await
+    }
+
+    /// Hands persisted claims back to their shards at startup.
+    pub async fn restore_claims(&self, claims: Vec<(String, Claim)>) {
+        let mut per: Vec<Vec<(String, Claim)>> = (0..self.shards.len()).map(|_| Vec::new()).collect();
+        for (d, c) in claims {
+            per[shard_of(d.as_bytes(), self.shards.len())].push((d, c));
+        }
+        for (tx, claims) in self.shards.iter().zip(per) {
+            if !claims.is_empty() {
+                let _ = tx.send(ShardMsg::RestoreClaims { claims }).await;
+            }
+        }
     }
 
     /// Subscribes to a driver's accepted fixes: the current state, the stream of later

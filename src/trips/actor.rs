@@ -1,0 +1,393 @@
+//! One trip's actor: handles its messages one at a time and owns its TTL timer.
+//!
+//! Events are persisted and flushed before they are answered. Driver fixes change the
+//! trip in memory and are saved at most every [`SAVE_EVERY`] (a restart loses at most
+//! that much of the route, never a state). When the trip's expiry passes, the actor frees
+//! a driver still on it, deletes the trip and its share link, publishes `EXPIRED`, ends
+//! its watchers and exits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until};
+use tonic::Status;
+use tracing::{debug, warn};
+
+use super::model::{Applied, ApplyError, DriverFix, EventKind, Trip, TripEvent, TripState};
+use super::share::{ShareEntry, new_token};
+use super::{Trips, not_found};
+use crate::actors::{TripFix, wall_ms};
+use crate::pb;
+
+/// How often a trip changed only by driver fixes is saved.
+pub const SAVE_EVERY: Duration = Duration::from_secs(5);
+
+pub enum TripMsg {
+    Apply(Box<TripEvent>, oneshot::Sender<Result<pb::Trip, Status>>),
+    Get { include_route: bool, reply: oneshot::Sender<pb::Trip> },
+    Watch(mpsc::Sender<Result<pb::TripUpdate, Status>>, oneshot::Sender<pb::Trip>),
+    Share(oneshot::Sender<pb::ShareLink>),
+    Fix(Box<TripFix>),
+}
+
+type Watchers = Vec<mpsc::Sender<Result<pb::TripUpdate, Status>>>;
+
+struct Actor {
+    trips: Arc<Trips>,
+    trip: Trip,
+    watchers: Watchers,
+    dirty: bool,
+}
+
+/// The actor loop. `trip` is `None` for a trip being created: the first message is its
+/// BOOKING_CREATED.
+pub async fn run(trips: Arc<Trips>, trip: Option<Trip>, mut rx: mpsc::Receiver<TripMsg>, me: mpsc::Sender<TripMsg>) {
+    let trip = match trip {
+        Some(t) => t,
+        None => match create(&trips, &mut rx).await {
+            Some(t) => t,
+            None => {
+                trips.unregister_all(&me, &mut rx);
+                return;
+            }
+        },
+    };
+    let id = trip.trip_id.clone();
+    let mut a = Actor { trips, trip, watchers: Vec::new(), dirty: false };
+    if let Some(t) = a.trip.share_token.clone() {
+        a.publish_share(&t);
+    }
+    let mut save_at = Instant::now() + SAVE_EVERY;
+    loop {
+        let left = (a.trip.expires_ms - wall_ms()).max(0) as u64;
+        let expires = Instant::now() + Duration::from_millis(left);
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(m) => a.handle(m).await,
+                None => break,
+            },
+            _ = sleep_until(expires) => {
+                a.expire();
+                break;
+            }
+            _ = sleep_until(save_at), if a.dirty => {
+                if let Err(e) = a.save(false).await {
+                    warn!(trip = %id, error = %e, "saving the trip's route");
+                }
+                save_at = Instant::now() + SAVE_EVERY;
+            }
+        }
+    }
+    a.trips.unregister(&id, &me);
+    // Messages that raced with the end are answered NOT_FOUND (their senders drop).
+    rx.close();
+}
+
+/// Handles the creating BOOKING_CREATED; `None` if the trip could not be created.
+async fn create(trips: &Arc<Trips>, rx: &mut mpsc::Receiver<TripMsg>) -> Option<Trip> {
+    let Some(TripMsg::Apply(ev, reply)) = rx.recv().await else { return None };
+    let trip = match Trip::create(&ev, wall_ms(), &trips.cfg) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = reply.send(Err(apply_status(&e)));
+            return None;
+        }
+    };
+    let mut a = Actor { trips: trips.clone(), trip, watchers: Vec::new(), dirty: true };
+    if let Err(s) = a.save(true).await {
+        let _ = reply.send(Err(s));
+        return None;
+    }
+    a.publish(None);
+    let _ = reply.send(Ok(a.proto(false)));
+    Some(a.trip)
+}
+
+impl Trips {
+    /// A trip that was never created: forget its registration.
+    fn unregister_all(&self, me: &mpsc::Sender<TripMsg>, rx: &mut mpsc::Receiver<TripMsg>) {
+        rx.close();
+        let mut m = self.actors.lock().expect("trips lock");
+        m.retain(|_, tx| !tx.same_channel(me));
+    }
+}
+
+fn apply_status(e: &ApplyError) -> Status {
+    match e {
+        ApplyError::NotFound => not_found(),
+        ApplyError::Invalid { state, .. } => {
+            let mut s = Status::failed_precondition(format!("{e}; the trip is {}", state.name()));
+            if let Ok(v) = state.name().parse() {
+                s.metadata_mut().insert("locus-trip-state", v);
+            }
+            s
+        }
+    }
+}
+
+fn state_proto(s: TripState) -> i32 {
+    match s {
+        TripState::Booked => pb::TripState::TripBooked as i32,
+        TripState::DriverAssigned => pb::TripState::TripDriverAssigned as i32,
+        TripState::DriverArrived => pb::TripState::TripDriverArrived as i32,
+        TripState::PassengerCarry => pb::TripState::TripPassengerCarry as i32,
+        TripState::PassengerDropped => pb::TripState::TripPassengerDropped as i32,
+        TripState::Cancelled => pb::TripState::TripCancelled as i32,
+    }
+}
+
+fn point(p: super::model::LatLon) -> Option<pb::Point> {
+    Some(pb::Point { lat: p.lat, lon: p.lon })
+}
+
+impl Actor {
+    fn proto(&self, include_route: bool) -> pb::Trip {
+        let t = &self.trip;
+        let v = &t.vehicle;
+        pb::Trip {
+            trip_id: t.trip_id.clone(),
+            state: state_proto(t.state),
+            state_name: t.state.name().into(),
+            pickup: point(t.pickup),
+            dropoff: point(t.dropoff),
+            estimated_drive_s: t.estimated_drive_s,
+            driver_id: t.driver_id.clone(),
+            vehicle: Some(pb::Vehicle {
+                cab_number: v.cab_number.clone(),
+                model: v.model.clone(),
+                colour: v.colour.clone(),
+                plate: v.plate.clone(),
+            }),
+            driver_position: t.driver_pos.map(|p| pb::Fix {
+                lat: p.lat,
+                lon: p.lon,
+                heading_deg: p.heading_deg,
+                speed_mps: p.speed_mps,
+                accuracy_m: p.accuracy_m,
+                timestamp_ms: p.timestamp_ms,
+            }),
+            route: if include_route {
+                t.route.iter().map(|p| pb::RoutePoint { lat: p.lat, lon: p.lon, timestamp_ms: p.timestamp_ms }).collect()
+            } else {
+                Vec::new()
+            },
+            distance_m: t.distance_m,
+            fare: t.fare(wall_ms(), &self.trips.cfg),
+            created_ms: t.created_ms,
+            assigned_ms: t.assigned_ms,
+            arrived_ms: t.arrived_ms,
+            carry_ms: t.carry_ms,
+            dropped_ms: t.dropped_ms,
+            cancelled_ms: t.cancelled_ms,
+            expires_ms: t.expires_ms,
+            driver_near_pickup: t.near_pickup,
+            version: t.version,
+        }
+    }
+
+    async fn handle(&mut self, msg: TripMsg) {
+        match msg {
+            TripMsg::Apply(ev, reply) => {
+                let r = self.apply(&ev).await;
+                let _ = reply.send(r);
+            }
+            TripMsg::Get { include_route, reply } => {
+                let _ = reply.send(self.proto(include_route));
+            }
+            TripMsg::Watch(tx, reply) => {
+                let _ = reply.send(self.proto(false));
+                self.watchers.push(tx);
+            }
+            TripMsg::Share(reply) => {
+                let token = match &self.trip.share_token {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = new_token(&self.trip.trip_id);
+                        self.trip.share_token = Some(t.clone());
+                        self.trip.version += 1;
+                        if let Err(e) = self.save(true).await {
+                            warn!(trip = %self.trip.trip_id, error = %e, "share token not persisted");
+                        }
+                        t
+                    }
+                };
+                self.publish_share(&token);
+                let url = format!("{}/share/{token}/view", self.trips.public_url);
+                let _ = reply.send(pb::ShareLink { token, url, expires_ms: self.trip.expires_ms });
+            }
+            TripMsg::Fix(f) => {
+                let p = f.pos;
+                let fix = DriverFix {
+                    lat: p.lat,
+                    lon: p.lon,
+                    heading_deg: p.heading_deg,
+                    speed_mps: p.speed_mps,
+                    accuracy_m: p.accuracy_m,
+                    timestamp_ms: p.timestamp_ms,
+                };
+                let out = self.trip.on_fix(&f.driver_id, fix, &self.trips.cfg);
+                if !out.taken {
+                    return;
+                }
+                self.dirty = true;
+                if out.near_pickup {
+                    self.event("DRIVER_NEAR_PICKUP", self.trip.state.name());
+                }
+                self.notify(false);
+                if let Some(t) = self.trip.share_token.clone() {
+                    self.publish_share(&t);
+                }
+            }
+        }
+    }
+
+    async fn apply(&mut self, ev: &TripEvent) -> Result<pb::Trip, Status> {
+        let from = match self.trip.check(ev).map_err(|e| apply_status(&e))? {
+            Applied::Duplicate => return Ok(self.proto(false)),
+            Applied::Changed { from } => from,
+        };
+        if let EventKind::DriverAssigned { driver_id, .. } = &ev.kind {
+            // The driver's owner confirms (or takes) the claim first: a driver is never
+            // on two trips.
+            self.trips.dispatch.confirm(driver_id, &self.trip.trip_id).await?;
+        }
+        let now = wall_ms();
+        self.trip.apply(ev, now, &self.trips.cfg).map_err(|e| apply_status(&e))?;
+        self.dirty = true;
+        self.save(true).await?;
+        self.publish(from);
+        self.notify(true);
+        if let Some(t) = self.trip.share_token.clone() {
+            self.publish_share(&t);
+        }
+        if self.trip.state.is_final() && !self.trip.driver_id.is_empty() {
+            self.release_driver();
+        }
+        Ok(self.proto(false))
+    }
+
+    /// Writes the trip (and waits for the disk when `durable`).
+    async fn save(&mut self, durable: bool) -> Result<(), Status> {
+        let bytes = postcard::to_allocvec(&self.trip).map_err(|e| Status::internal(format!("encoding the trip: {e}")))?;
+        self.trips
+            .store
+            .insert(self.trip.trip_id.as_bytes(), bytes)
+            .map_err(|e| Status::unavailable(format!("storing the trip: {e}")))?;
+        if durable {
+            self.trips.db.flush_async().await.map_err(|e| Status::unavailable(format!("flushing the trip: {e}")))?;
+        }
+        self.dirty = false;
+        Ok(())
+    }
+
+    fn position(&self) -> (f64, f64) {
+        match self.trip.driver_pos {
+            Some(p) => (p.lat, p.lon),
+            None => (self.trip.pickup.lat, self.trip.pickup.lon),
+        }
+    }
+
+    fn event(&self, state: &str, from: &str) {
+        let (lat, lon) = self.position();
+        let _ = self.trips.bus.send(pb::StateChange {
+            entity: pb::EntityKind::EntityTrip as i32,
+            id: self.trip.trip_id.clone(),
+            state: state.into(),
+            from_state: from.into(),
+            timestamp_ms: wall_ms(),
+            lat,
+            lon,
+        });
+    }
+
+    fn publish(&self, from: Option<TripState>) {
+        self.event(self.trip.state.name(), from.map_or("", TripState::name));
+    }
+
+    fn notify(&mut self, state_changed: bool) {
+        if self.watchers.is_empty() {
+            return;
+        }
+        let u = pb::TripUpdate { trip: Some(self.proto(false)), state_changed };
+        self.watchers.retain(|w| match w.try_send(Ok(u.clone())) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("locus_trip_watchers_lagged_total").increment(1);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+    }
+
+    /// Renders the public JSON (or none, before PASSENGER_CARRY) into the share table.
+    fn publish_share(&self, token: &str) {
+        let t = &self.trip;
+        let json = t.shareable(wall_ms()).then(|| {
+            let route: Vec<_> = t
+                .route
+                .iter()
+                .map(|p| serde_json::json!({"lat": p.lat, "lon": p.lon, "t": p.timestamp_ms}))
+                .collect();
+            let body = serde_json::json!({
+                "status": t.state.name(),
+                "vehicle": {
+                    "cab_number": t.vehicle.cab_number, "model": t.vehicle.model,
+                    "colour": t.vehicle.colour, "plate": t.vehicle.plate,
+                },
+                "driver": t.driver_pos.map(|p| serde_json::json!({
+                    "lat": p.lat, "lon": p.lon, "heading_deg": p.heading_deg,
+                    "speed_mps": p.speed_mps, "timestamp_ms": p.timestamp_ms,
+                })),
+                "dropoff": {"lat": t.dropoff.lat, "lon": t.dropoff.lon},
+                "route": route,
+                "distance_m": (t.distance_m * 10.0).round() / 10.0,
+                "times": {
+                    "assigned_ms": t.assigned_ms, "arrived_ms": t.arrived_ms,
+                    "carry_ms": t.carry_ms, "dropped_ms": t.dropped_ms,
+                    "estimated_drive_s": t.estimated_drive_s, "expires_ms": t.expires_ms,
+                },
+                "version": t.version,
+            });
+            axum::body::Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+        });
+        self.trips.shares.set(token, ShareEntry { json, expires_ms: t.expires_ms });
+    }
+
+    /// Frees the driver in the background (retrying while its owner is unreachable).
+    fn release_driver(&self) {
+        let (dispatch, driver, trip) =
+            (self.trips.dispatch.clone(), self.trip.driver_id.clone(), self.trip.trip_id.clone());
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            for _ in 0..10 {
+                match dispatch.release(&driver, &trip).await {
+                    Ok(()) => return,
+                    Err(e) if e.code() == tonic::Code::NotFound => return,
+                    Err(e) => debug!(driver = %driver, trip = %trip, error = %e, "release failed; retrying"),
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            warn!(driver = %driver, trip = %trip, "could not free the driver");
+        });
+    }
+
+    fn expire(&mut self) {
+        debug!(trip = %self.trip.trip_id, state = self.trip.state.name(), "trip expired");
+        metrics::counter!("locus_trips_expired_total").increment(1);
+        if self.trip.state.has_driver() {
+            self.release_driver();
+        }
+        if let Some(t) = &self.trip.share_token {
+            self.trips.shares.remove(t);
+        }
+        if let Err(e) = self.trips.store.remove(self.trip.trip_id.as_bytes()) {
+            warn!(trip = %self.trip.trip_id, error = %e, "cannot delete an expired trip");
+        }
+        self.event("EXPIRED", self.trip.state.name());
+        for w in self.watchers.drain(..) {
+            let _ = w.try_send(Err(Status::not_found("the trip expired")));
+        }
+    }
+}

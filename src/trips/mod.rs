@@ -1,0 +1,233 @@
+//! Trips on their owner node: one actor (a tokio task) per live trip.
+//!
+//! - [`model`]: the pure state machine (transitions, route, distance, fare).
+//! - [`actor`]: the actor loop: one message at a time, the TTL timer, persistence,
+//!   watchers, share-link rendering, state-change events.
+//! - [`share`]: share tokens, the table `GET /share/{token}` reads, the rate limiter.
+//!
+//! The [`Trips`] registry maps a trip id to its actor's mailbox. Trips are persisted in
+//! sled (`trips` tree, one record per trip, written and flushed on every event, and at
+//! most every few seconds while a driver moves). A trip's expiry is part of its record,
+//! so its TTL timer comes back with it after a restart: [`Trips::load`] respawns every
+//! stored trip and an overdue one expires at once.
+//!
+//! Trip actors are tasks rather than shard workers: a trip's events are rare but some
+//! wait on another node (DRIVER_ASSIGNED confirms the driver's claim on the driver's
+//! owner), and a per-trip task can await that without stalling other trips.
+
+pub mod actor;
+pub mod model;
+pub mod share;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+use tracing::{info, warn};
+
+use crate::actors::TripFix;
+use crate::dispatch::Dispatcher;
+use crate::events::Bus;
+use crate::pb;
+use crate::routing::cluster::{Cluster, Owner};
+pub use actor::TripMsg;
+use model::{EventKind, Trip, TripConfig, TripEvent};
+use share::ShareTable;
+
+/// Everything trip actors need, shared.
+pub struct Trips {
+    actors: Mutex<HashMap<Box<str>, mpsc::Sender<TripMsg>>>,
+    pub shares: ShareTable,
+    pub(crate) store: sled::Tree,
+    pub(crate) db: sled::Db,
+    pub cfg: TripConfig,
+    /// Base of share URLs, e.g. `http://127.0.0.1:7480`.
+    pub public_url: String,
+    pub(crate) bus: Bus,
+    pub(crate) dispatch: Arc<Dispatcher>,
+    pub(crate) watch_queue: usize,
+}
+
+/// Messages one trip actor's mailbox holds.
+const TRIP_MAILBOX: usize = 64;
+
+impl Trips {
+    pub fn new(
+        db: sled::Db,
+        cfg: TripConfig,
+        public_url: String,
+        bus: Bus,
+        dispatch: Arc<Dispatcher>,
+        watch_queue: usize,
+    ) -> sled::Result<Arc<Trips>> {
+        let store = db.open_tree("trips")?;
+        Ok(Arc::new(Trips {
+            actors: Mutex::new(HashMap::new()),
+            shares: ShareTable::default(),
+            store,
+            db,
+            cfg,
+            public_url,
+            bus,
+            dispatch,
+            watch_queue,
+        }))
+    }
+
+    /// Respawns every stored trip (startup). Overdue ones expire at once.
+    pub fn load(self: &Arc<Self>) -> usize {
+        let mut n = 0;
+        for item in self.store.iter() {
+            let trip = match item.map_err(|e| e.to_string()).and_then(|(_, v)| {
+                postcard::from_bytes::<Trip>(&v).map_err(|e| e.to_string())
+            }) {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(error = %e, "skipping an unreadable trip record");
+                    continue;
+                }
+            };
+            self.spawn(Some(trip));
+            n += 1;
+        }
+        info!(trips = n, "restored trips");
+        n
+    }
+
+    fn spawn(self: &Arc<Self>, trip: Option<Trip>) -> mpsc::Sender<TripMsg> {
+        let (tx, rx) = mpsc::channel(TRIP_MAILBOX);
+        if let Some(t) = &trip {
+            self.actors.lock().expect("trips lock").insert(t.trip_id.as_str().into(), tx.clone());
+        }
+        tokio::spawn(actor::run(self.clone(), trip, rx, tx.clone()));
+        tx
+    }
+
+    fn mailbox(&self, trip_id: &str) -> Option<mpsc::Sender<TripMsg>> {
+        self.actors.lock().expect("trips lock").get(trip_id).cloned()
+    }
+
+    /// Called by an actor as it ends: forget it unless a newer actor took the id.
+    pub(crate) fn unregister(&self, trip_id: &str, me: &mpsc::Sender<TripMsg>) {
+        let mut m = self.actors.lock().expect("trips lock");
+        if m.get(trip_id).is_some_and(|tx| tx.same_channel(me)) {
+            m.remove(trip_id);
+        }
+    }
+
+    /// Number of live trips on this node.
+    pub fn len(&self) -> usize {
+        self.actors.lock().expect("trips lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    async fn ask<T>(&self, trip_id: &str, make: impl FnOnce(oneshot::Sender<T>) -> TripMsg) -> Result<T, Status> {
+        let tx = self.mailbox(trip_id).ok_or_else(not_found)?;
+        let (reply, rx) = oneshot::channel();
+        match tx.try_send(make(reply)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(Status::resource_exhausted("the trip's mailbox is full; retry later"));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(not_found()),
+        }
+        // The actor ended (expired) before answering.
+        rx.await.map_err(|_| not_found())
+    }
+
+    /// Applies one validated event on this (the owner) node.
+    pub async fn apply(self: &Arc<Self>, ev: TripEvent) -> Result<pb::Trip, Status> {
+        let tx = {
+            let mut m = self.actors.lock().expect("trips lock");
+            match m.get(ev.trip_id.as_str()) {
+                Some(tx) => tx.clone(),
+                None if matches!(ev.kind, EventKind::BookingCreated { .. }) => {
+                    let (tx, rx) = mpsc::channel(TRIP_MAILBOX);
+                    m.insert(ev.trip_id.as_str().into(), tx.clone());
+                    tokio::spawn(actor::run(self.clone(), None, rx, tx.clone()));
+                    tx
+                }
+                None => return Err(not_found()),
+            }
+        };
+        let (reply, rx) = oneshot::channel();
+        if tx.send(TripMsg::Apply(Box::new(ev), reply)).await.is_err() {
+            return Err(not_found());
+        }
+        rx.await.map_err(|_| not_found())?
+    }
+
+    pub async fn get(&self, trip_id: &str, include_route: bool) -> Result<pb::Trip, Status> {
+        self.ask(trip_id, |reply| TripMsg::Get { include_route, reply }).await
+    }
+
+    pub async fn share(&self, trip_id: &str) -> Result<pb::ShareLink, Status> {
+        self.ask(trip_id, TripMsg::Share).await
+    }
+
+    /// Subscribes to a trip: its current state and a stream of updates.
+    pub async fn watch(&self, trip_id: &str) -> Result<(pb::Trip, mpsc::Receiver<Result<pb::TripUpdate, Status>>), Status> {
+        let (tx, rx) = mpsc::channel(self.watch_queue);
+        let now = self.ask(trip_id, |reply| TripMsg::Watch(tx, reply)).await?;
+        Ok((now, rx))
+    }
+
+    /// A fix of a driver on a trip this node owns (never waits; dropped if the trip's
+    /// mailbox is full: the next fix supersedes it).
+    pub fn feed(&self, f: TripFix) {
+        if let Some(tx) = self.mailbox(&f.trip_id)
+            && tx.try_send(TripMsg::Fix(Box::new(f))).is_err()
+        {
+            metrics::counter!("locus_trip_fixes_dropped_total").increment(1);
+        }
+    }
+}
+
+pub(crate) fn not_found() -> Status {
+    Status::not_found("trip not found (never booked, or expired)")
+}
+
+/// Fixes of drivers on trips travel from shard workers to the trips' owners: batched
+/// per owner node, never blocking the shards. A remote batch that cannot be sent at
+/// once is dropped (counted); the next fix follows within a second or so.
+pub async fn run_feed(mut rx: mpsc::Receiver<TripFix>, trips: Arc<Trips>, cluster: Arc<Cluster>) {
+    let inflight = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut buf = Vec::with_capacity(1024);
+    while rx.recv_many(&mut buf, 1024).await > 0 {
+        let mut remote: HashMap<String, (crate::routing::cluster::Peer, Vec<pb::TripFix>)> = HashMap::new();
+        for f in buf.drain(..) {
+            match cluster.owner(f.trip_id.as_bytes()) {
+                Owner::Local => trips.feed(f),
+                Owner::Remote(p) => {
+                    let entry = remote.entry(p.name.clone()).or_insert_with(|| (*p, Vec::new()));
+                    entry.1.push(pb::TripFix {
+                        trip_id: f.trip_id.into(),
+                        driver_id: f.driver_id.into(),
+                        fix: Some(crate::api::fix_proto(&f.pos)),
+                    });
+                }
+                Owner::Unknown => metrics::counter!("locus_trip_fixes_dropped_total").increment(1),
+            }
+        }
+        for (_, (peer, fixes)) in remote {
+            let Ok(permit) = inflight.clone().try_acquire_owned() else {
+                metrics::counter!("locus_trip_fixes_dropped_total").increment(fixes.len() as u64);
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut c = pb::internal_client::InternalClient::new(peer.channel);
+                let mut r = tonic::Request::new(pb::TripFixes { fixes });
+                r.set_timeout(Duration::from_secs(2));
+                if let Err(e) = c.feed(r).await {
+                    tracing::debug!(peer = %peer.name, error = %e, "trip fixes not delivered");
+                }
+                drop(permit);
+            });
+        }
+    }
+}
