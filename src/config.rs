@@ -205,7 +205,9 @@ impl NodeConfig {
                 return Err(format!("{name} must be a number >= 0"));
             }
         }
-        for (name, v) in [("--share-client-rate", self.share_client_rate), ("--share-token-rate", self.share_token_rate)] {
+        for (name, v) in
+            [("--share-client-rate", self.share_client_rate), ("--share-token-rate", self.share_token_rate)]
+        {
             if !v.is_finite() || v <= 0.0 {
                 return Err(format!("{name} must be > 0"));
             }

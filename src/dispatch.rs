@@ -72,7 +72,11 @@ impl Dispatcher {
             }
             Ok(pb::ClaimOp::Release) => {
                 let freed = self.router.release(r.driver_id, r.trip_id).await.map_err(route_status)?;
-                pb::ClaimResponse { ok: freed, reason: if freed { "" } else { "not_claimed" }.into(), ..Default::default() }
+                pb::ClaimResponse {
+                    ok: freed,
+                    reason: if freed { "" } else { "not_claimed" }.into(),
+                    ..Default::default()
+                }
             }
             _ => return Err(Status::invalid_argument("op: unknown claim operation")),
         };

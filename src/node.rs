@@ -26,11 +26,8 @@ use tracing::{info, warn};
 
 use crate::actors::{Hooks, ShardHandle, ShardMsg, WorkerConfig, spawn_shard};
 use crate::api::{ClusterApi, DispatchApi, EventsApi, InternalApi, LocationsApi, TripsApi};
-use crate::dispatch::{Dispatcher, load_claims};
-use crate::trips::Trips;
-use crate::trips::model::{Fare, TripConfig};
-use crate::trips::share::RateLimiter;
 use crate::config::NodeConfig;
+use crate::dispatch::{Dispatcher, load_claims};
 use crate::drivers::{DriverShard, Limits, ShardConfig};
 use crate::keys::shard_of;
 use crate::membership::{self, ClusterView, MembershipConfig, UdpTransport};
@@ -43,6 +40,9 @@ use crate::pb::trips_server::TripsServer;
 use crate::routing::cluster::Cluster;
 use crate::routing::{Router, SecondaryIndex};
 use crate::storage::{DriverLog, LogLimits, Persister, replay};
+use crate::trips::Trips;
+use crate::trips::model::{Fare, TripConfig};
+use crate::trips::share::RateLimiter;
 
 /// Largest gRPC message a node accepts or sends (a 10,000-fix batch is about 1 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
@@ -169,13 +169,17 @@ pub async fn run(
     let bus = crate::events::bus();
     let (trip_fix_tx, trip_fix_rx) = tokio::sync::mpsc::channel(8192);
     let hooks = Hooks { claims: Some(claims_tree.clone()), trip_fixes: Some(trip_fix_tx), events: Some(bus.clone()) };
-    let wcfg = WorkerConfig { persist_interval: cfg.persist_interval, watch_queue: cfg.watch_queue };
+    let wcfg = WorkerConfig {
+        persist_interval: cfg.persist_interval,
+        watch_queue: cfg.watch_queue,
+        mailbox: cfg.mailbox_capacity,
+    };
     let shards: Vec<ShardHandle> = cores
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
             let (persist, sweeps) = (persister.sender(), persister.sweeps.clone());
-            spawn_shard(i, c, cfg.mailbox_capacity, wcfg.clone(), index.clone(), persist, sweeps, hooks.clone())
+            spawn_shard(i, c, wcfg.clone(), index.clone(), persist, sweeps, hooks.clone())
         })
         .collect();
     let txs: Vec<_> = shards.iter().map(|s| s.tx.clone()).collect();

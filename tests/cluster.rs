@@ -6,111 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::cluster::TestCluster;
 use common::{NodeProc, eventually, fix, now_ms};
 use locus::geo::haversine_m;
 use locus::pb;
-use locus::pb::cluster_client::ClusterClient;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
-
-/// A free loopback port (TCP and UDP), released for the node to bind.
-fn free_port() -> u16 {
-    loop {
-        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = t.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-}
-
-/// N nodes with pinned ports (a restart keeps its identity), all joining node 0.
-struct TestCluster {
-    dirs: Vec<tempfile::TempDir>,
-    args: Vec<Vec<String>>,
-    nodes: Vec<Option<NodeProc>>,
-}
-
-impl TestCluster {
-    fn start(n: usize) -> TestCluster {
-        let gossip: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-        let mut c = TestCluster { dirs: Vec::new(), args: Vec::new(), nodes: Vec::new() };
-        for (i, g) in gossip.iter().enumerate() {
-            let mut a = vec![
-                "--node-name".to_string(),
-                format!("n{i}"),
-                "--gossip-addr".into(),
-                g.clone(),
-                "--grpc-addr".into(),
-                format!("127.0.0.1:{}", free_port()),
-                "--shards".into(),
-                "2".into(),
-            ];
-            if i > 0 {
-                a.extend(["--join".to_string(), gossip[0].clone()]);
-            }
-            c.args.push(a);
-            c.dirs.push(tempfile::tempdir().unwrap());
-            c.nodes.push(None);
-            c.launch(i);
-        }
-        c
-    }
-
-    fn launch(&mut self, i: usize) {
-        let args: Vec<&str> = self.args[i].iter().map(String::as_str).collect();
-        self.nodes[i] = Some(NodeProc::start(self.dirs[i].path(), &args));
-    }
-
-    fn node(&self, i: usize) -> &NodeProc {
-        self.nodes[i].as_ref().expect("running")
-    }
-
-    async fn client(&self, i: usize) -> locus::pb::locations_client::LocationsClient<Channel> {
-        self.node(i).client().await
-    }
-
-    async fn admin(&self, i: usize) -> ClusterClient<Channel> {
-        ClusterClient::connect(self.node(i).grpc.clone()).await.unwrap()
-    }
-
-    /// Waits until every running node routes by the same ring of exactly `want` nodes
-    /// (by name) and reports it; returns how long that took.
-    async fn converge(&self, want: &[&str], within: Duration) -> Duration {
-        let t0 = Instant::now();
-        let running: Vec<usize> = (0..self.nodes.len()).filter(|i| self.nodes[*i].is_some()).collect();
-        let mut last = String::new();
-        while t0.elapsed() < within {
-            last.clear();
-            let mut sums = Vec::new();
-            let mut ok = true;
-            for &i in &running {
-                let Ok(mut a) = ClusterClient::connect(self.node(i).grpc.clone()).await else {
-                    ok = false;
-                    last += "connect failed ";
-                    break;
-                };
-                let Ok(m) = a.members(pb::MembersRequest {}).await else {
-                    ok = false;
-                    last += "members failed ";
-                    break;
-                };
-                let m = m.into_inner();
-                let mut ring: Vec<&str> = m.members.iter().filter(|x| x.in_ring).map(|x| x.name.as_str()).collect();
-                ring.sort();
-                let reported = m.members.iter().filter(|x| x.in_ring).all(|x| x.ring_checksum == m.ring_checksum);
-                last += &format!("[{}: ring {ring:?} {:x} reported-agree {reported}] ", m.node, m.ring_checksum);
-                ok &= ring == want && reported;
-                sums.push(m.ring_checksum);
-            }
-            if ok && sums.windows(2).all(|w| w[0] == w[1]) {
-                return t0.elapsed();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("no convergence on {want:?} within {within:?}; last: {last}");
-    }
-}
 
 /// Drivers spread around Berlin, sent through `entry` as one streamed batch.
 async fn load(c: &TestCluster, entry: usize, n: usize, ts: i64) -> Vec<(String, f64, f64)> {

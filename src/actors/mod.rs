@@ -144,6 +144,8 @@ pub struct WorkerConfig {
     pub persist_interval: Duration,
     /// Per-watcher queue; a watcher this far behind is ended as lagged.
     pub watch_queue: usize,
+    /// Messages the shard's mailbox holds.
+    pub mailbox: usize,
 }
 
 /// One accepted fix of a driver on a trip, on its way to the trip's actor.
@@ -214,8 +216,8 @@ struct Worker {
     last_published: ShardCounters,
 }
 
-/// Starts a worker task owning `core`, with a mailbox of `capacity` messages. Must be
-/// called inside the tokio runtime.
+/// Starts a worker task owning `core`, with a mailbox of `cfg.mailbox` messages. Must
+/// be called inside the tokio runtime.
 ///
 /// Workers are tasks, not threads: a query hops to every shard and back, and on a small
 /// machine OS threads beyond the core count turned those hops into scheduler waits
@@ -225,14 +227,13 @@ struct Worker {
 pub fn spawn_shard(
     id: usize,
     core: DriverShard,
-    capacity: usize,
     cfg: WorkerConfig,
     index: Arc<SecondaryIndex>,
     persist: mpsc::Sender<PersistBatch>,
     sweeps: Arc<SweepControl>,
     hooks: Hooks,
 ) -> ShardHandle {
-    let (tx, rx) = mpsc::channel(capacity);
+    let (tx, rx) = mpsc::channel(cfg.mailbox);
     let now = Instant::now();
     let worker = Worker {
         id,

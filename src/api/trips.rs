@@ -223,7 +223,11 @@ impl DispatchApi {
             };
             let near = self.locations.nearby(Request::new(q)).await?.into_inner();
             if near.drivers.is_empty() {
-                let why = if round == 0 { "no AVAILABLE driver within the radius" } else { "every candidate was taken meanwhile" };
+                let why = if round == 0 {
+                    "no AVAILABLE driver within the radius"
+                } else {
+                    "every candidate was taken meanwhile"
+                };
                 return Err(Status::not_found(why));
             }
             for hit in near.drivers {
@@ -355,9 +359,7 @@ async fn pump_cluster(cluster: Arc<Cluster>, req: pb::SubscribeRequest, tx: Out)
             keep
         });
         for a in wanted {
-            running
-                .entry(a)
-                .or_insert_with(|| tokio::spawn(pump_peer(cluster.clone(), a, req.clone(), tx.clone())));
+            running.entry(a).or_insert_with(|| tokio::spawn(pump_peer(cluster.clone(), a, req.clone(), tx.clone())));
         }
         tokio::select! {
             r = view.changed() => if r.is_err() { break },

@@ -13,8 +13,8 @@ mod validate;
 
 pub use codec::{Record, Snapshot, SnapshotError, decode_records, encode_delete, encode_upsert};
 pub use shard::{
-    Claim, ClaimEnd, ClaimError, ClaimOk, DriverShard, Event, GoneReason, IndexKind, Lookup, NearbyQuery, PersistBatch, ShardConfig, ShardCounters,
-    WithinQuery,
+    Claim, ClaimEnd, ClaimError, ClaimOk, DriverShard, Event, GoneReason, IndexKind, Lookup, NearbyQuery, PersistBatch,
+    ShardConfig, ShardCounters, WithinQuery,
 };
 pub use trail::{Trail, TrailFix};
 pub use validate::{FieldError, Limits, MAX_ID_BYTES, MAX_VEHICLE_TYPE_BYTES, check_range, check_str, validate_fix};

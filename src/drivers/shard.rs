@@ -782,7 +782,8 @@ impl DriverShard {
                 break;
             }
             self.offers.pop();
-            let live = self.slots.get(slot as usize).and_then(Option::as_ref).is_some_and(|r| r.generation == generation);
+            let live =
+                self.slots.get(slot as usize).and_then(Option::as_ref).is_some_and(|r| r.generation == generation);
             if live && self.claims.get(&slot).is_some_and(|c| c.offer_due_ms == Some(due)) {
                 self.end_claim(slot, ClaimEnd::OfferTimeout);
             }

@@ -20,7 +20,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::actors::{ShardMsg, WatchEnd, Watcher};
-use crate::drivers::{Claim, ClaimError, ClaimOk, DriverView, FixInput, IndexKind, Lookup, NearbyHit, NearbyQuery, Reject, WithinQuery};
+use crate::drivers::{
+    Claim, ClaimError, ClaimOk, DriverView, FixInput, IndexKind, Lookup, NearbyHit, NearbyQuery, Reject, WithinQuery,
+};
 use crate::keys::{key_hash, shard_of};
 
 /// How a request names a driver.

@@ -168,7 +168,10 @@ impl Actor {
                 timestamp_ms: p.timestamp_ms,
             }),
             route: if include_route {
-                t.route.iter().map(|p| pb::RoutePoint { lat: p.lat, lon: p.lon, timestamp_ms: p.timestamp_ms }).collect()
+                t.route
+                    .iter()
+                    .map(|p| pb::RoutePoint { lat: p.lat, lon: p.lon, timestamp_ms: p.timestamp_ms })
+                    .collect()
             } else {
                 Vec::new()
             },
@@ -269,7 +272,8 @@ impl Actor {
 
     /// Writes the trip (and waits for the disk when `durable`).
     async fn save(&mut self, durable: bool) -> Result<(), Status> {
-        let bytes = postcard::to_allocvec(&self.trip).map_err(|e| Status::internal(format!("encoding the trip: {e}")))?;
+        let bytes =
+            postcard::to_allocvec(&self.trip).map_err(|e| Status::internal(format!("encoding the trip: {e}")))?;
         self.trips
             .store
             .insert(self.trip.trip_id.as_bytes(), bytes)
@@ -324,11 +328,8 @@ impl Actor {
     fn publish_share(&self, token: &str) {
         let t = &self.trip;
         let json = t.shareable(wall_ms()).then(|| {
-            let route: Vec<_> = t
-                .route
-                .iter()
-                .map(|p| serde_json::json!({"lat": p.lat, "lon": p.lon, "t": p.timestamp_ms}))
-                .collect();
+            let route: Vec<_> =
+                t.route.iter().map(|p| serde_json::json!({"lat": p.lat, "lon": p.lon, "t": p.timestamp_ms})).collect();
             let body = serde_json::json!({
                 "status": t.state.name(),
                 "vehicle": {

@@ -80,9 +80,10 @@ impl Trips {
     pub fn load(self: &Arc<Self>) -> usize {
         let mut n = 0;
         for item in self.store.iter() {
-            let trip = match item.map_err(|e| e.to_string()).and_then(|(_, v)| {
-                postcard::from_bytes::<Trip>(&v).map_err(|e| e.to_string())
-            }) {
+            let trip = match item
+                .map_err(|e| e.to_string())
+                .and_then(|(_, v)| postcard::from_bytes::<Trip>(&v).map_err(|e| e.to_string()))
+            {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(error = %e, "skipping an unreadable trip record");
@@ -171,7 +172,10 @@ impl Trips {
     }
 
     /// Subscribes to a trip: its current state and a stream of updates.
-    pub async fn watch(&self, trip_id: &str) -> Result<(pb::Trip, mpsc::Receiver<Result<pb::TripUpdate, Status>>), Status> {
+    pub async fn watch(
+        &self,
+        trip_id: &str,
+    ) -> Result<(pb::Trip, mpsc::Receiver<Result<pb::TripUpdate, Status>>), Status> {
         let (tx, rx) = mpsc::channel(self.watch_queue);
         let now = self.ask(trip_id, |reply| TripMsg::Watch(tx, reply)).await?;
         Ok((now, rx))

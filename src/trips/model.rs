@@ -217,7 +217,9 @@ pub enum ApplyError {
 pub enum Applied {
     /// The event id was seen before: nothing changed.
     Duplicate,
-    Changed { from: Option<TripState> },
+    Changed {
+        from: Option<TripState>,
+    },
 }
 
 /// What a driver fix did to the trip.
@@ -263,7 +265,7 @@ impl Trip {
     }
 
     pub fn is_duplicate(&self, ev: &TripEvent) -> bool {
-        self.event_ids.iter().any(|e| *e == ev.event_id)
+        self.event_ids.contains(&ev.event_id)
     }
 
     /// Whether `ev` would be accepted now (a duplicate is accepted as a no-op).
@@ -435,7 +437,10 @@ mod tests {
         let err = t.apply(&ev("x", EventKind::PassengerDropped), 1_500, &cfg).unwrap_err();
         assert_eq!(err, ApplyError::Invalid { state: TripState::Booked, event: "PASSENGER_DROPPED" });
         let kind = EventKind::DriverAssigned { driver_id: "d1".into(), vehicle: Vehicle::default() };
-        assert_eq!(t.apply(&ev("e2", kind.clone()), 2_000, &cfg), Ok(Applied::Changed { from: Some(TripState::Booked) }));
+        assert_eq!(
+            t.apply(&ev("e2", kind.clone()), 2_000, &cfg),
+            Ok(Applied::Changed { from: Some(TripState::Booked) })
+        );
         let v = t.version;
         assert_eq!(t.apply(&ev("e2", kind), 9_000, &cfg), Ok(Applied::Duplicate));
         assert_eq!(t.version, v, "a duplicate changes nothing");
