@@ -6,7 +6,8 @@
 //!    then the same volume with an owner-aware gateway (fixes split by the ring).
 //! 3. Nearby k=10 over `query_drivers` drivers spread over the three nodes, from one
 //!    client to one node (every query is a scatter-gather over all three).
-//! 4. Failure: time from `kill -9` of one node until both survivors agree on the
+//! 4. Dispatch and Share My Trip over the ingest phase's drivers (see `bench::trips`).
+//! 5. Failure: time from `kill -9` of one node until both survivors agree on the
 //!    two-member ring.
 
 use std::collections::HashMap;
@@ -46,7 +47,9 @@ fn start(cfg: &BenchConfig, dir: &std::path::Path, i: usize) -> anyhow::Result<P
         .args(["--grpc-addr", &format!("127.0.0.1:{}", p.grpc)])
         .args(["--http-addr", &format!("127.0.0.1:{}", p.http)])
         .args(["--gossip-addr", &format!("127.0.0.1:{}", p.gossip)])
-        .args(["--data-dir", &dir.join(format!("n{i}")).display().to_string(), "--trail-len", "4"]);
+        .args(["--data-dir", &dir.join(format!("n{i}")).display().to_string(), "--trail-len", "4"])
+        // The limiter still runs on every request; its budget is not the bottleneck here.
+        .args(["--share-client-rate", "10000000", "--share-token-rate", "10000000"]);
     if i > 0 {
         cmd.args(["--join", &format!("127.0.0.1:{}", ports(cfg, 0).gossip)]);
     }
@@ -115,6 +118,7 @@ pub struct ClusterFigures {
     pub nearby: Latency,
     pub results: usize,
     pub kill_converge: Duration,
+    pub trips: super::trips::TripFigures,
 }
 
 /// Runs the cluster benchmarks in `dir`.
@@ -149,6 +153,11 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Clu
     eprintln!("[bench] cluster ingest, owner-aware: {:.0} fixes/s", ingest_owner.rate());
     drop(w);
 
+    // Dispatch and share over the ingest drivers.
+    let urls: Vec<String> = (0..3).map(|i| url(cfg, i)).collect();
+    let http0 = format!("127.0.0.1:{}", ports(cfg, 0).http);
+    let trips = super::trips::run(&urls, &http0, cfg.matches).await?;
+
     // Nearby over many drivers on three nodes.
     let w = Workload::new(cfg.query_drivers, 1, 31);
     let chunk = 200_000;
@@ -180,7 +189,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Clu
     let kill_converge = time_to_agree(cfg, &[0, 1], 2, t0).await?;
     eprintln!("[bench] cluster: after kill -9 the survivors agreed in {kill_converge:?}");
     drop(procs);
-    Ok(ClusterFigures { join_converge, ingest_any, ingest_owner, nearby, results, kill_converge })
+    Ok(ClusterFigures { join_converge, ingest_any, ingest_owner, nearby, results, kill_converge, trips })
 }
 
 /// The report section.
@@ -206,6 +215,22 @@ pub fn report(cfg: &BenchConfig, f: &ClusterFigures, out: &mut String) -> std::f
         "| Nearby k=10 over {} drivers on 3 nodes, p50 / p99 / p99.9 (scatter-gather) | **{:.0} / {:.0} / {:.0} µs** | p99 ≤ 5 ms |",
         cfg.query_drivers, f.nearby.p50, f.nearby.p99, f.nearby.p999
     )?;
+    let t = &f.trips;
+    writeln!(
+        out,
+        "| `Match` over {} drivers (scatter-gather + claim on the owner), p50 / p99, one client | **{:.0} / {:.0} µs** | p99 ≤ 10 ms |",
+        cfg.ingest_drivers, t.matched.p50, t.matched.p99
+    )?;
+    writeln!(
+        out,
+        "| `Match` throughput, 16 concurrent clients over the 3 nodes | **{:.0} matches/s** | – |",
+        t.matches_per_sec
+    )?;
+    writeln!(
+        out,
+        "| `GET /share/{{token}}` on one node, 32 keep-alive connections | **{:.0} requests/s** | ≥ 20,000/s |",
+        t.share_rps
+    )?;
     writeln!(
         out,
         "| `kill -9` of one node → both survivors agree on the new ring | **{:.2} s** | detection ≤ 5 s |",
@@ -230,6 +255,11 @@ pub fn report(cfg: &BenchConfig, f: &ClusterFigures, out: &mut String) -> std::f
         out,
         "- Nearby: {} sequential queries from one client to one node, {:.0} queries/s, {} results in all; each query asks all three nodes in parallel (default deadline 200 ms) and merges.",
         f.nearby.n, f.nearby.qps, f.results
+    )?;
+    writeln!(
+        out,
+        "- Match: {} sequential calls at random city points within 3 km ({} found nobody free: those are timed too), then {} successful claims by 16 clients. Every claim is a compare-and-set in the driver's shard on its owner, flushed to sled before the answer. Share: {} answers of 200 in {} s; the per-client and per-token limiters run on every request (with budgets raised for the benchmark).",
+        t.matched.n, t.not_found, t.concurrent_matches, t.share_requests, 4
     )?;
     writeln!(
         out,

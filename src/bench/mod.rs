@@ -12,6 +12,7 @@
 
 mod cluster;
 mod redis;
+mod trips;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -57,6 +58,9 @@ pub struct BenchConfig {
     /// Concurrent streams (and Redis connections) for ingest.
     #[arg(long, default_value_t = 4)]
     pub streams: usize,
+    /// Match calls to time (sequential), and to run concurrently for matches/s.
+    #[arg(long, default_value_t = 4_000)]
+    pub matches: usize,
     /// GEOSEARCH queries to time (Redis answers them more slowly: fewer keep the run short).
     #[arg(long, default_value_t = 5_000)]
     pub redis_queries: usize,
@@ -242,7 +246,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn from(mut us: Vec<f64>, secs: f64) -> Latency {
+    pub(crate) fn from(mut us: Vec<f64>, secs: f64) -> Latency {
         us.sort_by(f64::total_cmp);
         let p = |q: f64| us.get(((us.len() - 1) as f64 * q).round() as usize).copied().unwrap_or(0.0);
         Latency { n: us.len(), p50: p(0.5), p99: p(0.99), p999: p(0.999), qps: us.len() as f64 / secs }

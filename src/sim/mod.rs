@@ -5,6 +5,9 @@
 //! few `UpdateStream` streams; a query task runs Nearby k=10 at a steady rate. A status
 //! line shows fixes/s, rejections by reason and Nearby latency p50/p99 every second.
 //!
+//! Riders (`--riders-per-sec`, see [`riders`]) book trips, get matched, ride and share
+//! their trips; the status line adds matches/s, match p99 and trip outcomes.
+//!
 //! A small share of fixes (`--bad-ratio`) is made wrong on purpose (replayed, or a jump
 //! across town), so the rejection counters show the validation working.
 //!
@@ -12,6 +15,8 @@
 //! each fix to its owner. With `--owner-aware` the simulator acts like a smart gateway:
 //! it reads the ring from `Cluster.RingInfo` (refreshed every 2 s), computes each fix's
 //! owner itself and sends it straight there, saving the forwarding hop.
+
+pub mod riders;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -72,6 +77,9 @@ pub struct SimConfig {
     pub duration: Option<Duration>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Riders starting a trip per second (0: none).
+    #[arg(long, default_value_t = 5.0)]
+    pub riders_per_sec: f64,
     /// Prefix of the simulated driver ids.
     #[arg(long, default_value = "sim-")]
     pub id_prefix: String,
@@ -180,16 +188,20 @@ impl Outlets {
 
 /// Connects a client with the node's message limits.
 pub async fn connect(target: &str) -> anyhow::Result<LocationsClient<Channel>> {
-    let ch = Endpoint::from_shared(target.to_string())?
+    Ok(LocationsClient::new(connect_channel(target).await?)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// A connected channel to one node (for any service's client).
+pub async fn connect_channel(target: &str) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(target.to_string())?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_while_idle(true)
         .connect()
-        .await?;
-    Ok(LocationsClient::new(ch)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .await?)
 }
 
 /// A point at `d` metres on `bearing` radians from (lat, lon), flat-earth (city scale).
@@ -239,6 +251,14 @@ impl City {
 
     pub fn random_point(&self, rng: &mut SmallRng) -> (f64, f64) {
         random_point(&self.cfg, rng)
+    }
+
+    /// Sends driver `i` to `dest` (a rider's pickup or drop-off) at city speed.
+    pub fn steer(&mut self, i: usize, dest: (f64, f64)) {
+        if let Some(d) = self.drivers.get_mut(i) {
+            d.dest = dest;
+            d.speed = d.speed.max(10.0);
+        }
     }
 
     /// Moves driver `i` to time `now_ms` and returns its fix.
@@ -308,6 +328,20 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// A plain HTTP/1.1 GET on a fresh connection: (status, body).
+pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
 /// Runs the simulator until `--duration` passes or Ctrl-C.
 pub async fn run(cfg: SimConfig) -> anyhow::Result<()> {
     let targets: Vec<String> = cfg.target.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
@@ -361,6 +395,11 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<()> {
         }
     });
 
+    let rider_stats = Arc::new(riders::RiderStats::default());
+    let (steer_tx, mut steer_rx) = mpsc::channel(1024);
+    riders::spawn(cfg.clone(), connect_channel(&targets[0]).await?, steer_tx, rider_stats.clone());
+    let mut last_matched = 0u64;
+
     let mut city = City::new(cfg.clone());
     let start = Instant::now();
     let tick = Duration::from_millis(100);
@@ -381,6 +420,9 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<()> {
         }
         if cfg.duration.is_some_and(|d| start.elapsed() >= d) {
             break;
+        }
+        while let Ok((i, dest)) = steer_rx.try_recv() {
+            city.steer(i, dest);
         }
         let now = wall_ms();
         let mut batch = Vec::with_capacity(cfg.batch);
@@ -413,6 +455,22 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<()> {
             lat.sort_unstable();
             let rejected = stats.rejected.lock().expect("stats").clone();
             let rej: Vec<String> = rejected.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let r = &rider_stats;
+            let matched = r.matched.load(Ordering::Relaxed);
+            let mut mlat = std::mem::take(&mut *r.match_us.lock().await);
+            mlat.sort_unstable();
+            let trips_line = format!(
+                " | matches/s={:.1} match p99={:.2}ms no_driver={} done={} cancelled={} share 200={} other={} errors={}",
+                (matched - last_matched) as f64 / secs,
+                percentile(&mlat, 0.99) as f64 / 1000.0,
+                r.no_driver.load(Ordering::Relaxed),
+                r.completed.load(Ordering::Relaxed),
+                r.cancelled.load(Ordering::Relaxed),
+                r.share_ok.load(Ordering::Relaxed),
+                r.share_other.load(Ordering::Relaxed),
+                r.errors.load(Ordering::Relaxed),
+            );
+            last_matched = matched;
             let line = format!(
                 "[sim {:>4}s] drivers={} fixes/s={:>7.0} accepted={} rejected: {} | nearby k=10 n={} p50={:.2}ms p99={:.2}ms errors={}",
                 start.elapsed().as_secs(),
@@ -424,7 +482,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<()> {
                 percentile(&lat, 0.5) as f64 / 1000.0,
                 percentile(&lat, 0.99) as f64 / 1000.0,
                 stats.query_errors.load(Ordering::Relaxed),
-            );
+            ) + &trips_line;
             if tty {
                 print!("\r\x1b[2K{line}");
                 std::io::stdout().flush().ok();
