@@ -20,10 +20,19 @@
 //!                                                        │   └─ expiry schedule
 //!                                                        ▼
 //!                  storage::Persister (group commit) ──► driver log (append-only segments)
+//!
+//!  Trips / Dispatch / Events (api::trips):
+//!    Match ──► Nearby(AVAILABLE) ──► dispatch::Dispatcher ──► claim on the driver's owner
+//!    Apply ──► trips::Trips ──► one actor task per trip ──► sled `trips` (TTL in the record)
+//!    shards ──► claims (sled) · fixes of assigned drivers ──► trip feed · events::Bus
+//!    http: GET /share/{token} ──► owner's trips::share::ShareTable (pre-rendered JSON)
 //! ```
 //!
-//! - [`api`]: `locus.v1.Locations` (keyed → owner, geo → scatter) and `locus.v1.Cluster`;
-//!   validation; errors → `Status` in one place.
+//! - [`api`]: `locus.v1.Locations` (keyed → owner, geo → scatter), `locus.v1.Cluster`,
+//!   and `Trips`, `Dispatch`, `Events`, `Internal`; validation; errors → `Status`.
+//! - [`trips`]: trip actors on the trip's owner, the pure trip state machine, share
+//!   tokens, the share table and rate limiter; [`dispatch`]: driver claims across nodes;
+//!   [`events`]: the per-node state-change bus.
 //! - [`membership`]: SWIM gossip (foca) core and shell, node metadata, the in-process
 //!   test network; publishes the cluster view.
 //! - [`ring`]: pure consistent-hash ring of virtual nodes over partitions.
@@ -35,7 +44,7 @@
 //! - [`keys`]: deterministic key hashing; partitions, the unit shards and nodes own.
 //! - [`config`], [`node`]: flags and wiring, ownership following the ring, startup restore
 //!   and graceful shutdown (leave first).
-//! - [`http`]: health, readiness and Prometheus metrics.
+//! - [`http`]: health, readiness, Prometheus metrics and the public share endpoints.
 //! - [`admin`]: the `locus admin` CLI; [`sim`]: the city simulator and load generator
 //!   (owner-aware or not); [`bench`]: the benchmarks.
 //! - [`pb`]: generated protobuf/gRPC code.

@@ -164,7 +164,11 @@ pub async fn run(
     let persister = Persister::start(log, limits, cfg.shards, 2 * cfg.shards);
     let index = Arc::new(SecondaryIndex::default());
     // Claims, trips and their timers: small, low-rate, durable (sled).
-    let db = sled::Config::new().path(dir.join("meta")).open().context("opening the trips/claims store")?;
+    let db = sled::Config::new()
+        .path(dir.join("meta"))
+        .cache_capacity(16 << 20)
+        .open()
+        .context("opening the trips/claims store")?;
     let claims_tree = db.open_tree("claims").context("opening the claims tree")?;
     let bus = crate::events::bus();
     let (trip_fix_tx, trip_fix_rx) = tokio::sync::mpsc::channel(8192);
