@@ -24,11 +24,12 @@ use crate::pb;
 use crate::pb::internal_client::InternalClient;
 use crate::routing::Router;
 use crate::routing::cluster::Cluster;
+use crate::storage::Durable;
 
 pub struct Dispatcher {
     router: Arc<Router>,
     cluster: Arc<Cluster>,
-    db: sled::Db,
+    durable: Durable,
     /// How long a claim waits for DRIVER_ASSIGNED.
     pub offer_timeout: Duration,
 }
@@ -56,8 +57,8 @@ fn answer(r: Result<ClaimOk, ClaimError>) -> pb::ClaimResponse {
 }
 
 impl Dispatcher {
-    pub fn new(router: Arc<Router>, cluster: Arc<Cluster>, db: sled::Db, offer_timeout: Duration) -> Dispatcher {
-        Dispatcher { router, cluster, db, offer_timeout }
+    pub fn new(router: Arc<Router>, cluster: Arc<Cluster>, durable: Durable, offer_timeout: Duration) -> Dispatcher {
+        Dispatcher { router, cluster, durable, offer_timeout }
     }
 
     /// Runs a claim operation on this node (its owner), durable before it answers.
@@ -81,7 +82,7 @@ impl Dispatcher {
             _ => return Err(Status::invalid_argument("op: unknown claim operation")),
         };
         if resp.ok {
-            self.db.flush_async().await.map_err(|e| Status::unavailable(format!("persisting the claim: {e}")))?;
+            self.durable.flush().await.map_err(|e| Status::unavailable(format!("persisting the claim: {e}")))?;
         }
         Ok(resp)
     }

@@ -170,6 +170,7 @@ pub async fn run(
         .open()
         .context("opening the trips/claims store")?;
     let claims_tree = db.open_tree("claims").context("opening the claims tree")?;
+    let durable = crate::storage::Durable::start(db.clone());
     let bus = crate::events::bus();
     let (trip_fix_tx, trip_fix_rx) = tokio::sync::mpsc::channel(8192);
     let hooks = Hooks { claims: Some(claims_tree.clone()), trip_fixes: Some(trip_fix_tx), events: Some(bus.clone()) };
@@ -236,7 +237,7 @@ pub async fn run(
         ready.clone(),
     ));
 
-    let dispatch = Arc::new(Dispatcher::new(router.clone(), cluster.clone(), db.clone(), cfg.offer_timeout));
+    let dispatch = Arc::new(Dispatcher::new(router.clone(), cluster.clone(), durable.clone(), cfg.offer_timeout));
     let trip_cfg = TripConfig {
         buffer_ms: cfg.trip_buffer.as_millis() as i64,
         linger_ms: cfg.trip_linger.as_millis() as i64,
@@ -250,7 +251,7 @@ pub async fn run(
         .unwrap_or_else(|| format!("http://{}", advertised(http_addr, gossip_addr)))
         .trim_end_matches('/')
         .to_string();
-    let trips = Trips::new(db.clone(), trip_cfg, public_url, bus.clone(), dispatch.clone(), cfg.watch_queue)
+    let trips = Trips::new(&db, durable.clone(), trip_cfg, public_url, bus.clone(), dispatch.clone(), cfg.watch_queue)
         .context("opening the trips tree")?;
     trips.load();
     let feed = tokio::spawn(crate::trips::run_feed(trip_fix_rx, trips.clone(), cluster.clone()));
@@ -332,7 +333,7 @@ pub async fn run(
     }
     feed.abort();
     tokio::task::spawn_blocking(move || persister.stop(Duration::from_secs(30))).await?;
-    if let Err(e) = db.flush_async().await {
+    if let Err(e) = durable.flush().await {
         warn!(error = %e, "flushing the trips/claims store");
     }
     info!("stopped cleanly");

@@ -26,7 +26,11 @@
 //! the persist interval, so the write rate is the fix rate; an append-only log writes a
 //! fix as ~120 bytes of sequential IO and keeps no index in memory, where a B-tree store
 //! rewrites pages and caches them (sled 0.34 proved far too slow and too large at 1M
-//! drivers when tried during design).
+//! drivers when tried during design). Claims and trips, which change rarely, do live in
+//! sled, flushed through [`Durable`] (group commit on one thread).
+
+mod durable;
+pub use durable::Durable;
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

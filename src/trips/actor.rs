@@ -279,7 +279,7 @@ impl Actor {
             .insert(self.trip.trip_id.as_bytes(), bytes)
             .map_err(|e| Status::unavailable(format!("storing the trip: {e}")))?;
         if durable {
-            self.trips.db.flush_async().await.map_err(|e| Status::unavailable(format!("flushing the trip: {e}")))?;
+            self.trips.durable.flush().await.map_err(|e| Status::unavailable(format!("flushing the trip: {e}")))?;
         }
         self.dirty = false;
         Ok(())

@@ -32,6 +32,7 @@ use crate::dispatch::Dispatcher;
 use crate::events::Bus;
 use crate::pb;
 use crate::routing::cluster::{Cluster, Owner};
+use crate::storage::Durable;
 pub use actor::TripMsg;
 use model::{EventKind, Trip, TripConfig, TripEvent};
 use share::ShareTable;
@@ -41,7 +42,7 @@ pub struct Trips {
     actors: Mutex<HashMap<Box<str>, mpsc::Sender<TripMsg>>>,
     pub shares: ShareTable,
     pub(crate) store: sled::Tree,
-    pub(crate) db: sled::Db,
+    pub(crate) durable: Durable,
     pub cfg: TripConfig,
     /// Base of share URLs, e.g. `http://127.0.0.1:7480`.
     pub public_url: String,
@@ -55,7 +56,8 @@ const TRIP_MAILBOX: usize = 64;
 
 impl Trips {
     pub fn new(
-        db: sled::Db,
+        db: &sled::Db,
+        durable: Durable,
         cfg: TripConfig,
         public_url: String,
         bus: Bus,
@@ -67,7 +69,7 @@ impl Trips {
             actors: Mutex::new(HashMap::new()),
             shares: ShareTable::default(),
             store,
-            db,
+            durable,
             cfg,
             public_url,
             bus,
