@@ -506,8 +506,10 @@ mod tests {
         }
         assert!(t.route.len() <= 65, "{}", t.route.len());
         assert!(t.route.len() >= 16, "{}", t.route.len());
-        let last = t.route.last().unwrap();
-        assert_eq!(last.timestamp_ms, 100 + 1_999, "the newest point is kept");
+        let (last, pos) = (t.route.last().unwrap(), t.driver_pos.unwrap());
+        assert_eq!(pos.timestamp_ms, 100 + 1_999);
+        let gap = haversine_m(last.lat, last.lon, pos.lat, pos.lon);
+        assert!(gap <= t.route_step_m, "the route reaches the driver within its spacing: {gap} m");
         assert!((t.distance_m - 1999.0 * 22.24).abs() < 100.0, "distance is not down-sampled: {}", t.distance_m);
         assert!(t.route.windows(2).all(|w| w[0].timestamp_ms < w[1].timestamp_ms));
     }

@@ -135,7 +135,8 @@ fn cab_and_session_changes_emit_index_events() {
     let mut sh = DriverShard::new(cfg());
     sh.apply(FixInput { cab_number: "A".into(), session: "s1".into(), ..fix("d1", 1.0, 1.0, T0) }, T0).unwrap();
     let ev: Vec<Event> = sh.drain_events().collect();
-    assert_eq!(ev.len(), 2);
+    assert_eq!(ev.len(), 3, "cab, session, and the new driver's status");
+    assert!(matches!(&ev[2], Event::StatusChanged { from: None, to: Some(_), .. }), "{:?}", ev[2]);
     sh.apply(FixInput { cab_number: "A".into(), ..fix("d1", 1.0, 1.0, T0 + 1) }, T0).unwrap();
     assert_eq!(sh.drain_events().count(), 0, "same cab, no change");
     sh.apply(FixInput { cab_number: "B".into(), ..fix("d1", 1.0, 1.0, T0 + 2) }, T0).unwrap();
