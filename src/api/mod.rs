@@ -147,6 +147,18 @@ pub fn scatter_deadline(ms: Option<u32>, default: Duration) -> Result<Duration, 
     }
 }
 
+/// A position sent between nodes (a trip's driver fix) back from protobuf.
+pub fn position_from_proto(f: &pb::Fix) -> Position {
+    Position {
+        lat: f.lat,
+        lon: f.lon,
+        heading_deg: f.heading_deg,
+        speed_mps: f.speed_mps,
+        accuracy_m: f.accuracy_m,
+        timestamp_ms: f.timestamp_ms,
+    }
+}
+
 pub fn fix_proto(p: &Position) -> pb::Fix {
     pb::Fix {
         lat: p.lat,

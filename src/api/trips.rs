@@ -18,10 +18,10 @@ use tonic::{Request, Response, Status};
 use tracing::debug;
 
 use super::locations::{BoxStream, Target, forwarded, peer_status, target};
-use super::{END_KEY, check_coord, check_key_str, invalid, with_meta};
+use super::{END_KEY, check_coord, check_key_str, invalid, position_from_proto, with_meta};
 use crate::actors::{TripFix, wall_ms};
 use crate::dispatch::Dispatcher;
-use crate::drivers::{FieldError, MAX_VEHICLE_TYPE_BYTES, Position, check_range, check_str};
+use crate::drivers::{FieldError, MAX_VEHICLE_TYPE_BYTES, check_range, check_str};
 use crate::events::{Bus, Filter};
 use crate::geo::haversine_m;
 use crate::pb;
@@ -425,15 +425,8 @@ impl pb::internal_server::Internal for InternalApi {
 
     async fn feed(&self, req: Request<pb::TripFixes>) -> Result<Response<pb::FeedAck>, Status> {
         for f in req.into_inner().fixes {
-            let Some(p) = f.fix else { continue };
-            let pos = Position {
-                lat: p.lat,
-                lon: p.lon,
-                heading_deg: p.heading_deg,
-                speed_mps: p.speed_mps,
-                accuracy_m: p.accuracy_m,
-                timestamp_ms: p.timestamp_ms,
-            };
+            let Some(p) = &f.fix else { continue };
+            let pos = position_from_proto(p);
             self.trips.feed(TripFix { trip_id: f.trip_id.into(), driver_id: f.driver_id.into(), pos });
         }
         Ok(Response::new(pb::FeedAck {}))

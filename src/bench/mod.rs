@@ -297,16 +297,6 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-/// GET `path` from a local HTTP port (the node's metrics endpoint).
-async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out)
-}
-
 /// Waits until the node's driver log is quiet: no compaction sweep running and no
 /// bytes written for a second.
 async fn wait_idle(http_port: u16) -> anyhow::Result<()> {
@@ -315,7 +305,7 @@ async fn wait_idle(http_port: u16) -> anyhow::Result<()> {
     };
     let mut last = None;
     for _ in 0..600 {
-        let m = http_get(http_port, "/metrics").await?;
+        let (_, m) = crate::sim::http_get(&format!("127.0.0.1:{http_port}"), "/metrics").await?;
         let running = value(&m, "locus_compaction_running ").unwrap_or(0.0);
         let written = value(&m, "locus_persist_bytes_total ");
         if running == 0.0 && written == last {

@@ -80,8 +80,9 @@ pub struct FixInput {
     pub trip_cost: f64,
 }
 
-/// The position part of a fix, as stored for a driver's last accepted fix.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+/// The position part of a fix, as stored for a driver's last accepted fix (and, on a
+/// trip, as the trip saw its driver).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Position {
     pub lat: f64,
     pub lon: f64,

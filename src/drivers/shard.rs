@@ -542,20 +542,24 @@ impl DriverShard {
         Ok(self.claim_ok(slot))
     }
 
-    fn set_claim(&mut self, slot: u32, claim: Claim) {
-        let old_key = self.rec(slot).key();
-        let generation = self.rec(slot).generation;
-        if let Some(due) = claim.offer_due_ms {
-            self.offers.push(Reverse((due, slot, generation)));
-        }
+    /// Records `claim` on the driver in `slot` (flags, offer timer); returns the index
+    /// key it had before, for the caller to re-index.
+    fn attach_claim(&mut self, slot: u32, claim: Claim) -> IndexKey {
         let rec = self.rec_mut(slot);
+        let (old_key, generation) = (rec.key(), rec.generation);
         rec.flags |= CLAIMED;
-        if claim.offer_due_ms.is_none() {
-            rec.flags |= ASSIGNED;
+        match claim.offer_due_ms {
+            Some(due) => self.offers.push(Reverse((due, slot, generation))),
+            None => self.rec_mut(slot).flags |= ASSIGNED,
         }
-        let driver_id = rec.id.clone();
-        self.claims.insert(slot, claim.clone());
-        self.events.push(Event::ClaimSet { driver_id, claim });
+        self.claims.insert(slot, claim);
+        old_key
+    }
+
+    fn set_claim(&mut self, slot: u32, claim: Claim) {
+        let driver_id = self.rec(slot).id.clone();
+        self.events.push(Event::ClaimSet { driver_id, claim: claim.clone() });
+        let old_key = self.attach_claim(slot, claim);
         self.reindex_claim(slot, old_key);
     }
 
@@ -583,27 +587,12 @@ impl DriverShard {
     /// offer already past its time lapses at the next [`fire_timers`](Self::fire_timers).
     pub fn restore_claim(&mut self, driver_id: &str, claim: Claim) -> bool {
         let Some(slot) = self.find(driver_id) else { return false };
-        let old_key = self.rec(slot).key();
-        let generation = self.rec(slot).generation;
-        if let Some(due) = claim.offer_due_ms {
-            self.offers.push(Reverse((due, slot, generation)));
-        }
-        let rec = self.rec_mut(slot);
-        rec.flags |= CLAIMED;
-        if claim.offer_due_ms.is_none() {
-            rec.flags |= ASSIGNED;
-        }
-        self.claims.insert(slot, claim);
+        let old_key = self.attach_claim(slot, claim);
         let r = self.rec(slot);
         let (new_key, p) = (r.key(), r.indexed);
         self.index.remove(old_key, slot, p);
         self.index.insert(new_key, slot, p);
         true
-    }
-
-    /// Number of drivers claimed by trips.
-    pub fn claimed(&self) -> usize {
-        self.claims.len()
     }
 
     fn index_changed(&mut self, slot: u32, kind: IndexKind, old: Option<Box<str>>) {

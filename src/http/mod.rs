@@ -99,18 +99,35 @@ fn client_key(addr: &SocketAddr) -> Vec<u8> {
     }
 }
 
+/// The share endpoints' common gate: the client's budget, then a well-formed token.
+/// Returns the share state and the token's partition, or the refusal to send.
+fn admit(s: HttpState, addr: &SocketAddr, token: &str) -> Result<(Arc<Share>, usize), StatusCode> {
+    let share = s.share.ok_or(StatusCode::NOT_FOUND)?;
+    if !share.per_client.allow(&client_key(addr)) {
+        return Err(StatusCode::TOO_MANY_REQUESTS);
+    }
+    let partition = token_partition(token).ok_or(StatusCode::NOT_FOUND)?;
+    Ok((share, partition))
+}
+
+fn refuse(code: StatusCode) -> Response {
+    match code {
+        StatusCode::TOO_MANY_REQUESTS => plain(code, "too many requests\n"),
+        _ => not_found(),
+    }
+}
+
 async fn share_json(
     State(s): State<HttpState>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     Path(token): Path<String>,
 ) -> Response {
-    let Some(share) = s.share else { return not_found() };
-    if !share.per_client.allow(&client_key(&addr)) {
-        return plain(StatusCode::TOO_MANY_REQUESTS, "too many requests\n");
-    }
-    let Some(partition) = token_partition(&token) else { return not_found() };
+    let (share, partition) = match admit(s, &addr, &token) {
+        Ok(v) => v,
+        Err(code) => return refuse(code),
+    };
     if !share.per_token.allow(token.as_bytes()) {
-        return plain(StatusCode::TOO_MANY_REQUESTS, "too many requests\n");
+        return refuse(StatusCode::TOO_MANY_REQUESTS);
     }
     let json: Option<Bytes> = match share.cluster.partition_owner(partition) {
         Owner::Local => share.trips.shares.get(&token, wall_ms()),
@@ -143,12 +160,8 @@ async fn share_view(
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     Path(token): Path<String>,
 ) -> Response {
-    let Some(share) = s.share else { return not_found() };
-    if !share.per_client.allow(&client_key(&addr)) {
-        return plain(StatusCode::TOO_MANY_REQUESTS, "too many requests\n");
-    }
-    if token_partition(&token).is_none() {
-        return not_found();
+    if let Err(code) = admit(s, &addr, &token) {
+        return refuse(code);
     }
     (
         StatusCode::OK,

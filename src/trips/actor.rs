@@ -14,7 +14,7 @@ use tokio::time::{Instant, sleep_until};
 use tonic::Status;
 use tracing::{debug, warn};
 
-use super::model::{Applied, ApplyError, DriverFix, EventKind, Trip, TripEvent, TripState};
+use super::model::{Applied, ApplyError, EventKind, Trip, TripEvent, TripState};
 use super::share::{ShareEntry, new_token};
 use super::{Trips, not_found};
 use crate::actors::{TripFix, wall_ms};
@@ -159,14 +159,7 @@ impl Actor {
                 colour: v.colour.clone(),
                 plate: v.plate.clone(),
             }),
-            driver_position: t.driver_pos.map(|p| pb::Fix {
-                lat: p.lat,
-                lon: p.lon,
-                heading_deg: p.heading_deg,
-                speed_mps: p.speed_mps,
-                accuracy_m: p.accuracy_m,
-                timestamp_ms: p.timestamp_ms,
-            }),
+            driver_position: t.driver_pos.as_ref().map(crate::api::fix_proto),
             route: if include_route {
                 t.route
                     .iter()
@@ -220,16 +213,7 @@ impl Actor {
                 let _ = reply.send(pb::ShareLink { token, url, expires_ms: self.trip.expires_ms });
             }
             TripMsg::Fix(f) => {
-                let p = f.pos;
-                let fix = DriverFix {
-                    lat: p.lat,
-                    lon: p.lon,
-                    heading_deg: p.heading_deg,
-                    speed_mps: p.speed_mps,
-                    accuracy_m: p.accuracy_m,
-                    timestamp_ms: p.timestamp_ms,
-                };
-                let out = self.trip.on_fix(&f.driver_id, fix, &self.trips.cfg);
+                let out = self.trip.on_fix(&f.driver_id, f.pos, &self.trips.cfg);
                 if !out.taken {
                     return;
                 }

@@ -31,7 +31,7 @@ use crate::actors::TripFix;
 use crate::dispatch::Dispatcher;
 use crate::events::Bus;
 use crate::pb;
-use crate::routing::cluster::{Cluster, Owner};
+use crate::routing::cluster::Cluster;
 use crate::storage::Durable;
 pub use actor::TripMsg;
 use model::{EventKind, Trip, TripConfig, TripEvent};
@@ -92,18 +92,18 @@ impl Trips {
                     continue;
                 }
             };
-            self.spawn(Some(trip));
+            let id: Box<str> = trip.trip_id.as_str().into();
+            let tx = self.spawn(Some(trip));
+            self.actors.lock().expect("trips lock").insert(id, tx);
             n += 1;
         }
         info!(trips = n, "restored trips");
         n
     }
 
+    /// Starts an actor (the caller registers its mailbox).
     fn spawn(self: &Arc<Self>, trip: Option<Trip>) -> mpsc::Sender<TripMsg> {
         let (tx, rx) = mpsc::channel(TRIP_MAILBOX);
-        if let Some(t) = &trip {
-            self.actors.lock().expect("trips lock").insert(t.trip_id.as_str().into(), tx.clone());
-        }
         tokio::spawn(actor::run(self.clone(), trip, rx, tx.clone()));
         tx
     }
@@ -118,15 +118,6 @@ impl Trips {
         if m.get(trip_id).is_some_and(|tx| tx.same_channel(me)) {
             m.remove(trip_id);
         }
-    }
-
-    /// Number of live trips on this node.
-    pub fn len(&self) -> usize {
-        self.actors.lock().expect("trips lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     async fn ask<T>(&self, trip_id: &str, make: impl FnOnce(oneshot::Sender<T>) -> TripMsg) -> Result<T, Status> {
@@ -150,9 +141,8 @@ impl Trips {
             match m.get(ev.trip_id.as_str()) {
                 Some(tx) => tx.clone(),
                 None if matches!(ev.kind, EventKind::BookingCreated { .. }) => {
-                    let (tx, rx) = mpsc::channel(TRIP_MAILBOX);
+                    let tx = self.spawn(None);
                     m.insert(ev.trip_id.as_str().into(), tx.clone());
-                    tokio::spawn(actor::run(self.clone(), None, rx, tx.clone()));
                     tx
                 }
                 None => return Err(not_found()),
@@ -205,22 +195,28 @@ pub async fn run_feed(mut rx: mpsc::Receiver<TripFix>, trips: Arc<Trips>, cluste
     let inflight = Arc::new(tokio::sync::Semaphore::new(64));
     let mut buf = Vec::with_capacity(1024);
     while rx.recv_many(&mut buf, 1024).await > 0 {
-        let mut remote: HashMap<String, (crate::routing::cluster::Peer, Vec<pb::TripFix>)> = HashMap::new();
+        // One view per batch; a peer is looked up once per owner, not once per fix.
+        let view = cluster.view();
+        let mut remote: HashMap<std::net::SocketAddr, Vec<pb::TripFix>> = HashMap::new();
         for f in buf.drain(..) {
-            match cluster.owner(f.trip_id.as_bytes()) {
-                Owner::Local => trips.feed(f),
-                Owner::Remote(p) => {
-                    let entry = remote.entry(p.name.clone()).or_insert_with(|| (*p, Vec::new()));
-                    entry.1.push(pb::TripFix {
-                        trip_id: f.trip_id.into(),
-                        driver_id: f.driver_id.into(),
-                        fix: Some(crate::api::fix_proto(&f.pos)),
-                    });
-                }
-                Owner::Unknown => metrics::counter!("locus_trip_fixes_dropped_total").increment(1),
+            match view.ring.owner(f.trip_id.as_bytes()) {
+                Some(a) if a == view.me => trips.feed(f),
+                Some(a) => remote.entry(a).or_default().push(pb::TripFix {
+                    trip_id: f.trip_id.into(),
+                    driver_id: f.driver_id.into(),
+                    fix: Some(crate::api::fix_proto(&f.pos)),
+                }),
+                None => metrics::counter!("locus_trip_fixes_dropped_total").increment(1),
             }
         }
-        for (_, (peer, fixes)) in remote {
+        let remote = remote.into_iter().filter_map(|(a, fixes)| match cluster.peer_in(&view, a) {
+            Some(p) => Some((p, fixes)),
+            None => {
+                metrics::counter!("locus_trip_fixes_dropped_total").increment(fixes.len() as u64);
+                None
+            }
+        });
+        for (peer, fixes) in remote {
             let Ok(permit) = inflight.clone().try_acquire_owned() else {
                 metrics::counter!("locus_trip_fixes_dropped_total").increment(fixes.len() as u64);
                 continue;

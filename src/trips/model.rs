@@ -11,6 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::drivers::Position;
 use crate::geo::haversine_m;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,17 +151,6 @@ impl Default for TripConfig {
     }
 }
 
-/// A driver position as the trip saw it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct DriverFix {
-    pub lat: f64,
-    pub lon: f64,
-    pub heading_deg: f64,
-    pub speed_mps: f64,
-    pub accuracy_m: f64,
-    pub timestamp_ms: i64,
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoutePoint {
     pub lat: f64,
@@ -183,13 +173,13 @@ pub struct Trip {
     pub estimated_drive_s: u32,
     pub driver_id: String,
     pub vehicle: Vehicle,
-    pub driver_pos: Option<DriverFix>,
+    pub driver_pos: Option<Position>,
     pub route: Vec<RoutePoint>,
     /// Minimum spacing of recorded route points; doubles at each down-sampling.
     pub route_step_m: f64,
     pub distance_m: f64,
     /// The last fix that counted for the distance.
-    anchor: Option<DriverFix>,
+    anchor: Option<Position>,
     pub created_ms: i64,
     pub assigned_ms: i64,
     pub arrived_ms: i64,
@@ -322,7 +312,7 @@ impl Trip {
     /// A fix of `driver_id`. Taken only from the assigned driver while the trip has one
     /// and only if newer than the last; during PASSENGER_CARRY it extends the route and
     /// the distance (moves within the fixes' accuracy are jitter and do not count).
-    pub fn on_fix(&mut self, driver_id: &str, f: DriverFix, cfg: &TripConfig) -> FixOutcome {
+    pub fn on_fix(&mut self, driver_id: &str, f: Position, cfg: &TripConfig) -> FixOutcome {
         let mut out = FixOutcome::default();
         if !self.state.has_driver() || driver_id != self.driver_id {
             return out;
@@ -360,7 +350,7 @@ impl Trip {
         out
     }
 
-    fn push_route(&mut self, f: DriverFix, cfg: &TripConfig) {
+    fn push_route(&mut self, f: Position, cfg: &TripConfig) {
         if let Some(last) = self.route.last()
             && haversine_m(last.lat, last.lon, f.lat, f.lon) < self.route_step_m
         {
@@ -424,8 +414,8 @@ mod tests {
         t
     }
 
-    fn fix(lat: f64, lon: f64, ts: i64, acc: f64) -> DriverFix {
-        DriverFix { lat, lon, accuracy_m: acc, timestamp_ms: ts, ..Default::default() }
+    fn fix(lat: f64, lon: f64, ts: i64, acc: f64) -> Position {
+        Position { lat, lon, accuracy_m: acc, timestamp_ms: ts, ..Default::default() }
     }
 
     #[test]
