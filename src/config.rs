@@ -71,6 +71,10 @@ pub struct NodeConfig {
     /// On leave or shutdown, how long to wait for peers to drop this node from their rings.
     #[arg(long, env = "LOCUS_LEAVE_WAIT", default_value = "3s", value_parser = parse_duration)]
     pub leave_wait: Duration,
+    /// On leave or shutdown, how long to wait for peers to pull this node's partitions
+    /// before it stops anyway (what is left stays parked here until it returns).
+    #[arg(long, env = "LOCUS_HANDOFF_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub handoff_timeout: Duration,
     /// Where the driver log lives. Default: ./data/<node-name>.
     #[arg(long, env = "LOCUS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,

@@ -34,12 +34,14 @@ pub struct Dispatcher {
     pub offer_timeout: Duration,
 }
 
-/// The persisted claims, for the shards at startup.
-pub fn load_claims(tree: &sled::Tree) -> Vec<(String, Claim)> {
-    tree.iter()
-        .filter_map(Result::ok)
-        .filter_map(|(k, v)| Some((String::from_utf8(k.to_vec()).ok()?, decode_claim(&v)?)))
-        .collect()
+/// Partition `p`'s persisted claims, for its shard when this node starts serving it.
+pub fn load_claims(tree: &sled::Tree, p: u16) -> Vec<(String, Claim)> {
+    decode_claims(crate::storage::scan_partition(tree, p))
+}
+
+/// Claims as (driver id, stored claim) pairs, decoded; unreadable ones are skipped.
+pub fn decode_claims(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(String, Claim)> {
+    pairs.into_iter().filter_map(|(k, v)| Some((String::from_utf8(k).ok()?, decode_claim(&v)?))).collect()
 }
 
 fn answer(r: Result<ClaimOk, ClaimError>) -> pb::ClaimResponse {
@@ -89,7 +91,7 @@ impl Dispatcher {
 
     /// Runs a claim operation on the driver's owner, wherever it is.
     pub async fn call(&self, r: pb::ClaimRequest, hop: u32) -> Result<pb::ClaimResponse, Status> {
-        match target(&self.cluster, &r.driver_id, hop)? {
+        match target(&self.cluster, &r.driver_id, hop).await? {
             Target::Local => self.local(r).await,
             Target::Forward(p, hop) => {
                 let mut c = InternalClient::new(p.channel.clone());

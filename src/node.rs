@@ -1,16 +1,19 @@
 //! Wires a node together and owns its shutdown.
 //!
-//! Start: replay the driver log into fresh shard cores (bulk-loading their R-trees),
-//! start the persister thread, the shard workers, a ticker, the gRPC and HTTP servers,
-//! then the membership task (gossip) and the ownership task, which follows the ring:
-//! when this node's partitions change it tells every shard to drop drivers it no longer
-//! owns, and it keeps `/readyz` true only while the node is on the ring.
+//! Start: replay the driver log (what it holds is *parked*: never served until the
+//! hand-off adopts or hands it over), start the persister thread, empty shard workers,
+//! a ticker, the membership task (gossip), the hand-off task (`handoff`: pulls the
+//! partitions the ring gives this node, lends the others, publishes the routes every
+//! request reads and `/readyz`), the gRPC and HTTP servers, and a task that keeps member
+//! metrics and peer channels current.
 //!
-//! Stop (SIGTERM/SIGINT, or `Cluster.Leave`): leave the cluster first (say "leaving",
-//! wait until peers route around this node, leave the gossip) while still serving, then
-//! mark not-ready, end streams, let tonic finish in-flight RPCs, have every shard drain
-//! its mailbox and hand over its last writes, sync the driver log, exit 0.
+//! Stop (SIGTERM/SIGINT, or `Cluster.Leave`): say "leaving" while still serving; peers
+//! drop this node from their rings and pull its partitions; once it holds none (or no
+//! other member is left, or `--handoff-timeout` passed) it leaves the gossip, marks
+//! itself not-ready, ends streams, lets tonic finish in-flight RPCs, has every shard
+//! drain its mailbox and hand over its last writes, syncs the driver log, exits 0.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -25,12 +28,14 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 use crate::actors::{Hooks, ShardHandle, ShardMsg, WorkerConfig, spawn_shard};
-use crate::api::{ClusterApi, DispatchApi, EventsApi, InternalApi, LocationsApi, TripsApi};
+use crate::api::{ClusterApi, DispatchApi, EventsApi, HandoffApi, InternalApi, LocationsApi, TripsApi};
 use crate::config::NodeConfig;
-use crate::dispatch::{Dispatcher, load_claims};
-use crate::drivers::{DriverShard, Limits, ShardConfig};
-use crate::keys::shard_of;
+use crate::dispatch::Dispatcher;
+use crate::handoff::{Handoff, MAX_HANDOFF_BYTES};
+use crate::drivers::{DriverShard, Limits, ShardConfig, Snapshot};
 use crate::membership::{self, ClusterView, MembershipConfig, UdpTransport};
+use crate::ownership::Routes;
+use crate::pb::handoff_server::HandoffServer;
 use crate::pb::cluster_server::ClusterServer;
 use crate::pb::dispatch_server::DispatchServer;
 use crate::pb::events_server::EventsServer;
@@ -47,10 +52,9 @@ use crate::trips::share::RateLimiter;
 /// Largest gRPC message a node accepts or sends (a 10,000-fix batch is about 1 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-/// Rebuilds the shard cores from the driver log.
-fn restore(cfg: &NodeConfig, log_dir: &Path) -> anyhow::Result<Vec<DriverShard>> {
+/// Reads the driver log back (the parked copy) and makes empty shard cores.
+fn restore(cfg: &NodeConfig, log_dir: &Path) -> anyhow::Result<(Vec<DriverShard>, HashMap<String, Snapshot>)> {
     let t0 = Instant::now();
-    let n = cfg.shards;
     let shard_cfg = ShardConfig {
         ttl_ms: cfg.driver_ttl.as_millis() as i64,
         trail_len: cfg.trail_len as usize,
@@ -60,24 +64,17 @@ fn restore(cfg: &NodeConfig, log_dir: &Path) -> anyhow::Result<Vec<DriverShard>>
     };
     let (drivers, stats) =
         replay(log_dir, shard_cfg.trail_len.saturating_sub(1)).context("replaying the driver log")?;
-    let mut cores: Vec<DriverShard> = (0..n).map(|_| DriverShard::new(shard_cfg.clone())).collect();
-    let count = drivers.len();
-    for (_, s) in drivers {
-        cores[shard_of(s.driver_id.as_bytes(), n)].restore_driver(s);
-    }
-    for core in &mut cores {
-        core.finish_restore();
-    }
+    let cores: Vec<DriverShard> = (0..cfg.shards).map(|_| DriverShard::new(shard_cfg.clone())).collect();
     info!(
-        drivers = count,
+        drivers = drivers.len(),
         segments = stats.segments,
         records = stats.records,
         mib = stats.bytes >> 20,
         skipped_bytes = stats.skipped_bytes,
         ms = t0.elapsed().as_millis() as u64,
-        "restored state"
+        "read the driver log back"
     );
-    Ok(cores)
+    Ok((cores, drivers))
 }
 
 /// Resolves `--join` entries; one that does not resolve is skipped with a warning. When
@@ -109,21 +106,10 @@ fn advertised(listen: SocketAddr, gossip: SocketAddr) -> SocketAddr {
     if listen.ip().is_unspecified() { SocketAddr::new(gossip.ip(), listen.port()) } else { listen }
 }
 
-/// The ownership task: follows the published ring. When this node is on it, every shard
-/// drops the drivers of partitions the node no longer owns (so a stale copy never
-/// answers), and `/readyz` is true. A node off the ring (joining, leaving) keeps its
-/// state: it forwards every request, and a restarting single node must not lose data.
-async fn follow_ring(
-    mut view: watch::Receiver<Arc<ClusterView>>,
-    shards: Vec<tokio::sync::mpsc::Sender<ShardMsg>>,
-    cluster: Arc<Cluster>,
-    ready: Arc<AtomicBool>,
-) {
-    let mut last_checksum = None;
+/// Keeps member metrics and the peer channels current as the view changes.
+async fn follow_members(mut view: watch::Receiver<Arc<ClusterView>>, cluster: Arc<Cluster>) {
     loop {
         let v = view.borrow_and_update().clone();
-        let on_ring = v.ring.contains(&v.me);
-        ready.store(on_ring, Ordering::Relaxed);
         metrics::gauge!("locus_ring_members").set(v.ring.members().len() as f64);
         for l in [membership::Liveness::Alive, membership::Liveness::Suspect, membership::Liveness::Down] {
             let n = v.members.iter().filter(|m| m.liveness == l).count();
@@ -131,16 +117,6 @@ async fn follow_ring(
         }
         let live: Vec<SocketAddr> = v.members.iter().filter_map(|m| m.meta.as_ref().map(|x| x.grpc)).collect();
         cluster.peers().retain(&live);
-        if on_ring && last_checksum != Some(v.ring.checksum()) {
-            last_checksum = Some(v.ring.checksum());
-            let owned = Arc::new(v.ring.owned_by(&v.me));
-            let n = owned.iter().filter(|o| **o).count();
-            info!(partitions = n, "this node's partitions");
-            metrics::gauge!("locus_partitions_owned").set(n as f64);
-            for tx in &shards {
-                let _ = tx.send(ShardMsg::Retain { owned: owned.clone() }).await;
-            }
-        }
         if view.changed().await.is_err() {
             return;
         }
@@ -158,7 +134,7 @@ pub async fn run(
     let dir = cfg.data_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating data dir {}", dir.display()))?;
     let log_dir = dir.join("drivers");
-    let cores = restore(&cfg, &log_dir)?;
+    let (cores, parked) = restore(&cfg, &log_dir)?;
     let log = DriverLog::open(&log_dir).context("opening the driver log")?;
     let limits = LogLimits { segment_bytes: cfg.log_segment_bytes, compact_bytes: cfg.log_compact_bytes };
     let persister = Persister::start(log, limits, cfg.shards, 2 * cfg.shards);
@@ -169,7 +145,7 @@ pub async fn run(
         .cache_capacity(16 << 20)
         .open()
         .context("opening the trips/claims store")?;
-    let claims_tree = db.open_tree("claims").context("opening the claims tree")?;
+    let claims_tree = crate::storage::open_partitioned(&db, "claims").context("opening the claims tree")?;
     let durable = crate::storage::Durable::start(db.clone());
     let bus = crate::events::bus();
     let (trip_fix_tx, trip_fix_rx) = tokio::sync::mpsc::channel(8192);
@@ -201,9 +177,7 @@ pub async fn run(
     });
 
     let router = Arc::new(Router::new(shards.iter().map(|s| s.tx.clone()).collect(), index, cfg.overload_wait));
-    let claims = load_claims(&claims_tree);
-    info!(claims = claims.len(), "restored driver claims");
-    router.restore_claims(claims).await;
+    // Claims, trips and drivers of the parked copy come back through the hand-off task.
     let (sd_tx, sd_rx) = watch::channel(false);
     let limits = Limits { max_future_ms: cfg.max_future_skew.as_millis() as i64 };
 
@@ -228,14 +202,10 @@ pub async fn run(
         rebroadcast_every: Duration::from_secs(5),
     };
     let members = membership::spawn(mcfg, transport, inbox);
-    let cluster = Arc::new(Cluster::new(members.view.clone(), cfg.scatter_timeout));
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::empty(gossip_addr)));
+    let cluster = Arc::new(Cluster::new(members.view.clone(), routes_rx, cfg.scatter_timeout));
     let ready = Arc::new(AtomicBool::new(false));
-    let ownership = tokio::spawn(follow_ring(
-        members.view.clone(),
-        shards.iter().map(|s| s.tx.clone()).collect(),
-        cluster.clone(),
-        ready.clone(),
-    ));
+    let member_metrics = tokio::spawn(follow_members(members.view.clone(), cluster.clone()));
 
     let dispatch = Arc::new(Dispatcher::new(router.clone(), cluster.clone(), durable.clone(), cfg.offer_timeout));
     let trip_cfg = TripConfig {
@@ -253,7 +223,22 @@ pub async fn run(
         .to_string();
     let trips = Trips::new(&db, durable.clone(), trip_cfg, public_url, bus.clone(), dispatch.clone(), cfg.watch_queue)
         .context("opening the trips tree")?;
-    trips.load();
+    let handoff = Handoff::open(
+        gossip_addr,
+        &db,
+        parked,
+        cluster.clone(),
+        router.clone(),
+        trips.clone(),
+        claims_tree.clone(),
+        durable.clone(),
+        routes_tx,
+        ready.clone(),
+        (cfg.trail_len as usize).saturating_sub(1),
+    )
+    .context("opening the ownership table")?;
+    handoff.first_round(&members.view.borrow().clone()).await;
+    let handoff_task = tokio::spawn(handoff.clone().run(members.view.clone()));
     let feed = tokio::spawn(crate::trips::run_feed(trip_fix_rx, trips.clone(), cluster.clone()));
 
     let leave = Arc::new(Notify::new());
@@ -271,6 +256,9 @@ pub async fn run(
         per_client: RateLimiter::new(1 << 16, cfg.share_client_rate, 2.0 * cfg.share_client_rate),
         per_token: RateLimiter::new(1 << 16, cfg.share_token_rate, 2.0 * cfg.share_token_rate),
     });
+    let handoff_svc = HandoffServer::new(HandoffApi::new(handoff.clone()))
+        .max_decoding_message_size(MAX_HANDOFF_BYTES)
+        .max_encoding_message_size(MAX_HANDOFF_BYTES);
     let admin = ClusterServer::new(ClusterApi::new(cluster.clone(), leave.clone()));
     // serve_with_incoming does not apply the builder's TCP options: set them per socket.
     let incoming = TcpListenerStream::new(listener).map(|s| {
@@ -290,6 +278,7 @@ pub async fn run(
         .add_service(dispatch_svc)
         .add_service(events_svc)
         .add_service(internal_svc)
+        .add_service(handoff_svc)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = sd.wait_for(|s| *s).await;
         });
@@ -306,10 +295,23 @@ pub async fn run(
         _ = stop => info!("shutting down: leaving the cluster"),
         _ = leave.notified() => info!("leaving the cluster on request"),
     }
+    // Peers take this node's partitions over while it still serves.
+    members.announce_leaving().await;
+    let t0 = Instant::now();
+    while !handoff.drained().await {
+        if t0.elapsed() >= cfg.handoff_timeout {
+            warn!(waited_s = t0.elapsed().as_secs(), "partitions not handed over in time; stopping anyway (they stay parked here)");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (active, lent, parked) = handoff.counts().await;
+    info!(active, lent, parked, ms = t0.elapsed().as_millis() as u64, "hand-off done; leaving the gossip");
     if tokio::time::timeout(cfg.leave_wait + Duration::from_secs(1), members.leave()).await.is_err() {
         warn!("leaving the gossip took too long; stopping anyway");
     }
-    ownership.abort();
+    handoff_task.abort();
+    member_metrics.abort();
     info!("shutting down: draining RPCs");
     ready.store(false, Ordering::Relaxed);
     let _ = sd_tx.send(true);

@@ -14,7 +14,7 @@
 //! oneshot channels, watcher streams, secondary-index updates and [`PersistBatch`]es for
 //! the persister thread.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::drivers::{
-    Claim, ClaimError, ClaimOk, DriverShard, DriverView, Event, FixInput, GoneReason, Lookup, NearbyHit, NearbyQuery,
+    Claim, ClaimError, ClaimOk, DriverShard, Snapshot, DriverView, Event, FixInput, GoneReason, Lookup, NearbyHit, NearbyQuery,
     PersistBatch, Position, Reject, ShardCounters, WithinQuery,
 };
 use crate::events::{Bus, driver_change};
@@ -115,16 +115,33 @@ pub enum ShardMsg {
         trip_id: String,
         reply: oneshot::Sender<bool>,
     },
-    /// Startup: claims read back from the claims store.
-    RestoreClaims {
-        claims: Vec<(String, Claim)>,
-    },
     /// Wakes an idle worker so timers fire and writes are handed over on time.
     Tick,
-    /// The node's ring changed: drop drivers of partitions it no longer owns
-    /// (`owned[partition]`), so a stale copy never answers.
-    Retain {
-        owned: Arc<Vec<bool>>,
+    /// Hand-off, holder side: freeze these partitions (keyed writes refused, timers held)
+    /// and return their drivers as full log records, per partition (records, count).
+    Export {
+        partitions: Arc<HashSet<u16>>,
+        reply: oneshot::Sender<HashMap<u16, (Vec<u8>, u32)>>,
+    },
+    /// Hand-off, holder side: the new owner has them; drop them here (watchers end moved).
+    Forget {
+        partitions: Arc<HashSet<u16>>,
+        reply: oneshot::Sender<usize>,
+    },
+    /// Hand-off undone: serve these frozen partitions again.
+    Thaw {
+        partitions: Arc<HashSet<u16>>,
+        reply: oneshot::Sender<()>,
+    },
+    /// Hand-off, new owner side: drivers and claims of partitions now served here.
+    Install {
+        drivers: Vec<Snapshot>,
+        claims: Vec<(String, Claim)>,
+        reply: oneshot::Sender<usize>,
+    },
+    /// Log deletions for drivers of a parked copy that was discarded.
+    LogDeletes {
+        ids: Vec<String>,
     },
     /// Handle what is queued, persist everything, end watchers, exit.
     Shutdown {
@@ -161,7 +178,8 @@ pub struct TripFix {
 /// unit tests run workers without them).
 #[derive(Clone, Default)]
 pub struct Hooks {
-    /// Claims by driver id (the claims store, written in order, flushed by the caller).
+    /// Claims by partition and driver id (the claims store, written in order, flushed by
+    /// the caller).
     pub claims: Option<sled::Tree>,
     /// Fixes of assigned drivers, to the trip feed (dropped and counted when full).
     pub trip_fixes: Option<mpsc::Sender<TripFix>>,
@@ -295,7 +313,9 @@ impl Worker {
             ShardMsg::Fixes { fixes, reply } => {
                 let mut rejected = Vec::new();
                 for (i, fix) in fixes {
-                    if let Err(e) = self.core.apply(fix, now_ms) {
+                    if self.core.is_frozen(&fix.driver_id) {
+                        rejected.push((i, Reject::Unavailable));
+                    } else if let Err(e) = self.core.apply(fix, now_ms) {
                         rejected.push((i, e));
                     }
                 }
@@ -306,6 +326,12 @@ impl Worker {
             ShardMsg::Get { lookup, include_trail, reply } => {
                 let _ = reply.send(self.core.get(&lookup, include_trail));
             }
+            // A keyed write to a moving partition: dropping the reply answers UNAVAILABLE.
+            ShardMsg::Remove { lookup, .. } if self.core.is_frozen(lookup.driver_id()) => {}
+            ShardMsg::Claim { driver_id, .. }
+            | ShardMsg::Confirm { driver_id, .. }
+            | ShardMsg::Release { driver_id, .. }
+                if self.core.is_frozen(&driver_id) => {}
             ShardMsg::Remove { lookup, reply } => {
                 let removed = self.core.remove(&lookup);
                 self.perform_events();
@@ -327,13 +353,24 @@ impl Worker {
                     let _ = reply.send(None);
                 }
             },
-            ShardMsg::Retain { owned } => {
-                let n = self.core.retain_partitions(|p| owned.get(p as usize).copied().unwrap_or(false));
-                if n > 0 {
-                    debug!(shard = self.id, dropped = n, "dropped drivers whose partitions moved away");
-                    metrics::counter!("locus_drivers_disowned_total").increment(n as u64);
-                }
+            ShardMsg::Export { partitions, reply } => {
+                let _ = reply.send(self.core.export(&partitions));
             }
+            ShardMsg::Forget { partitions, reply } => {
+                let n = self.core.forget(&partitions);
+                self.perform_events();
+                let _ = reply.send(n);
+            }
+            ShardMsg::Thaw { partitions, reply } => {
+                self.core.thaw(&partitions);
+                let _ = reply.send(());
+            }
+            ShardMsg::Install { drivers, claims, reply } => {
+                let n = self.core.install(drivers, claims);
+                self.perform_events();
+                let _ = reply.send(n);
+            }
+            ShardMsg::LogDeletes { ids } => self.core.log_deletes(ids),
             ShardMsg::Claim { driver_id, trip_id, vehicle_type, offer_due_ms, reply } => {
                 let r = self.core.claim(&driver_id, &trip_id, &vehicle_type, offer_due_ms);
                 // The claim is written to the store before the caller hears of it.
@@ -349,16 +386,6 @@ impl Worker {
                 let r = self.core.release(&driver_id, &trip_id);
                 self.perform_events();
                 let _ = reply.send(r);
-            }
-            ShardMsg::RestoreClaims { claims } => {
-                for (driver_id, claim) in claims {
-                    if !self.core.restore_claim(&driver_id, claim) {
-                        // The driver expired while the node was down: the claim is moot.
-                        if let Some(t) = &self.hooks.claims {
-                            let _ = t.remove(driver_id.as_bytes());
-                        }
-                    }
-                }
             }
             ShardMsg::Tick | ShardMsg::Shutdown { .. } => {}
         }
@@ -390,7 +417,7 @@ impl Worker {
                 }
                 Event::ClaimSet { driver_id, claim } => {
                     if let Some(t) = &self.hooks.claims
-                        && let Err(e) = t.insert(driver_id.as_bytes(), encode_claim(&claim))
+                        && let Err(e) = t.insert(crate::keys::pkey(&driver_id), encode_claim(&claim))
                     {
                         warn!(shard = self.id, error = %e, "cannot store a claim");
                     }
@@ -399,7 +426,7 @@ impl Worker {
                     debug!(shard = self.id, driver = %driver_id, trip = %trip_id, ?why, "claim ended");
                     metrics::counter!("locus_claims_ended_total", "why" => format!("{why:?}")).increment(1);
                     if let Some(t) = &self.hooks.claims
-                        && let Err(e) = t.remove(driver_id.as_bytes())
+                        && let Err(e) = t.remove(crate::keys::pkey(&driver_id))
                     {
                         warn!(shard = self.id, error = %e, "cannot forget a claim");
                     }

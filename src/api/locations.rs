@@ -65,9 +65,17 @@ pub(crate) enum Target {
     Forward(Box<Peer>, u32),
 }
 
-/// Decides where a keyed request with `hop` forwards so far runs.
-pub(crate) fn target(cluster: &Cluster, key: &str, hop: u32) -> Result<Target, Status> {
-    match cluster.owner(key.as_bytes()) {
+/// How long a keyed request waits for its partition to arrive on this node.
+pub(crate) const INCOMING_WAIT: Duration = Duration::from_secs(2);
+
+/// Decides where a keyed request with `hop` forwards so far runs. A request for a
+/// partition this node is taking over waits (at most [`INCOMING_WAIT`]) for it.
+pub(crate) async fn target(cluster: &Cluster, key: &str, hop: u32) -> Result<Target, Status> {
+    let mut owner = cluster.owner(key.as_bytes());
+    if matches!(owner, Owner::Incoming | Owner::Unknown) {
+        owner = cluster.settled(crate::keys::partition_of(key.as_bytes()) as usize, INCOMING_WAIT).await;
+    }
+    match owner {
         Owner::Local => Ok(Target::Local),
         Owner::Remote(p) if hop < MAX_HOPS => Ok(Target::Forward(p, hop + 1)),
         Owner::Remote(p) => Err(unavailable_retry(format!(
@@ -76,6 +84,7 @@ pub(crate) fn target(cluster: &Cluster, key: &str, hop: u32) -> Result<Target, S
             p.name
         ))),
         Owner::Unknown => Err(unavailable_retry("no active node owns this key yet (the cluster is forming)")),
+        Owner::Incoming => Err(unavailable_retry("this key's partition is moving to this node; retry")),
     }
 }
 
@@ -194,6 +203,17 @@ fn gather(
         }
     }
     drivers.sort_by(by_distance);
+    // A driver moving between nodes may be answered by both: keep its newest position.
+    if drivers.len() > 1 {
+        let mut newest: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+        for d in &drivers {
+            let e = newest.entry(d.driver_id.clone()).or_insert(d.timestamp_ms);
+            *e = (*e).max(d.timestamp_ms);
+        }
+        if newest.len() < drivers.len() {
+            drivers.retain(|d| newest.get(&d.driver_id) == Some(&d.timestamp_ms) && newest.remove(&d.driver_id).is_some());
+        }
+    }
     truncated |= drivers.len() > limit;
     drivers.truncate(limit);
     missing_nodes.sort();
@@ -255,7 +275,7 @@ impl pb::locations_server::Locations for LocationsApi {
             count_rejects(&[(0, Reject::Invalid(e.clone()))]);
             invalid(&e)
         })?;
-        match target(&self.cluster, &fix.driver_id, hop)? {
+        match target(&self.cluster, &fix.driver_id, hop).await? {
             Target::Local => match self.router.update(fix).await {
                 Ok(()) => Ok(Response::new(pb::UpdateAck { received_ms: wall_ms() })),
                 Err(r) => {
@@ -292,7 +312,7 @@ impl pb::locations_server::Locations for LocationsApi {
             DriverKey::Id(id) => id.clone(),
             _ => return self.find_by_secondary(key, r.include_trail).await.map(Response::new),
         };
-        match target(&self.cluster, &id, hop)? {
+        match target(&self.cluster, &id, hop).await? {
             Target::Local => {
                 let v = self.router.get(key, r.include_trail).await.map_err(route_status)?;
                 Ok(Response::new(driver_proto(v)))
@@ -312,7 +332,7 @@ impl pb::locations_server::Locations for LocationsApi {
             DriverKey::Id(id) => id,
             other => self.find_by_secondary(other, false).await?.driver_id,
         };
-        match target(&self.cluster, &id, hop)? {
+        match target(&self.cluster, &id, hop).await? {
             Target::Local => {
                 let driver_id = self.router.remove(DriverKey::Id(id)).await.map_err(route_status)?;
                 Ok(Response::new(pb::RemoveDriverResponse { driver_id }))
@@ -384,7 +404,7 @@ impl pb::locations_server::Locations for LocationsApi {
         let hop = hops(req.metadata());
         let r = req.into_inner();
         check_key_str("driver_id", &r.driver_id).map_err(|e| invalid(&e))?;
-        if let Target::Forward(mut p, hop) = target(&self.cluster, &r.driver_id, hop)? {
+        if let Target::Forward(mut p, hop) = target(&self.cluster, &r.driver_id, hop).await? {
             // The owner's stream, relayed as is (its end status and trailers included).
             let s = p.client.watch_driver(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))?;
             return Ok(Response::new(Box::pin(s.into_inner())));
@@ -464,17 +484,25 @@ mod tests {
         let ring = Arc::new(Ring::new([a, b], 16));
         let view = ClusterView { me: a, members: vec![member(a, "a"), member(b, "b")], ring: ring.clone() };
         let (_tx, rx) = watch::channel(Arc::new(view));
-        let cluster = Cluster::new(rx, Duration::from_millis(200));
+        // `a` serves every partition the ring gives it.
+        let mut table = crate::ownership::Table::default();
+        for p in 0..crate::keys::PARTITIONS {
+            if ring.partition_owner(p as usize) == Some(a) {
+                table.set(p, crate::ownership::Part { epoch: 1, holding: Some(crate::ownership::Holding::Active) });
+            }
+        }
+        let (_rtx, routes) = watch::channel(Arc::new(crate::ownership::routes(a, &ring, &table)));
+        let cluster = Cluster::new(rx, routes, Duration::from_millis(200));
         let key_of = |owner: SocketAddr| {
             (0..1000).map(|i| format!("k{i}")).find(|k| ring.owner(k.as_bytes()) == Some(owner)).expect("a key")
         };
         let (mine, theirs) = (key_of(a), key_of(b));
         for hop in 0..3 {
-            assert!(matches!(target(&cluster, &mine, hop), Ok(Target::Local)), "own keys run here at hop {hop}");
+            assert!(matches!(target(&cluster, &mine, hop).await, Ok(Target::Local)), "own keys run here at hop {hop}");
         }
-        assert!(matches!(target(&cluster, &theirs, 0), Ok(Target::Forward(p, 1)) if p.name == "b"));
-        assert!(matches!(target(&cluster, &theirs, 1), Ok(Target::Forward(_, 2))), "one re-forward");
-        let Err(s) = target(&cluster, &theirs, 2) else { panic!("forwarded a third time") };
+        assert!(matches!(target(&cluster, &theirs, 0).await, Ok(Target::Forward(p, 1)) if p.name == "b"));
+        assert!(matches!(target(&cluster, &theirs, 1).await, Ok(Target::Forward(_, 2))), "one re-forward");
+        let Err(s) = target(&cluster, &theirs, 2).await else { panic!("forwarded a third time") };
         assert_eq!(s.code(), Code::Unavailable);
         assert_eq!(s.metadata().get(RETRY_KEY).and_then(|v| v.to_str().ok()), Some("500"));
     }

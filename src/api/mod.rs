@@ -6,6 +6,7 @@
 //! and implausible fixes are judged by the driver's actor, which knows its last fix.
 
 mod admin;
+mod handoff;
 pub(crate) mod locations;
 mod stream;
 mod trips;
@@ -24,6 +25,7 @@ use crate::geo::LatLonBox;
 use crate::pb;
 use crate::routing::{DriverKey, RouteError};
 pub use admin::ClusterApi;
+pub use handoff::HandoffApi;
 pub use locations::LocationsApi;
 pub use trips::{DispatchApi, EventsApi, InternalApi, TripsApi, trip_event};
 

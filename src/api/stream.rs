@@ -23,10 +23,12 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status, Streaming};
 
-use super::locations::{BoxStream, LocationsApi};
+use super::locations::{BoxStream, INCOMING_WAIT, LocationsApi};
 use super::{MAX_BATCH, count_rejects, fix_from_proto, fix_to_proto, invalid, reject_proto};
 use crate::actors::wall_ms;
 use crate::drivers::{FieldError, FixInput, Reject};
+use crate::keys::partition_of;
+use crate::ownership::Route;
 use crate::pb;
 use crate::routing::cluster::{MAX_HOPS, set_hop};
 
@@ -119,21 +121,35 @@ pub(super) fn start(
             let n = batch.updates.len();
             let view = cluster.view();
             let mut early: Vec<(u32, Reject)> = Vec::new();
+            let mut fixes: Vec<(u32, FixInput)> = Vec::with_capacity(n);
+            for (i, u) in batch.updates.into_iter().enumerate() {
+                match fix_from_proto(u, now, limits) {
+                    Ok(f) => fixes.push((i as u32, f)),
+                    Err(e) => early.push((i as u32, Reject::Invalid(e))),
+                }
+            }
+            // One routes snapshot per batch. Fixes of partitions arriving here wait
+            // (briefly, once per batch) for the hand-off to finish.
+            let mut routes = cluster.routes();
+            let incoming: HashSet<u16> = fixes
+                .iter()
+                .map(|(_, f)| partition_of(f.driver_id.as_bytes()))
+                .filter(|p| matches!(routes.of(*p as usize), Route::Incoming | Route::Unknown))
+                .collect();
+            if !incoming.is_empty() {
+                let deadline = Instant::now() + INCOMING_WAIT;
+                for p in incoming {
+                    cluster.settled(p as usize, deadline.saturating_duration_since(Instant::now())).await;
+                }
+                routes = cluster.routes();
+            }
             let mut local: Vec<(u32, FixInput)> = Vec::with_capacity(n);
             // Remote parts by owner; a handful of owners, so a Vec beats a map.
             let mut parts: Vec<(SocketAddr, Vec<u32>, Vec<pb::LocationUpdate>)> = Vec::new();
-            for (i, u) in batch.updates.into_iter().enumerate() {
-                let i = i as u32;
-                let f = match fix_from_proto(u, now, limits) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        early.push((i, Reject::Invalid(e)));
-                        continue;
-                    }
-                };
-                match view.ring.owner(f.driver_id.as_bytes()) {
-                    Some(a) if a == view.me => local.push((i, f)),
-                    Some(a) if hop < MAX_HOPS => match parts.iter_mut().find(|p| p.0 == a) {
+            for (i, f) in fixes {
+                match routes.of_key(f.driver_id.as_bytes()) {
+                    Route::Local => local.push((i, f)),
+                    Route::Remote(a) if hop < MAX_HOPS => match parts.iter_mut().find(|p| p.0 == a) {
                         Some(p) => {
                             p.1.push(i);
                             p.2.push(fix_to_proto(f));

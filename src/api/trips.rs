@@ -114,7 +114,7 @@ impl pb::trips_server::Trips for TripsApi {
         let hop = hops(req.metadata());
         let r = req.into_inner();
         let ev = trip_event(r.clone()).map_err(|e| invalid(&e))?;
-        match target(&self.cluster, &ev.trip_id, hop)? {
+        match target(&self.cluster, &ev.trip_id, hop).await? {
             Target::Local => {
                 metrics::counter!("locus_trip_events_total", "type" => ev.kind.name()).increment(1);
                 self.trips.apply(ev).await.map(Response::new)
@@ -127,7 +127,7 @@ impl pb::trips_server::Trips for TripsApi {
         let hop = hops(req.metadata());
         let r = req.into_inner();
         check_key_str("trip_id", &r.trip_id).map_err(|e| invalid(&e))?;
-        match target(&self.cluster, &r.trip_id, hop)? {
+        match target(&self.cluster, &r.trip_id, hop).await? {
             Target::Local => self.trips.get(&r.trip_id, r.include_route).await.map(Response::new),
             Target::Forward(p, hop) => {
                 Self::client(&p).get_trip(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))
@@ -141,7 +141,7 @@ impl pb::trips_server::Trips for TripsApi {
         let hop = hops(req.metadata());
         let r = req.into_inner();
         check_key_str("trip_id", &r.trip_id).map_err(|e| invalid(&e))?;
-        if let Target::Forward(p, hop) = target(&self.cluster, &r.trip_id, hop)? {
+        if let Target::Forward(p, hop) = target(&self.cluster, &r.trip_id, hop).await? {
             let s = Self::client(&p).watch_trip(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))?;
             return Ok(Response::new(Box::pin(s.into_inner())));
         }
@@ -173,7 +173,7 @@ impl pb::trips_server::Trips for TripsApi {
         let hop = hops(req.metadata());
         let r = req.into_inner();
         check_key_str("trip_id", &r.trip_id).map_err(|e| invalid(&e))?;
-        match target(&self.cluster, &r.trip_id, hop)? {
+        match target(&self.cluster, &r.trip_id, hop).await? {
             Target::Local => self.trips.share(&r.trip_id).await.map(Response::new),
             Target::Forward(p, hop) => {
                 Self::client(&p).share_trip(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))
@@ -350,7 +350,17 @@ async fn pump_cluster(cluster: Arc<Cluster>, req: pb::SubscribeRequest, tx: Out)
     let mut running: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
     loop {
         let v = view.borrow_and_update().clone();
-        let wanted: Vec<SocketAddr> = v.ring.members().iter().copied().filter(|a| *a != v.me).collect();
+        // Ring members, and members still handing their partitions over as they leave.
+        let wanted: Vec<SocketAddr> = v
+            .members
+            .iter()
+            .filter(|m| m.addr != v.me && m.liveness != crate::membership::Liveness::Down)
+            .filter(|m| {
+                v.ring.contains(&m.addr)
+                    || m.meta.as_ref().is_some_and(|x| x.state == crate::membership::NodeState::Leaving)
+            })
+            .map(|m| m.addr)
+            .collect();
         running.retain(|a, h| {
             let keep = wanted.contains(a);
             if !keep {

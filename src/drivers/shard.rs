@@ -1,7 +1,7 @@
 //! The state machines of all drivers of one shard, their geo index and expiry schedule.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::hash::BuildHasher;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
@@ -282,6 +282,11 @@ pub struct DriverShard {
     claims: HashMap<u32, Claim>,
     /// Offer timeouts: (due, slot, generation); stale entries are skipped.
     offers: BinaryHeap<Reverse<(i64, u32, u32)>>,
+    /// Partitions being handed to another node: their keyed writes are refused and their
+    /// timers held (in `held`) until they are forgotten or thawed.
+    frozen: HashSet<u16>,
+    /// Timers that came due in a frozen partition: (is offer, due, slot, generation).
+    held: Vec<(bool, i64, u32, u32)>,
     pub counters: ShardCounters,
 }
 
@@ -306,6 +311,8 @@ impl DriverShard {
             sweep: None,
             claims: HashMap::new(),
             offers: BinaryHeap::new(),
+            frozen: HashSet::new(),
+            held: Vec::new(),
             counters: ShardCounters::default(),
         }
     }
@@ -709,22 +716,112 @@ impl DriverShard {
 
     /// Drops every driver whose partition `keep` rejects (ownership moved to another
     /// node); returns how many were dropped. Their deletions are persisted like removals.
-    pub fn retain_partitions(&mut self, keep: impl Fn(u16) -> bool) -> usize {
-        let gone: Vec<u32> = (0..self.slots.len() as u32)
-            .filter(|&s| self.slots[s as usize].as_ref().is_some_and(|r| !keep(partition_of(r.id.as_bytes()))))
-            .collect();
+    /// Logs the deletion of drivers this shard does not hold (a discarded parked copy).
+    pub fn log_deletes(&mut self, ids: Vec<String>) {
+        self.deleted.extend(ids.into_iter().map(String::into_boxed_str));
+    }
+
+    /// Whether keyed writes to this driver are refused (its partition is moving).
+    pub fn is_frozen(&self, driver_id: &str) -> bool {
+        !self.frozen.is_empty() && self.frozen.contains(&partition_of(driver_id.as_bytes()))
+    }
+
+    fn slot_frozen(&self, slot: u32) -> bool {
+        !self.frozen.is_empty()
+            && self.slots[slot as usize].as_ref().is_some_and(|r| self.frozen.contains(&partition_of(r.id.as_bytes())))
+    }
+
+    fn slots_in(&self, parts: &HashSet<u16>) -> Vec<u32> {
+        (0..self.slots.len() as u32)
+            .filter(|&s| self.slots[s as usize].as_ref().is_some_and(|r| parts.contains(&partition_of(r.id.as_bytes()))))
+            .collect()
+    }
+
+    /// Hand-off, holder side: freezes `parts` and returns their drivers as full log
+    /// records, per partition (records, count). Reads still answer from them.
+    pub fn export(&mut self, parts: &HashSet<u16>) -> HashMap<u16, (Vec<u8>, u32)> {
+        self.frozen.extend(parts.iter().copied());
+        let mut out: HashMap<u16, (Vec<u8>, u32)> = HashMap::new();
+        for slot in self.slots_in(parts) {
+            let r = self.rec(slot);
+            let snap = SnapshotRef {
+                status: r.status,
+                vehicle_type: &self.vtypes[r.vtype as usize].0,
+                last: &r.last,
+                received_ms: r.received_ms,
+                trip_cost: r.trip_cost,
+                cab: r.cab.as_deref().unwrap_or_default(),
+                session: r.session.as_deref().unwrap_or_default(),
+                trip_id: r.trip_id.as_deref().unwrap_or_default(),
+                trail: &r.trail,
+            };
+            let e = out.entry(partition_of(r.id.as_bytes())).or_default();
+            encode_upsert(&mut e.0, &r.id, &snap, None);
+            e.1 += 1;
+        }
+        out
+    }
+
+    /// Hand-off, holder side: the new owner has the partitions: drop their drivers
+    /// without status or claim events (they live on there), end their watchers as moved,
+    /// log their deletion, and drop their held timers.
+    pub fn forget(&mut self, parts: &HashSet<u16>) -> usize {
+        let gone = self.slots_in(parts);
         for &slot in &gone {
             self.drop_driver(slot, GoneReason::Moved);
         }
+        self.frozen.retain(|p| !parts.contains(p));
+        let slots = &self.slots;
+        self.held.retain(|&(_, _, s, g)| slots.get(s as usize).and_then(Option::as_ref).is_some_and(|r| r.generation == g));
         gone.len()
     }
 
+    /// Hand-off undone (the borrower is gone): serve the partitions again, with their
+    /// held timers (overdue ones fire on the next `fire_timers`).
+    pub fn thaw(&mut self, parts: &HashSet<u16>) {
+        self.frozen.retain(|p| !parts.contains(p));
+        for (offer, due, slot, g) in std::mem::take(&mut self.held) {
+            if offer {
+                self.offers.push(Reverse((due, slot, g)));
+            } else {
+                self.timers.push(Reverse((due, slot, g)));
+            }
+        }
+    }
+
+    /// Hand-off, new owner side (or a parked copy adopted): adds drivers with their
+    /// expiry timers and index entries, then their claims (with offer timers). Every
+    /// driver gets a full record in this node's log. An id already here is kept.
+    pub fn install(&mut self, drivers: Vec<Snapshot>, claims: Vec<(String, Claim)>) -> usize {
+        let ttl = self.cfg.ttl_ms;
+        let mut n = 0;
+        for s in drivers {
+            let Some(slot) = self.restore_driver(s) else { continue };
+            let rec = self.rec(slot);
+            let (due, generation, key, p) = (rec.received_ms + ttl, rec.generation, rec.key(), rec.indexed);
+            self.timers.push(Reverse((due, slot, generation)));
+            self.index.insert(key, slot, p);
+            self.rec_mut(slot).flags |= FULL;
+            self.mark_dirty(slot);
+            n += 1;
+        }
+        for (driver_id, claim) in claims {
+            self.restore_claim(&driver_id, claim);
+        }
+        n
+    }
+
+    /// Drops a driver. A moved driver lives on at its new owner: its claim and status are
+    /// not ended (no events), only its local state goes.
     fn drop_driver(&mut self, slot: u32, reason: GoneReason) -> Box<str> {
-        if let Some(c) = self.claims.remove(&slot) {
+        let moved = reason == GoneReason::Moved;
+        if let Some(c) = self.claims.remove(&slot)
+            && !moved
+        {
             let driver_id = self.rec(slot).id.clone();
             self.events.push(Event::ClaimEnded { driver_id, trip_id: c.trip_id, why: ClaimEnd::DriverGone });
         }
-        {
+        if !moved {
             let r = self.rec(slot);
             let ev = Event::StatusChanged {
                 driver_id: r.id.clone(),
@@ -771,6 +868,10 @@ impl DriverShard {
                 break;
             }
             self.offers.pop();
+            if self.slot_frozen(slot) {
+                self.held.push((true, due, slot, generation));
+                continue;
+            }
             let live =
                 self.slots.get(slot as usize).and_then(Option::as_ref).is_some_and(|r| r.generation == generation);
             if live && self.claims.get(&slot).is_some_and(|c| c.offer_due_ms == Some(due)) {
@@ -784,6 +885,10 @@ impl DriverShard {
             self.timers.pop();
             let Some(rec) = self.slots.get(slot as usize).and_then(Option::as_ref) else { continue };
             if rec.generation != generation {
+                continue;
+            }
+            if self.slot_frozen(slot) {
+                self.held.push((false, due, slot, generation));
                 continue;
             }
             let real_due = rec.received_ms + self.cfg.ttl_ms;
@@ -945,9 +1050,9 @@ impl DriverShard {
 
     /// Adds a driver read back from the log (its geo index entry and expiry timer come
     /// with [`finish_restore`](Self::finish_restore)). A duplicate id is ignored.
-    pub fn restore_driver(&mut self, s: Snapshot) {
+    pub fn restore_driver(&mut self, s: Snapshot) -> Option<u32> {
         if self.find(&s.driver_id).is_some() {
-            return;
+            return None;
         }
         let vtype = self.intern_vtype(&s.vehicle_type, false).unwrap_or(0);
         self.next_gen = self.next_gen.wrapping_add(1);
@@ -971,6 +1076,7 @@ impl DriverShard {
         self.vtype_ref(vtype, 1);
         self.index_changed(slot, IndexKind::Cab, None);
         self.index_changed(slot, IndexKind::Session, None);
+        Some(slot)
     }
 
     /// Schedules the expiry of every restored driver (overdue ones fire on the next

@@ -129,7 +129,11 @@ async fn share_json(
     if !share.per_token.allow(token.as_bytes()) {
         return refuse(StatusCode::TOO_MANY_REQUESTS);
     }
-    let json: Option<Bytes> = match share.cluster.partition_owner(partition) {
+    let mut owner = share.cluster.partition_owner(partition);
+    if matches!(owner, Owner::Incoming | Owner::Unknown) {
+        owner = share.cluster.settled(partition, crate::api::locations::INCOMING_WAIT).await;
+    }
+    let json: Option<Bytes> = match owner {
         Owner::Local => share.trips.shares.get(&token, wall_ms()),
         Owner::Remote(p) => {
             let mut c = pb::internal_client::InternalClient::new(p.channel.clone());
@@ -144,6 +148,7 @@ async fn share_json(
             }
         }
         Owner::Unknown => return plain(StatusCode::SERVICE_UNAVAILABLE, "the cluster is forming; retry\n"),
+        Owner::Incoming => return plain(StatusCode::SERVICE_UNAVAILABLE, "the trip is moving between nodes; retry\n"),
     };
     match json {
         Some(body) => {

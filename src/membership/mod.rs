@@ -243,6 +243,9 @@ pub enum Cmd {
     /// Leave gracefully: say "leaving", wait for peers to drop this node from their
     /// rings (bounded by `leave_wait`), leave the gossip, then reply.
     Leave { reply: oneshot::Sender<()> },
+    /// Say "leaving" (peers drop this node from their rings and take its partitions
+    /// over) but stay in the gossip; a `Leave` follows once the hand-off is done.
+    AnnounceLeaving,
 }
 
 /// The sans-IO membership core: feed it packets, timer expiries and commands with the
@@ -561,6 +564,11 @@ pub struct Membership {
 }
 
 impl Membership {
+    /// Says "leaving" and stays in the gossip (see [`Cmd::AnnounceLeaving`]).
+    pub async fn announce_leaving(&self) {
+        let _ = self.cmd.send(Cmd::AnnounceLeaving).await;
+    }
+
     /// Leaves the cluster gracefully; returns when done (or the task is gone).
     pub async fn leave(&self) {
         let (reply, rx) = oneshot::channel();
@@ -624,6 +632,7 @@ pub fn spawn_with(
                 },
                 _ = tokio::time::sleep_until(next) => core.handle_due(Instant::now()),
                 c = cmd_rx.recv(), if cmds_open => match c {
+                    Some(Cmd::AnnounceLeaving) => core.start_leave(Instant::now()),
                     Some(Cmd::Leave { reply }) => {
                         core.start_leave(Instant::now());
                         leaving = Some((Instant::now() + leave_wait, reply));

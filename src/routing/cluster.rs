@@ -1,8 +1,9 @@
 //! Cluster routing: which node owns a key, and the gRPC channels to reach the others.
 //!
-//! Reads the latest [`ClusterView`] published by the membership task (a `watch` borrow,
-//! never held across an await). Owners come from the ring; peers' gRPC addresses from
-//! their gossiped metadata. Forwarded requests carry [`HOP_KEY`]: the entry node sends
+//! Reads the latest [`ClusterView`] published by the membership task and the latest
+//! [`Routes`] published by the hand-off task (`watch` borrows, never held across an
+//! await). Who serves a partition comes from the routes alone (`ownership::routes`: this
+//! node, a peer, or incoming: wait); peers' gRPC addresses from their gossiped metadata. Forwarded requests carry [`HOP_KEY`]: the entry node sends
 //! with hop 1; a receiver whose ring disagrees may re-forward once (hop 2); beyond that
 //! the answer is `UNAVAILABLE` with a retry hint, so a request never loops.
 
@@ -15,7 +16,8 @@ use tokio::sync::watch;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::membership::ClusterView;
+use crate::membership::{ClusterView, Liveness, NodeState};
+use crate::ownership::{Route, Routes};
 use crate::node::MAX_MESSAGE_BYTES;
 use crate::pb::locations_client::LocationsClient;
 
@@ -64,6 +66,8 @@ pub struct Peer {
 pub enum Owner {
     Local,
     Remote(Box<Peer>),
+    /// This node takes the partition over and is installing it: wait.
+    Incoming,
     /// The ring is empty or the owner's address is not known yet.
     Unknown,
 }
@@ -106,14 +110,40 @@ impl Peers {
 /// The cluster as routing sees it. Cheap to share (`Arc`).
 pub struct Cluster {
     view: watch::Receiver<Arc<ClusterView>>,
+    routes: watch::Receiver<Arc<Routes>>,
     peers: Peers,
     /// Default deadline of a scatter-gather query.
     pub scatter_timeout: Duration,
 }
 
 impl Cluster {
-    pub fn new(view: watch::Receiver<Arc<ClusterView>>, scatter_timeout: Duration) -> Cluster {
-        Cluster { view, peers: Peers::default(), scatter_timeout }
+    pub fn new(
+        view: watch::Receiver<Arc<ClusterView>>,
+        routes: watch::Receiver<Arc<Routes>>,
+        scatter_timeout: Duration,
+    ) -> Cluster {
+        Cluster { view, routes, peers: Peers::default(), scatter_timeout }
+    }
+
+    /// The current routes (a snapshot: hold it for one request or batch).
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes.borrow().clone()
+    }
+
+    /// Waits until partition `p` is no longer incoming here (nor unknown: the cluster is
+    /// forming), for at most `max`.
+    pub async fn settled(&self, p: usize, max: Duration) -> Owner {
+        let mut rx = self.routes.clone();
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let r = rx.borrow_and_update().of(p);
+            if r != Route::Incoming && r != Route::Unknown {
+                return self.partition_owner(p);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return Owner::Incoming;
+            }
+        }
     }
 
     /// A receiver of every new view (for tasks that follow the ring).
@@ -135,24 +165,22 @@ impl Cluster {
         Some(Peer { addr, name: meta.name.clone(), client, channel })
     }
 
-    /// The owner of a partition in the current view.
+    /// Who serves a partition now, by the routes.
     pub fn partition_owner(&self, partition: usize) -> Owner {
-        let v = self.view();
-        match v.ring.partition_owner(partition) {
-            None => Owner::Unknown,
-            Some(a) if a == v.me => Owner::Local,
-            Some(a) => self.peer(&v, a).map_or(Owner::Unknown, |p| Owner::Remote(Box::new(p))),
+        match self.routes.borrow().of(partition) {
+            Route::Local => Owner::Local,
+            Route::Incoming => Owner::Incoming,
+            Route::Unknown => Owner::Unknown,
+            Route::Remote(a) => {
+                let v = self.view();
+                self.peer(&v, a).map_or(Owner::Unknown, |p| Owner::Remote(Box::new(p)))
+            }
         }
     }
 
-    /// The owner of `key` in the current view.
+    /// Who serves `key` now, by the routes.
     pub fn owner(&self, key: &[u8]) -> Owner {
-        let v = self.view();
-        match v.ring.owner(key) {
-            None => Owner::Unknown,
-            Some(a) if a == v.me => Owner::Local,
-            Some(a) => self.peer(&v, a).map_or(Owner::Unknown, |p| Owner::Remote(Box::new(p))),
-        }
+        self.partition_owner(crate::keys::partition_of(key) as usize)
     }
 
     /// The peer for a ring member of `v`, if its address is known.
@@ -160,17 +188,28 @@ impl Cluster {
         self.peer(v, addr)
     }
 
-    /// Who answers a scatter: whether this node is in the ring, and every other ring
-    /// member (by name when its address is unknown: it counts as missing).
+    /// Who answers a scatter: whether this node serves anything (on the ring, or still
+    /// holding partitions), and every other ring member plus every live member that is
+    /// leaving (it serves until its partitions are handed over). A member whose address
+    /// is unknown is named: it counts as missing. During a hand-off a driver may be
+    /// answered by its holder and its new owner: merging de-duplicates by id.
     pub fn scatter_targets(&self) -> (bool, Vec<Result<Peer, String>>) {
         let v = self.view();
-        let mut local = false;
+        let mut local = v.ring.contains(&v.me) || self.routes.borrow().serves_any();
         let mut remote = Vec::new();
         for a in v.ring.members() {
             if *a == v.me {
                 local = true;
             } else {
                 remote.push(self.peer(&v, *a).ok_or_else(|| v.name_of(a)));
+            }
+        }
+        for m in &v.members {
+            let leaving = m.meta.as_ref().is_some_and(|x| x.state == NodeState::Leaving);
+            if leaving && m.addr != v.me && m.liveness != Liveness::Down && !v.ring.contains(&m.addr) {
+                if let Some(p) = self.peer(&v, m.addr) {
+                    remote.push(Ok(p));
+                }
             }
         }
         (local, remote)

@@ -12,7 +12,7 @@
 
 pub mod cluster;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::actors::{ShardMsg, WatchEnd, Watcher};
 use crate::drivers::{
-    Claim, ClaimError, ClaimOk, DriverView, FixInput, IndexKind, Lookup, NearbyHit, NearbyQuery, Reject, WithinQuery,
+    Claim, ClaimError, ClaimOk, DriverView, FixInput, IndexKind, Lookup, NearbyHit, NearbyQuery, Reject, Snapshot,
+    WithinQuery,
 };
 use crate::keys::{key_hash, shard_of};
 
@@ -291,15 +292,77 @@ impl Router {
         self.ask(&id, |reply| ShardMsg::Release { driver_id, trip_id, reply }).await
     }
 
-    /// Hands persisted claims back to their shards at startup.
-    pub async fn restore_claims(&self, claims: Vec<(String, Claim)>) {
-        let mut per: Vec<Vec<(String, Claim)>> = (0..self.shards.len()).map(|_| Vec::new()).collect();
-        for (d, c) in claims {
-            per[shard_of(d.as_bytes(), self.shards.len())].push((d, c));
+    /// Hand-off, holder side: freezes the partitions in every shard and returns their
+    /// drivers as full log records, per partition (records, count).
+    pub async fn export(&self, parts: Arc<HashSet<u16>>) -> Result<HashMap<u16, (Vec<u8>, u32)>, RouteError> {
+        let mut out: HashMap<u16, (Vec<u8>, u32)> = HashMap::new();
+        for tx in &self.shards {
+            let (reply, rx) = oneshot::channel();
+            tx.send(ShardMsg::Export { partitions: parts.clone(), reply }).await.map_err(|_| RouteError::Unavailable)?;
+            for (p, (buf, n)) in rx.await.map_err(|_| RouteError::Unavailable)? {
+                let e = out.entry(p).or_default();
+                e.0.extend_from_slice(&buf);
+                e.1 += n;
+            }
         }
-        for (tx, claims) in self.shards.iter().zip(per) {
-            if !claims.is_empty() {
-                let _ = tx.send(ShardMsg::RestoreClaims { claims }).await;
+        Ok(out)
+    }
+
+    /// Hand-off, holder side: drops the partitions' drivers; returns how many.
+    pub async fn forget(&self, parts: Arc<HashSet<u16>>) -> usize {
+        let mut n = 0;
+        for tx in &self.shards {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(ShardMsg::Forget { partitions: parts.clone(), reply }).await.is_ok() {
+                n += rx.await.unwrap_or(0);
+            }
+        }
+        n
+    }
+
+    /// Hand-off undone: the frozen partitions are served again.
+    pub async fn thaw(&self, parts: Arc<HashSet<u16>>) {
+        for tx in &self.shards {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(ShardMsg::Thaw { partitions: parts.clone(), reply }).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+    }
+
+    /// Installs drivers and their claims in their shards; returns how many drivers.
+    pub async fn install(&self, drivers: Vec<Snapshot>, claims: Vec<(String, Claim)>) -> usize {
+        let n = self.shards.len();
+        let mut per: Vec<(Vec<Snapshot>, Vec<(String, Claim)>)> = (0..n).map(|_| Default::default()).collect();
+        for d in drivers {
+            per[shard_of(d.driver_id.as_bytes(), n)].0.push(d);
+        }
+        for (d, c) in claims {
+            per[shard_of(d.as_bytes(), n)].1.push((d, c));
+        }
+        let mut installed = 0;
+        for (tx, (drivers, claims)) in self.shards.iter().zip(per) {
+            if drivers.is_empty() && claims.is_empty() {
+                continue;
+            }
+            let (reply, rx) = oneshot::channel();
+            if tx.send(ShardMsg::Install { drivers, claims, reply }).await.is_ok() {
+                installed += rx.await.unwrap_or(0);
+            }
+        }
+        installed
+    }
+
+    /// Logs the deletion of drivers no shard holds (a discarded parked copy).
+    pub async fn log_deletes(&self, ids: Vec<String>) {
+        let n = self.shards.len();
+        let mut per: Vec<Vec<String>> = (0..n).map(|_| Vec::new()).collect();
+        for id in ids {
+            per[shard_of(id.as_bytes(), n)].push(id);
+        }
+        for (tx, ids) in self.shards.iter().zip(per) {
+            if !ids.is_empty() {
+                let _ = tx.send(ShardMsg::LogDeletes { ids }).await;
             }
         }
     }

@@ -30,7 +30,9 @@
 //! sled, flushed through [`Durable`] (group commit on one thread).
 
 mod durable;
+mod partitioned;
 pub use durable::Durable;
+pub use partitioned::{delete_prefix, open_partitioned, scan_partition, store_pairs};
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

@@ -29,6 +29,8 @@ pub enum TripMsg {
     Watch(mpsc::Sender<Result<pb::TripUpdate, Status>>, oneshot::Sender<pb::Trip>),
     Share(oneshot::Sender<pb::ShareLink>),
     Fix(Box<TripFix>),
+    /// The trip's partition moves to another node: save, end watchers (`moved`), exit.
+    Stop(oneshot::Sender<()>),
 }
 
 type Watchers = Vec<mpsc::Sender<Result<pb::TripUpdate, Status>>>;
@@ -64,6 +66,11 @@ pub async fn run(trips: Arc<Trips>, trip: Option<Trip>, mut rx: mpsc::Receiver<T
         let expires = Instant::now() + Duration::from_millis(left);
         tokio::select! {
             msg = rx.recv() => match msg {
+                Some(TripMsg::Stop(reply)) => {
+                    a.stop().await;
+                    let _ = reply.send(());
+                    break;
+                }
                 Some(m) => a.handle(m).await,
                 None => break,
             },
@@ -212,6 +219,9 @@ impl Actor {
                 let url = format!("{}/share/{token}/view", self.trips.public_url);
                 let _ = reply.send(pb::ShareLink { token, url, expires_ms: self.trip.expires_ms });
             }
+            TripMsg::Stop(reply) => {
+                let _ = reply.send(());
+            }
             TripMsg::Fix(f) => {
                 let out = self.trip.on_fix(&f.driver_id, f.pos, &self.trips.cfg);
                 if !out.taken {
@@ -254,13 +264,27 @@ impl Actor {
         Ok(self.proto(false))
     }
 
+    /// Hands the trip over: saves it, ends its watchers (they resubscribe through any
+    /// node and get the new owner) and forgets its share link here.
+    async fn stop(&mut self) {
+        if let Err(e) = self.save(true).await {
+            warn!(trip = %self.trip.trip_id, error = %e, "saving a trip before it moves");
+        }
+        for w in self.watchers.drain(..) {
+            let _ = w.try_send(Err(Status::unavailable("moved: the trip's partition moved to another node; resubscribe")));
+        }
+        if let Some(t) = &self.trip.share_token {
+            self.trips.shares.remove(t);
+        }
+    }
+
     /// Writes the trip (and waits for the disk when `durable`).
     async fn save(&mut self, durable: bool) -> Result<(), Status> {
         let bytes =
             postcard::to_allocvec(&self.trip).map_err(|e| Status::internal(format!("encoding the trip: {e}")))?;
         self.trips
             .store
-            .insert(self.trip.trip_id.as_bytes(), bytes)
+            .insert(crate::keys::pkey(&self.trip.trip_id), bytes)
             .map_err(|e| Status::unavailable(format!("storing the trip: {e}")))?;
         if durable {
             self.trips.durable.flush().await.map_err(|e| Status::unavailable(format!("flushing the trip: {e}")))?;
@@ -367,7 +391,7 @@ impl Actor {
         if let Some(t) = &self.trip.share_token {
             self.trips.shares.remove(t);
         }
-        if let Err(e) = self.trips.store.remove(self.trip.trip_id.as_bytes()) {
+        if let Err(e) = self.trips.store.remove(crate::keys::pkey(&self.trip.trip_id)) {
             warn!(trip = %self.trip.trip_id, error = %e, "cannot delete an expired trip");
         }
         self.event("EXPIRED", self.trip.state.name());

@@ -6,10 +6,13 @@
 //! - [`share`]: share tokens, the table `GET /share/{token}` reads, the rate limiter.
 //!
 //! The [`Trips`] registry maps a trip id to its actor's mailbox. Trips are persisted in
-//! sled (`trips` tree, one record per trip, written and flushed on every event, and at
-//! most every few seconds while a driver moves). A trip's expiry is part of its record,
-//! so its TTL timer comes back with it after a restart: [`Trips::load`] respawns every
-//! stored trip and an overdue one expires at once.
+//! sled (`trips.v2` tree, keyed by partition then trip id, one record per trip, written
+//! and flushed on every event, and at most every few seconds while a driver moves). A
+//! trip's expiry is part of its record, so its TTL timer moves with it: when this node
+//! starts serving a partition (hand-off or adoption, see `handoff`), [`Trips::start`]
+//! spawns its stored trips and an overdue one expires at once. When the partition moves
+//! away, [`Trips::export`] stops its actors (each saves and ends its watchers with
+//! `moved`) and returns the records; requests for it meanwhile answer `UNAVAILABLE`.
 //!
 //! Trip actors are tasks rather than shard workers: a trip's events are rare but some
 //! wait on another node (DRIVER_ASSIGNED confirms the driver's claim on the driver's
@@ -20,16 +23,20 @@ pub mod model;
 pub mod share;
 
 use std::collections::HashMap;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::actors::TripFix;
 use crate::dispatch::Dispatcher;
 use crate::events::Bus;
+use crate::keys::{partition_of, partition_prefix};
+use crate::ownership::Route;
 use crate::pb;
 use crate::routing::cluster::Cluster;
 use crate::storage::Durable;
@@ -40,6 +47,8 @@ use share::ShareTable;
 /// Everything trip actors need, shared.
 pub struct Trips {
     actors: Mutex<HashMap<Box<str>, mpsc::Sender<TripMsg>>>,
+    /// Per partition: [`NOT_HERE`], [`SERVED`] or [`FROZEN`].
+    parts: Vec<AtomicU8>,
     pub shares: ShareTable,
     pub(crate) store: sled::Tree,
     pub(crate) durable: Durable,
@@ -50,6 +59,10 @@ pub struct Trips {
     pub(crate) dispatch: Arc<Dispatcher>,
     pub(crate) watch_queue: usize,
 }
+
+const NOT_HERE: u8 = 0;
+const SERVED: u8 = 1;
+const FROZEN: u8 = 2;
 
 /// Messages one trip actor's mailbox holds.
 const TRIP_MAILBOX: usize = 64;
@@ -64,9 +77,10 @@ impl Trips {
         dispatch: Arc<Dispatcher>,
         watch_queue: usize,
     ) -> sled::Result<Arc<Trips>> {
-        let store = db.open_tree("trips")?;
+        let store = crate::storage::open_partitioned(db, "trips")?;
         Ok(Arc::new(Trips {
             actors: Mutex::new(HashMap::new()),
+            parts: (0..crate::keys::PARTITIONS).map(|_| AtomicU8::new(NOT_HERE)).collect(),
             shares: ShareTable::default(),
             store,
             durable,
@@ -78,10 +92,23 @@ impl Trips {
         }))
     }
 
-    /// Respawns every stored trip (startup). Overdue ones expire at once.
-    pub fn load(self: &Arc<Self>) -> usize {
+    fn part(&self, trip_id: &str) -> u8 {
+        self.parts[partition_of(trip_id.as_bytes()) as usize].load(Ordering::Acquire)
+    }
+
+    /// Why a trip has no actor here: it is moving (retry) or it does not exist.
+    fn gone(&self, trip_id: &str) -> Status {
+        match self.part(trip_id) {
+            SERVED => not_found(),
+            _ => crate::api::locations::unavailable_retry("the trip's partition is moving to another node; retry"),
+        }
+    }
+
+    /// Starts serving partition `p`: spawns every stored trip of it (overdue ones expire
+    /// at once). Its records must be in the store already.
+    pub fn start(self: &Arc<Self>, p: u16) -> usize {
         let mut n = 0;
-        for item in self.store.iter() {
+        for item in self.store.scan_prefix(partition_prefix(p)) {
             let trip = match item
                 .map_err(|e| e.to_string())
                 .and_then(|(_, v)| postcard::from_bytes::<Trip>(&v).map_err(|e| e.to_string()))
@@ -97,8 +124,51 @@ impl Trips {
             self.actors.lock().expect("trips lock").insert(id, tx);
             n += 1;
         }
-        info!(trips = n, "restored trips");
+        self.parts[p as usize].store(SERVED, Ordering::Release);
         n
+    }
+
+    /// Hand-off, holder side: freezes the partitions (requests answer `UNAVAILABLE`),
+    /// stops their actors (each saves its trip) and returns their stored records as
+    /// (trip id, record) pairs per partition.
+    pub async fn export(&self, parts: &HashSet<u16>) -> HashMap<u16, Vec<(Vec<u8>, Vec<u8>)>> {
+        for p in parts {
+            self.parts[*p as usize].store(FROZEN, Ordering::Release);
+        }
+        let stopping: Vec<mpsc::Sender<TripMsg>> = {
+            let mut m = self.actors.lock().expect("trips lock");
+            let ids: Vec<Box<str>> =
+                m.keys().filter(|id| parts.contains(&partition_of(id.as_bytes()))).cloned().collect();
+            ids.iter().filter_map(|id| m.remove(id)).collect()
+        };
+        for tx in stopping {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(TripMsg::Stop(reply)).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+        parts.iter().map(|p| (*p, crate::storage::scan_partition(&self.store, *p))).collect()
+    }
+
+    /// Writes a partition's pulled trip records to the store (the caller flushes, then
+    /// calls [`start`](Self::start)).
+    pub fn store_pulled(&self, records: &[(Vec<u8>, Vec<u8>)]) -> sled::Result<()> {
+        crate::storage::store_pairs(&self.store, records)
+    }
+
+    /// Hand-off, holder side: the new owner has the partitions: delete them here.
+    pub fn forget(&self, parts: &HashSet<u16>) -> sled::Result<usize> {
+        let mut n = 0;
+        for p in parts {
+            self.parts[*p as usize].store(NOT_HERE, Ordering::Release);
+            n += crate::storage::delete_prefix(&self.store, *p)?;
+        }
+        Ok(n)
+    }
+
+    /// Trips stored for partition `p` (for `admin partitions` and tests).
+    pub fn count(&self, p: u16) -> usize {
+        self.store.scan_prefix(partition_prefix(p)).count()
     }
 
     /// Starts an actor (the caller registers its mailbox).
@@ -121,17 +191,17 @@ impl Trips {
     }
 
     async fn ask<T>(&self, trip_id: &str, make: impl FnOnce(oneshot::Sender<T>) -> TripMsg) -> Result<T, Status> {
-        let tx = self.mailbox(trip_id).ok_or_else(not_found)?;
+        let tx = self.mailbox(trip_id).ok_or_else(|| self.gone(trip_id))?;
         let (reply, rx) = oneshot::channel();
         match tx.try_send(make(reply)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 return Err(Status::resource_exhausted("the trip's mailbox is full; retry later"));
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(not_found()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(self.gone(trip_id)),
         }
-        // The actor ended (expired) before answering.
-        rx.await.map_err(|_| not_found())
+        // The actor ended (expired, or stopped as its partition moved) before answering.
+        rx.await.map_err(|_| self.gone(trip_id))
     }
 
     /// Applies one validated event on this (the owner) node.
@@ -140,6 +210,7 @@ impl Trips {
             let mut m = self.actors.lock().expect("trips lock");
             match m.get(ev.trip_id.as_str()) {
                 Some(tx) => tx.clone(),
+                None if self.part(&ev.trip_id) != SERVED => return Err(self.gone(&ev.trip_id)),
                 None if matches!(ev.kind, EventKind::BookingCreated { .. }) => {
                     let tx = self.spawn(None);
                     m.insert(ev.trip_id.as_str().into(), tx.clone());
@@ -148,11 +219,12 @@ impl Trips {
                 None => return Err(not_found()),
             }
         };
+        let id = ev.trip_id.clone();
         let (reply, rx) = oneshot::channel();
         if tx.send(TripMsg::Apply(Box::new(ev), reply)).await.is_err() {
-            return Err(not_found());
+            return Err(self.gone(&id));
         }
-        rx.await.map_err(|_| not_found())?
+        rx.await.map_err(|_| self.gone(&id))?
     }
 
     pub async fn get(&self, trip_id: &str, include_route: bool) -> Result<pb::Trip, Status> {
@@ -195,18 +267,20 @@ pub async fn run_feed(mut rx: mpsc::Receiver<TripFix>, trips: Arc<Trips>, cluste
     let inflight = Arc::new(tokio::sync::Semaphore::new(64));
     let mut buf = Vec::with_capacity(1024);
     while rx.recv_many(&mut buf, 1024).await > 0 {
-        // One view per batch; a peer is looked up once per owner, not once per fix.
+        // One view and routes per batch; a peer is looked up once per owner, not per fix.
         let view = cluster.view();
+        let routes = cluster.routes();
         let mut remote: HashMap<std::net::SocketAddr, Vec<pb::TripFix>> = HashMap::new();
         for f in buf.drain(..) {
-            match view.ring.owner(f.trip_id.as_bytes()) {
-                Some(a) if a == view.me => trips.feed(f),
-                Some(a) => remote.entry(a).or_default().push(pb::TripFix {
+            match routes.of_key(f.trip_id.as_bytes()) {
+                Route::Local => trips.feed(f),
+                Route::Remote(a) => remote.entry(a).or_default().push(pb::TripFix {
                     trip_id: f.trip_id.into(),
                     driver_id: f.driver_id.into(),
                     fix: Some(crate::api::fix_proto(&f.pos)),
                 }),
-                None => metrics::counter!("locus_trip_fixes_dropped_total").increment(1),
+                // Moving or unknown: the driver's next fix follows within a second or so.
+                Route::Incoming | Route::Unknown => metrics::counter!("locus_trip_fixes_dropped_total").increment(1),
             }
         }
         let remote = remote.into_iter().filter_map(|(a, fixes)| match cluster.peer_in(&view, a) {

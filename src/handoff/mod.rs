@@ -1,0 +1,676 @@
+//! Partition hand-off: the shell that moves a partition's state to its owner.
+//!
+//! Pull-based. The node the ring names as a partition's owner pulls it from whichever
+//! node holds it; the holder never pushes. Each round (on every ring change, and every
+//! few hundred ms while anything is unsettled) the hand-off task:
+//!
+//! 1. surveys every live member's holdings (`Handoff.Holdings`); a live member that does
+//!    not answer (or whose address is not known yet) counts as missing;
+//! 2. plans with the pure [`ownership::plan`](crate::ownership::plan);
+//! 3. performs the actions: **pull** (the holder freezes the partition, lends it at the
+//!    puller's higher epoch and returns drivers with trails, claims and trips; the puller
+//!    persists them, installs them with their timers, then asks the holder to
+//!    **release**, which forgets its copy), **adopt** (nobody holds it: serve the parked
+//!    copy or start empty; never while a member is missing), **reclaim** (a borrower that
+//!    vanished), **discard** (a parked copy a live node serves);
+//! 4. publishes the [`Routes`] every request reads, and `/readyz` (on the ring and
+//!    nothing incoming).
+//!
+//! Order makes it safe: the holder refuses keyed writes from the moment it lends
+//! (`UNAVAILABLE`, and its routes point at the borrower, which holds requests until
+//! installed); the borrower persists before it serves; the holder forgets only after the
+//! borrower installed. So no acknowledged write is lost, a key is served by one node at
+//! a time, and reads see a driver on the holder or the borrower (scatter answers
+//! de-duplicate the overlap).
+//!
+//! Epochs: each partition's epoch is persisted with its holding (sled tree
+//! `partitions`). A pull names the epoch the puller will own it at, which must be above
+//! the holder's; after a restart every holding becomes `Parked` and is only served again
+//! through this protocol, so a pre-crash copy never answers.
+//!
+//! The table, parked copies and every step that changes them are behind one async mutex,
+//! never held across a call to another node (two nodes pulling from each other cannot
+//! deadlock).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex, Notify, watch};
+use tracing::{debug, info, warn};
+
+use crate::dispatch::{decode_claims, load_claims};
+use crate::drivers::{Snapshot, SnapshotRef, decode_records, encode_upsert};
+use crate::keys::PARTITIONS;
+use crate::membership::{ClusterView, Liveness};
+use crate::ownership::{Action, Holding, Part, PeerHolding, Routes, Survey, Table, plan, routes};
+use crate::pb;
+use crate::pb::handoff_client::HandoffClient;
+use crate::routing::Router;
+use crate::routing::cluster::Cluster;
+use crate::storage::{Durable, apply_record, delete_prefix, scan_partition, store_pairs};
+use crate::trips::Trips;
+
+/// Partitions per `Pull` call: bounds one message and how much is frozen at once.
+const PULL_CHUNK: usize = 8;
+/// Largest hand-off message (a chunk of partitions with their drivers' trails).
+pub const MAX_HANDOFF_BYTES: usize = 256 << 20;
+/// How long one survey answer or pull may take.
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+const SURVEY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What one partition's hand-off carries.
+pub struct PartitionData {
+    pub partition: u16,
+    pub epoch: u64,
+    /// Drivers as full log records.
+    pub drivers: Vec<u8>,
+    pub claims: Vec<(Vec<u8>, Vec<u8>)>,
+    pub trips: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Why a pull of one partition was refused.
+pub type Refusal = (u16, String);
+
+struct State {
+    table: Table,
+    /// Drivers found in the log at startup, by partition, not served until adopted.
+    parked: HashMap<u16, Vec<Snapshot>>,
+}
+
+/// See the module docs. Shared by the hand-off task and the `Handoff` gRPC service.
+pub struct Handoff {
+    me: SocketAddr,
+    cluster: Arc<Cluster>,
+    router: Arc<Router>,
+    trips: Arc<Trips>,
+    claims: sled::Tree,
+    table_tree: sled::Tree,
+    durable: Durable,
+    state: Mutex<State>,
+    routes: watch::Sender<Arc<Routes>>,
+    ready: Arc<AtomicBool>,
+    kick: Notify,
+    /// Trail fixes kept per driver besides the last (pulled records are cut to it).
+    trail_cap: usize,
+}
+
+fn load_table(tree: &sled::Tree) -> Table {
+    let mut t = Table::default();
+    for (k, v) in tree.iter().filter_map(Result::ok) {
+        let (Some(p), Some(part)) = (k.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])), Table::decode(&v)) else {
+            continue;
+        };
+        if p < PARTITIONS {
+            t.set(p, part);
+        }
+    }
+    t
+}
+
+impl Handoff {
+    /// Opens the ownership table and parks what this node held before it stopped:
+    /// drivers from the log (`drivers`), claims and trips in the store. Nothing is served
+    /// until the hand-off task adopts or pulls it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        me: SocketAddr,
+        db: &sled::Db,
+        drivers: HashMap<String, Snapshot>,
+        cluster: Arc<Cluster>,
+        router: Arc<Router>,
+        trips: Arc<Trips>,
+        claims: sled::Tree,
+        durable: Durable,
+        routes: watch::Sender<Arc<Routes>>,
+        ready: Arc<AtomicBool>,
+        trail_cap: usize,
+    ) -> sled::Result<Arc<Handoff>> {
+        let table_tree = db.open_tree("partitions")?;
+        let mut table = load_table(&table_tree);
+        let mut parked: HashMap<u16, Vec<Snapshot>> = HashMap::new();
+        for (_, s) in drivers {
+            parked.entry(crate::keys::partition_of(s.driver_id.as_bytes())).or_default().push(s);
+        }
+        let mut with_data: HashSet<u16> = parked.keys().copied().collect();
+        for tree in [&claims, &trips.store] {
+            for k in tree.iter().keys().filter_map(Result::ok) {
+                if k.len() >= 2 {
+                    with_data.insert(u16::from_be_bytes([k[0], k[1]]));
+                }
+            }
+        }
+        for p in 0..PARTITIONS {
+            let part = table.get(p);
+            if part.holding.is_some() || with_data.contains(&p) {
+                let parked_part = Part { epoch: part.epoch, holding: Some(Holding::Parked) };
+                table.set(p, parked_part);
+                table_tree.insert(p.to_be_bytes(), Table::encode(&parked_part))?;
+            }
+        }
+        table_tree.flush()?;
+        info!(
+            parked = table.count("parked"),
+            parked_drivers = parked.values().map(Vec::len).sum::<usize>(),
+            "ownership table opened; earlier holdings parked until handed over"
+        );
+        Ok(Arc::new(Handoff {
+            me,
+            cluster,
+            router,
+            trips,
+            claims,
+            table_tree,
+            durable,
+            state: Mutex::new(State { table, parked }),
+            routes,
+            ready,
+            kick: Notify::new(),
+            trail_cap,
+        }))
+    }
+
+    /// Every request's routes: a receiver of each new version.
+    pub fn routes(&self) -> watch::Receiver<Arc<Routes>> {
+        self.routes.subscribe()
+    }
+
+    fn set(&self, st: &mut State, p: u16, part: Part) {
+        st.table.set(p, part);
+        if let Err(e) = self.table_tree.insert(p.to_be_bytes(), Table::encode(&part)) {
+            warn!(partition = p, error = %e, "cannot persist a partition's holding");
+        }
+    }
+
+    fn publish(&self, view: &ClusterView, st: &State) {
+        let r = routes(self.me, &view.ring, &st.table);
+        let incoming = r.incoming();
+        let on_ring = view.ring.contains(&self.me);
+        self.ready.store(on_ring && incoming == 0, Ordering::Relaxed);
+        metrics::gauge!("locus_partitions", "state" => "incoming").set(incoming as f64);
+        for kind in ["active", "lent", "parked"] {
+            metrics::gauge!("locus_partitions", "state" => kind).set(st.table.count(kind) as f64);
+        }
+        self.routes.send_replace(Arc::new(r));
+    }
+
+    /// Holdings of this node, as the survey reports them.
+    pub async fn holdings(&self) -> Vec<PeerHolding> {
+        let st = self.state.lock().await;
+        st.table
+            .held()
+            .map(|(p, part)| PeerHolding { partition: p, epoch: part.epoch, holding: part.holding.expect("held") })
+            .collect()
+    }
+
+    /// Counts for `admin` and tests: partitions held as active / lent / parked.
+    pub async fn counts(&self) -> (usize, usize, usize) {
+        let st = self.state.lock().await;
+        (st.table.count("active"), st.table.count("lent"), st.table.count("parked"))
+    }
+
+    /// Holder side of `Pull`: lends each partition it can to `requester` at the given
+    /// epoch and returns their state; refuses the others with the reason.
+    pub async fn lend(&self, requester: SocketAddr, wanted: &[(u16, u64)]) -> (Vec<PartitionData>, Vec<Refusal>) {
+        let view = self.cluster.view();
+        let alive = |a: &SocketAddr| view.member(a).is_some_and(|m| m.liveness != Liveness::Down);
+        let mut st = self.state.lock().await;
+        let mut refused = Vec::new();
+        let (mut from_shards, mut from_parked) = (HashSet::new(), Vec::new());
+        for &(p, epoch) in wanted {
+            if p >= PARTITIONS {
+                refused.push((p, format!("partition {p} does not exist (0..{PARTITIONS})")));
+                continue;
+            }
+            let part = st.table.get(p);
+            let ok = match part.holding {
+                None => Err("not held here".to_string()),
+                Some(Holding::Lent { to, .. }) if to != requester && alive(&to) => {
+                    Err(format!("lent to {} already", view.name_of(&to)))
+                }
+                Some(_) if epoch <= part.epoch => {
+                    metrics::counter!("locus_epoch_refused_total").increment(1);
+                    Err(format!("stale epoch {epoch}: held here at epoch {}", part.epoch))
+                }
+                Some(h) => Ok(h),
+            };
+            match ok {
+                Err(why) => refused.push((p, why)),
+                Ok(h) => {
+                    match h {
+                        Holding::Parked => from_parked.push((p, epoch)),
+                        Holding::Lent { to, .. } if to == requester => {
+                            from_shards.insert(p);
+                        }
+                        // Lent to a node that is gone: the frozen state here is current.
+                        _ => {
+                            from_shards.insert(p);
+                        }
+                    }
+                    self.set(&mut st, p, Part { epoch: part.epoch, holding: Some(Holding::Lent { to: requester, to_epoch: epoch }) });
+                }
+            }
+        }
+        // Routes point at the borrower before the shards freeze, so new requests go there.
+        self.publish(&view, &st);
+        let mut out = Vec::new();
+        if !from_shards.is_empty() {
+            let parts = Arc::new(from_shards);
+            let drivers = match self.router.export(parts.clone()).await {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(error = %e, "exporting partitions failed");
+                    HashMap::new()
+                }
+            };
+            let mut trips = self.trips.export(&parts).await;
+            for p in parts.iter() {
+                out.push(PartitionData {
+                    partition: *p,
+                    epoch: st.table.get(*p).epoch,
+                    drivers: drivers.get(p).map(|d| d.0.clone()).unwrap_or_default(),
+                    claims: scan_partition(&self.claims, *p),
+                    trips: trips.remove(p).unwrap_or_default(),
+                });
+            }
+        }
+        for (p, _) in from_parked {
+            let mut buf = Vec::new();
+            for s in st.parked.get(&p).map(Vec::as_slice).unwrap_or_default() {
+                encode_upsert(&mut buf, &s.driver_id, &snapshot_ref(s), None);
+            }
+            out.push(PartitionData {
+                partition: p,
+                epoch: st.table.get(p).epoch,
+                drivers: buf,
+                claims: scan_partition(&self.claims, p),
+                trips: scan_partition(&self.trips.store, p),
+            });
+        }
+        if let Err(e) = self.durable.flush().await {
+            warn!(error = %e, "flushing lent holdings");
+        }
+        let bytes: usize = out.iter().map(|d| d.drivers.len()).sum();
+        metrics::counter!("locus_handoff_bytes_total", "role" => "lent").increment(bytes as u64);
+        metrics::counter!("locus_handoffs_total", "role" => "lent").increment(out.len() as u64);
+        info!(to = %view.name_of(&requester), partitions = out.len(), refused = refused.len(), bytes, "lent partitions");
+        (out, refused)
+    }
+
+    /// Holder side of `Release`: `requester` installed these partitions; forget them.
+    pub async fn release(&self, requester: SocketAddr, partitions: &[u16]) -> usize {
+        let mut st = self.state.lock().await;
+        let parts: HashSet<u16> = partitions
+            .iter()
+            .copied()
+            .filter(|p| *p < PARTITIONS)
+            .filter(|p| matches!(st.table.get(*p).holding, Some(Holding::Lent { to, .. }) if to == requester))
+            .collect();
+        self.forget(&mut st, &parts).await;
+        let view = self.cluster.view();
+        self.publish(&view, &st);
+        parts.len()
+    }
+
+    async fn forget(&self, st: &mut State, parts: &HashSet<u16>) {
+        if parts.is_empty() {
+            return;
+        }
+        let shared = Arc::new(parts.clone());
+        let drivers = self.router.forget(shared).await;
+        if let Err(e) = self.trips.forget(parts) {
+            warn!(error = %e, "deleting released trips");
+        }
+        for p in parts {
+            if let Err(e) = delete_prefix(&self.claims, *p) {
+                warn!(partition = p, error = %e, "deleting released claims");
+            }
+            // A parked copy that was lent: its drivers were never in the shards.
+            if let Some(ids) = st.parked.remove(p) {
+                self.router.log_deletes(ids.into_iter().map(|s| s.driver_id).collect()).await;
+            }
+            let epoch = st.table.get(*p).epoch;
+            self.set(st, *p, Part { epoch, holding: None });
+        }
+        if let Err(e) = self.durable.flush().await {
+            warn!(error = %e, "flushing released partitions");
+        }
+        debug!(partitions = parts.len(), drivers, "forgot released partitions");
+    }
+
+    /// Installs pulled partitions (new owner side). Returns those installed.
+    async fn install(&self, view: &ClusterView, expect: &Table, data: Vec<PartitionData>, epochs: &HashMap<u16, u64>) -> Vec<u16> {
+        let mut st = self.state.lock().await;
+        let mut done = Vec::new();
+        for d in data {
+            let p = d.partition;
+            let Some(&epoch) = epochs.get(&p) else { continue };
+            let now = st.table.get(p);
+            // The table moved on since the plan (e.g. this node lent its parked copy).
+            if now != expect.get(p) {
+                continue;
+            }
+            let mut pulled: HashMap<String, Snapshot> = HashMap::new();
+            let (_, err) = decode_records(&d.drivers, |r| apply_record(&mut pulled, r, self.trail_cap));
+            if let Some(e) = err {
+                warn!(partition = p, error = %e, "a pulled partition's drivers do not decode; not installed");
+                continue;
+            }
+            let merge = now.holding == Some(Holding::Active);
+            if !merge {
+                // This node's parked copy is superseded: log deletions for its drivers
+                // that did not come with the pull, and drop its stored claims and trips.
+                if let Some(old) = st.parked.remove(&p) {
+                    let gone = old.into_iter().map(|s| s.driver_id).filter(|id| !pulled.contains_key(id)).collect();
+                    self.router.log_deletes(gone).await;
+                }
+                for tree in [&self.claims, &self.trips.store] {
+                    if let Err(e) = delete_prefix(tree, p) {
+                        warn!(partition = p, error = %e, "clearing a parked copy");
+                    }
+                }
+            }
+            let mut claims = d.claims;
+            let mut trips = d.trips;
+            if merge {
+                claims.retain(|(k, _)| !self.claims.contains_key(crate::keys::pkey(&String::from_utf8_lossy(k))).unwrap_or(true));
+                trips.retain(|(k, _)| !self.trips.store.contains_key(crate::keys::pkey(&String::from_utf8_lossy(k))).unwrap_or(true));
+            }
+            if let Err(e) = store_pairs(&self.claims, &claims).and_then(|_| self.trips.store_pulled(&trips)) {
+                warn!(partition = p, error = %e, "storing a pulled partition failed; not installed");
+                continue;
+            }
+            self.set(&mut st, p, Part { epoch, holding: Some(Holding::Active) });
+            if let Err(e) = self.durable.flush().await {
+                warn!(partition = p, error = %e, "flushing a pulled partition failed");
+                continue;
+            }
+            let n = self.router.install(pulled.into_values().collect(), decode_claims(claims)).await;
+            let t = if merge { 0 } else { self.trips.start(p) };
+            debug!(partition = p, epoch, drivers = n, trips = t, merge, "installed a pulled partition");
+            done.push(p);
+        }
+        let _ = view;
+        done
+    }
+
+    /// Serves a partition nobody else holds: this node's parked copy, or nothing.
+    async fn adopt(&self, st: &mut State, p: u16, epoch: u64) {
+        let drivers = st.parked.remove(&p).unwrap_or_default();
+        let claims = load_claims(&self.claims, p);
+        self.set(st, p, Part { epoch, holding: Some(Holding::Active) });
+        if !drivers.is_empty() || !claims.is_empty() {
+            self.router.install(drivers, claims).await;
+        }
+        self.trips.start(p);
+    }
+
+    /// One survey of every live member's holdings.
+    async fn survey(&self, view: &ClusterView) -> Survey {
+        let mut survey = Survey::default();
+        let mut calls = tokio::task::JoinSet::new();
+        for m in &view.members {
+            if m.addr == self.me || m.liveness == Liveness::Down {
+                continue;
+            }
+            let Some(meta) = &m.meta else {
+                survey.missing.push(m.addr);
+                continue;
+            };
+            let mut c = self.client(meta.grpc);
+            let addr = m.addr;
+            calls.spawn(async move {
+                let mut r = tonic::Request::new(pb::HoldingsRequest {});
+                r.set_timeout(SURVEY_TIMEOUT);
+                (addr, tokio::time::timeout(SURVEY_TIMEOUT, c.holdings(r)).await)
+            });
+        }
+        while let Some(Ok((addr, r))) = calls.join_next().await {
+            match r {
+                Ok(Ok(resp)) => {
+                    let hs = resp.into_inner().holdings.into_iter().filter_map(peer_holding).collect();
+                    survey.answered.insert(addr, hs);
+                }
+                _ => survey.missing.push(addr),
+            }
+        }
+        survey
+    }
+
+    fn client(&self, grpc: SocketAddr) -> HandoffClient<tonic::transport::Channel> {
+        HandoffClient::new(self.cluster.peers().channel(grpc))
+            .max_decoding_message_size(MAX_HANDOFF_BYTES)
+            .max_encoding_message_size(MAX_HANDOFF_BYTES)
+    }
+
+    /// One round: survey, plan, act. Returns whether anything is left to do.
+    async fn round(&self, view: &ClusterView) -> bool {
+        let survey = self.survey(view).await;
+        let table = self.state.lock().await.table.clone();
+        let actions = plan(self.me, &view.ring, &table, &survey);
+        let mut pulls: HashMap<SocketAddr, Vec<(u16, u64)>> = HashMap::new();
+        let mut local = Vec::new();
+        for a in &actions {
+            match *a {
+                Action::Pull { p, from, epoch } => pulls.entry(from).or_default().push((p, epoch)),
+                other => local.push(other),
+            }
+        }
+        if !local.is_empty() {
+            let mut st = self.state.lock().await;
+            let mut forget = HashSet::new();
+            let mut thaw = HashSet::new();
+            let (mut adopted, mut discarded) = (0, 0);
+            for a in local {
+                let part = st.table.get(a.partition());
+                if part != table.get(a.partition()) {
+                    continue;
+                }
+                match a {
+                    Action::Adopt { p, epoch } => {
+                        self.adopt(&mut st, p, epoch).await;
+                        adopted += 1;
+                    }
+                    Action::Reclaim { p, epoch } => {
+                        self.set(&mut st, p, Part { epoch, holding: Some(Holding::Active) });
+                        thaw.insert(p);
+                    }
+                    Action::ForgetLent { p } => {
+                        forget.insert(p);
+                    }
+                    Action::Discard { p } => {
+                        if let Some(old) = st.parked.remove(&p) {
+                            self.router.log_deletes(old.into_iter().map(|s| s.driver_id).collect()).await;
+                        }
+                        for tree in [&self.claims, &self.trips.store] {
+                            if let Err(e) = delete_prefix(tree, p) {
+                                warn!(partition = p, error = %e, "discarding a parked copy");
+                            }
+                        }
+                        self.set(&mut st, p, Part { epoch: part.epoch, holding: None });
+                        discarded += 1;
+                    }
+                    Action::Pull { .. } => {}
+                }
+            }
+            if !thaw.is_empty() {
+                self.router.thaw(Arc::new(thaw.clone())).await;
+                for p in &thaw {
+                    self.trips.start(*p);
+                }
+                info!(partitions = thaw.len(), "reclaimed partitions whose borrower is gone");
+            }
+            self.forget(&mut st, &forget).await;
+            if let Err(e) = self.durable.flush().await {
+                warn!(error = %e, "flushing the ownership table");
+            }
+            if adopted + discarded > 0 {
+                info!(adopted, discarded, "partitions adopted or discarded");
+            }
+            self.publish(view, &st);
+        }
+        let mut pulled_any = false;
+        for (from, wanted) in pulls {
+            let Some(meta) = view.meta(&from) else { continue };
+            let name = meta.name.clone();
+            for chunk in wanted.chunks(PULL_CHUNK) {
+                let t0 = Instant::now();
+                let epochs: HashMap<u16, u64> = chunk.iter().copied().collect();
+                let req = pb::PullRequest {
+                    requester: self.me.to_string(),
+                    partitions: chunk.iter().map(|(p, _)| *p as u32).collect(),
+                    epochs: chunk.iter().map(|(_, e)| *e).collect(),
+                };
+                let mut c = self.client(meta.grpc);
+                let mut r = tonic::Request::new(req);
+                r.set_timeout(RPC_TIMEOUT);
+                metrics::gauge!("locus_handoffs_in_flight").increment(chunk.len() as f64);
+                let resp = c.pull(r).await;
+                metrics::gauge!("locus_handoffs_in_flight").decrement(chunk.len() as f64);
+                let resp = match resp {
+                    Ok(r) => r.into_inner(),
+                    Err(e) => {
+                        warn!(from = %name, error = %e, "pulling partitions failed; retrying next round");
+                        break;
+                    }
+                };
+                for f in &resp.refused {
+                    debug!(from = %name, partition = f.partition, reason = %f.reason, "pull refused");
+                }
+                let bytes: usize = resp.partitions.iter().map(|d| d.drivers.len()).sum();
+                let data = resp.partitions.into_iter().filter_map(partition_data).collect();
+                let done = self.install(view, &table, data, &epochs).await;
+                if !done.is_empty() {
+                    let mut c = self.client(meta.grpc);
+                    let mut r = tonic::Request::new(pb::ReleaseRequest {
+                        requester: self.me.to_string(),
+                        partitions: done.iter().map(|p| *p as u32).collect(),
+                    });
+                    r.set_timeout(RPC_TIMEOUT);
+                    if let Err(e) = c.release(r).await {
+                        // The holder forgets its copy once it sees this node serve it.
+                        warn!(from = %name, error = %e, "release not acknowledged");
+                    }
+                    pulled_any = true;
+                }
+                let st = self.state.lock().await;
+                self.publish(view, &st);
+                drop(st);
+                metrics::counter!("locus_handoffs_total", "role" => "pulled").increment(done.len() as u64);
+                metrics::counter!("locus_handoff_bytes_total", "role" => "pulled").increment(bytes as u64);
+                metrics::histogram!("locus_handoff_seconds").record(t0.elapsed().as_secs_f64());
+                info!(from = %name, partitions = done.len(), bytes, ms = t0.elapsed().as_millis() as u64, "pulled partitions");
+            }
+        }
+        let st = self.state.lock().await;
+        self.publish(view, &st);
+        let r = self.routes.borrow().clone();
+        pulled_any || r.incoming() > 0 || st.table.count("lent") > 0 || st.table.count("parked") > 0
+    }
+
+    /// Asks the task for a round now (after an RPC changed the table, say).
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    /// One round now (startup: a lone node serves at once, before it says it serves).
+    pub async fn first_round(&self, view: &ClusterView) {
+        self.round(view).await;
+    }
+
+    /// The hand-off task: a round on every view change, then again soon while
+    /// unsettled, and every few seconds regardless (a missed release, a late survey).
+    pub async fn run(self: Arc<Self>, mut view_rx: watch::Receiver<Arc<ClusterView>>) {
+        loop {
+            let view = view_rx.borrow_and_update().clone();
+            let busy = self.round(&view).await;
+            let wait = if busy { Duration::from_millis(300) } else { Duration::from_secs(3) };
+            tokio::select! {
+                r = view_rx.changed() => if r.is_err() { return },
+                _ = self.kick.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Whether this node can stop without losing state: it holds nothing that another
+    /// ring member could take (nothing active or lent), or no other member remains.
+    pub async fn drained(&self) -> bool {
+        let view = self.cluster.view();
+        let others = view.ring.members().iter().any(|a| *a != self.me);
+        let st = self.state.lock().await;
+        !others || (st.table.count("active") == 0 && st.table.count("lent") == 0)
+    }
+}
+
+impl Action {
+    fn partition(&self) -> u16 {
+        match *self {
+            Action::Pull { p, .. }
+            | Action::Adopt { p, .. }
+            | Action::Reclaim { p, .. }
+            | Action::Discard { p }
+            | Action::ForgetLent { p } => p,
+        }
+    }
+}
+
+fn snapshot_ref(s: &Snapshot) -> SnapshotRef<'_> {
+    SnapshotRef {
+        status: s.status,
+        vehicle_type: &s.vehicle_type,
+        last: &s.last,
+        received_ms: s.received_ms,
+        trip_cost: s.trip_cost,
+        cab: &s.cab,
+        session: &s.session,
+        trip_id: &s.trip_id,
+        trail: &s.trail,
+    }
+}
+
+fn peer_holding(h: pb::Holding) -> Option<PeerHolding> {
+    let holding = match pb::HoldingKind::try_from(h.kind).ok()? {
+        pb::HoldingKind::HoldingActive => Holding::Active,
+        pb::HoldingKind::HoldingLent => Holding::Lent { to: h.lent_to.parse().ok()?, to_epoch: h.lent_epoch },
+        pb::HoldingKind::HoldingParked => Holding::Parked,
+        pb::HoldingKind::Unspecified => return None,
+    };
+    let partition = u16::try_from(h.partition).ok().filter(|p| *p < PARTITIONS)?;
+    Some(PeerHolding { partition, epoch: h.epoch, holding })
+}
+
+/// A holding as `Holdings` reports it.
+pub fn holding_proto(h: &PeerHolding) -> pb::Holding {
+    let (kind, lent_to, lent_epoch) = match h.holding {
+        Holding::Active => (pb::HoldingKind::HoldingActive, String::new(), 0),
+        Holding::Lent { to, to_epoch } => (pb::HoldingKind::HoldingLent, to.to_string(), to_epoch),
+        Holding::Parked => (pb::HoldingKind::HoldingParked, String::new(), 0),
+    };
+    pb::Holding { partition: h.partition as u32, epoch: h.epoch, kind: kind as i32, lent_to, lent_epoch }
+}
+
+fn partition_data(d: pb::PartitionState) -> Option<PartitionData> {
+    let pairs = |kv: Vec<pb::KeyValue>| kv.into_iter().map(|x| (x.key, x.value)).collect();
+    Some(PartitionData {
+        partition: u16::try_from(d.partition).ok().filter(|p| *p < PARTITIONS)?,
+        epoch: d.epoch,
+        drivers: d.drivers,
+        claims: pairs(d.claims),
+        trips: pairs(d.trips),
+    })
+}
+
+/// A partition's state as `Pull` returns it.
+pub fn partition_proto(d: PartitionData) -> pb::PartitionState {
+    let kv = |v: Vec<(Vec<u8>, Vec<u8>)>| v.into_iter().map(|(key, value)| pb::KeyValue { key, value }).collect();
+    pb::PartitionState {
+        partition: d.partition as u32,
+        epoch: d.epoch,
+        drivers: d.drivers,
+        claims: kv(d.claims),
+        trips: kv(d.trips),
+    }
+}

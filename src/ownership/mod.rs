@@ -1,0 +1,309 @@
+//! Partition ownership: who serves partition `p`, at which epoch, in which state. Pure.
+//!
+//! The ring says who *should* own each partition; this table says who *holds* it here.
+//! A partition's state moves between nodes by hand-off (see `handoff`), and exactly one
+//! node serves it at a time:
+//!
+//! - `Active`: served here, at `epoch`.
+//! - `Lent { to }`: frozen here and handed to `to`, which installs it at a higher epoch;
+//!   requests for it go to `to`. Once `to` releases it, this node forgets its copy.
+//! - `Parked`: a copy found on disk at startup. It is never served: it is handed over
+//!   (or adopted) only when no live node holds the partition `Active` or `Lent`.
+//!
+//! Every move raises the partition's epoch (the new owner takes the highest epoch any
+//! live node reports, plus one, and persists it with the state), so a copy from before a
+//! crash always loses to the current one.
+//!
+//! [`plan`] turns the ring, this node's table and a survey of every live member's
+//! holdings into actions (pull, adopt, reclaim, discard); [`routes`] turns the ring and
+//! the table into the per-partition route every request reads: here, wait (incoming),
+//! or that node. The `handoff` shell performs the actions and publishes the routes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use crate::keys::{PARTITIONS, partition_of};
+use crate::ring::Ring;
+
+/// How this node holds a partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holding {
+    Active,
+    /// Frozen and lent to `to`, which owns it at `to_epoch` once installed.
+    Lent {
+        to: SocketAddr,
+        to_epoch: u64,
+    },
+    Parked,
+}
+
+impl Holding {
+    pub fn name(self) -> &'static str {
+        match self {
+            Holding::Active => "active",
+            Holding::Lent { .. } => "lent",
+            Holding::Parked => "parked",
+        }
+    }
+}
+
+/// One partition as this node knows it: the highest epoch it has held it at, and how it
+/// holds it now (`None`: not at all).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Part {
+    pub epoch: u64,
+    pub holding: Option<Holding>,
+}
+
+/// This node's holdings, one entry per partition. Owned by the hand-off task.
+#[derive(Clone, Debug)]
+pub struct Table {
+    parts: Vec<Part>,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table { parts: vec![Part::default(); PARTITIONS as usize] }
+    }
+}
+
+impl Table {
+    pub fn get(&self, p: u16) -> Part {
+        self.parts[p as usize]
+    }
+
+    pub fn set(&mut self, p: u16, part: Part) {
+        self.parts[p as usize] = part;
+    }
+
+    /// Partitions held in any way, with their entries.
+    pub fn held(&self) -> impl Iterator<Item = (u16, Part)> + '_ {
+        self.parts.iter().enumerate().filter(|(_, x)| x.holding.is_some()).map(|(p, x)| (p as u16, *x))
+    }
+
+    /// How many partitions are held as `h` (compared by kind).
+    pub fn count(&self, kind: &str) -> usize {
+        self.parts.iter().filter(|x| x.holding.is_some_and(|h| h.name() == kind)).count()
+    }
+
+    /// Encodes an entry for the store: epoch (u64 BE), kind (0 none, 1 active, 2 lent,
+    /// 3 parked), then for lent the borrower's epoch and address.
+    pub fn encode(part: &Part) -> Vec<u8> {
+        let mut v = part.epoch.to_be_bytes().to_vec();
+        match part.holding {
+            None => v.push(0),
+            Some(Holding::Active) => v.push(1),
+            Some(Holding::Lent { to, to_epoch }) => {
+                v.push(2);
+                v.extend_from_slice(&to_epoch.to_be_bytes());
+                v.extend_from_slice(to.to_string().as_bytes());
+            }
+            Some(Holding::Parked) => v.push(3),
+        }
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Part> {
+        let epoch = u64::from_be_bytes(b.get(..8)?.try_into().ok()?);
+        let holding = match *b.get(8)? {
+            0 => None,
+            1 => Some(Holding::Active),
+            2 => {
+                let to_epoch = u64::from_be_bytes(b.get(9..17)?.try_into().ok()?);
+                let to = std::str::from_utf8(b.get(17..)?).ok()?.parse().ok()?;
+                Some(Holding::Lent { to, to_epoch })
+            }
+            3 => Some(Holding::Parked),
+            _ => return None,
+        };
+        Some(Part { epoch, holding })
+    }
+}
+
+/// What a live member reported holding (see `Handoff.Holdings`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerHolding {
+    pub partition: u16,
+    pub epoch: u64,
+    pub holding: Holding,
+}
+
+/// Every live member's holdings, as surveyed for one planning round.
+#[derive(Clone, Debug, Default)]
+pub struct Survey {
+    /// Members that answered, with what they hold.
+    pub answered: HashMap<SocketAddr, Vec<PeerHolding>>,
+    /// Live members that did not answer: anything they hold is unknown, so nothing may be
+    /// adopted or reclaimed this round (it could be theirs).
+    pub missing: Vec<SocketAddr>,
+}
+
+impl Survey {
+    /// Per partition: every (member, holding) reported.
+    fn by_partition(&self) -> HashMap<u16, Vec<(SocketAddr, u64, Holding)>> {
+        let mut m: HashMap<u16, Vec<(SocketAddr, u64, Holding)>> = HashMap::new();
+        for (a, hs) in &self.answered {
+            for h in hs {
+                m.entry(h.partition).or_default().push((*a, h.epoch, h.holding));
+            }
+        }
+        m
+    }
+
+    fn alive(&self, a: &SocketAddr) -> bool {
+        self.answered.contains_key(a) || self.missing.contains(a)
+    }
+}
+
+/// One step of a hand-off plan, for the shell to perform.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Pull the partition from `from` and own it at `epoch`.
+    Pull { p: u16, from: SocketAddr, epoch: u64 },
+    /// No live node holds it better: serve this node's parked copy (or start empty).
+    Adopt { p: u16, epoch: u64 },
+    /// It was lent to a node that is gone or lost it: unfreeze and serve it again.
+    Reclaim { p: u16, epoch: u64 },
+    /// A parked copy of a partition that a live node serves: delete it.
+    Discard { p: u16 },
+    /// The borrower serves it (its release never arrived): forget the lent copy.
+    ForgetLent { p: u16 },
+}
+
+/// The hand-off actions for this node (`me`) by the ring, its table and the survey.
+pub fn plan(me: SocketAddr, ring: &Ring, table: &Table, survey: &Survey) -> Vec<Action> {
+    let others = survey.by_partition();
+    let none = Vec::new();
+    let mut out = Vec::new();
+    for p in 0..PARTITIONS {
+        let mine = table.get(p);
+        let theirs = others.get(&p).unwrap_or(&none);
+        let serving = theirs.iter().find(|(_, _, h)| matches!(h, Holding::Active | Holding::Lent { .. }));
+        let max_epoch = theirs.iter().map(|(_, e, h)| lent_epoch(*e, *h)).chain([lent_epoch_part(&mine)]).max();
+        let next = max_epoch.unwrap_or(0) + 1;
+        let owner = ring.partition_owner(p as usize) == Some(me);
+        match mine.holding {
+            // Two copies served (a node adopted a partition blind, e.g. while the cluster
+            // formed): the ring's owner merges the other copy into its own.
+            Some(Holding::Active) if owner => {
+                if let Some((from, _, _)) = theirs.iter().find(|(_, _, h)| *h == Holding::Active) {
+                    out.push(Action::Pull { p, from: *from, epoch: next });
+                }
+            }
+            Some(Holding::Active) => {}
+            Some(Holding::Lent { to, .. }) => {
+                let to_holds = theirs.iter().find(|(a, _, _)| *a == to).map(|(_, _, h)| *h);
+                match to_holds {
+                    Some(Holding::Active) | Some(Holding::Lent { .. }) => out.push(Action::ForgetLent { p }),
+                    // The borrower lost it (restarted before installing): take it back if
+                    // this node owns it, else wait for the owner to pull it from here.
+                    _ if owner && (!survey.alive(&to) || survey.answered.contains_key(&to)) => {
+                        if survey.missing.is_empty() {
+                            out.push(Action::Reclaim { p, epoch: next });
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Some(Holding::Parked) | None if owner => {
+                if let Some((from, _, _)) = serving {
+                    out.push(Action::Pull { p, from: *from, epoch: next });
+                } else if survey.missing.is_empty() {
+                    // Nobody serves it: the freshest parked copy wins.
+                    let best = theirs.iter().filter(|(_, _, h)| *h == Holding::Parked).max_by_key(|(_, e, _)| *e);
+                    match best {
+                        Some((from, e, _)) if mine.holding.is_none() || *e > mine.epoch => {
+                            out.push(Action::Pull { p, from: *from, epoch: next })
+                        }
+                        _ => out.push(Action::Adopt { p, epoch: next }),
+                    }
+                }
+            }
+            Some(Holding::Parked) => {
+                if serving.is_some() {
+                    out.push(Action::Discard { p });
+                }
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+/// The epoch a holding implies: a lent partition is owned at the borrower's epoch.
+fn lent_epoch(epoch: u64, h: Holding) -> u64 {
+    match h {
+        Holding::Lent { to_epoch, .. } => epoch.max(to_epoch),
+        _ => epoch,
+    }
+}
+
+fn lent_epoch_part(p: &Part) -> u64 {
+    p.holding.map_or(p.epoch, |h| lent_epoch(p.epoch, h))
+}
+
+/// Where requests for a partition go, from this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Served here.
+    Local,
+    /// This node owns it by the ring but has not got its state yet: wait.
+    Incoming,
+    /// Served (or about to be) by that node (its gossip address).
+    Remote(SocketAddr),
+    /// Nobody owns it yet (the cluster is forming).
+    Unknown,
+}
+
+/// The route of every partition: what requests read (one table read per key).
+#[derive(Clone, Debug)]
+pub struct Routes {
+    pub me: SocketAddr,
+    /// The checksum of the ring these routes follow.
+    pub ring_checksum: u64,
+    routes: Vec<Route>,
+}
+
+impl Routes {
+    /// Routes before anything is known: every request waits or goes by nobody.
+    pub fn empty(me: SocketAddr) -> Routes {
+        Routes { me, ring_checksum: 0, routes: vec![Route::Unknown; PARTITIONS as usize] }
+    }
+
+    pub fn of(&self, p: usize) -> Route {
+        self.routes.get(p).copied().unwrap_or(Route::Unknown)
+    }
+
+    pub fn of_key(&self, key: &[u8]) -> Route {
+        self.of(partition_of(key) as usize)
+    }
+
+    /// Whether this node serves any partition.
+    pub fn serves_any(&self) -> bool {
+        self.routes.contains(&Route::Local)
+    }
+
+    /// Partitions this node owns by the ring but has not installed yet.
+    pub fn incoming(&self) -> usize {
+        self.routes.iter().filter(|r| **r == Route::Incoming).count()
+    }
+}
+
+/// The routes for this node (`me`) by the ring and its table.
+pub fn routes(me: SocketAddr, ring: &Ring, table: &Table) -> Routes {
+    let routes = (0..PARTITIONS)
+        .map(|p| match table.get(p).holding {
+            Some(Holding::Active) => Route::Local,
+            Some(Holding::Lent { to, .. }) => Route::Remote(to),
+            _ => match ring.partition_owner(p as usize) {
+                Some(a) if a == me => Route::Incoming,
+                Some(a) => Route::Remote(a),
+                None => Route::Unknown,
+            },
+        })
+        .collect();
+    Routes { me, ring_checksum: ring.checksum(), routes }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,167 @@
+//! The hand-off planner and routes, scripted: joins, leaves, restarts, lost borrowers.
+
+use super::*;
+
+fn addr(i: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7000 + i))
+}
+
+fn ring(members: &[u16]) -> Ring {
+    Ring::new(members.iter().map(|i| addr(*i)), 16)
+}
+
+/// A table holding every partition `r` gives `me`, at `epoch`, as `h`.
+fn owned(me: u16, r: &Ring, epoch: u64, h: Holding) -> Table {
+    let mut t = Table::default();
+    for p in 0..PARTITIONS {
+        if r.partition_owner(p as usize) == Some(addr(me)) {
+            t.set(p, Part { epoch, holding: Some(h) });
+        }
+    }
+    t
+}
+
+fn report(t: &Table) -> Vec<PeerHolding> {
+    t.held().map(|(p, x)| PeerHolding { partition: p, epoch: x.epoch, holding: x.holding.unwrap() }).collect()
+}
+
+/// The actions about partition `p` only.
+fn about(acts: Vec<Action>, p: u16) -> Vec<Action> {
+    acts.into_iter()
+        .filter(|a| match *a {
+            Action::Pull { p: x, .. } | Action::Adopt { p: x, .. } | Action::Reclaim { p: x, .. } => x == p,
+            Action::Discard { p: x } | Action::ForgetLent { p: x } => x == p,
+        })
+        .collect()
+}
+
+fn survey(peers: &[(u16, &Table)]) -> Survey {
+    Survey { answered: peers.iter().map(|(i, t)| (addr(*i), report(t))).collect(), missing: Vec::new() }
+}
+
+#[test]
+fn a_lone_node_adopts_every_partition_at_epoch_one() {
+    let r = ring(&[0]);
+    let acts = plan(addr(0), &r, &Table::default(), &Survey::default());
+    assert_eq!(acts.len(), PARTITIONS as usize);
+    assert!(acts.iter().all(|a| matches!(a, Action::Adopt { epoch: 1, .. })));
+}
+
+#[test]
+fn a_joining_node_pulls_exactly_its_new_partitions_from_their_holders_at_a_higher_epoch() {
+    let (r2, r3) = (ring(&[0, 1]), ring(&[0, 1, 2]));
+    let (t0, t1) = (owned(0, &r2, 3, Holding::Active), owned(1, &r2, 5, Holding::Active));
+    let acts = plan(addr(2), &r3, &Table::default(), &survey(&[(0, &t0), (1, &t1)]));
+    let mine = (0..PARTITIONS).filter(|p| r3.partition_owner(*p as usize) == Some(addr(2))).count();
+    assert!(mine > 200, "about a third of the partitions move");
+    assert_eq!(acts.len(), mine);
+    for a in acts {
+        let Action::Pull { p, from, epoch } = a else { panic!("{a:?}") };
+        assert_eq!(r3.partition_owner(p as usize), Some(addr(2)));
+        assert_eq!(r2.partition_owner(p as usize), Some(from), "pulled from the node that held it");
+        let held = if from == addr(0) { 3 } else { 5 };
+        assert_eq!(epoch, held + 1);
+    }
+    // The holders do nothing: they wait to be pulled.
+    assert!(plan(addr(0), &r3, &t0, &survey(&[(1, &t1), (2, &Table::default())])).is_empty());
+}
+
+#[test]
+fn nothing_is_adopted_while_a_live_member_did_not_answer() {
+    let r = ring(&[0, 1]);
+    let s = Survey { answered: HashMap::new(), missing: vec![addr(1)] };
+    assert!(plan(addr(0), &r, &Table::default(), &s).is_empty(), "its holdings are unknown");
+}
+
+#[test]
+fn a_restarted_node_pulls_the_served_copy_and_its_parked_copy_loses() {
+    let r = ring(&[0, 1]);
+    // Node 1 restarted: what it held is parked at epoch 4. Node 0 served it meanwhile at 5.
+    let parked = owned(1, &r, 4, Holding::Parked);
+    let mut served = Table::default();
+    for (p, _) in parked.held() {
+        served.set(p, Part { epoch: 5, holding: Some(Holding::Active) });
+    }
+    let acts = plan(addr(1), &r, &parked, &survey(&[(0, &served)]));
+    assert!(!acts.is_empty());
+    assert!(acts.iter().all(|a| matches!(a, Action::Pull { from, epoch: 6, .. } if *from == addr(0))), "{acts:?}");
+}
+
+#[test]
+fn the_freshest_parked_copy_wins_when_nobody_serves() {
+    let r = ring(&[0, 1]);
+    let p = (0..PARTITIONS).find(|p| r.partition_owner(*p as usize) == Some(addr(0))).unwrap();
+    let mut mine = Table::default();
+    mine.set(p, Part { epoch: 2, holding: Some(Holding::Parked) });
+    let mut theirs = Table::default();
+    theirs.set(p, Part { epoch: 7, holding: Some(Holding::Parked) });
+    let acts = plan(addr(0), &r, &mine, &survey(&[(1, &theirs)]));
+    assert_eq!(about(acts, p), vec![Action::Pull { p, from: addr(1), epoch: 8 }]);
+    // With the fresher copy here, it is adopted.
+    let acts = plan(addr(0), &r, &theirs, &survey(&[(1, &mine)]));
+    assert_eq!(about(acts, p), vec![Action::Adopt { p, epoch: 8 }]);
+    // And the other node discards its stale parked copy once this one serves.
+    let mut served = Table::default();
+    served.set(p, Part { epoch: 8, holding: Some(Holding::Active) });
+    let acts = plan(addr(1), &r, &mine, &survey(&[(0, &served)]));
+    assert_eq!(about(acts, p), vec![Action::Discard { p }]);
+}
+
+#[test]
+fn a_lent_partition_is_forgotten_once_the_borrower_serves_it_and_reclaimed_if_the_borrower_is_gone() {
+    let r = ring(&[0, 1]);
+    let p = (0..PARTITIONS).find(|p| r.partition_owner(*p as usize) == Some(addr(0))).unwrap();
+    let mut lent = Table::default();
+    lent.set(p, Part { epoch: 3, holding: Some(Holding::Lent { to: addr(1), to_epoch: 4 }) });
+    let mut borrower = Table::default();
+    borrower.set(p, Part { epoch: 4, holding: Some(Holding::Active) });
+    assert_eq!(about(plan(addr(0), &r, &lent, &survey(&[(1, &borrower)])), p), vec![Action::ForgetLent { p }]);
+    // The borrower died before installing: this node owns it by the ring again.
+    assert_eq!(about(plan(addr(0), &r, &lent, &Survey::default()), p), vec![Action::Reclaim { p, epoch: 5 }]);
+    // The borrower lives but lost it (restarted): same.
+    let acts = plan(addr(0), &r, &lent, &survey(&[(1, &Table::default())]));
+    assert_eq!(about(acts, p), vec![Action::Reclaim { p, epoch: 5 }]);
+}
+
+#[test]
+fn two_served_copies_are_merged_by_the_rings_owner() {
+    let r = ring(&[0, 1]);
+    let p = (0..PARTITIONS).find(|p| r.partition_owner(*p as usize) == Some(addr(0))).unwrap();
+    let mut a = Table::default();
+    a.set(p, Part { epoch: 1, holding: Some(Holding::Active) });
+    let b = a.clone();
+    let acts = plan(addr(0), &r, &a, &survey(&[(1, &b)]));
+    assert_eq!(about(acts, p), vec![Action::Pull { p, from: addr(1), epoch: 2 }]);
+    assert!(about(plan(addr(1), &r, &b, &survey(&[(0, &a)])), p).is_empty());
+}
+
+#[test]
+fn routes_follow_the_table_first_and_the_ring_for_the_rest() {
+    let r = ring(&[0, 1]);
+    let mine = (0..PARTITIONS).find(|p| r.partition_owner(*p as usize) == Some(addr(0))).unwrap();
+    let theirs = (0..PARTITIONS).find(|p| r.partition_owner(*p as usize) == Some(addr(1))).unwrap();
+    let mut t = Table::default();
+    t.set(theirs, Part { epoch: 2, holding: Some(Holding::Active) });
+    let routes = routes(addr(0), &r, &t);
+    assert_eq!(routes.of(theirs as usize), Route::Local, "held here: served here until handed over");
+    assert_eq!(routes.of(mine as usize), Route::Incoming, "owned by the ring, not installed yet");
+    assert!(routes.incoming() > 0 && routes.serves_any());
+    let mut t2 = Table::default();
+    t2.set(mine, Part { epoch: 2, holding: Some(Holding::Lent { to: addr(1), to_epoch: 3 }) });
+    assert_eq!(super::routes(addr(0), &r, &t2).of(mine as usize), Route::Remote(addr(1)));
+    assert_eq!(Routes::empty(addr(0)).of(5), Route::Unknown);
+}
+
+#[test]
+fn table_entries_round_trip_through_the_store_encoding() {
+    for part in [
+        Part { epoch: 0, holding: None },
+        Part { epoch: 9, holding: Some(Holding::Active) },
+        Part { epoch: u64::MAX, holding: Some(Holding::Parked) },
+        Part { epoch: 3, holding: Some(Holding::Lent { to: addr(4), to_epoch: 4 }) },
+    ] {
+        assert_eq!(Table::decode(&Table::encode(&part)), Some(part));
+    }
+    assert_eq!(Table::decode(&[1, 2]), None);
+    assert_eq!(Table::decode(&[0, 0, 0, 0, 0, 0, 0, 1, 9]), None);
+}
