@@ -10,7 +10,7 @@
 //! ```text
 //!  membership (foca task) ──publishes──► ClusterView { members, ring::Ring }
 //!                                              │
-//!  gRPC (api) ──► routing::cluster: owner(key) ─┴─ another node ──► forward (hop ≤ 2)
+//!  gRPC (api) ──► routing::cluster: owner(key) ─┴─ another node ──► forward (hop ≤ 3)
 //!                     │ this node                 geo, cab lookups ──► scatter, merge
 //!                     ▼
 //!                 routing::Router ──► actors (shard workers, tokio tasks)

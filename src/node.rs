@@ -31,14 +31,14 @@ use crate::actors::{Hooks, ShardHandle, ShardMsg, WorkerConfig, spawn_shard};
 use crate::api::{ClusterApi, DispatchApi, EventsApi, HandoffApi, InternalApi, LocationsApi, TripsApi};
 use crate::config::NodeConfig;
 use crate::dispatch::Dispatcher;
-use crate::handoff::{Handoff, MAX_HANDOFF_BYTES};
 use crate::drivers::{DriverShard, Limits, ShardConfig, Snapshot};
+use crate::handoff::{Handoff, MAX_HANDOFF_BYTES};
 use crate::membership::{self, ClusterView, MembershipConfig, UdpTransport};
 use crate::ownership::Routes;
-use crate::pb::handoff_server::HandoffServer;
 use crate::pb::cluster_server::ClusterServer;
 use crate::pb::dispatch_server::DispatchServer;
 use crate::pb::events_server::EventsServer;
+use crate::pb::handoff_server::HandoffServer;
 use crate::pb::internal_server::InternalServer;
 use crate::pb::locations_server::LocationsServer;
 use crate::pb::trips_server::TripsServer;
@@ -300,7 +300,10 @@ pub async fn run(
     let t0 = Instant::now();
     while !handoff.drained().await {
         if t0.elapsed() >= cfg.handoff_timeout {
-            warn!(waited_s = t0.elapsed().as_secs(), "partitions not handed over in time; stopping anyway (they stay parked here)");
+            warn!(
+                waited_s = t0.elapsed().as_secs(),
+                "partitions not handed over in time; stopping anyway (they stay parked here)"
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -23,8 +23,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::drivers::{
-    Claim, ClaimError, ClaimOk, DriverShard, Snapshot, DriverView, Event, FixInput, GoneReason, Lookup, NearbyHit, NearbyQuery,
-    PersistBatch, Position, Reject, ShardCounters, WithinQuery,
+    Claim, ClaimError, ClaimOk, DriverShard, DriverView, Event, FixInput, GoneReason, Lookup, NearbyHit, NearbyQuery,
+    PersistBatch, Position, Reject, ShardCounters, Snapshot, WithinQuery,
 };
 use crate::events::{Bus, driver_change};
 use crate::routing::SecondaryIndex;
@@ -314,7 +314,7 @@ impl Worker {
                 let mut rejected = Vec::new();
                 for (i, fix) in fixes {
                     if self.core.is_frozen(&fix.driver_id) {
-                        rejected.push((i, Reject::Unavailable));
+                        rejected.push((i, Reject::Moving));
                     } else if let Err(e) = self.core.apply(fix, now_ms) {
                         rejected.push((i, e));
                     }

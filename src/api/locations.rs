@@ -211,7 +211,8 @@ fn gather(
             *e = (*e).max(d.timestamp_ms);
         }
         if newest.len() < drivers.len() {
-            drivers.retain(|d| newest.get(&d.driver_id) == Some(&d.timestamp_ms) && newest.remove(&d.driver_id).is_some());
+            drivers
+                .retain(|d| newest.get(&d.driver_id) == Some(&d.timestamp_ms) && newest.remove(&d.driver_id).is_some());
         }
     }
     truncated |= drivers.len() > limit;
@@ -479,7 +480,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_request_is_forwarded_at_most_twice_then_unavailable_with_a_retry_hint() {
+    async fn a_request_is_forwarded_at_most_three_times_then_unavailable_with_a_retry_hint() {
         let (a, b) = (SocketAddr::from(([127, 0, 0, 1], 9000)), SocketAddr::from(([127, 0, 0, 1], 9100)));
         let ring = Arc::new(Ring::new([a, b], 16));
         let view = ClusterView { me: a, members: vec![member(a, "a"), member(b, "b")], ring: ring.clone() };
@@ -497,12 +498,13 @@ mod tests {
             (0..1000).map(|i| format!("k{i}")).find(|k| ring.owner(k.as_bytes()) == Some(owner)).expect("a key")
         };
         let (mine, theirs) = (key_of(a), key_of(b));
-        for hop in 0..3 {
+        for hop in 0..4 {
             assert!(matches!(target(&cluster, &mine, hop).await, Ok(Target::Local)), "own keys run here at hop {hop}");
         }
         assert!(matches!(target(&cluster, &theirs, 0).await, Ok(Target::Forward(p, 1)) if p.name == "b"));
-        assert!(matches!(target(&cluster, &theirs, 1).await, Ok(Target::Forward(_, 2))), "one re-forward");
-        let Err(s) = target(&cluster, &theirs, 2).await else { panic!("forwarded a third time") };
+        assert!(matches!(target(&cluster, &theirs, 1).await, Ok(Target::Forward(_, 2))), "a re-forward");
+        assert!(matches!(target(&cluster, &theirs, 2).await, Ok(Target::Forward(_, 3))), "and another");
+        let Err(s) = target(&cluster, &theirs, 3).await else { panic!("forwarded a fourth time") };
         assert_eq!(s.code(), Code::Unavailable);
         assert_eq!(s.metadata().get(RETRY_KEY).and_then(|v| v.to_str().ok()), Some("500"));
     }

@@ -55,7 +55,7 @@ pub fn reject_status(r: &Reject) -> Status {
         Reject::Invalid(e) => return invalid(e),
         Reject::Stale { .. } | Reject::ImplausibleJump { .. } => Status::failed_precondition(r.to_string()),
         Reject::Overloaded => Status::resource_exhausted(r.to_string()),
-        Reject::Unavailable => Status::unavailable(r.to_string()),
+        Reject::Unavailable | Reject::Moving => Status::unavailable(r.to_string()),
     };
     with_meta(s, REASON_KEY, r.reason())
 }
@@ -75,7 +75,7 @@ fn reject_proto(index: u32, r: &Reject) -> pb::Rejection {
         Reject::Stale { .. } => (pb::RejectReason::Stale, String::new(), r.to_string()),
         Reject::ImplausibleJump { .. } => (pb::RejectReason::ImplausibleJump, String::new(), r.to_string()),
         Reject::Overloaded => (pb::RejectReason::Overloaded, String::new(), r.to_string()),
-        Reject::Unavailable => (pb::RejectReason::Unavailable, String::new(), r.to_string()),
+        Reject::Unavailable | Reject::Moving => (pb::RejectReason::Unavailable, String::new(), r.to_string()),
     };
     pb::Rejection { index, reason: reason as i32, reason_name: r.reason().to_string(), field, detail }
 }

@@ -27,7 +27,6 @@ use super::locations::{BoxStream, INCOMING_WAIT, LocationsApi};
 use super::{MAX_BATCH, count_rejects, fix_from_proto, fix_to_proto, invalid, reject_proto};
 use crate::actors::wall_ms;
 use crate::drivers::{FieldError, FixInput, Reject};
-use crate::keys::partition_of;
 use crate::ownership::Route;
 use crate::pb;
 use crate::routing::cluster::{MAX_HOPS, set_hop};
@@ -128,21 +127,28 @@ pub(super) fn start(
                     Err(e) => early.push((i as u32, Reject::Invalid(e))),
                 }
             }
-            // One routes snapshot per batch. Fixes of partitions arriving here wait
-            // (briefly, once per batch) for the hand-off to finish.
-            let mut routes = cluster.routes();
-            let incoming: HashSet<u16> = fixes
-                .iter()
-                .map(|(_, f)| partition_of(f.driver_id.as_bytes()))
-                .filter(|p| matches!(routes.of(*p as usize), Route::Incoming | Route::Unknown))
-                .collect();
-            if !incoming.is_empty() {
-                let deadline = Instant::now() + INCOMING_WAIT;
-                for p in incoming {
-                    cluster.settled(p as usize, deadline.saturating_duration_since(Instant::now())).await;
+            // One routes snapshot per batch. Fixes this node cannot place yet wait
+            // (briefly, once per batch) for the routes to change: partitions arriving
+            // here, and partitions another node would have to forward again past the hop
+            // limit (rings disagree for a moment while they change).
+            let blocked = |r: Route| match r {
+                Route::Local => false,
+                Route::Remote(_) => hop >= MAX_HOPS,
+                Route::Incoming | Route::Unknown => true,
+            };
+            let deadline = Instant::now() + INCOMING_WAIT;
+            let mut changes = cluster.watch_routes();
+            loop {
+                let routes = changes.borrow_and_update().clone();
+                if !fixes.iter().any(|(_, f)| blocked(routes.of_key(f.driver_id.as_bytes()))) {
+                    break;
                 }
-                routes = cluster.routes();
+                if !matches!(tokio::time::timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
+                    break;
+                }
             }
+            let gate = cluster.gate.read().await;
+            let routes = cluster.routes();
             let mut local: Vec<(u32, FixInput)> = Vec::with_capacity(n);
             // Remote parts by owner; a handful of owners, so a Vec beats a map.
             let mut parts: Vec<(SocketAddr, Vec<u32>, Vec<pb::LocationUpdate>)> = Vec::new();
@@ -156,10 +162,12 @@ pub(super) fn start(
                         }
                         None => parts.push((a, vec![i], vec![fix_to_proto(f)])),
                     },
-                    _ => early.push((i, Reject::Unavailable)),
+                    Route::Remote(_) => early.push((i, Reject::Unavailable)),
+                    Route::Incoming | Route::Unknown => early.push((i, Reject::Moving)),
                 }
             }
             let pending = Box::pin(router.dispatch_batch(local).await);
+            drop(gate);
             let mut remote = Vec::with_capacity(parts.len());
             for (peer, idx, updates) in parts {
                 // A link the writer saw fail is reopened.

@@ -131,6 +131,8 @@ pub enum Reject {
     Overloaded,
     #[error("unavailable: the owner is unreachable, changing or shutting down; retry")]
     Unavailable,
+    #[error("unavailable: the driver's partition is being handed to another node; retry")]
+    Moving,
 }
 
 impl Reject {
@@ -141,7 +143,7 @@ impl Reject {
             Reject::Stale { .. } => "stale",
             Reject::ImplausibleJump { .. } => "implausible_jump",
             Reject::Overloaded => "overloaded",
-            Reject::Unavailable => "unavailable",
+            Reject::Unavailable | Reject::Moving => "unavailable",
         }
     }
 }

@@ -733,7 +733,9 @@ impl DriverShard {
 
     fn slots_in(&self, parts: &HashSet<u16>) -> Vec<u32> {
         (0..self.slots.len() as u32)
-            .filter(|&s| self.slots[s as usize].as_ref().is_some_and(|r| parts.contains(&partition_of(r.id.as_bytes()))))
+            .filter(|&s| {
+                self.slots[s as usize].as_ref().is_some_and(|r| parts.contains(&partition_of(r.id.as_bytes())))
+            })
             .collect()
     }
 
@@ -772,7 +774,8 @@ impl DriverShard {
         }
         self.frozen.retain(|p| !parts.contains(p));
         let slots = &self.slots;
-        self.held.retain(|&(_, _, s, g)| slots.get(s as usize).and_then(Option::as_ref).is_some_and(|r| r.generation == g));
+        self.held
+            .retain(|&(_, _, s, g)| slots.get(s as usize).and_then(Option::as_ref).is_some_and(|r| r.generation == g));
         gone.len()
     }
 

@@ -44,10 +44,11 @@ use tracing::{debug, info, warn};
 use crate::dispatch::{decode_claims, load_claims};
 use crate::drivers::{Snapshot, SnapshotRef, decode_records, encode_upsert};
 use crate::keys::PARTITIONS;
-use crate::membership::{ClusterView, Liveness};
+use crate::membership::{ClusterView, Liveness, NodeState};
 use crate::ownership::{Action, Holding, Part, PeerHolding, Routes, Survey, Table, plan, routes};
 use crate::pb;
 use crate::pb::handoff_client::HandoffClient;
+use crate::ring::Ring;
 use crate::routing::Router;
 use crate::routing::cluster::Cluster;
 use crate::storage::{Durable, apply_record, delete_prefix, scan_partition, store_pairs};
@@ -184,10 +185,23 @@ impl Handoff {
         }
     }
 
+    /// The ring hand-off follows: the view's, without this node while it leaves (its own
+    /// ring keeps it until it is gone, but it must not take partitions back).
+    fn ring(&self, view: &ClusterView) -> Arc<Ring> {
+        let leaving = view.meta(&self.me).is_some_and(|m| m.state == NodeState::Leaving);
+        if leaving && view.ring.contains(&self.me) {
+            let others = view.ring.members().iter().copied().filter(|a| *a != self.me);
+            Arc::new(Ring::new(others, view.ring.vnodes()))
+        } else {
+            view.ring.clone()
+        }
+    }
+
     fn publish(&self, view: &ClusterView, st: &State) {
-        let r = routes(self.me, &view.ring, &st.table);
+        let ring = self.ring(view);
+        let r = routes(self.me, &ring, &st.table);
         let incoming = r.incoming();
-        let on_ring = view.ring.contains(&self.me);
+        let on_ring = ring.contains(&self.me);
         self.ready.store(on_ring && incoming == 0, Ordering::Relaxed);
         metrics::gauge!("locus_partitions", "state" => "incoming").set(incoming as f64);
         for kind in ["active", "lent", "parked"] {
@@ -249,12 +263,18 @@ impl Handoff {
                             from_shards.insert(p);
                         }
                     }
-                    self.set(&mut st, p, Part { epoch: part.epoch, holding: Some(Holding::Lent { to: requester, to_epoch: epoch }) });
+                    self.set(
+                        &mut st,
+                        p,
+                        Part { epoch: part.epoch, holding: Some(Holding::Lent { to: requester, to_epoch: epoch }) },
+                    );
                 }
             }
         }
-        // Routes point at the borrower before the shards freeze, so new requests go there.
+        // Routes point at the borrower before the shards freeze, so new requests go there,
+        // and batches routed by the old routes are queued on the shards first.
         self.publish(&view, &st);
+        drop(self.cluster.gate.write().await);
         let mut out = Vec::new();
         if !from_shards.is_empty() {
             let parts = Arc::new(from_shards);
@@ -295,7 +315,7 @@ impl Handoff {
         let bytes: usize = out.iter().map(|d| d.drivers.len()).sum();
         metrics::counter!("locus_handoff_bytes_total", "role" => "lent").increment(bytes as u64);
         metrics::counter!("locus_handoffs_total", "role" => "lent").increment(out.len() as u64);
-        info!(to = %view.name_of(&requester), partitions = out.len(), refused = refused.len(), bytes, "lent partitions");
+        debug!(to = %view.name_of(&requester), partitions = out.len(), refused = refused.len(), bytes, "lent partitions");
         (out, refused)
     }
 
@@ -341,7 +361,13 @@ impl Handoff {
     }
 
     /// Installs pulled partitions (new owner side). Returns those installed.
-    async fn install(&self, view: &ClusterView, expect: &Table, data: Vec<PartitionData>, epochs: &HashMap<u16, u64>) -> Vec<u16> {
+    async fn install(
+        &self,
+        view: &ClusterView,
+        expect: &Table,
+        data: Vec<PartitionData>,
+        epochs: &HashMap<u16, u64>,
+    ) -> Vec<u16> {
         let mut st = self.state.lock().await;
         let mut done = Vec::new();
         for d in data {
@@ -375,8 +401,12 @@ impl Handoff {
             let mut claims = d.claims;
             let mut trips = d.trips;
             if merge {
-                claims.retain(|(k, _)| !self.claims.contains_key(crate::keys::pkey(&String::from_utf8_lossy(k))).unwrap_or(true));
-                trips.retain(|(k, _)| !self.trips.store.contains_key(crate::keys::pkey(&String::from_utf8_lossy(k))).unwrap_or(true));
+                claims.retain(|(k, _)| {
+                    !self.claims.contains_key(crate::keys::pkey(&String::from_utf8_lossy(k))).unwrap_or(true)
+                });
+                trips.retain(|(k, _)| {
+                    !self.trips.store.contains_key(crate::keys::pkey(&String::from_utf8_lossy(k))).unwrap_or(true)
+                });
             }
             if let Err(e) = store_pairs(&self.claims, &claims).and_then(|_| self.trips.store_pulled(&trips)) {
                 warn!(partition = p, error = %e, "storing a pulled partition failed; not installed");
@@ -449,7 +479,7 @@ impl Handoff {
     async fn round(&self, view: &ClusterView) -> bool {
         let survey = self.survey(view).await;
         let table = self.state.lock().await.table.clone();
-        let actions = plan(self.me, &view.ring, &table, &survey);
+        let actions = plan(self.me, &self.ring(view), &table, &survey);
         let mut pulls: HashMap<SocketAddr, Vec<(u16, u64)>> = HashMap::new();
         let mut local = Vec::new();
         for a in &actions {
@@ -512,6 +542,8 @@ impl Handoff {
             self.publish(view, &st);
         }
         let mut pulled_any = false;
+        let (t_pull, mut pulled_total, mut pulled_bytes) = (Instant::now(), 0, 0);
+        let sources = pulls.len();
         for (from, wanted) in pulls {
             let Some(meta) = view.meta(&from) else { continue };
             let name = meta.name.clone();
@@ -561,8 +593,19 @@ impl Handoff {
                 metrics::counter!("locus_handoffs_total", "role" => "pulled").increment(done.len() as u64);
                 metrics::counter!("locus_handoff_bytes_total", "role" => "pulled").increment(bytes as u64);
                 metrics::histogram!("locus_handoff_seconds").record(t0.elapsed().as_secs_f64());
-                info!(from = %name, partitions = done.len(), bytes, ms = t0.elapsed().as_millis() as u64, "pulled partitions");
+                debug!(from = %name, partitions = done.len(), bytes, ms = t0.elapsed().as_millis() as u64, "pulled partitions");
+                pulled_total += done.len();
+                pulled_bytes += bytes;
             }
+        }
+        if pulled_total > 0 {
+            info!(
+                partitions = pulled_total,
+                from_nodes = sources,
+                bytes = pulled_bytes,
+                ms = t_pull.elapsed().as_millis() as u64,
+                "pulled partitions"
+            );
         }
         let st = self.state.lock().await;
         self.publish(view, &st);

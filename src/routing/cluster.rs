@@ -4,7 +4,8 @@
 //! [`Routes`] published by the hand-off task (`watch` borrows, never held across an
 //! await). Who serves a partition comes from the routes alone (`ownership::routes`: this
 //! node, a peer, or incoming: wait); peers' gRPC addresses from their gossiped metadata. Forwarded requests carry [`HOP_KEY`]: the entry node sends
-//! with hop 1; a receiver whose ring disagrees may re-forward once (hop 2); beyond that
+//! with hop 1; a receiver whose routes disagree may re-forward (a ring change can take
+//! two: old owner, then the node it lent the partition to; at most hop 3); beyond that
 //! the answer is `UNAVAILABLE` with a retry hint, so a request never loops.
 
 use std::collections::HashMap;
@@ -17,8 +18,8 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::membership::{ClusterView, Liveness, NodeState};
-use crate::ownership::{Route, Routes};
 use crate::node::MAX_MESSAGE_BYTES;
+use crate::ownership::{Route, Routes};
 use crate::pb::locations_client::LocationsClient;
 
 /// Metadata key: how many times a request has been forwarded.
@@ -28,7 +29,7 @@ pub const SCOPE_KEY: &str = "locus-scope";
 /// Metadata key on `UNAVAILABLE` answers: when to retry.
 pub const RETRY_KEY: &str = "locus-retry-after-ms";
 /// A request is forwarded at most this many times (the entry hop plus one re-forward).
-pub const MAX_HOPS: u32 = 2;
+pub const MAX_HOPS: u32 = 3;
 /// The retry hint while the ring is changing: about one debounce plus gossip.
 pub const RETRY_AFTER_MS: u32 = 500;
 
@@ -111,6 +112,11 @@ impl Peers {
 pub struct Cluster {
     view: watch::Receiver<Arc<ClusterView>>,
     routes: watch::Receiver<Arc<Routes>>,
+    /// Held (read) by a gateway stream from reading the routes until its batch's local
+    /// part is queued on the shards; taken (write) by a hand-off between publishing new
+    /// routes and freezing the shards. So every batch routed here by the old routes is
+    /// in the shards' mailboxes before the freeze, and none is refused for it.
+    pub gate: tokio::sync::RwLock<()>,
     peers: Peers,
     /// Default deadline of a scatter-gather query.
     pub scatter_timeout: Duration,
@@ -122,7 +128,12 @@ impl Cluster {
         routes: watch::Receiver<Arc<Routes>>,
         scatter_timeout: Duration,
     ) -> Cluster {
-        Cluster { view, routes, peers: Peers::default(), scatter_timeout }
+        Cluster { view, routes, gate: tokio::sync::RwLock::new(()), peers: Peers::default(), scatter_timeout }
+    }
+
+    /// A receiver of every new version of the routes.
+    pub fn watch_routes(&self) -> watch::Receiver<Arc<Routes>> {
+        self.routes.clone()
     }
 
     /// The current routes (a snapshot: hold it for one request or batch).
@@ -140,7 +151,7 @@ impl Cluster {
             if r != Route::Incoming && r != Route::Unknown {
                 return self.partition_owner(p);
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if !matches!(tokio::time::timeout_at(deadline, rx.changed()).await, Ok(Ok(()))) {
                 return Owner::Incoming;
             }
         }

@@ -298,7 +298,9 @@ impl Router {
         let mut out: HashMap<u16, (Vec<u8>, u32)> = HashMap::new();
         for tx in &self.shards {
             let (reply, rx) = oneshot::channel();
-            tx.send(ShardMsg::Export { partitions: parts.clone(), reply }).await.map_err(|_| RouteError::Unavailable)?;
+            tx.send(ShardMsg::Export { partitions: parts.clone(), reply })
+                .await
+                .map_err(|_| RouteError::Unavailable)?;
             for (p, (buf, n)) in rx.await.map_err(|_| RouteError::Unavailable)? {
                 let e = out.entry(p).or_default();
                 e.0.extend_from_slice(&buf);

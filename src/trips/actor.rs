@@ -25,7 +25,10 @@ pub const SAVE_EVERY: Duration = Duration::from_secs(5);
 
 pub enum TripMsg {
     Apply(Box<TripEvent>, oneshot::Sender<Result<pb::Trip, Status>>),
-    Get { include_route: bool, reply: oneshot::Sender<pb::Trip> },
+    Get {
+        include_route: bool,
+        reply: oneshot::Sender<pb::Trip>,
+    },
     Watch(mpsc::Sender<Result<pb::TripUpdate, Status>>, oneshot::Sender<pb::Trip>),
     Share(oneshot::Sender<pb::ShareLink>),
     Fix(Box<TripFix>),
@@ -271,7 +274,8 @@ impl Actor {
             warn!(trip = %self.trip.trip_id, error = %e, "saving a trip before it moves");
         }
         for w in self.watchers.drain(..) {
-            let _ = w.try_send(Err(Status::unavailable("moved: the trip's partition moved to another node; resubscribe")));
+            let _ =
+                w.try_send(Err(Status::unavailable("moved: the trip's partition moved to another node; resubscribe")));
         }
         if let Some(t) = &self.trip.share_token {
             self.trips.shares.remove(t);

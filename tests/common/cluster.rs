@@ -77,7 +77,8 @@ impl TestCluster {
     }
 
     /// Waits until every running node routes by the same ring of exactly `want` nodes
-    /// (by name) and reports it; returns how long that took.
+    /// (by name) and reports it, and is ready (`/readyz`: every partition it owns is
+    /// handed over to it); returns how long that took.
     pub async fn converge(&self, want: &[&str], within: Duration) -> Duration {
         let t0 = Instant::now();
         let running: Vec<usize> = (0..self.nodes.len()).filter(|i| self.nodes[*i].is_some()).collect();
@@ -106,7 +107,15 @@ impl TestCluster {
                 sums.push(m.ring_checksum);
             }
             if ok && sums.windows(2).all(|w| w[0] == w[1]) {
-                return t0.elapsed();
+                let mut ready = true;
+                for &i in &running {
+                    let r = locus::sim::http_get(&self.node(i).http, "/readyz").await;
+                    ready &= matches!(r, Ok((200, _)));
+                }
+                if ready {
+                    return t0.elapsed();
+                }
+                last += "not all ready";
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
