@@ -34,6 +34,13 @@ impl TestCluster {
 
     /// Like `start`, with extra flags for every node.
     pub fn start_with(n: usize, extra: &[&str]) -> TestCluster {
+        Self::start_some(n, n, extra)
+    }
+
+    /// Prepares `total` nodes (all joining n0) and launches the first `running`; the
+    /// others are started later with [`launch`](Self::launch).
+    pub fn start_some(total: usize, running: usize, extra: &[&str]) -> TestCluster {
+        let n = total;
         let gossip: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let mut c = TestCluster { dirs: Vec::new(), args: Vec::new(), nodes: Vec::new() };
         for (i, g) in gossip.iter().enumerate() {
@@ -54,7 +61,9 @@ impl TestCluster {
             c.args.push(a);
             c.dirs.push(tempfile::tempdir().unwrap());
             c.nodes.push(None);
-            c.launch(i);
+            if i < running {
+                c.launch(i);
+            }
         }
         c
     }

@@ -1,0 +1,203 @@
+//! Partition hand-off over real node processes: a node joins a loaded cluster, then
+//! another leaves, and every driver, trip, claim and share link moves to its new owner:
+//! nothing answers NOT_FOUND, no claimed driver becomes matchable again, Nearby equals
+//! brute force, and no driver is held by two nodes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::cluster::TestCluster;
+use common::{by_id, fix, http_get, now_ms};
+use locus::geo::haversine_m;
+use locus::pb;
+use locus::pb::dispatch_client::DispatchClient;
+use locus::pb::trips_client::TripsClient;
+use tokio_stream::StreamExt;
+
+const CENTRE: (f64, f64) = (52.52, 13.405);
+
+fn drivers(n: usize) -> Vec<(String, f64, f64)> {
+    (0..n)
+        .map(|i| {
+            let a = i as f64 * 0.618;
+            (format!("drv-{i}"), CENTRE.0 + 0.02 * a.sin() * (i % 13) as f64 / 13.0, CENTRE.1 + 0.03 * a.cos())
+        })
+        .collect()
+}
+
+fn booking(trip: &str) -> pb::TripEvent {
+    pb::TripEvent {
+        trip_id: trip.into(),
+        event_id: format!("{trip}-b"),
+        r#type: pb::TripEventType::BookingCreated as i32,
+        pickup: Some(pb::Point { lat: CENTRE.0, lon: CENTRE.1 }),
+        dropoff: Some(pb::Point { lat: 52.50, lon: 13.45 }),
+        estimated_drive_s: 600,
+        ..Default::default()
+    }
+}
+
+fn event(trip: &str, id: &str, t: pb::TripEventType, driver: &str) -> pb::TripEvent {
+    pb::TripEvent {
+        trip_id: trip.into(),
+        event_id: format!("{trip}-{id}"),
+        r#type: t as i32,
+        driver_id: driver.into(),
+        vehicle: (!driver.is_empty()).then(|| pb::Vehicle { cab_number: "CAB".into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// What the cluster acknowledged, to check after every change.
+struct Acked {
+    drivers: Vec<(String, f64, f64)>,
+    /// trip id → (state name, driver id)
+    trips: HashMap<String, (String, String)>,
+    /// driver id → the status its claim implies (DISPATCHED or ON_TRIP)
+    claimed: HashMap<String, i32>,
+    shares: Vec<String>,
+}
+
+async fn check(c: &TestCluster, nodes: &[usize], a: &Acked, stage: &str) {
+    for &i in nodes {
+        // Every trip answers, with the state it was left in, through every node.
+        let mut t = TripsClient::connect(c.node(i).grpc.clone()).await.unwrap();
+        for (id, (state, driver)) in &a.trips {
+            let r = t.get_trip(pb::GetTripRequest { trip_id: id.clone(), include_route: false }).await;
+            let trip = r.unwrap_or_else(|s| panic!("{stage}: trip {id} via n{i}: {s:?}")).into_inner();
+            assert_eq!((&trip.state_name, &trip.driver_id), (state, driver), "{stage}: trip {id} via n{i}");
+        }
+        // Claimed drivers keep their claims.
+        let mut l = c.client(i).await;
+        for (d, status) in &a.claimed {
+            let got = l.get_driver(by_id(d)).await.unwrap_or_else(|s| panic!("{stage}: {d} via n{i}: {s:?}"));
+            assert_eq!(got.into_inner().status, *status, "{stage}: {d}'s claim via n{i}");
+        }
+        for token in &a.shares {
+            let (code, body) = http_get(&c.node(i).http, &format!("/share/{token}")).await;
+            assert_eq!(code, 200, "{stage}: share via n{i}: {body}");
+        }
+        // Nearby equals brute force over every driver.
+        let k = 40;
+        let r = l
+            .nearby(pb::NearbyRequest { lat: CENTRE.0, lon: CENTRE.1, limit: k, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.partial, "{stage}: partial via n{i}");
+        let mut want: Vec<(f64, &String)> =
+            a.drivers.iter().map(|d| (haversine_m(CENTRE.0, CENTRE.1, d.1, d.2), &d.0)).collect();
+        want.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(y.1)));
+        let want: Vec<&String> = want.into_iter().take(k as usize).map(|x| x.1).collect();
+        let got: Vec<&String> = r.drivers.iter().map(|d| &d.driver_id).collect();
+        assert_eq!(got, want, "{stage}: nearby via n{i}");
+    }
+    // One holder per driver.
+    for (d, _, _) in &a.drivers {
+        let mut holders = Vec::new();
+        for &i in nodes {
+            let mut cl = c.client(i).await;
+            let mut req = tonic::Request::new(by_id(d));
+            req.metadata_mut().insert("locus-scope", "local".parse().unwrap());
+            if cl.get_driver(req).await.is_ok() {
+                holders.push(i);
+            }
+        }
+        assert_eq!(holders.len(), 1, "{stage}: {d} held by {holders:?}");
+    }
+    // No claimed driver can be matched again.
+    let mut m = DispatchClient::connect(c.node(nodes[0]).grpc.clone()).await.unwrap();
+    for k in 0..5 {
+        let trip = format!("probe-{stage}-{k}");
+        let mut t = TripsClient::connect(c.node(nodes[0]).grpc.clone()).await.unwrap();
+        t.apply(booking(&trip)).await.unwrap();
+        let r = m
+            .r#match(pb::MatchRequest {
+                trip_id: trip.clone(),
+                lat: CENTRE.0,
+                lon: CENTRE.1,
+                radius_m: 50_000.0,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!a.claimed.contains_key(&r.driver_id), "{stage}: {} matched twice", r.driver_id);
+        // End the probe trip (its offer times out by itself).
+        t.apply(event(&trip, "c", pb::TripEventType::Cancelled, "")).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_and_another_leaves_and_every_key_moves_with_its_state() {
+    let mut c = TestCluster::start_some(4, 3, &[]);
+    c.converge(&["n0", "n1", "n2"], Duration::from_secs(20)).await;
+    let ts = now_ms() - 1_000;
+    let fleet = drivers(150);
+    let batch =
+        pb::LocationBatch { updates: fleet.iter().map(|(id, la, lo)| fix(id, *la, *lo, ts)).collect(), batch_id: 1 };
+    let mut acks = c.client(0).await.update_stream(tokio_stream::iter(vec![batch])).await.unwrap().into_inner();
+    assert_eq!(acks.next().await.unwrap().unwrap().accepted, 150);
+
+    let mut t = TripsClient::connect(c.node(1).grpc.clone()).await.unwrap();
+    let mut d = DispatchClient::connect(c.node(2).grpc.clone()).await.unwrap();
+    let mut a = Acked { drivers: fleet.clone(), trips: HashMap::new(), claimed: HashMap::new(), shares: Vec::new() };
+    for k in 0..30 {
+        let id = format!("trip-{k}");
+        t.apply(booking(&id)).await.unwrap();
+        let mut state = ("BOOKING_CREATED".to_string(), String::new());
+        if k < 16 {
+            let m = d
+                .r#match(pb::MatchRequest {
+                    trip_id: id.clone(),
+                    lat: CENTRE.0,
+                    lon: CENTRE.1,
+                    radius_m: 50_000.0,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            a.claimed.insert(m.driver_id.clone(), pb::DriverStatus::Dispatched as i32);
+            if k < 8 {
+                t.apply(event(&id, "a", pb::TripEventType::DriverAssigned, &m.driver_id)).await.unwrap();
+                t.apply(event(&id, "p", pb::TripEventType::PassengerCarry, "")).await.unwrap();
+                a.claimed.insert(m.driver_id.clone(), pb::DriverStatus::OnTrip as i32);
+                state = ("PASSENGER_CARRY".into(), m.driver_id.clone());
+                if k < 4 {
+                    let l = t.share_trip(pb::ShareTripRequest { trip_id: id.clone() }).await.unwrap().into_inner();
+                    a.shares.push(l.token);
+                }
+            }
+        }
+        a.trips.insert(id, state);
+    }
+    check(&c, &[0, 1, 2], &a, "three nodes").await;
+
+    // A fourth node joins: it pulls about a quarter of the partitions.
+    c.launch(3);
+    c.converge(&["n0", "n1", "n2", "n3"], Duration::from_secs(30)).await;
+    let mut moved = 0;
+    for id in a.trips.keys() {
+        let r = c.admin(0).await.lookup(pb::LookupRequest { key: id.clone(), successors: 1 }).await.unwrap();
+        moved += (r.into_inner().owner.unwrap().name == "n3") as usize;
+    }
+    assert!(moved > 0, "no trip moved to n3; the test would prove nothing");
+    check(&c, &[0, 1, 2, 3], &a, "after n3 joined").await;
+
+    // n1 leaves: its partitions move to the others before it exits.
+    c.admin(1).await.leave(pb::LeaveRequest {}).await.unwrap();
+    let mut n1 = c.nodes[1].take().unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(30), || {
+            let exited = n1.try_exit().is_some();
+            async move { exited }
+        })
+        .await,
+        "n1 did not exit after Leave"
+    );
+    c.converge(&["n0", "n2", "n3"], Duration::from_secs(20)).await;
+    check(&c, &[0, 2, 3], &a, "after n1 left").await;
+}
