@@ -10,8 +10,11 @@
 //! ```text
 //!  membership (foca task) ──publishes──► ClusterView { members, ring::Ring }
 //!                                              │
-//!  gRPC (api) ──► routing::cluster: owner(key) ─┴─ another node ──► forward (hop ≤ 3)
-//!                     │ this node                 geo, cab lookups ──► scatter, merge
+//!  handoff (task + Handoff service): survey holdings, ownership::plan, pull / lend /
+//!    release partitions at rising epochs (sled `partitions`) ──publishes──► Routes
+//!                                              │
+//!  gRPC (api) ──► routing::cluster: routes(key) ┴─ another node ──► forward (hop ≤ 3)
+//!                     │ this node (incoming: wait)  geo, cab lookups ──► scatter, merge
 //!                     ▼
 //!                 routing::Router ──► actors (shard workers, tokio tasks)
 //!                     │   keyed: to the key's shard      │ owns drivers::DriverShard
@@ -23,7 +26,7 @@
 //!
 //!  Trips / Dispatch / Events (api::trips):
 //!    Match ──► Nearby(AVAILABLE) ──► dispatch::Dispatcher ──► claim on the driver's owner
-//!    Apply ──► trips::Trips ──► one actor task per trip ──► sled `trips` (TTL in the record)
+//!    Apply ──► trips::Trips ──► one actor task per trip ──► sled `trips.v2` (TTL in the record)
 //!    shards ──► claims (sled) · fixes of assigned drivers ──► trip feed · events::Bus
 //!    http: GET /share/{token} ──► owner's trips::share::ShareTable (pre-rendered JSON)
 //! ```
@@ -36,14 +39,17 @@
 //! - [`membership`]: SWIM gossip (foca) core and shell, node metadata, the in-process
 //!   test network; publishes the cluster view.
 //! - [`ring`]: pure consistent-hash ring of virtual nodes over partitions.
+//! - [`ownership`]: pure: the per-partition holding table with epochs, the hand-off
+//!   planner and the routes every request reads; [`handoff`]: the shell that moves a
+//!   partition's drivers, claims and trips (with their timers) to its new owner.
 //! - [`routing`]: key → owner node (`routing::cluster`, peers, hops) and → local shard.
 //! - [`actors`]: shard worker tasks, mailboxes, watchers, persistence hand-off.
 //! - [`drivers`]: pure driver state machines, validation, trail, snapshot codec.
 //! - [`geo`]: pure great-circle geometry and the R-tree index (exact k-NN, circle, box).
 //! - [`storage`]: the append-only driver log, its replay and compaction, the persister.
 //! - [`keys`]: deterministic key hashing; partitions, the unit shards and nodes own.
-//! - [`config`], [`node`]: flags and wiring, ownership following the ring, startup restore
-//!   and graceful shutdown (leave first).
+//! - [`config`], [`node`]: flags and wiring, startup (the log is parked until handed
+//!   over) and graceful shutdown (hand every partition over, then leave the gossip).
 //! - [`http`]: health, readiness, Prometheus metrics and the public share endpoints.
 //! - [`admin`]: the `locus admin` CLI; [`sim`]: the city simulator and load generator
 //!   (owner-aware or not); [`bench`]: the benchmarks.

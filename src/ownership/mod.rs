@@ -197,10 +197,11 @@ pub fn plan(me: SocketAddr, ring: &Ring, table: &Table, survey: &Survey) -> Vec<
                     Some(Holding::Active) | Some(Holding::Lent { .. }) => out.push(Action::ForgetLent { p }),
                     // The borrower lost it (restarted before installing): take it back if
                     // this node owns it, else wait for the owner to pull it from here.
-                    _ if owner && (!survey.alive(&to) || survey.answered.contains_key(&to)) => {
-                        if survey.missing.is_empty() {
-                            out.push(Action::Reclaim { p, epoch: next });
-                        }
+                    _ if owner
+                        && (!survey.alive(&to) || survey.answered.contains_key(&to))
+                        && survey.missing.is_empty() =>
+                    {
+                        out.push(Action::Reclaim { p, epoch: next });
                     }
                     _ => {}
                 }
@@ -219,12 +220,8 @@ pub fn plan(me: SocketAddr, ring: &Ring, table: &Table, survey: &Survey) -> Vec<
                     }
                 }
             }
-            Some(Holding::Parked) => {
-                if serving.is_some() {
-                    out.push(Action::Discard { p });
-                }
-            }
-            None => {}
+            Some(Holding::Parked) if serving.is_some() => out.push(Action::Discard { p }),
+            Some(Holding::Parked) | None => {}
         }
     }
     out

@@ -217,10 +217,13 @@ impl Cluster {
         }
         for m in &v.members {
             let leaving = m.meta.as_ref().is_some_and(|x| x.state == NodeState::Leaving);
-            if leaving && m.addr != v.me && m.liveness != Liveness::Down && !v.ring.contains(&m.addr) {
-                if let Some(p) = self.peer(&v, m.addr) {
-                    remote.push(Ok(p));
-                }
+            if leaving
+                && m.addr != v.me
+                && m.liveness != Liveness::Down
+                && !v.ring.contains(&m.addr)
+                && let Some(p) = self.peer(&v, m.addr)
+            {
+                remote.push(Ok(p));
             }
         }
         (local, remote)

@@ -109,6 +109,9 @@ pub struct Router {
     overload_wait: Duration,
 }
 
+/// One shard's part of an install: drivers and their claims.
+type ShardInstall = (Vec<Snapshot>, Vec<(String, Claim)>);
+
 /// The outcome of a dispatched batch: every rejected fix with its index, in index order.
 pub type BatchResult = Vec<(u32, Reject)>;
 
@@ -335,7 +338,7 @@ impl Router {
     /// Installs drivers and their claims in their shards; returns how many drivers.
     pub async fn install(&self, drivers: Vec<Snapshot>, claims: Vec<(String, Claim)>) -> usize {
         let n = self.shards.len();
-        let mut per: Vec<(Vec<Snapshot>, Vec<(String, Claim)>)> = (0..n).map(|_| Default::default()).collect();
+        let mut per: Vec<ShardInstall> = (0..n).map(|_| Default::default()).collect();
         for d in drivers {
             per[shard_of(d.driver_id.as_bytes(), n)].0.push(d);
         }
