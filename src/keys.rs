@@ -36,20 +36,20 @@ pub fn shard_of(key: &[u8], shards: usize) -> usize {
 /// The store key of a record keyed by `id`: its partition (u16, big-endian) then the id,
 /// so one partition's records are one prefix range (see [`partition_prefix`]).
 pub fn pkey(id: &str) -> Vec<u8> {
+    pkey_bytes(id.as_bytes())
+}
+
+/// [`pkey`] of an id given as bytes (as it travels in a hand-off).
+pub fn pkey_bytes(id: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + id.len());
-    k.extend_from_slice(&partition_of(id.as_bytes()).to_be_bytes());
-    k.extend_from_slice(id.as_bytes());
+    k.extend_from_slice(&partition_of(id).to_be_bytes());
+    k.extend_from_slice(id);
     k
 }
 
 /// The key prefix of partition `p`'s records.
 pub fn partition_prefix(p: u16) -> [u8; 2] {
     p.to_be_bytes()
-}
-
-/// The id of a store key made by [`pkey`].
-pub fn pkey_id(k: &[u8]) -> Option<&str> {
-    std::str::from_utf8(k.get(2..)?).ok()
 }
 
 #[cfg(test)]

@@ -237,7 +237,7 @@ pub async fn run(
         (cfg.trail_len as usize).saturating_sub(1),
     )
     .context("opening the ownership table")?;
-    handoff.first_round(&members.view.borrow().clone()).await;
+    handoff.round(&members.view.borrow().clone()).await;
     let handoff_task = tokio::spawn(handoff.clone().run(members.view.clone()));
     let feed = tokio::spawn(crate::trips::run_feed(trip_fix_rx, trips.clone(), cluster.clone()));
 

@@ -50,6 +50,11 @@ fn event(trip: &str, id: &str, t: pb::TripEventType, driver: &str) -> pb::TripEv
     }
 }
 
+/// Match the nearest available driver to a trip picked up at the centre.
+fn match_req(trip: &str) -> pb::MatchRequest {
+    pb::MatchRequest { trip_id: trip.into(), lat: CENTRE.0, lon: CENTRE.1, radius_m: 50_000.0, ..Default::default() }
+}
+
 /// What the cluster acknowledged, to check after every change.
 struct Acked {
     drivers: Vec<(String, f64, f64)>,
@@ -113,17 +118,7 @@ async fn check(c: &TestCluster, nodes: &[usize], a: &Acked, stage: &str) {
         let trip = format!("probe-{stage}-{k}");
         let mut t = TripsClient::connect(c.node(nodes[0]).grpc.clone()).await.unwrap();
         t.apply(booking(&trip)).await.unwrap();
-        let r = m
-            .r#match(pb::MatchRequest {
-                trip_id: trip.clone(),
-                lat: CENTRE.0,
-                lon: CENTRE.1,
-                radius_m: 50_000.0,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let r = m.r#match(match_req(&trip)).await.unwrap().into_inner();
         assert!(!a.claimed.contains_key(&r.driver_id), "{stage}: {} matched twice", r.driver_id);
         // End the probe trip (its offer times out by itself).
         t.apply(event(&trip, "c", pb::TripEventType::Cancelled, "")).await.unwrap();
@@ -150,17 +145,7 @@ async fn a_node_joins_and_another_leaves_and_every_key_moves_with_its_state() {
         t.apply(booking(&id)).await.unwrap();
         let mut state = ("BOOKING_CREATED".to_string(), String::new());
         if k < 16 {
-            let m = d
-                .r#match(pb::MatchRequest {
-                    trip_id: id.clone(),
-                    lat: CENTRE.0,
-                    lon: CENTRE.1,
-                    radius_m: 50_000.0,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let m = d.r#match(match_req(&id)).await.unwrap().into_inner();
             a.claimed.insert(m.driver_id.clone(), pb::DriverStatus::Dispatched as i32);
             if k < 8 {
                 t.apply(event(&id, "a", pb::TripEventType::DriverAssigned, &m.driver_id)).await.unwrap();

@@ -27,6 +27,7 @@ use super::locations::{BoxStream, INCOMING_WAIT, LocationsApi};
 use super::{MAX_BATCH, count_rejects, fix_from_proto, fix_to_proto, invalid, reject_proto};
 use crate::actors::wall_ms;
 use crate::drivers::{FieldError, FixInput, Reject};
+use crate::keys::partition_of;
 use crate::ownership::Route;
 use crate::pb;
 use crate::routing::cluster::{MAX_HOPS, set_hop};
@@ -120,10 +121,11 @@ pub(super) fn start(
             let n = batch.updates.len();
             let view = cluster.view();
             let mut early: Vec<(u32, Reject)> = Vec::new();
-            let mut fixes: Vec<(u32, FixInput)> = Vec::with_capacity(n);
+            // Valid fixes with their partition (hashed once per fix).
+            let mut fixes: Vec<(u32, usize, FixInput)> = Vec::with_capacity(n);
             for (i, u) in batch.updates.into_iter().enumerate() {
                 match fix_from_proto(u, now, limits) {
-                    Ok(f) => fixes.push((i as u32, f)),
+                    Ok(f) => fixes.push((i as u32, partition_of(f.driver_id.as_bytes()) as usize, f)),
                     Err(e) => early.push((i as u32, Reject::Invalid(e))),
                 }
             }
@@ -140,7 +142,7 @@ pub(super) fn start(
             let mut changes = cluster.watch_routes();
             loop {
                 let routes = changes.borrow_and_update().clone();
-                if !fixes.iter().any(|(_, f)| blocked(routes.of_key(f.driver_id.as_bytes()))) {
+                if !fixes.iter().any(|(_, p, _)| blocked(routes.of(*p))) {
                     break;
                 }
                 if !matches!(tokio::time::timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
@@ -152,8 +154,8 @@ pub(super) fn start(
             let mut local: Vec<(u32, FixInput)> = Vec::with_capacity(n);
             // Remote parts by owner; a handful of owners, so a Vec beats a map.
             let mut parts: Vec<(SocketAddr, Vec<u32>, Vec<pb::LocationUpdate>)> = Vec::new();
-            for (i, f) in fixes {
-                match routes.of_key(f.driver_id.as_bytes()) {
+            for (i, p, f) in fixes {
+                match routes.of(p) {
                     Route::Local => local.push((i, f)),
                     Route::Remote(a) if hop < MAX_HOPS => match parts.iter_mut().find(|p| p.0 == a) {
                         Some(p) => {

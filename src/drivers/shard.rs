@@ -252,6 +252,21 @@ impl Rec {
     fn key(&self) -> IndexKey {
         IndexKey { status: self.effective().code() }
     }
+
+    /// The record as the log codec encodes it (`vtypes`: the shard's interned types).
+    fn snapshot<'a>(&'a self, vtypes: &'a [(Box<str>, u32)]) -> SnapshotRef<'a> {
+        SnapshotRef {
+            status: self.status,
+            vehicle_type: &vtypes[self.vtype as usize].0,
+            last: &self.last,
+            received_ms: self.received_ms,
+            trip_cost: self.trip_cost,
+            cab: self.cab.as_deref().unwrap_or_default(),
+            session: self.session.as_deref().unwrap_or_default(),
+            trip_id: self.trip_id.as_deref().unwrap_or_default(),
+            trail: &self.trail,
+        }
+    }
 }
 
 fn non_empty(s: String) -> Option<Box<str>> {
@@ -746,17 +761,7 @@ impl DriverShard {
         let mut out: HashMap<u16, (Vec<u8>, u32)> = HashMap::new();
         for slot in self.slots_in(parts) {
             let r = self.rec(slot);
-            let snap = SnapshotRef {
-                status: r.status,
-                vehicle_type: &self.vtypes[r.vtype as usize].0,
-                last: &r.last,
-                received_ms: r.received_ms,
-                trip_cost: r.trip_cost,
-                cab: r.cab.as_deref().unwrap_or_default(),
-                session: r.session.as_deref().unwrap_or_default(),
-                trip_id: r.trip_id.as_deref().unwrap_or_default(),
-                trail: &r.trail,
-            };
+            let snap = r.snapshot(&self.vtypes);
             let e = out.entry(partition_of(r.id.as_bytes())).or_default();
             encode_upsert(&mut e.0, &r.id, &snap, None);
             e.1 += 1;
@@ -1035,17 +1040,7 @@ impl DriverShard {
                 (r.flags & FULL == 0 && (r.unpersisted as usize) < u8::MAX as usize).then_some(r.unpersisted as usize);
             r.flags &= !(DIRTY | FULL);
             r.unpersisted = 0;
-            let snap = SnapshotRef {
-                status: r.status,
-                vehicle_type: &self.vtypes[r.vtype as usize].0,
-                last: &r.last,
-                received_ms: r.received_ms,
-                trip_cost: r.trip_cost,
-                cab: r.cab.as_deref().unwrap_or_default(),
-                session: r.session.as_deref().unwrap_or_default(),
-                trip_id: r.trip_id.as_deref().unwrap_or_default(),
-                trail: &r.trail,
-            };
+            let snap = r.snapshot(&self.vtypes);
             encode_upsert(&mut out.buf, &r.id, &snap, delta);
             out.records += 1;
         }

@@ -38,12 +38,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Mutex, Notify, watch};
+use tokio::sync::{Mutex, watch};
 use tracing::{debug, info, warn};
 
 use crate::dispatch::{decode_claims, load_claims};
 use crate::drivers::{Snapshot, SnapshotRef, decode_records, encode_upsert};
-use crate::keys::PARTITIONS;
+use crate::keys::{PARTITIONS, pkey_bytes};
 use crate::membership::{ClusterView, Liveness, NodeState};
 use crate::ownership::{Action, Holding, Part, PeerHolding, Routes, Survey, Table, plan, routes};
 use crate::pb;
@@ -93,7 +93,6 @@ pub struct Handoff {
     state: Mutex<State>,
     routes: watch::Sender<Arc<Routes>>,
     ready: Arc<AtomicBool>,
-    kick: Notify,
     /// Trail fixes kept per driver besides the last (pulled records are cut to it).
     trail_cap: usize,
 }
@@ -168,7 +167,6 @@ impl Handoff {
             state: Mutex::new(State { table, parked }),
             routes,
             ready,
-            kick: Notify::new(),
             trail_cap,
         }))
     }
@@ -253,15 +251,12 @@ impl Handoff {
             match ok {
                 Err(why) => refused.push((p, why)),
                 Ok(h) => {
-                    match h {
-                        Holding::Parked => from_parked.push((p, epoch)),
-                        Holding::Lent { to, .. } if to == requester => {
-                            from_shards.insert(p);
-                        }
-                        // Lent to a node that is gone: the frozen state here is current.
-                        _ => {
-                            from_shards.insert(p);
-                        }
+                    // Active, or lent (to the requester, or to a node that is gone: the
+                    // frozen state here is current): from the shards.
+                    if h == Holding::Parked {
+                        from_parked.push((p, epoch));
+                    } else {
+                        from_shards.insert(p);
                     }
                     self.set(
                         &mut st,
@@ -360,16 +355,12 @@ impl Handoff {
         debug!(partitions = parts.len(), drivers, "forgot released partitions");
     }
 
-    /// Installs pulled partitions (new owner side). Returns those installed.
-    async fn install(
-        &self,
-        view: &ClusterView,
-        expect: &Table,
-        data: Vec<PartitionData>,
-        epochs: &HashMap<u16, u64>,
-    ) -> Vec<u16> {
+    /// Installs pulled partitions (new owner side). Returns those installed. Every
+    /// partition's records and new holding are written first and flushed once; only then
+    /// are they served (shards, trip actors).
+    async fn install(&self, expect: &Table, data: Vec<PartitionData>, epochs: &HashMap<u16, u64>) -> Vec<u16> {
         let mut st = self.state.lock().await;
-        let mut done = Vec::new();
+        let mut stored = Vec::new();
         for d in data {
             let p = d.partition;
             let Some(&epoch) = epochs.get(&p) else { continue };
@@ -385,7 +376,12 @@ impl Handoff {
                 continue;
             }
             let merge = now.holding == Some(Holding::Active);
-            if !merge {
+            let (mut claims, mut trips) = (d.claims, d.trips);
+            if merge {
+                // Two served copies: what this node has wins.
+                claims.retain(|(k, _)| !self.claims.contains_key(pkey_bytes(k)).unwrap_or(true));
+                trips.retain(|(k, _)| !self.trips.store.contains_key(pkey_bytes(k)).unwrap_or(true));
+            } else {
                 // This node's parked copy is superseded: log deletions for its drivers
                 // that did not come with the pull, and drop its stored claims and trips.
                 if let Some(old) = st.parked.remove(&p) {
@@ -398,31 +394,29 @@ impl Handoff {
                     }
                 }
             }
-            let mut claims = d.claims;
-            let mut trips = d.trips;
-            if merge {
-                claims.retain(|(k, _)| {
-                    !self.claims.contains_key(crate::keys::pkey(&String::from_utf8_lossy(k))).unwrap_or(true)
-                });
-                trips.retain(|(k, _)| {
-                    !self.trips.store.contains_key(crate::keys::pkey(&String::from_utf8_lossy(k))).unwrap_or(true)
-                });
-            }
-            if let Err(e) = store_pairs(&self.claims, &claims).and_then(|_| self.trips.store_pulled(&trips)) {
+            if let Err(e) = store_pairs(&self.claims, &claims).and_then(|_| store_pairs(&self.trips.store, &trips)) {
                 warn!(partition = p, error = %e, "storing a pulled partition failed; not installed");
                 continue;
             }
             self.set(&mut st, p, Part { epoch, holding: Some(Holding::Active) });
-            if let Err(e) = self.durable.flush().await {
-                warn!(partition = p, error = %e, "flushing a pulled partition failed");
-                continue;
+            stored.push((p, epoch, merge, pulled, claims));
+        }
+        if let Err(e) = self.durable.flush().await {
+            // Not durable: leave the partitions lent to this node; the next round pulls
+            // them again (the holder re-lends to the same borrower).
+            warn!(error = %e, "flushing pulled partitions failed; not installed");
+            for (p, _, _, _, _) in &stored {
+                self.set(&mut st, *p, expect.get(*p));
             }
+            return Vec::new();
+        }
+        let mut done = Vec::with_capacity(stored.len());
+        for (p, epoch, merge, pulled, claims) in stored {
             let n = self.router.install(pulled.into_values().collect(), decode_claims(claims)).await;
             let t = if merge { 0 } else { self.trips.start(p) };
             debug!(partition = p, epoch, drivers = n, trips = t, merge, "installed a pulled partition");
             done.push(p);
         }
-        let _ = view;
         done
     }
 
@@ -475,8 +469,9 @@ impl Handoff {
             .max_encoding_message_size(MAX_HANDOFF_BYTES)
     }
 
-    /// One round: survey, plan, act. Returns whether anything is left to do.
-    async fn round(&self, view: &ClusterView) -> bool {
+    /// One round: survey, plan, act. Returns whether anything is left to do. The node
+    /// runs one before it says it serves (a lone node then serves at once).
+    pub async fn round(&self, view: &ClusterView) -> bool {
         let survey = self.survey(view).await;
         let table = self.state.lock().await.table.clone();
         let actions = plan(self.me, &self.ring(view), &table, &survey);
@@ -573,7 +568,7 @@ impl Handoff {
                 }
                 let bytes: usize = resp.partitions.iter().map(|d| d.drivers.len()).sum();
                 let data = resp.partitions.into_iter().filter_map(partition_data).collect();
-                let done = self.install(view, &table, data, &epochs).await;
+                let done = self.install(&table, data, &epochs).await;
                 if !done.is_empty() {
                     let mut c = self.client(meta.grpc);
                     let mut r = tonic::Request::new(pb::ReleaseRequest {
@@ -613,16 +608,6 @@ impl Handoff {
         pulled_any || r.incoming() > 0 || st.table.count("lent") > 0 || st.table.count("parked") > 0
     }
 
-    /// Asks the task for a round now (after an RPC changed the table, say).
-    pub fn kick(&self) {
-        self.kick.notify_one();
-    }
-
-    /// One round now (startup: a lone node serves at once, before it says it serves).
-    pub async fn first_round(&self, view: &ClusterView) {
-        self.round(view).await;
-    }
-
     /// The hand-off task: a round on every view change, then again soon while
     /// unsettled, and every few seconds regardless (a missed release, a late survey).
     pub async fn run(self: Arc<Self>, mut view_rx: watch::Receiver<Arc<ClusterView>>) {
@@ -632,7 +617,6 @@ impl Handoff {
             let wait = if busy { Duration::from_millis(300) } else { Duration::from_secs(3) };
             tokio::select! {
                 r = view_rx.changed() => if r.is_err() { return },
-                _ = self.kick.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }

@@ -2,7 +2,7 @@
 //! table. One partition's records are one prefix range, so it moves, is discarded or
 //! is counted by one scan.
 
-use crate::keys::{partition_prefix, pkey};
+use crate::keys::{partition_prefix, pkey, pkey_bytes};
 
 /// Opens `<name>.v2` (keyed by partition, then id). Records of the earlier `<name>` tree
 /// (keyed by id alone) are moved into it once.
@@ -44,10 +44,7 @@ pub fn scan_partition(tree: &sled::Tree, p: u16) -> Vec<(Vec<u8>, Vec<u8>)> {
 pub fn store_pairs(tree: &sled::Tree, pairs: &[(Vec<u8>, Vec<u8>)]) -> sled::Result<()> {
     let mut b = sled::Batch::default();
     for (id, v) in pairs {
-        let mut k = Vec::with_capacity(2 + id.len());
-        k.extend_from_slice(&partition_prefix(crate::keys::partition_of(id)));
-        k.extend_from_slice(id);
-        b.insert(k, v.as_slice());
+        b.insert(pkey_bytes(id), v.as_slice());
     }
     tree.apply_batch(b)
 }

@@ -150,12 +150,6 @@ impl Trips {
         parts.iter().map(|p| (*p, crate::storage::scan_partition(&self.store, *p))).collect()
     }
 
-    /// Writes a partition's pulled trip records to the store (the caller flushes, then
-    /// calls [`start`](Self::start)).
-    pub fn store_pulled(&self, records: &[(Vec<u8>, Vec<u8>)]) -> sled::Result<()> {
-        crate::storage::store_pairs(&self.store, records)
-    }
-
     /// Hand-off, holder side: the new owner has the partitions: delete them here.
     pub fn forget(&self, parts: &HashSet<u16>) -> sled::Result<usize> {
         let mut n = 0;
@@ -164,11 +158,6 @@ impl Trips {
             n += crate::storage::delete_prefix(&self.store, *p)?;
         }
         Ok(n)
-    }
-
-    /// Trips stored for partition `p` (for `admin partitions` and tests).
-    pub fn count(&self, p: u16) -> usize {
-        self.store.scan_prefix(partition_prefix(p)).count()
     }
 
     /// Starts an actor (the caller registers its mailbox).
