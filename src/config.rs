@@ -75,6 +75,15 @@ pub struct NodeConfig {
     /// before it stops anyway (what is left stays parked here until it returns).
     #[arg(long, env = "LOCUS_HANDOFF_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub handoff_timeout: Duration,
+    /// Copies of every partition kept besides the owner's, on its next distinct ring
+    /// successors (0: none; a crash then loses the node's trips and claims until it
+    /// returns).
+    #[arg(long, env = "LOCUS_REPLICAS", default_value_t = 1)]
+    pub replicas: u32,
+    /// How long a claim or trip event waits for its replicas before it is answered
+    /// anyway (durable on the owner only; counted as degraded).
+    #[arg(long, env = "LOCUS_REPLICA_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub replica_timeout: Duration,
     /// Where the driver log lives. Default: ./data/<node-name>.
     #[arg(long, env = "LOCUS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -215,6 +224,9 @@ impl NodeConfig {
             if !v.is_finite() || v <= 0.0 {
                 return Err(format!("{name} must be > 0"));
             }
+        }
+        if self.replicas > 4 {
+            return Err("--replicas must be at most 4".into());
         }
         if self.offer_timeout.is_zero() {
             return Err("--offer-timeout must be > 0".into());

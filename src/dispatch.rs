@@ -6,7 +6,8 @@
 //! time. The shard writes the claim to the `claims` tree in order; the owner flushes it
 //! before answering, so an acknowledged claim survives a crash, and its offer timeout (a
 //! timer in the shard, rebuilt from the stored due time on restart) releases it unless
-//! the trip confirms with DRIVER_ASSIGNED.
+//! the trip confirms with DRIVER_ASSIGNED. It is on the partition's replicas before the
+//! answer too (`replica`), so the owner's crash does not lose it.
 //!
 //! `Match` (see `api::trips`) asks for the nearest AVAILABLE drivers and claims them in
 //! order through [`Dispatcher::claim`]; trip actors confirm and release through it.
@@ -22,6 +23,7 @@ use crate::api::route_status;
 use crate::drivers::{Claim, ClaimError, ClaimOk};
 use crate::pb;
 use crate::pb::internal_client::InternalClient;
+use crate::replica::{KvTree, Replicator};
 use crate::routing::Router;
 use crate::routing::cluster::Cluster;
 use crate::storage::Durable;
@@ -30,6 +32,7 @@ pub struct Dispatcher {
     router: Arc<Router>,
     cluster: Arc<Cluster>,
     durable: Durable,
+    replicator: Arc<Replicator>,
     /// How long a claim waits for DRIVER_ASSIGNED.
     pub offer_timeout: Duration,
 }
@@ -59,12 +62,19 @@ fn answer(r: Result<ClaimOk, ClaimError>) -> pb::ClaimResponse {
 }
 
 impl Dispatcher {
-    pub fn new(router: Arc<Router>, cluster: Arc<Cluster>, durable: Durable, offer_timeout: Duration) -> Dispatcher {
-        Dispatcher { router, cluster, durable, offer_timeout }
+    pub fn new(
+        router: Arc<Router>,
+        cluster: Arc<Cluster>,
+        durable: Durable,
+        replicator: Arc<Replicator>,
+        offer_timeout: Duration,
+    ) -> Dispatcher {
+        Dispatcher { router, cluster, durable, replicator, offer_timeout }
     }
 
     /// Runs a claim operation on this node (its owner), durable before it answers.
     pub async fn local(&self, r: pb::ClaimRequest) -> Result<pb::ClaimResponse, Status> {
+        let id = r.driver_id.clone();
         let resp = match pb::ClaimOp::try_from(r.op) {
             Ok(pb::ClaimOp::Claim) => {
                 let due = wall_ms() + self.offer_timeout.as_millis() as i64;
@@ -85,6 +95,9 @@ impl Dispatcher {
         };
         if resp.ok {
             self.durable.flush().await.map_err(|e| Status::unavailable(format!("persisting the claim: {e}")))?;
+            // On the replicas too before the answer: the claim (and its offer timer)
+            // survives this node's crash.
+            self.replicator.sync_kv(KvTree::Claims, id.as_bytes()).await;
         }
         Ok(resp)
     }

@@ -71,6 +71,7 @@ pub mod membership;
 pub mod node;
 pub mod ownership;
 pub mod pb;
+pub mod replica;
 pub mod ring;
 pub mod routing;
 pub mod sim;

@@ -42,6 +42,7 @@ use crate::pb::handoff_server::HandoffServer;
 use crate::pb::internal_server::InternalServer;
 use crate::pb::locations_server::LocationsServer;
 use crate::pb::trips_server::TripsServer;
+use crate::replica::Replicator;
 use crate::routing::cluster::Cluster;
 use crate::routing::{Router, SecondaryIndex};
 use crate::storage::{DriverLog, LogLimits, Persister, replay};
@@ -137,7 +138,11 @@ pub async fn run(
     let (cores, parked) = restore(&cfg, &log_dir)?;
     let log = DriverLog::open(&log_dir).context("opening the driver log")?;
     let limits = LogLimits { segment_bytes: cfg.log_segment_bytes, compact_bytes: cfg.log_compact_bytes };
-    let persister = Persister::start(log, limits, cfg.shards, 2 * cfg.shards);
+    // Batches on disk are teed to the replicator (driver fixes to the replicas).
+    let (tee_tx, tee_rx) = tokio::sync::mpsc::channel(8 * cfg.shards.max(1));
+    let tee_dropped = Arc::new(AtomicBool::new(false));
+    let tee = (cfg.replicas > 0).then(|| (tee_tx, tee_dropped.clone()));
+    let persister = Persister::start(log, limits, cfg.shards, 2 * cfg.shards, tee);
     let index = Arc::new(SecondaryIndex::default());
     // Claims, trips and their timers: small, low-rate, durable (sled).
     let db = sled::Config::new()
@@ -146,6 +151,7 @@ pub async fn run(
         .open()
         .context("opening the trips/claims store")?;
     let claims_tree = crate::storage::open_partitioned(&db, "claims").context("opening the claims tree")?;
+    let trips_tree = crate::storage::open_partitioned(&db, "trips").context("opening the trips tree")?;
     let durable = crate::storage::Durable::start(db.clone());
     let bus = crate::events::bus();
     let (trip_fix_tx, trip_fix_rx) = tokio::sync::mpsc::channel(8192);
@@ -207,7 +213,24 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
     let member_metrics = tokio::spawn(follow_members(members.view.clone(), cluster.clone()));
 
-    let dispatch = Arc::new(Dispatcher::new(router.clone(), cluster.clone(), durable.clone(), cfg.offer_timeout));
+    let replicator = Replicator::new(
+        gossip_addr,
+        cfg.replicas as usize,
+        cfg.replica_timeout,
+        claims_tree.clone(),
+        trips_tree,
+        router.clone(),
+        cluster.clone(),
+        tee_dropped,
+    );
+    let replication = tokio::spawn(replicator.clone().run(tee_rx));
+    let dispatch = Arc::new(Dispatcher::new(
+        router.clone(),
+        cluster.clone(),
+        durable.clone(),
+        replicator.clone(),
+        cfg.offer_timeout,
+    ));
     let trip_cfg = TripConfig {
         buffer_ms: cfg.trip_buffer.as_millis() as i64,
         linger_ms: cfg.trip_linger.as_millis() as i64,
@@ -221,8 +244,17 @@ pub async fn run(
         .unwrap_or_else(|| format!("http://{}", advertised(http_addr, gossip_addr)))
         .trim_end_matches('/')
         .to_string();
-    let trips = Trips::new(&db, durable.clone(), trip_cfg, public_url, bus.clone(), dispatch.clone(), cfg.watch_queue)
-        .context("opening the trips tree")?;
+    let trips = Trips::new(
+        &db,
+        durable.clone(),
+        trip_cfg,
+        public_url,
+        bus.clone(),
+        dispatch.clone(),
+        cfg.watch_queue,
+        replicator.clone(),
+    )
+    .context("opening the trips tree")?;
     let handoff = Handoff::open(
         gossip_addr,
         &db,
@@ -235,6 +267,7 @@ pub async fn run(
         routes_tx,
         ready.clone(),
         (cfg.trail_len as usize).saturating_sub(1),
+        replicator,
     )
     .context("opening the ownership table")?;
     handoff.round(&members.view.borrow().clone()).await;
@@ -314,6 +347,7 @@ pub async fn run(
         warn!("leaving the gossip took too long; stopping anyway");
     }
     handoff_task.abort();
+    replication.abort();
     member_metrics.abort();
     info!("shutting down: draining RPCs");
     ready.store(false, Ordering::Relaxed);

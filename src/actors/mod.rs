@@ -123,6 +123,11 @@ pub enum ShardMsg {
         partitions: Arc<HashSet<u16>>,
         reply: oneshot::Sender<HashMap<u16, (Vec<u8>, u32)>>,
     },
+    /// Replication: give every driver of these partitions a full record in the next
+    /// batch and name them in it (their replicas replace their copies).
+    Resync {
+        partitions: Arc<HashSet<u16>>,
+    },
     /// Hand-off, holder side: the new owner has them; drop them here (watchers end moved).
     Forget {
         partitions: Arc<HashSet<u16>>,
@@ -356,6 +361,7 @@ impl Worker {
             ShardMsg::Export { partitions, reply } => {
                 let _ = reply.send(self.core.export(&partitions));
             }
+            ShardMsg::Resync { partitions } => self.core.resync(&partitions),
             ShardMsg::Forget { partitions, reply } => {
                 let n = self.core.forget(&partitions);
                 self.perform_events();

@@ -1,4 +1,4 @@
-//! The `locus.v1.Handoff` service (node to node): holdings, pull, release. Validates
+//! The `locus.v1.Handoff` service (node to node): holdings, pull, release, replicate. Validates
 //! what peers send and hands it to [`crate::handoff::Handoff`].
 
 use std::net::SocketAddr;
@@ -66,5 +66,22 @@ impl pb::handoff_server::Handoff for HandoffApi {
         let ps = partitions(&r.partitions)?;
         let released = self.handoff.release(who, &ps).await as u32;
         Ok(Response::new(pb::ReleaseResponse { released }))
+    }
+
+    async fn replicate(&self, r: Request<pb::ReplicaBatch>) -> Result<Response<pb::ReplicaAck>, Status> {
+        let r = r.into_inner();
+        let who = requester(&r.from)?;
+        let mut parts = Vec::with_capacity(r.parts.len());
+        for p in r.parts {
+            let n = p.partition;
+            parts.push(
+                crate::replica::part_from_proto(p)
+                    .ok_or_else(|| Status::invalid_argument(format!("parts: {n} is not a partition")))?,
+            );
+        }
+        let refused = self.handoff.replicate(who, r.session, parts);
+        Ok(Response::new(pb::ReplicaAck {
+            refused: refused.into_iter().map(|(p, reason)| pb::Refused { partition: p as u32, reason }).collect(),
+        }))
     }
 }

@@ -190,11 +190,21 @@ pub struct PersistBatch {
     /// Set when this batch completes the compaction sweep of that epoch: every live
     /// driver of the shard has a full record in this or an earlier batch of the sweep.
     pub sweep_done: Option<u64>,
+    /// Per record, in order: its partition and the end offset of its bytes in `buf`
+    /// (how replication splits a batch by partition without decoding it).
+    pub parts: Vec<(u16, u32)>,
+    /// Partitions being re-sent to their replicas: every live driver of each has a full
+    /// record in this batch, so a replica clears its copy before applying the batch.
+    pub resync: Vec<u16>,
 }
 
 impl PersistBatch {
     pub fn is_empty(&self) -> bool {
-        self.records == 0 && self.sweep_done.is_none()
+        self.records == 0 && self.sweep_done.is_none() && self.resync.is_empty()
+    }
+
+    fn tag(&mut self, id: &str) {
+        self.parts.push((partition_of(id.as_bytes()), self.buf.len() as u32));
     }
 }
 
@@ -293,6 +303,9 @@ pub struct DriverShard {
     dirty: Vec<u32>,
     /// A compaction sweep in progress: (epoch, next slot).
     sweep: Option<(u64, u32)>,
+    /// Partitions whose drivers were all marked for a full record for their replicas;
+    /// announced in the next batch.
+    resync: Vec<u16>,
     /// Claims by trips, by slot (drivers with the CLAIMED flag).
     claims: HashMap<u32, Claim>,
     /// Offer timeouts: (due, slot, generation); stale entries are skipped.
@@ -324,6 +337,7 @@ impl DriverShard {
             deleted: Vec::new(),
             dirty: Vec::new(),
             sweep: None,
+            resync: Vec::new(),
             claims: HashMap::new(),
             offers: BinaryHeap::new(),
             frozen: HashSet::new(),
@@ -1009,8 +1023,10 @@ impl DriverShard {
 
     /// Appends every pending write to `out`, and marks the next chunk of a sweep.
     pub fn take_writes(&mut self, out: &mut PersistBatch) {
+        out.resync.append(&mut self.resync);
         for id in self.deleted.drain(..) {
             encode_delete(&mut out.buf, &id);
+            out.tag(&id);
             out.records += 1;
         }
         if let Some((epoch, from)) = self.sweep {
@@ -1042,8 +1058,20 @@ impl DriverShard {
             r.unpersisted = 0;
             let snap = r.snapshot(&self.vtypes);
             encode_upsert(&mut out.buf, &r.id, &snap, delta);
+            out.tag(&r.id);
             out.records += 1;
         }
+    }
+
+    /// Re-sends `parts` to their replicas: every driver of them gets a full record in the
+    /// next [`take_writes`](Self::take_writes), which also names the partitions (so a
+    /// replica replaces its copy, including drivers it holds that are gone here).
+    pub fn resync(&mut self, parts: &HashSet<u16>) {
+        for slot in self.slots_in(parts) {
+            self.rec_mut(slot).flags |= FULL;
+            self.mark_dirty(slot);
+        }
+        self.resync.extend(parts.iter().copied());
     }
 
     /// Adds a driver read back from the log (its geo index entry and expiry timer come

@@ -48,6 +48,7 @@ use crate::membership::{ClusterView, Liveness, NodeState};
 use crate::ownership::{Action, Holding, Part, PeerHolding, Routes, Survey, Table, plan, routes};
 use crate::pb;
 use crate::pb::handoff_client::HandoffClient;
+use crate::replica::{ReplicaPart, ReplicaStore, Replicator};
 use crate::ring::Ring;
 use crate::routing::Router;
 use crate::routing::cluster::Cluster;
@@ -95,6 +96,10 @@ pub struct Handoff {
     ready: Arc<AtomicBool>,
     /// Trail fixes kept per driver besides the last (pulled records are cut to it).
     trail_cap: usize,
+    /// Sends what this node serves to its replicas.
+    replicator: Arc<Replicator>,
+    /// Replicas this node keeps for other owners (in memory).
+    replicas: std::sync::Mutex<ReplicaStore>,
 }
 
 fn load_table(tree: &sled::Tree) -> Table {
@@ -127,6 +132,7 @@ impl Handoff {
         routes: watch::Sender<Arc<Routes>>,
         ready: Arc<AtomicBool>,
         trail_cap: usize,
+        replicator: Arc<Replicator>,
     ) -> sled::Result<Arc<Handoff>> {
         let table_tree = db.open_tree("partitions")?;
         let mut table = load_table(&table_tree);
@@ -168,7 +174,30 @@ impl Handoff {
             routes,
             ready,
             trail_cap,
+            replicator,
+            replicas: std::sync::Mutex::new(ReplicaStore::new(trail_cap)),
         }))
+    }
+
+    fn replica_store(&self) -> std::sync::MutexGuard<'_, ReplicaStore> {
+        self.replicas.lock().expect("replica store lock")
+    }
+
+    /// Replica side of `Replicate`: applies an owner's batch; returns what was refused.
+    pub fn replicate(&self, from: SocketAddr, session: u64, parts: Vec<ReplicaPart>) -> Vec<Refusal> {
+        let routes = self.routes.borrow().clone();
+        let refused = self
+            .replica_store()
+            .apply(from, session, parts, |p| routes.of(p as usize) == crate::ownership::Route::Local);
+        if !refused.is_empty() {
+            metrics::counter!("locus_epoch_refused_total", "what" => "replica").increment(refused.len() as u64);
+        }
+        refused
+    }
+
+    /// Replicas kept here, for `admin` and tests.
+    pub fn replica_info(&self) -> Vec<crate::replica::ReplicaInfo> {
+        self.replica_store().info()
     }
 
     /// Every request's routes: a receiver of each new version.
@@ -206,15 +235,24 @@ impl Handoff {
             metrics::gauge!("locus_partitions", "state" => kind).set(st.table.count(kind) as f64);
         }
         self.routes.send_replace(Arc::new(r));
+        let active: Vec<(u16, u64)> =
+            st.table.held().filter(|(_, x)| x.holding == Some(Holding::Active)).map(|(p, x)| (p, x.epoch)).collect();
+        self.replicator.set_placement(view, &ring, &active);
     }
 
     /// Holdings of this node, as the survey reports them.
     pub async fn holdings(&self) -> Vec<PeerHolding> {
         let st = self.state.lock().await;
-        st.table
+        let mut out: Vec<PeerHolding> = st
+            .table
             .held()
             .map(|(p, part)| PeerHolding { partition: p, epoch: part.epoch, holding: part.holding.expect("held") })
-            .collect()
+            .collect();
+        let reps = self.replica_store();
+        let before = out.len();
+        out.extend(reps.synced().map(|(p, epoch)| PeerHolding { partition: p, epoch, holding: Holding::Replica }));
+        metrics::gauge!("locus_partitions", "state" => "replica").set((out.len() - before) as f64);
+        out
     }
 
     /// Counts for `admin` and tests: partitions held as active / lent / parked.
@@ -230,14 +268,20 @@ impl Handoff {
         let alive = |a: &SocketAddr| view.member(a).is_some_and(|m| m.liveness != Liveness::Down);
         let mut st = self.state.lock().await;
         let mut refused = Vec::new();
-        let (mut from_shards, mut from_parked) = (HashSet::new(), Vec::new());
+        let (mut from_shards, mut from_parked, mut from_replica) = (HashSet::new(), Vec::new(), Vec::new());
         for &(p, epoch) in wanted {
             if p >= PARTITIONS {
                 refused.push((p, format!("partition {p} does not exist (0..{PARTITIONS})")));
                 continue;
             }
             let part = st.table.get(p);
+            let replica = self.replica_store().synced_epoch(p);
             let ok = match part.holding {
+                // A replica (its owner is lost): handed over as it is, nothing to freeze.
+                None if replica.is_some_and(|e| e < epoch) => {
+                    from_replica.push(p);
+                    continue;
+                }
                 None => Err("not held here".to_string()),
                 Some(Holding::Lent { to, .. }) if to != requester && alive(&to) => {
                     Err(format!("lent to {} already", view.name_of(&to)))
@@ -304,6 +348,10 @@ impl Handoff {
                 trips: scan_partition(&self.trips.store, p),
             });
         }
+        {
+            let reps = self.replica_store();
+            out.extend(from_replica.into_iter().filter_map(|p| reps.data(p)));
+        }
         if let Err(e) = self.durable.flush().await {
             warn!(error = %e, "flushing lent holdings");
         }
@@ -323,10 +371,15 @@ impl Handoff {
             .filter(|p| *p < PARTITIONS)
             .filter(|p| matches!(st.table.get(*p).holding, Some(Holding::Lent { to, .. }) if to == requester))
             .collect();
+        // Replicas handed over (their owner is lost): the requester serves them now.
+        let dropped = {
+            let mut reps = self.replica_store();
+            partitions.iter().filter(|p| !parts.contains(p) && reps.drop_below(**p, u64::MAX)).count()
+        };
         self.forget(&mut st, &parts).await;
         let view = self.cluster.view();
         self.publish(&view, &st);
-        parts.len()
+        parts.len() + dropped
     }
 
     async fn forget(&self, st: &mut State, parts: &HashSet<u16>) {
@@ -415,6 +468,7 @@ impl Handoff {
             let n = self.router.install(pulled.into_values().collect(), decode_claims(claims)).await;
             let t = if merge { 0 } else { self.trips.start(p) };
             debug!(partition = p, epoch, drivers = n, trips = t, merge, "installed a pulled partition");
+            self.replica_store().drop_below(p, u64::MAX);
             done.push(p);
         }
         done
@@ -474,7 +528,8 @@ impl Handoff {
     pub async fn round(&self, view: &ClusterView) -> bool {
         let survey = self.survey(view).await;
         let table = self.state.lock().await.table.clone();
-        let actions = plan(self.me, &self.ring(view), &table, &survey);
+        let replicas: HashMap<u16, u64> = self.replica_store().synced().collect();
+        let actions = plan(self.me, &self.ring(view), &table, &replicas, &survey);
         let mut pulls: HashMap<SocketAddr, Vec<(u16, u64)>> = HashMap::new();
         let mut local = Vec::new();
         for a in &actions {
@@ -488,6 +543,7 @@ impl Handoff {
             let mut forget = HashSet::new();
             let mut thaw = HashSet::new();
             let (mut adopted, mut discarded) = (0, 0);
+            let (mut promote, mut promote_epochs) = (Vec::new(), HashMap::new());
             for a in local {
                 let part = st.table.get(a.partition());
                 if part != table.get(a.partition()) {
@@ -517,8 +573,31 @@ impl Handoff {
                         self.set(&mut st, p, Part { epoch: part.epoch, holding: None });
                         discarded += 1;
                     }
+                    Action::Promote { p, epoch } => {
+                        if let Some(d) = self.replica_store().data(p) {
+                            promote.push(d);
+                            promote_epochs.insert(p, epoch);
+                        }
+                    }
+                    Action::DropReplica { p, below } => {
+                        self.replica_store().drop_below(p, below);
+                    }
                     Action::Pull { .. } => {}
                 }
+            }
+            if !promote.is_empty() {
+                // Serve the replicas as pulled partitions: persisted at the new epoch, then
+                // installed with their timers (overdue ones fire at once).
+                drop(st);
+                let t0 = Instant::now();
+                let done = self.install(&table, promote, &promote_epochs).await;
+                metrics::counter!("locus_promotions_total").increment(done.len() as u64);
+                info!(
+                    partitions = done.len(),
+                    ms = t0.elapsed().as_millis() as u64,
+                    "promoted replicas of a lost owner"
+                );
+                st = self.state.lock().await;
             }
             if !thaw.is_empty() {
                 self.router.thaw(Arc::new(thaw.clone())).await;
@@ -639,12 +718,14 @@ impl Action {
             | Action::Adopt { p, .. }
             | Action::Reclaim { p, .. }
             | Action::Discard { p }
-            | Action::ForgetLent { p } => p,
+            | Action::ForgetLent { p }
+            | Action::Promote { p, .. }
+            | Action::DropReplica { p, .. } => p,
         }
     }
 }
 
-fn snapshot_ref(s: &Snapshot) -> SnapshotRef<'_> {
+pub fn snapshot_ref(s: &Snapshot) -> SnapshotRef<'_> {
     SnapshotRef {
         status: s.status,
         vehicle_type: &s.vehicle_type,
@@ -663,6 +744,7 @@ fn peer_holding(h: pb::Holding) -> Option<PeerHolding> {
         pb::HoldingKind::HoldingActive => Holding::Active,
         pb::HoldingKind::HoldingLent => Holding::Lent { to: h.lent_to.parse().ok()?, to_epoch: h.lent_epoch },
         pb::HoldingKind::HoldingParked => Holding::Parked,
+        pb::HoldingKind::HoldingReplica => Holding::Replica,
         pb::HoldingKind::Unspecified => return None,
     };
     let partition = u16::try_from(h.partition).ok().filter(|p| *p < PARTITIONS)?;
@@ -675,6 +757,7 @@ pub fn holding_proto(h: &PeerHolding) -> pb::Holding {
         Holding::Active => (pb::HoldingKind::HoldingActive, String::new(), 0),
         Holding::Lent { to, to_epoch } => (pb::HoldingKind::HoldingLent, to.to_string(), to_epoch),
         Holding::Parked => (pb::HoldingKind::HoldingParked, String::new(), 0),
+        Holding::Replica => (pb::HoldingKind::HoldingReplica, String::new(), 0),
     };
     pb::Holding { partition: h.partition as u32, epoch: h.epoch, kind: kind as i32, lent_to, lent_epoch }
 }

@@ -35,6 +35,9 @@ pub enum Holding {
         to_epoch: u64,
     },
     Parked,
+    /// Only in surveys (never in the table): an in-sync replica kept for the owner, at
+    /// the owner's epoch; promoted when the owner is lost.
+    Replica,
 }
 
 impl Holding {
@@ -43,6 +46,7 @@ impl Holding {
             Holding::Active => "active",
             Holding::Lent { .. } => "lent",
             Holding::Parked => "parked",
+            Holding::Replica => "replica",
         }
     }
 }
@@ -99,6 +103,7 @@ impl Table {
                 v.extend_from_slice(to.to_string().as_bytes());
             }
             Some(Holding::Parked) => v.push(3),
+            Some(Holding::Replica) => v.push(4),
         }
         v
     }
@@ -114,6 +119,7 @@ impl Table {
                 Some(Holding::Lent { to, to_epoch })
             }
             3 => Some(Holding::Parked),
+            4 => Some(Holding::Replica),
             _ => return None,
         };
         Some(Part { epoch, holding })
@@ -168,20 +174,41 @@ pub enum Action {
     Discard { p: u16 },
     /// The borrower serves it (its release never arrived): forget the lent copy.
     ForgetLent { p: u16 },
+    /// Nobody serves it and this node's replica is the freshest copy: serve it at `epoch`.
+    Promote { p: u16, epoch: u64 },
+    /// This node's replica is older than the copy someone serves: drop it.
+    DropReplica { p: u16, below: u64 },
 }
 
-/// The hand-off actions for this node (`me`) by the ring, its table and the survey.
-pub fn plan(me: SocketAddr, ring: &Ring, table: &Table, survey: &Survey) -> Vec<Action> {
+/// The hand-off actions for this node (`me`) by the ring, its table, its in-sync
+/// replicas (partition → epoch) and the survey.
+pub fn plan(me: SocketAddr, ring: &Ring, table: &Table, replicas: &HashMap<u16, u64>, survey: &Survey) -> Vec<Action> {
     let others = survey.by_partition();
     let none = Vec::new();
     let mut out = Vec::new();
     for p in 0..PARTITIONS {
         let mine = table.get(p);
+        let my_replica = replicas.get(&p).copied();
         let theirs = others.get(&p).unwrap_or(&none);
         let serving = theirs.iter().find(|(_, _, h)| matches!(h, Holding::Active | Holding::Lent { .. }));
-        let max_epoch = theirs.iter().map(|(_, e, h)| lent_epoch(*e, *h)).chain([lent_epoch_part(&mine)]).max();
+        let max_epoch =
+            theirs.iter().map(|(_, e, h)| lent_epoch(*e, *h)).chain([lent_epoch_part(&mine)]).chain(my_replica).max();
         let next = max_epoch.unwrap_or(0) + 1;
         let owner = ring.partition_owner(p as usize) == Some(me);
+        if let Some(re) = my_replica {
+            let served_at = theirs
+                .iter()
+                .filter(|(_, _, h)| matches!(h, Holding::Active | Holding::Lent { .. }))
+                .map(|(_, e, h)| lent_epoch(*e, *h))
+                .chain(
+                    matches!(mine.holding, Some(Holding::Active | Holding::Lent { .. }))
+                        .then(|| lent_epoch_part(&mine)),
+                )
+                .max();
+            if let Some(e) = served_at.filter(|e| *e > re) {
+                out.push(Action::DropReplica { p, below: e });
+            }
+        }
         match mine.holding {
             // Two copies served (a node adopted a partition blind, e.g. while the cluster
             // formed): the ring's owner merges the other copy into its own.
@@ -210,18 +237,32 @@ pub fn plan(me: SocketAddr, ring: &Ring, table: &Table, survey: &Survey) -> Vec<
                 if let Some((from, _, _)) = serving {
                     out.push(Action::Pull { p, from: *from, epoch: next });
                 } else if survey.missing.is_empty() {
-                    // Nobody serves it: the freshest parked copy wins.
-                    let best = theirs.iter().filter(|(_, _, h)| *h == Holding::Parked).max_by_key(|(_, e, _)| *e);
-                    match best {
-                        Some((from, e, _)) if mine.holding.is_none() || *e > mine.epoch => {
+                    // Nobody serves it: the freshest copy wins, by epoch, then a replica
+                    // (kept current until its owner was lost) over a parked copy (the
+                    // owner's disk as of its stop), then this node's own copy.
+                    let rank = |e: u64, h: Holding| (e, u8::from(h == Holding::Replica));
+                    let best = theirs
+                        .iter()
+                        .filter(|(_, _, h)| matches!(h, Holding::Parked | Holding::Replica))
+                        .max_by_key(|(_, e, h)| rank(*e, *h));
+                    let local = [
+                        my_replica.map(|e| (rank(e, Holding::Replica), true)),
+                        (mine.holding == Some(Holding::Parked)).then(|| (rank(mine.epoch, Holding::Parked), false)),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .max();
+                    match (best, local) {
+                        (Some((from, e, h)), l) if l.is_none_or(|(r, _)| rank(*e, *h) > r) => {
                             out.push(Action::Pull { p, from: *from, epoch: next })
                         }
+                        (_, Some((_, true))) => out.push(Action::Promote { p, epoch: next }),
                         _ => out.push(Action::Adopt { p, epoch: next }),
                     }
                 }
             }
             Some(Holding::Parked) if serving.is_some() => out.push(Action::Discard { p }),
-            Some(Holding::Parked) | None => {}
+            Some(Holding::Parked) | Some(Holding::Replica) | None => {}
         }
     }
     out

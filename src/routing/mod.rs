@@ -313,6 +313,23 @@ impl Router {
         Ok(out)
     }
 
+    /// Replication: the partitions' drivers go to their replicas in full with the next
+    /// batch of each shard.
+    /// Each shard is told only its own partitions (another shard's empty answer would
+    /// clear a replica).
+    pub async fn resync(&self, parts: HashSet<u16>) {
+        let n = self.shards.len();
+        let mut per: Vec<HashSet<u16>> = (0..n).map(|_| HashSet::new()).collect();
+        for p in parts {
+            per[p as usize % n].insert(p);
+        }
+        for (tx, parts) in self.shards.iter().zip(per) {
+            if !parts.is_empty() {
+                let _ = tx.send(ShardMsg::Resync { partitions: Arc::new(parts) }).await;
+            }
+        }
+    }
+
     /// Hand-off, holder side: drops the partitions' drivers; returns how many.
     pub async fn forget(&self, parts: Arc<HashSet<u16>>) -> usize {
         let mut n = 0;

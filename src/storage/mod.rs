@@ -39,7 +39,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -255,7 +255,16 @@ impl Persister {
     /// Starts the thread for a log with `shards` writers. `queue` bounds how many
     /// batches may wait; a shard that finds the queue full keeps coalescing its changes
     /// until the next interval.
-    pub fn start(mut log: DriverLog, limits: LogLimits, shards: usize, queue: usize) -> Persister {
+    ///
+    /// `tee`, when set, receives every batch once it is on disk (replication); a full
+    /// tee drops the batch and sets `tee_dropped`, so the receiver re-sends in full.
+    pub fn start(
+        mut log: DriverLog,
+        limits: LogLimits,
+        shards: usize,
+        queue: usize,
+        tee: Option<(mpsc::Sender<PersistBatch>, Arc<AtomicBool>)>,
+    ) -> Persister {
         let (tx, mut rx) = mpsc::channel::<PersistBatch>(queue);
         let sweeps = Arc::new(SweepControl::default());
         let ctl = sweeps.clone();
@@ -273,6 +282,7 @@ impl Persister {
                     let (mut records, mut bytes) = (0usize, 0u64);
                     let mut failed = false;
                     let mut batch = Some(first);
+                    let mut written = Vec::new();
                     while let Some(b) = batch {
                         records += b.records;
                         bytes += b.buf.len() as u64;
@@ -293,11 +303,21 @@ impl Persister {
                         if let Some(s) = sweep.as_mut() {
                             s.bytes += b.buf.len() as u64;
                         }
+                        if tee.is_some() {
+                            written.push(b);
+                        }
                         batch = rx.try_recv().ok();
                     }
                     if let Err(e) = log.sync() {
                         fail("sync", e);
                         failed = true;
+                    }
+                    if let Some((tx, dropped)) = &tee {
+                        for b in written {
+                            if tx.try_send(b).is_err() {
+                                dropped.store(true, Ordering::Release);
+                            }
+                        }
                     }
                     if failed && let Some(s) = sweep.take() {
                         // Some full records may be missing: keep the old segments; a

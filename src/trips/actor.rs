@@ -19,6 +19,7 @@ use super::share::{ShareEntry, new_token};
 use super::{Trips, not_found};
 use crate::actors::{TripFix, wall_ms};
 use crate::pb;
+use crate::replica::KvTree;
 
 /// How often a trip changed only by driver fixes is saved.
 pub const SAVE_EVERY: Duration = Duration::from_secs(5);
@@ -78,7 +79,7 @@ pub async fn run(trips: Arc<Trips>, trip: Option<Trip>, mut rx: mpsc::Receiver<T
                 None => break,
             },
             _ = sleep_until(expires) => {
-                a.expire();
+                a.expire().await;
                 break;
             }
             _ = sleep_until(save_at), if a.dirty => {
@@ -293,6 +294,8 @@ impl Actor {
         if durable {
             self.trips.durable.flush().await.map_err(|e| Status::unavailable(format!("flushing the trip: {e}")))?;
         }
+        // On the replicas before the caller hears of it (the TTL is in the record).
+        self.trips.replicator.sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes()).await;
         self.dirty = false;
         Ok(())
     }
@@ -386,7 +389,7 @@ impl Actor {
         });
     }
 
-    fn expire(&mut self) {
+    async fn expire(&mut self) {
         debug!(trip = %self.trip.trip_id, state = self.trip.state.name(), "trip expired");
         metrics::counter!("locus_trips_expired_total").increment(1);
         if self.trip.state.has_driver() {
@@ -398,6 +401,8 @@ impl Actor {
         if let Err(e) = self.trips.store.remove(crate::keys::pkey(&self.trip.trip_id)) {
             warn!(trip = %self.trip.trip_id, error = %e, "cannot delete an expired trip");
         }
+        // The replicas forget it too, so a promoted copy does not expire it again.
+        self.trips.replicator.sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes()).await;
         self.event("EXPIRED", self.trip.state.name());
         for w in self.watchers.drain(..) {
             let _ = w.try_send(Err(Status::not_found("the trip expired")));

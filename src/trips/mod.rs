@@ -58,6 +58,7 @@ pub struct Trips {
     pub(crate) bus: Bus,
     pub(crate) dispatch: Arc<Dispatcher>,
     pub(crate) watch_queue: usize,
+    pub(crate) replicator: Arc<crate::replica::Replicator>,
 }
 
 const NOT_HERE: u8 = 0;
@@ -68,6 +69,7 @@ const FROZEN: u8 = 2;
 const TRIP_MAILBOX: usize = 64;
 
 impl Trips {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         db: &sled::Db,
         durable: Durable,
@@ -76,6 +78,7 @@ impl Trips {
         bus: Bus,
         dispatch: Arc<Dispatcher>,
         watch_queue: usize,
+        replicator: Arc<crate::replica::Replicator>,
     ) -> sled::Result<Arc<Trips>> {
         let store = crate::storage::open_partitioned(db, "trips")?;
         Ok(Arc::new(Trips {
@@ -89,6 +92,7 @@ impl Trips {
             bus,
             dispatch,
             watch_queue,
+            replicator,
         }))
     }
 

@@ -367,3 +367,54 @@ fn churn_does_not_grow_the_timer_heap() {
     assert!(sh.is_empty());
     assert!(sh.timers.len() <= 1_024 + 1, "{} timers for no drivers", sh.timers.len());
 }
+
+#[test]
+fn batches_tag_each_record_with_its_partition_and_resync_resends_whole_partitions() {
+    let mut sh = DriverShard::new(cfg());
+    let ids: Vec<String> = (0..40).map(|i| format!("drv-{i}")).collect();
+    for id in &ids {
+        sh.apply(fix(id, 1.0, 1.0, T0), T0).unwrap();
+    }
+    let mut b = PersistBatch::default();
+    sh.take_writes(&mut b);
+    assert_eq!(b.parts.len(), 40);
+    // Each tag's range is exactly one record of a driver of that partition.
+    let mut start = 0;
+    for &(p, end) in &b.parts {
+        let mut got = Vec::new();
+        let (_, err) = decode_records(&b.buf[start..end as usize], |r| got.push(r));
+        assert!(err.is_none());
+        let [Record::Upsert { snap, .. }] = got.as_slice() else { panic!("one record per tag") };
+        assert_eq!(partition_of(snap.driver_id.as_bytes()), p);
+        start = end as usize;
+    }
+    assert_eq!(start, b.buf.len());
+    assert!(b.resync.is_empty());
+    // Nothing changed since: a resync of two partitions sends their drivers in full, and
+    // names them even when one has no driver here.
+    let p0 = partition_of(ids[0].as_bytes());
+    let empty = (0..crate::keys::PARTITIONS).find(|p| ids.iter().all(|i| partition_of(i.as_bytes()) != *p)).unwrap();
+    sh.remove(&id(&ids[1])).unwrap();
+    sh.resync(&[p0, empty].into_iter().collect());
+    let mut b = PersistBatch::default();
+    sh.take_writes(&mut b);
+    let mut resync = b.resync.clone();
+    resync.sort();
+    assert_eq!(resync, {
+        let mut v = vec![p0, empty];
+        v.sort();
+        v
+    });
+    let mut full = Vec::new();
+    decode_records(&b.buf, |r| {
+        if let Record::Upsert { full: true, snap, .. } = r {
+            full.push(snap.driver_id);
+        }
+    });
+    let mut want: Vec<String> =
+        ids.iter().filter(|i| partition_of(i.as_bytes()) == p0 && **i != ids[1]).cloned().collect();
+    want.sort();
+    full.sort();
+    assert_eq!(full, want);
+    assert!(!b.is_empty());
+}
