@@ -189,8 +189,9 @@ impl Handoff {
         let refused = self
             .replica_store()
             .apply(from, session, parts, |p| routes.of(p as usize) == crate::ownership::Route::Local);
-        if !refused.is_empty() {
-            metrics::counter!("locus_epoch_refused_total", "what" => "replica").increment(refused.len() as u64);
+        let stale = refused.iter().filter(|(_, why)| why.starts_with("stale epoch")).count();
+        if stale > 0 {
+            metrics::counter!("locus_epoch_refused_total", "what" => "replica").increment(stale as u64);
         }
         refused
     }
@@ -526,6 +527,12 @@ impl Handoff {
     /// One round: survey, plan, act. Returns whether anything is left to do. The node
     /// runs one before it says it serves (a lone node then serves at once).
     pub async fn round(&self, view: &ClusterView) -> bool {
+        // Routes follow a new ring at once: partitions this node now owns wait here
+        // (incoming) instead of going to a member that is gone.
+        {
+            let st = self.state.lock().await;
+            self.publish(view, &st);
+        }
         let survey = self.survey(view).await;
         let table = self.state.lock().await.table.clone();
         let replicas: HashMap<u16, u64> = self.replica_store().synced().collect();

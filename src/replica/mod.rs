@@ -490,8 +490,12 @@ async fn link_task(
         let ok = match r {
             Ok(Ok(resp)) => {
                 for f in resp.into_inner().refused {
-                    metrics::counter!("locus_epoch_refused_total", "what" => "replica").increment(1);
-                    warn!(peer = %peer, partition = f.partition, reason = %f.reason, "replica refused a partition");
+                    if f.reason.starts_with("stale epoch") {
+                        warn!(peer = %peer, partition = f.partition, reason = %f.reason, "replica refused a partition");
+                    } else {
+                        // The peer took the partition over (a move in progress).
+                        debug!(peer = %peer, partition = f.partition, reason = %f.reason, "replica refused a partition");
+                    }
                 }
                 if let Some(t0) = first_failure.take() {
                     info!(peer = %peer, down_ms = t0.elapsed().as_millis() as u64, "replica link works again");
