@@ -11,7 +11,10 @@
 //!  membership (foca task) ──publishes──► ClusterView { members, ring::Ring }
 //!                                              │
 //!  handoff (task + Handoff service): survey holdings, ownership::plan, pull / lend /
-//!    release partitions at rising epochs (sled `partitions`) ──publishes──► Routes
+//!    release partitions at rising epochs (sled `partitions`), promote replicas of a
+//!    lost owner ──publishes──► Routes
+//!  replica: served partitions ──► their next ring successors (claims and trip events
+//!    acked before the answer; driver-log batches teed once on disk)
 //!                                              │
 //!  gRPC (api) ──► routing::cluster: routes(key) ┴─ another node ──► forward (hop ≤ 3)
 //!                     │ this node (incoming: wait)  geo, cab lookups ──► scatter, merge
@@ -41,7 +44,9 @@
 //! - [`ring`]: pure consistent-hash ring of virtual nodes over partitions.
 //! - [`ownership`]: pure: the per-partition holding table with epochs, the hand-off
 //!   planner and the routes every request reads; [`handoff`]: the shell that moves a
-//!   partition's drivers, claims and trips (with their timers) to its new owner.
+//!   partition's drivers, claims and trips (with their timers) to its new owner;
+//!   [`replica`]: copies of every served partition on its ring successors (the owner's
+//!   links and the in-memory replica store), promoted when the owner is lost.
 //! - [`routing`]: key → owner node (`routing::cluster`, peers, hops) and → local shard.
 //! - [`actors`]: shard worker tasks, mailboxes, watchers, persistence hand-off.
 //! - [`drivers`]: pure driver state machines, validation, trail, snapshot codec.

@@ -8,7 +8,11 @@
 //!    client to one node (every query is a scatter-gather over all three).
 //! 4. Dispatch and Share My Trip over the ingest phase's drivers (see `bench::trips`).
 //! 5. Failure: time from `kill -9` of one node until both survivors agree on the
-//!    two-member ring.
+//!    two-member ring, and until the victim's drivers are served again from their
+//!    replicas (with a count of sampled drivers missing afterwards).
+//!
+//! Nodes run with `--replicas 1` (the default). The two ingest figures are measured
+//! first on a separate cluster with `--replicas 0`, in the same run, for comparison.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -40,7 +44,7 @@ fn url(cfg: &BenchConfig, i: usize) -> String {
     format!("http://127.0.0.1:{}", ports(cfg, i).grpc)
 }
 
-fn start(cfg: &BenchConfig, dir: &std::path::Path, i: usize) -> anyhow::Result<Proc> {
+fn start(cfg: &BenchConfig, dir: &std::path::Path, i: usize, extra: &[&str]) -> anyhow::Result<Proc> {
     let p = ports(cfg, i);
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(["node", "--node-name", &format!("n{i}"), "--log-format", "text"])
@@ -49,7 +53,8 @@ fn start(cfg: &BenchConfig, dir: &std::path::Path, i: usize) -> anyhow::Result<P
         .args(["--gossip-addr", &format!("127.0.0.1:{}", p.gossip)])
         .args(["--data-dir", &dir.join(format!("n{i}")).display().to_string(), "--trail-len", "4"])
         // The limiter still runs on every request; its budget is not the bottleneck here.
-        .args(["--share-client-rate", "10000000", "--share-token-rate", "10000000"]);
+        .args(["--share-client-rate", "10000000", "--share-token-rate", "10000000"])
+        .args(extra);
     if i > 0 {
         cmd.args(["--join", &format!("127.0.0.1:{}", ports(cfg, 0).gossip)]);
     }
@@ -115,26 +120,23 @@ pub struct ClusterFigures {
     pub join_converge: Duration,
     pub ingest_any: IngestResult,
     pub ingest_owner: IngestResult,
+    /// The same two ingests on a cluster with `--replicas 0`.
+    pub ingest_any_r0: IngestResult,
+    pub ingest_owner_r0: IngestResult,
+    /// `kill -9` → the victim's sampled drivers all answer again (from replicas).
+    pub failover: Duration,
+    /// Sampled drivers of the victim, and how many were missing after the failover.
+    pub failover_sampled: usize,
+    pub failover_missing: usize,
     pub nearby: Latency,
     pub results: usize,
     pub kill_converge: Duration,
     pub trips: super::trips::TripFigures,
 }
 
-/// Runs the cluster benchmarks in `dir`.
-pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<ClusterFigures> {
-    let mut procs = Vec::new();
-    for i in 0..2 {
-        procs.push(start(cfg, dir, i)?);
-        wait_port(ports(cfg, i).grpc).await?;
-    }
-    time_to_agree(cfg, &[0, 1], 2, Instant::now()).await?;
-    let t0 = Instant::now();
-    procs.push(start(cfg, dir, 2)?);
-    let join_converge = time_to_agree(cfg, &[0, 1, 2], 3, t0).await?;
-    eprintln!("[bench] cluster: a third node joined and the ring converged in {join_converge:?}");
-
-    // Ingest: streams spread over the nodes, then owner-aware.
+/// Both ingests (streams spread over the nodes, then owner-aware) on the running
+/// cluster.
+async fn ingest_pair(cfg: &BenchConfig) -> anyhow::Result<(IngestResult, IngestResult)> {
     let w = Workload::new(cfg.ingest_drivers, 2 * cfg.ingest_rounds, 21);
     let half = cfg.ingest_rounds;
     let streams = cfg.streams.max(3);
@@ -151,7 +153,67 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Clu
     let owned = by_owner(&url(cfg, 0), w.batches_for(streams, cfg.batch, half..2 * half)).await?;
     let ingest_owner = ingest_many(owned).await?;
     eprintln!("[bench] cluster ingest, owner-aware: {:.0} fixes/s", ingest_owner.rate());
-    drop(w);
+    Ok((ingest_any, ingest_owner))
+}
+
+/// Starts three nodes (two, then a third) with `extra` flags; returns them and how
+/// long the third took to join.
+async fn start_three(
+    cfg: &BenchConfig,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<(Vec<Proc>, Duration)> {
+    let mut procs = Vec::new();
+    for i in 0..2 {
+        procs.push(start(cfg, dir, i, extra)?);
+        wait_port(ports(cfg, i).grpc).await?;
+    }
+    time_to_agree(cfg, &[0, 1], 2, Instant::now()).await?;
+    let t0 = Instant::now();
+    procs.push(start(cfg, dir, 2, extra)?);
+    let join = time_to_agree(cfg, &[0, 1, 2], 3, t0).await?;
+    Ok((procs, join))
+}
+
+/// Polls `ids` through node 0 until every one answers; returns how many never did
+/// within `within`.
+async fn answering(cfg: &BenchConfig, ids: &[String], within: Duration) -> anyhow::Result<usize> {
+    let ch = Endpoint::from_shared(url(cfg, 0))?.connect().await?;
+    let mut c = pb::locations_client::LocationsClient::new(ch);
+    let t0 = Instant::now();
+    let mut left: Vec<&String> = ids.iter().collect();
+    while !left.is_empty() && t0.elapsed() < within {
+        let mut still = Vec::new();
+        for id in left {
+            let req = pb::GetDriverRequest {
+                key: Some(pb::get_driver_request::Key::DriverId(id.clone())),
+                include_trail: false,
+            };
+            if c.get_driver(req).await.is_err() {
+                still.push(id);
+            }
+        }
+        left = still;
+        if !left.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(left.len())
+}
+
+/// Runs the cluster benchmarks in `dir`.
+pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<ClusterFigures> {
+    // Unreplicated first, for comparison, on its own data.
+    let (procs, _) = start_three(cfg, &dir.join("r0"), &["--replicas", "0"]).await?;
+    let (ingest_any_r0, ingest_owner_r0) = ingest_pair(cfg).await?;
+    eprintln!("[bench] (those two with --replicas 0)");
+    drop(procs);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (mut procs, join_converge) = start_three(cfg, dir, &[]).await?;
+    eprintln!("[bench] cluster: a third node joined and the ring converged in {join_converge:?}");
+    let (ingest_any, ingest_owner) = ingest_pair(cfg).await?;
+    let streams = cfg.streams.max(3);
 
     // Dispatch and share over the ingest drivers.
     let urls: Vec<String> = (0..3).map(|i| url(cfg, i)).collect();
@@ -181,15 +243,47 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Clu
     let (nearby, results) = on_one_thread(move || async move { nearby_latency(&t, q, 5).await }).await?;
     eprintln!("[bench] cluster nearby p50={:.0}us p99={:.0}us", nearby.p50, nearby.p99);
 
-    // Failure detection.
+    // Failure: the victim's drivers (a sample) must answer again from their replicas.
+    let ring = fetch_ring(&url(cfg, 0)).await?;
+    let victim_url = url(cfg, 2);
+    let sample: Vec<String> = (0..cfg.ingest_drivers)
+        .map(|i| format!("drv-{i}"))
+        .filter(|id| ring.owner_url(id) == Some(victim_url.as_str()))
+        .take(2_000)
+        .collect();
+    // Past the documented replication lag (the ingest ended long before anyway).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     let mut victim = procs.pop().expect("three nodes");
     let t0 = Instant::now();
     victim.0.kill().context("kill -9")?;
     let _ = victim.0.wait();
     let kill_converge = time_to_agree(cfg, &[0, 1], 2, t0).await?;
-    eprintln!("[bench] cluster: after kill -9 the survivors agreed in {kill_converge:?}");
+    let (probe, probe_left) = (sample[..sample.len().min(50)].to_vec(), sample.clone());
+    let never = answering(cfg, &probe, Duration::from_secs(30)).await?;
+    let failover = t0.elapsed();
+    if never > 0 {
+        bail!("{never} of the victim's drivers never answered after its kill -9");
+    }
+    eprintln!(
+        "[bench] cluster: after kill -9 the survivors agreed in {kill_converge:?}, served the victim's drivers in {failover:?}"
+    );
+    let failover_missing = answering(cfg, &probe_left, Duration::from_secs(2)).await?;
+    eprintln!("[bench] cluster: {failover_missing} of {} sampled drivers missing after the failover", sample.len());
     drop(procs);
-    Ok(ClusterFigures { join_converge, ingest_any, ingest_owner, nearby, results, kill_converge, trips })
+    Ok(ClusterFigures {
+        join_converge,
+        ingest_any,
+        ingest_owner,
+        ingest_any_r0,
+        ingest_owner_r0,
+        failover,
+        failover_sampled: sample.len(),
+        failover_missing,
+        nearby,
+        results,
+        kill_converge,
+        trips,
+    })
 }
 
 /// The report section.
@@ -207,8 +301,16 @@ pub fn report(cfg: &BenchConfig, f: &ClusterFigures, out: &mut String) -> std::f
     )?;
     writeln!(
         out,
-        "| ingest, owner-aware gateway (same volume, split by the ring) | **{:.0} fixes/s** | – |",
+        "| ingest, owner-aware gateway (same volume, split by the ring) | **{:.0} fixes/s** | ≥ 400,000 fixes/s |",
         f.ingest_owner.rate()
+    )?;
+    writeln!(
+        out,
+        "| the same two ingests with `--replicas 0` (no copies), same run | {:.0} / {:.0} fixes/s | replicated ≥ 60% of these: **{:.0}% / {:.0}%** |",
+        f.ingest_any_r0.rate(),
+        f.ingest_owner_r0.rate(),
+        100.0 * f.ingest_any.rate() / f.ingest_any_r0.rate(),
+        100.0 * f.ingest_owner.rate() / f.ingest_owner_r0.rate()
     )?;
     writeln!(
         out,
@@ -235,6 +337,16 @@ pub fn report(cfg: &BenchConfig, f: &ClusterFigures, out: &mut String) -> std::f
         out,
         "| `kill -9` of one node → both survivors agree on the new ring | **{:.2} s** | detection ≤ 5 s |",
         f.kill_converge.as_secs_f64()
+    )?;
+    writeln!(
+        out,
+        "| `kill -9` of one node → its drivers answer again via a survivor (promoted replicas) | **{:.2} s** | ≤ 5 s |",
+        f.failover.as_secs_f64()
+    )?;
+    writeln!(
+        out,
+        "| the victim's drivers missing after the failover (a sample of {}) | **{}** | 0 |",
+        f.failover_sampled, f.failover_missing
     )?;
     writeln!(
         out,
