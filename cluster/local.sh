@@ -9,6 +9,11 @@
 #   cluster/local.sh status      `locus admin members` against node-1
 #   cluster/local.sh kill I      kill -9 node-I (failure detection shows in `status`)
 #   cluster/local.sh restart I   start node-I again with the same ports and data
+#   cluster/local.sh add         start one more node (the next free index) joining the cluster
+#   cluster/local.sh drain I     move every partition off node-I (it stays up), then report
+#                                it safe to stop (`cluster/local.sh stop-node I`)
+#   cluster/local.sh stop-node I SIGTERM node-I (leaves the cluster, exits)
+#   cluster/local.sh partitions  `locus admin partitions --summary` against node-1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOCUS=${LOCUS:-./target/release/locus}
@@ -71,7 +76,27 @@ case "${1:-}" in
   restart)
     start_node "$2" && wait_ready "$2" && echo "node-$2 back"
     ;;
+  add)
+    i=1
+    while [ -e "$PIDS/node-$i" ] && kill -0 "$(cat "$PIDS/node-$i")" 2>/dev/null; do i=$((i + 1)); done
+    start_node "$i" && wait_ready "$i" && echo "node-$i added: gRPC 127.0.0.1:$(grpc_port "$i")"
+    ;;
+  drain)
+    addr=1
+    if [ "$2" = 1 ]; then addr=2; fi
+    "$LOCUS" admin --addr "http://127.0.0.1:$(grpc_port "$addr")" drain "node-$2"
+    ;;
+  stop-node)
+    pid=$(cat "$PIDS/node-$2")
+    kill -TERM "$pid"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    rm -f "$PIDS/node-$2"
+    echo "node-$2 stopped"
+    ;;
+  partitions)
+    "$LOCUS" admin --addr "http://127.0.0.1:$(grpc_port "${2:-1}")" partitions --summary
+    ;;
   *)
-    sed -n '2,12p' "$0"; exit 2
+    sed -n '2,17p' "$0"; exit 2
     ;;
 esac

@@ -292,7 +292,7 @@ pub async fn run(
     let handoff_svc = HandoffServer::new(HandoffApi::new(handoff.clone()))
         .max_decoding_message_size(MAX_HANDOFF_BYTES)
         .max_encoding_message_size(MAX_HANDOFF_BYTES);
-    let admin = ClusterServer::new(ClusterApi::new(cluster.clone(), leave.clone()));
+    let admin = ClusterServer::new(ClusterApi::new(cluster.clone(), leave.clone(), handoff.clone(), members.clone()));
     // serve_with_incoming does not apply the builder's TCP options: set them per socket.
     let incoming = TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {

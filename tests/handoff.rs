@@ -198,6 +198,57 @@ async fn a_node_joins_and_another_leaves_and_every_key_moves_with_its_state() {
     );
     c.converge(&["n0", "n2", "n3"], Duration::from_secs(20)).await;
     check(&c, &[0, 2, 3], &a, "after n1 left").await;
+    replicated(&c, &[0, 2, 3], "after n1 left").await;
+
+    // n2 is drained: it stays up, serving nothing, and says when it is safe to stop.
+    let r = c.admin(2).await.drain(pb::DrainRequest { timeout_ms: 30_000 }).await.unwrap().into_inner();
+    assert!(r.drained && r.active == 0 && r.lent == 0, "{r:?}");
+    // (n2 itself keeps routing by a ring with itself in it until it stops.)
+    c.converge_on(&[0, 3], &["n0", "n3"], Duration::from_secs(20)).await;
+    check(&c, &[0, 2, 3], &a, "after n2 drained").await;
+    let rows = c.admin(2).await.partitions(pb::PartitionsRequest {}).await.unwrap().into_inner().rows;
+    assert!(rows.is_empty(), "a drained node holds nothing, not even replicas: {:?}", &rows[..rows.len().min(3)]);
+    replicated(&c, &[0, 3], "after n2 drained").await;
+}
+
+/// Every partition is owned by exactly one of `nodes` and, soon, has an in-sync replica
+/// at its owner's epoch on another of them (with two or more ring members).
+async fn replicated(c: &TestCluster, nodes: &[usize], stage: &str) {
+    let mut last = String::new();
+    for _ in 0..200 {
+        let mut owners: HashMap<u32, (usize, u64)> = HashMap::new();
+        let mut copies: HashMap<(u32, u64), usize> = HashMap::new();
+        let mut seen: HashMap<u32, Vec<String>> = HashMap::new();
+        let mut twice = Vec::new();
+        for &i in nodes {
+            let r = c.admin(i).await.partitions(pb::PartitionsRequest {}).await.unwrap().into_inner();
+            for row in r.rows {
+                seen.entry(row.partition).or_default().push(format!(
+                    "n{i}:{}@{}{}",
+                    row.state,
+                    row.epoch,
+                    if row.in_sync { "" } else { "(syncing)" }
+                ));
+                if row.state == "owned" && owners.insert(row.partition, (i, row.epoch)).is_some() {
+                    twice.push(row.partition);
+                }
+                if row.state == "replica" && row.in_sync {
+                    *copies.entry((row.partition, row.epoch)).or_default() += 1;
+                }
+            }
+        }
+        assert!(twice.is_empty(), "{stage}: partitions owned twice: {twice:?}");
+        let unowned = (0..locus::keys::PARTITIONS as u32).filter(|p| !owners.contains_key(p)).count();
+        let bare: Vec<u32> =
+            owners.iter().filter(|(p, (_, e))| !copies.contains_key(&(**p, *e))).map(|(p, _)| *p).collect();
+        if unowned == 0 && bare.is_empty() {
+            return;
+        }
+        let sample: Vec<String> = bare.iter().take(4).map(|p| format!("p{p}: {:?}", seen.get(p))).collect();
+        last = format!("{unowned} unowned, {} without an in-sync replica, e.g. {sample:?}", bare.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{stage}: {last}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,7 +282,7 @@ async fn a_killed_node_loses_nothing_its_replicas_take_over_and_its_restart_serv
 
     // Change what n2 held while it is down: a removed driver and a cancelled trip must
     // not come back from its disk when it restarts.
-    let gone = n2_drivers[0].clone();
+    let gone = n2_drivers.iter().find(|d| !a.claimed.contains_key(*d)).expect("an unclaimed driver on n2").clone();
     c.client(0).await.remove_driver(common::remove_by_id(&gone)).await.unwrap();
     a.drivers.retain(|d| d.0 != gone);
     let mut t = TripsClient::connect(c.node(0).grpc.clone()).await.unwrap();

@@ -128,6 +128,10 @@ pub enum ShardMsg {
     Resync {
         partitions: Arc<HashSet<u16>>,
     },
+    /// Live drivers per partition.
+    Counts {
+        reply: oneshot::Sender<HashMap<u16, u32>>,
+    },
     /// Hand-off, holder side: the new owner has them; drop them here (watchers end moved).
     Forget {
         partitions: Arc<HashSet<u16>>,
@@ -362,6 +366,9 @@ impl Worker {
                 let _ = reply.send(self.core.export(&partitions));
             }
             ShardMsg::Resync { partitions } => self.core.resync(&partitions),
+            ShardMsg::Counts { reply } => {
+                let _ = reply.send(self.core.partition_counts());
+            }
             ShardMsg::Forget { partitions, reply } => {
                 let n = self.core.forget(&partitions);
                 self.perform_events();

@@ -1,15 +1,18 @@
-//! The `locus.v1.Cluster` admin service: members, key lookup, ring, graceful leave.
-//! Answers from this node's [`ClusterView`]; `Leave` asks the node to shut down, which
-//! leaves the gossip first (see `node`).
+//! The `locus.v1.Cluster` admin service: members, key lookup, ring, graceful leave,
+//! drain, and this node's partitions. Answers from this node's [`ClusterView`]; `Leave`
+//! asks the node to shut down, which leaves the gossip first (see `node`); `Drain` says
+//! "leaving" and waits until peers pulled every partition, but keeps the node up.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
 use super::{check_key_str, invalid};
+use crate::handoff::Handoff;
 use crate::keys::{PARTITIONS, partition_of};
-use crate::membership::{ClusterView, Liveness, MemberView, NodeState};
+use crate::membership::{ClusterView, Liveness, MemberView, Membership, NodeState};
 use crate::pb;
 use crate::routing::cluster::Cluster;
 
@@ -18,13 +21,19 @@ pub struct ClusterApi {
     cluster: Arc<Cluster>,
     /// Notified to start a graceful shutdown (which leaves the cluster first).
     leave: Arc<Notify>,
+    handoff: Arc<Handoff>,
+    members: Membership,
 }
 
 impl ClusterApi {
-    pub fn new(cluster: Arc<Cluster>, leave: Arc<Notify>) -> Self {
-        ClusterApi { cluster, leave }
+    pub fn new(cluster: Arc<Cluster>, leave: Arc<Notify>, handoff: Arc<Handoff>, members: Membership) -> Self {
+        ClusterApi { cluster, leave, handoff, members }
     }
 }
+
+/// Longest a `Drain` call waits, and its default.
+const MAX_DRAIN: Duration = Duration::from_secs(600);
+const DEFAULT_DRAIN: Duration = Duration::from_secs(60);
 
 /// Most successors a Lookup may ask for.
 const MAX_SUCCESSORS: u32 = 16;
@@ -121,5 +130,75 @@ impl pb::cluster_server::Cluster for ClusterApi {
         tracing::info!("leave requested over the admin API");
         self.leave.notify_one();
         Ok(Response::new(pb::LeaveResponse { node: v.name_of(&v.me) }))
+    }
+
+    async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        let r = req.into_inner();
+        let wait = match r.timeout_ms {
+            0 => DEFAULT_DRAIN,
+            ms if Duration::from_millis(ms as u64) > MAX_DRAIN => {
+                let e =
+                    crate::drivers::FieldError::new("timeout_ms", format!("{ms} is above {}", MAX_DRAIN.as_millis()));
+                return Err(invalid(&e));
+            }
+            ms => Duration::from_millis(ms as u64),
+        };
+        let v = self.cluster.view();
+        tracing::info!(wait_ms = wait.as_millis() as u64, "drain requested over the admin API");
+        self.members.announce_leaving().await;
+        let t0 = Instant::now();
+        let mut drained = self.handoff.drained().await;
+        while !drained && t0.elapsed() < wait {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drained = self.handoff.drained().await;
+        }
+        let (active, lent, parked) = self.handoff.counts().await;
+        tracing::info!(drained, active, lent, ms = t0.elapsed().as_millis() as u64, "drain finished");
+        metrics::counter!("locus_drains_total", "result" => if drained { "drained" } else { "timed_out" }).increment(1);
+        Ok(Response::new(pb::DrainResponse {
+            node: v.name_of(&v.me),
+            drained,
+            active: active as u32,
+            lent: lent as u32,
+            parked: parked as u32,
+            elapsed_ms: t0.elapsed().as_millis() as u64,
+        }))
+    }
+
+    async fn partitions(
+        &self,
+        _req: Request<pb::PartitionsRequest>,
+    ) -> Result<Response<pb::PartitionsResponse>, Status> {
+        let v = self.cluster.view();
+        let name = |a: &std::net::SocketAddr| v.name_of(a);
+        let rows = self
+            .handoff
+            .report()
+            .await
+            .into_iter()
+            .map(|r| pb::PartitionRow {
+                partition: r.partition as u32,
+                state: r.state.into(),
+                epoch: r.epoch,
+                ring_owner: r.ring_owner.map(|a| name(&a)).unwrap_or_default(),
+                peers: r.peers.iter().map(name).collect(),
+                drivers: r.drivers,
+                trips: r.trips,
+                claims: r.claims,
+                in_sync: r.in_sync,
+            })
+            .collect();
+        let lag = self
+            .handoff
+            .replica_links()
+            .into_iter()
+            .map(|l| pb::ReplicaLag {
+                peer: name(&l.peer),
+                lag_ms: l.lag_ms,
+                queued_records: l.queued_records as u64,
+                healthy: l.healthy,
+            })
+            .collect();
+        Ok(Response::new(pb::PartitionsResponse { node: v.name_of(&v.me), rows, lag }))
     }
 }

@@ -1012,7 +1012,7 @@ impl DriverShard {
 
     /// Whether anything waits to be persisted.
     pub fn has_pending_writes(&self) -> bool {
-        !self.deleted.is_empty() || !self.dirty.is_empty() || self.sweep.is_some()
+        !self.deleted.is_empty() || !self.dirty.is_empty() || self.sweep.is_some() || !self.resync.is_empty()
     }
 
     /// Starts a compaction sweep: over the next commits every live driver gets a full
@@ -1061,6 +1061,15 @@ impl DriverShard {
             out.tag(&r.id);
             out.records += 1;
         }
+    }
+
+    /// Live drivers per partition (for `admin partitions`).
+    pub fn partition_counts(&self) -> HashMap<u16, u32> {
+        let mut m = HashMap::new();
+        for r in self.slots.iter().flatten() {
+            *m.entry(partition_of(r.id.as_bytes())).or_insert(0) += 1;
+        }
+        m
     }
 
     /// Re-sends `parts` to their replicas: every driver of them gets a full record in the

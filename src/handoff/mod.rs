@@ -73,6 +73,22 @@ pub struct PartitionData {
     pub trips: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// One partition as `admin partitions` shows it (see `Cluster.Partitions`).
+#[derive(Clone, Debug)]
+pub struct PartitionReport {
+    pub partition: u16,
+    /// owned | incoming | outgoing | parked | replica
+    pub state: &'static str,
+    pub epoch: u64,
+    pub ring_owner: Option<SocketAddr>,
+    /// owned: replica targets; outgoing: the borrower; replica: the owner.
+    pub peers: Vec<SocketAddr>,
+    pub drivers: u32,
+    pub trips: u32,
+    pub claims: u32,
+    pub in_sync: bool,
+}
+
 /// Why a pull of one partition was refused.
 pub type Refusal = (u16, String);
 
@@ -100,6 +116,8 @@ pub struct Handoff {
     replicator: Arc<Replicator>,
     /// Replicas this node keeps for other owners (in memory).
     replicas: std::sync::Mutex<ReplicaStore>,
+    /// Partitions being pulled right now (reported as such in surveys).
+    pulling: std::sync::Mutex<HashSet<u16>>,
 }
 
 fn load_table(tree: &sled::Tree) -> Table {
@@ -176,6 +194,7 @@ impl Handoff {
             trail_cap,
             replicator,
             replicas: std::sync::Mutex::new(ReplicaStore::new(trail_cap)),
+            pulling: std::sync::Mutex::new(HashSet::new()),
         }))
     }
 
@@ -249,11 +268,84 @@ impl Handoff {
             .held()
             .map(|(p, part)| PeerHolding { partition: p, epoch: part.epoch, holding: part.holding.expect("held") })
             .collect();
+        let pulling = self.pulling.lock().expect("pulling lock").clone();
+        out.extend(
+            pulling.into_iter().filter(|p| st.table.get(*p).holding != Some(Holding::Active)).map(|p| PeerHolding {
+                partition: p,
+                epoch: st.table.get(p).epoch,
+                holding: Holding::Pulling,
+            }),
+        );
         let reps = self.replica_store();
         let before = out.len();
         out.extend(reps.synced().map(|(p, epoch)| PeerHolding { partition: p, epoch, holding: Holding::Replica }));
         metrics::gauge!("locus_partitions", "state" => "replica").set((out.len() - before) as f64);
         out
+    }
+
+    /// What this node holds, partition by partition (`admin partitions`).
+    pub async fn report(&self) -> Vec<PartitionReport> {
+        let view = self.cluster.view();
+        let ring = self.ring(&view);
+        let drivers = self.router.partition_counts().await;
+        let trips = self.trips.counts();
+        let count = |tree: &sled::Tree, p: u16| tree.scan_prefix(crate::keys::partition_prefix(p)).count() as u32;
+        let st = self.state.lock().await;
+        let routes = self.routes.borrow().clone();
+        let mut out = Vec::new();
+        for p in 0..PARTITIONS {
+            let part = st.table.get(p);
+            let ring_owner = ring.partition_owner(p as usize);
+            let row = |state, epoch, peers| PartitionReport {
+                partition: p,
+                state,
+                epoch,
+                ring_owner,
+                peers,
+                drivers: 0,
+                trips: 0,
+                claims: count(&self.claims, p),
+                in_sync: false,
+            };
+            match part.holding {
+                Some(Holding::Active) => out.push(PartitionReport {
+                    drivers: drivers.get(&p).copied().unwrap_or(0),
+                    trips: trips.get(&p).copied().unwrap_or(0),
+                    ..row("owned", part.epoch, self.replicator.targets(p))
+                }),
+                Some(Holding::Lent { to, to_epoch }) => out.push(row("outgoing", to_epoch, vec![to])),
+                Some(Holding::Parked) => out.push(PartitionReport {
+                    drivers: st.parked.get(&p).map_or(0, Vec::len) as u32,
+                    trips: count(&self.trips.store, p),
+                    ..row("parked", part.epoch, Vec::new())
+                }),
+                Some(Holding::Replica) | Some(Holding::Pulling) | None => {
+                    if routes.of(p as usize) == crate::ownership::Route::Incoming {
+                        out.push(row("incoming", part.epoch, Vec::new()));
+                    }
+                }
+            }
+        }
+        drop(st);
+        for r in self.replica_store().info() {
+            out.push(PartitionReport {
+                partition: r.partition,
+                state: "replica",
+                epoch: r.epoch,
+                ring_owner: ring.partition_owner(r.partition as usize),
+                peers: vec![r.owner],
+                drivers: r.drivers as u32,
+                trips: r.trips as u32,
+                claims: r.claims as u32,
+                in_sync: r.synced,
+            });
+        }
+        out
+    }
+
+    /// This node's replication links (`admin partitions`).
+    pub fn replica_links(&self) -> Vec<crate::replica::LinkInfo> {
+        self.replicator.links()
     }
 
     /// Counts for `admin` and tests: partitions held as active / lent / parked.
@@ -486,6 +578,41 @@ impl Handoff {
         self.trips.start(p);
     }
 
+    /// Drops replicas nobody feeds any more: their partition is served at a higher epoch,
+    /// or by a node other than their owner, or its owner no longer names this node as a
+    /// replica by the ring (this node left it, or the ring moved). A replica whose
+    /// partition nobody serves is kept: it is what a lost owner is promoted from.
+    fn drop_stale_replicas(&self, view: &ClusterView, survey: &Survey, table: &Table) {
+        let ring = self.ring(view);
+        let n = self.replicator.replicas();
+        let mut served: HashMap<u16, (u64, SocketAddr)> = HashMap::new();
+        for (a, hs) in &survey.answered {
+            for h in hs.iter().filter(|h| matches!(h.holding, Holding::Active)) {
+                served.insert(h.partition, (h.epoch, *a));
+            }
+        }
+        for (p, part) in table.held().filter(|(_, x)| x.holding == Some(Holding::Active)) {
+            served.insert(p, (part.epoch, self.me));
+        }
+        let mut reps = self.replica_store();
+        for r in reps.info() {
+            let Some((e, by)) = served.get(&r.partition) else { continue };
+            if r.epoch > *e {
+                // Reset by a newer owner since the survey.
+                continue;
+            }
+            let named = ring
+                .partition_successors(r.partition as usize, n + 1)
+                .into_iter()
+                .filter(|a| a != by)
+                .take(n)
+                .any(|a| a == self.me);
+            if *e > r.epoch || *by != r.owner || !named {
+                reps.drop_below(r.partition, u64::MAX);
+            }
+        }
+    }
+
     /// One survey of every live member's holdings.
     async fn survey(&self, view: &ClusterView) -> Survey {
         let mut survey = Survey::default();
@@ -537,6 +664,8 @@ impl Handoff {
         let table = self.state.lock().await.table.clone();
         let replicas: HashMap<u16, u64> = self.replica_store().synced().collect();
         let actions = plan(self.me, &self.ring(view), &table, &replicas, &survey);
+        self.drop_stale_replicas(view, &survey, &table);
+        self.replicator.verify(&survey);
         let mut pulls: HashMap<SocketAddr, Vec<(u16, u64)>> = HashMap::new();
         let mut local = Vec::new();
         for a in &actions {
@@ -640,11 +769,13 @@ impl Handoff {
                 let mut r = tonic::Request::new(req);
                 r.set_timeout(RPC_TIMEOUT);
                 metrics::gauge!("locus_handoffs_in_flight").increment(chunk.len() as f64);
+                self.pulling.lock().expect("pulling lock").extend(chunk.iter().map(|(p, _)| *p));
                 let resp = c.pull(r).await;
                 metrics::gauge!("locus_handoffs_in_flight").decrement(chunk.len() as f64);
                 let resp = match resp {
                     Ok(r) => r.into_inner(),
                     Err(e) => {
+                        self.pulling.lock().expect("pulling lock").retain(|p| !epochs.contains_key(p));
                         warn!(from = %name, error = %e, "pulling partitions failed; retrying next round");
                         break;
                     }
@@ -655,6 +786,7 @@ impl Handoff {
                 let bytes: usize = resp.partitions.iter().map(|d| d.drivers.len()).sum();
                 let data = resp.partitions.into_iter().filter_map(partition_data).collect();
                 let done = self.install(&table, data, &epochs).await;
+                self.pulling.lock().expect("pulling lock").retain(|p| !epochs.contains_key(p));
                 if !done.is_empty() {
                     let mut c = self.client(meta.grpc);
                     let mut r = tonic::Request::new(pb::ReleaseRequest {
@@ -752,6 +884,7 @@ fn peer_holding(h: pb::Holding) -> Option<PeerHolding> {
         pb::HoldingKind::HoldingLent => Holding::Lent { to: h.lent_to.parse().ok()?, to_epoch: h.lent_epoch },
         pb::HoldingKind::HoldingParked => Holding::Parked,
         pb::HoldingKind::HoldingReplica => Holding::Replica,
+        pb::HoldingKind::HoldingPulling => Holding::Pulling,
         pb::HoldingKind::Unspecified => return None,
     };
     let partition = u16::try_from(h.partition).ok().filter(|p| *p < PARTITIONS)?;
@@ -765,6 +898,7 @@ pub fn holding_proto(h: &PeerHolding) -> pb::Holding {
         Holding::Lent { to, to_epoch } => (pb::HoldingKind::HoldingLent, to.to_string(), to_epoch),
         Holding::Parked => (pb::HoldingKind::HoldingParked, String::new(), 0),
         Holding::Replica => (pb::HoldingKind::HoldingReplica, String::new(), 0),
+        Holding::Pulling => (pb::HoldingKind::HoldingPulling, String::new(), 0),
     };
     pb::Holding { partition: h.partition as u32, epoch: h.epoch, kind: kind as i32, lent_to, lent_epoch }
 }

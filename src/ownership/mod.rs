@@ -38,6 +38,9 @@ pub enum Holding {
     /// Only in surveys (never in the table): an in-sync replica kept for the owner, at
     /// the owner's epoch; promoted when the owner is lost.
     Replica,
+    /// Only in surveys: this node is pulling the partition right now (its lender must
+    /// not take it back meanwhile).
+    Pulling,
 }
 
 impl Holding {
@@ -47,6 +50,7 @@ impl Holding {
             Holding::Lent { .. } => "lent",
             Holding::Parked => "parked",
             Holding::Replica => "replica",
+            Holding::Pulling => "pulling",
         }
     }
 }
@@ -104,6 +108,7 @@ impl Table {
             }
             Some(Holding::Parked) => v.push(3),
             Some(Holding::Replica) => v.push(4),
+            Some(Holding::Pulling) => v.push(5),
         }
         v
     }
@@ -120,6 +125,7 @@ impl Table {
             }
             3 => Some(Holding::Parked),
             4 => Some(Holding::Replica),
+            5 => Some(Holding::Pulling),
             _ => return None,
         };
         Some(Part { epoch, holding })
@@ -219,9 +225,14 @@ pub fn plan(me: SocketAddr, ring: &Ring, table: &Table, replicas: &HashMap<u16, 
             }
             Some(Holding::Active) => {}
             Some(Holding::Lent { to, .. }) => {
-                let to_holds = theirs.iter().find(|(a, _, _)| *a == to).map(|(_, _, h)| *h);
-                match to_holds {
-                    Some(Holding::Active) | Some(Holding::Lent { .. }) => out.push(Action::ForgetLent { p }),
+                let to_holds: Vec<Holding> = theirs.iter().filter(|(a, _, _)| *a == to).map(|(_, _, h)| *h).collect();
+                let has = |f: fn(&Holding) -> bool| to_holds.iter().any(f);
+                match () {
+                    _ if has(|h| matches!(h, Holding::Active | Holding::Lent { .. })) => {
+                        out.push(Action::ForgetLent { p })
+                    }
+                    // Still installing it: wait.
+                    _ if has(|h| *h == Holding::Pulling) => {}
                     // The borrower lost it (restarted before installing): take it back if
                     // this node owns it, else wait for the owner to pull it from here.
                     _ if owner
@@ -262,7 +273,7 @@ pub fn plan(me: SocketAddr, ring: &Ring, table: &Table, replicas: &HashMap<u16, 
                 }
             }
             Some(Holding::Parked) if serving.is_some() => out.push(Action::Discard { p }),
-            Some(Holding::Parked) | Some(Holding::Replica) | None => {}
+            Some(Holding::Parked) | Some(Holding::Replica) | Some(Holding::Pulling) | None => {}
         }
     }
     out

@@ -230,3 +230,30 @@ fn a_replica_is_dropped_once_a_newer_copy_is_served_and_kept_at_the_owners_epoch
     let acts = plan(addr(1), &r, &Table::default(), &mine, &survey(&[(0, &served)]));
     assert_eq!(about(acts, p), vec![Action::DropReplica { p, below: 5 }]);
 }
+
+#[test]
+fn a_lent_partition_is_not_taken_back_while_the_borrower_installs_it_even_if_it_holds_a_replica() {
+    let r = ring(&[0, 1]);
+    let p = (0..PARTITIONS).find(|p| r.partition_owner(*p as usize) == Some(addr(0))).unwrap();
+    let mut lent = Table::default();
+    lent.set(p, Part { epoch: 3, holding: Some(Holding::Lent { to: addr(1), to_epoch: 4 }) });
+    // The borrower (often the partition's replica) is still pulling it.
+    let s = Survey {
+        answered: [(
+            addr(1),
+            vec![
+                PeerHolding { partition: p, epoch: 3, holding: Holding::Replica },
+                PeerHolding { partition: p, epoch: 0, holding: Holding::Pulling },
+            ],
+        )]
+        .into(),
+        missing: Vec::new(),
+    };
+    assert!(about(plan(addr(0), &r, &lent, &HashMap::new(), &s), p).is_empty());
+    // A replica alone (no pull in progress) means the borrower lost it: reclaim.
+    let s = Survey {
+        answered: [(addr(1), vec![PeerHolding { partition: p, epoch: 3, holding: Holding::Replica }])].into(),
+        missing: Vec::new(),
+    };
+    assert_eq!(about(plan(addr(0), &r, &lent, &HashMap::new(), &s), p), vec![Action::Reclaim { p, epoch: 5 }]);
+}

@@ -36,7 +36,7 @@ pub mod store;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -97,6 +97,17 @@ struct LinkState {
     need_resync: AtomicBool,
     /// The last call succeeded.
     healthy: AtomicBool,
+    /// Age of the oldest change in the last acknowledged call, ms.
+    lag_ms: AtomicU64,
+}
+
+/// One replication link as `admin partitions` shows it.
+#[derive(Clone, Debug)]
+pub struct LinkInfo {
+    pub peer: SocketAddr,
+    pub lag_ms: u64,
+    pub queued_records: usize,
+    pub healthy: bool,
 }
 
 struct Link {
@@ -145,7 +156,12 @@ struct Inner {
     links: HashMap<SocketAddr, Link>,
     /// Partitions whose drivers must be re-sent in full (asked of the shards).
     pending: HashSet<u16>,
+    /// (target, partition) pairs reset and not yet seen in sync in a survey, since when.
+    unconfirmed: HashMap<(SocketAddr, u16), Instant>,
 }
+
+/// How long a reset may take to show in sync in the surveys before it is sent again.
+const CONFIRM_WITHIN: Duration = Duration::from_secs(5);
 
 /// The owner side of replication. See the module docs.
 pub struct Replicator {
@@ -194,6 +210,7 @@ impl Replicator {
                 placement: Arc::new(vec![None; PARTITIONS as usize]),
                 links: HashMap::new(),
                 pending: HashSet::new(),
+                unconfirmed: HashMap::new(),
             }),
             wake: Notify::new(),
             tee_dropped,
@@ -203,6 +220,23 @@ impl Replicator {
     /// How many copies besides the owner's each partition keeps.
     pub fn replicas(&self) -> usize {
         self.replicas
+    }
+
+    /// Every open link, for `admin partitions`.
+    pub fn links(&self) -> Vec<LinkInfo> {
+        let inner = self.inner.lock().expect("replicator lock");
+        let mut v: Vec<LinkInfo> = inner
+            .links
+            .iter()
+            .map(|(a, l)| LinkInfo {
+                peer: *a,
+                lag_ms: l.state.lag_ms.load(Ordering::Relaxed),
+                queued_records: l.state.queued_records.load(Ordering::Relaxed),
+                healthy: l.state.healthy.load(Ordering::Relaxed),
+            })
+            .collect();
+        v.sort_by_key(|l| l.peer);
+        v
     }
 
     /// The replica targets of a partition served here (empty when not served here).
@@ -288,6 +322,52 @@ impl Replicator {
             link.offer(Item { parts: out, bytes, records: 0, taken_ms: wall_ms(), ack: None });
         }
         inner.pending.extend(parts.iter().map(|(p, _)| *p));
+        let now = Instant::now();
+        for (p, _) in parts {
+            inner.unconfirmed.insert((target, *p), now);
+        }
+    }
+
+    /// Checks the replica count against a survey of every member's holdings: a target
+    /// that does not report an in-sync replica at this node's epoch, some time after its
+    /// reset, is reset again (it restarted, dropped the copy, or a reset got lost).
+    pub fn verify(&self, survey: &crate::ownership::Survey) {
+        let mut inner = self.inner.lock().expect("replicator lock");
+        let placement = inner.placement.clone();
+        let mut in_sync: HashSet<(SocketAddr, u16, u64)> = HashSet::new();
+        for (a, hs) in &survey.answered {
+            for h in hs.iter().filter(|h| h.holding == crate::ownership::Holding::Replica) {
+                in_sync.insert((*a, h.partition, h.epoch));
+            }
+        }
+        let now = Instant::now();
+        let mut redo: HashMap<SocketAddr, Vec<(u16, u64)>> = HashMap::new();
+        for (p, slot) in placement.iter().enumerate() {
+            let Some((epoch, targets)) = slot else { continue };
+            let p = p as u16;
+            for t in targets {
+                if !survey.answered.contains_key(t) {
+                    continue;
+                }
+                if in_sync.contains(&(*t, p, *epoch)) {
+                    inner.unconfirmed.remove(&(*t, p));
+                } else if inner.unconfirmed.get(&(*t, p)).is_none_or(|since| now - *since > CONFIRM_WITHIN) {
+                    redo.entry(*t).or_default().push((p, *epoch));
+                }
+            }
+        }
+        inner.unconfirmed.retain(|(t, p), _| placement[*p as usize].as_ref().is_some_and(|(_, ts)| ts.contains(t)));
+        let mut any = false;
+        for (t, parts) in redo {
+            debug!(peer = %t, partitions = parts.len(), "replicas not in sync: re-sending");
+            metrics::counter!("locus_replica_resets_total", "why" => "not_in_sync").increment(parts.len() as u64);
+            self.reset_kv(&mut inner, t, &parts);
+            any = true;
+        }
+        drop(inner);
+        if any {
+            self.wake.notify_one();
+        }
     }
 
     fn open_link(&self, target: SocketAddr, grpc: SocketAddr) -> Link {
@@ -502,7 +582,9 @@ async fn link_task(
                 }
                 state.healthy.store(true, Ordering::Release);
                 backoff = Duration::from_millis(100);
-                metrics::gauge!("locus_replica_lag_ms", "peer" => peer.clone()).set((wall_ms() - oldest).max(0) as f64);
+                let lag = (wall_ms() - oldest).max(0);
+                state.lag_ms.store(lag as u64, Ordering::Relaxed);
+                metrics::gauge!("locus_replica_lag_ms", "peer" => peer.clone()).set(lag as f64);
                 metrics::counter!("locus_replica_records_total").increment(records as u64);
                 metrics::counter!("locus_replica_bytes_total").increment(bytes as u64);
                 true

@@ -330,6 +330,18 @@ impl Router {
         }
     }
 
+    /// Live drivers per partition, over every shard.
+    pub async fn partition_counts(&self) -> HashMap<u16, u32> {
+        let mut out = HashMap::new();
+        for tx in &self.shards {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(ShardMsg::Counts { reply }).await.is_ok() {
+                out.extend(rx.await.unwrap_or_default());
+            }
+        }
+        out
+    }
+
     /// Hand-off, holder side: drops the partitions' drivers; returns how many.
     pub async fn forget(&self, parts: Arc<HashSet<u16>>) -> usize {
         let mut n = 0;

@@ -96,6 +96,15 @@ impl Trips {
         }))
     }
 
+    /// Live trip actors per partition (for `admin partitions`).
+    pub fn counts(&self) -> HashMap<u16, u32> {
+        let mut m = HashMap::new();
+        for id in self.actors.lock().expect("trips lock").keys() {
+            *m.entry(partition_of(id.as_bytes())).or_insert(0) += 1;
+        }
+        m
+    }
+
     fn part(&self, trip_id: &str) -> u8 {
         self.parts[partition_of(trip_id.as_bytes()) as usize].load(Ordering::Acquire)
     }

@@ -89,8 +89,14 @@ impl TestCluster {
     /// (by name) and reports it, and is ready (`/readyz`: every partition it owns is
     /// handed over to it); returns how long that took.
     pub async fn converge(&self, want: &[&str], within: Duration) -> Duration {
-        let t0 = Instant::now();
         let running: Vec<usize> = (0..self.nodes.len()).filter(|i| self.nodes[*i].is_some()).collect();
+        self.converge_on(&running, want, within).await
+    }
+
+    /// [`converge`](Self::converge) as seen by some of the running nodes only.
+    pub async fn converge_on(&self, running: &[usize], want: &[&str], within: Duration) -> Duration {
+        let t0 = Instant::now();
+        let running = running.to_vec();
         let mut last = String::new();
         while t0.elapsed() < within {
             last.clear();

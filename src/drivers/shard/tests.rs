@@ -394,6 +394,13 @@ fn batches_tag_each_record_with_its_partition_and_resync_resends_whole_partition
     // names them even when one has no driver here.
     let p0 = partition_of(ids[0].as_bytes());
     let empty = (0..crate::keys::PARTITIONS).find(|p| ids.iter().all(|i| partition_of(i.as_bytes()) != *p)).unwrap();
+    // A partition with no driver still announces its resync (its replica must clear).
+    sh.resync(&[empty].into_iter().collect());
+    assert!(sh.has_pending_writes());
+    let mut b = PersistBatch::default();
+    sh.take_writes(&mut b);
+    assert_eq!((b.resync.clone(), b.records), (vec![empty], 0));
+    assert!(!b.is_empty());
     sh.remove(&id(&ids[1])).unwrap();
     sh.resync(&[p0, empty].into_iter().collect());
     let mut b = PersistBatch::default();
