@@ -207,6 +207,7 @@ pub async fn run(
         suspect_to_down: cfg.suspect_timeout,
         rebroadcast_every: Duration::from_secs(5),
     };
+    let lease = transport.lease();
     let members = membership::spawn(mcfg, transport, inbox);
     let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::empty(gossip_addr)));
     let cluster = Arc::new(Cluster::new(members.view.clone(), routes_rx, cfg.scatter_timeout));
@@ -272,6 +273,9 @@ pub async fn run(
     .context("opening the ownership table")?;
     handoff.round(&members.view.borrow().clone()).await;
     let handoff_task = tokio::spawn(handoff.clone().run(members.view.clone()));
+    // The minority rule's lease: well inside failure detection (a cut-off node stands
+    // down before the others declare it down and promote its replicas).
+    let quorum_task = tokio::spawn(handoff.clone().run_quorum(lease, cfg.suspect_timeout / 2, members.view.clone()));
     let feed = tokio::spawn(crate::trips::run_feed(trip_fix_rx, trips.clone(), cluster.clone()));
 
     let leave = Arc::new(Notify::new());
@@ -347,6 +351,7 @@ pub async fn run(
         warn!("leaving the gossip took too long; stopping anyway");
     }
     handoff_task.abort();
+    quorum_task.abort();
     replication.abort();
     member_metrics.abort();
     info!("shutting down: draining RPCs");

@@ -305,3 +305,53 @@ async fn a_killed_node_loses_nothing_its_replicas_take_over_and_its_restart_serv
         assert_eq!(r.unwrap_err().code(), tonic::Code::NotFound, "removed driver {gone} came back via n{i}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_owner_stands_down_when_it_thaws_and_never_applies_a_stale_write() {
+    let c = TestCluster::start_with(3, &["--offer-timeout", "600s"]);
+    c.converge(&["n0", "n1", "n2"], Duration::from_secs(20)).await;
+    let mut a = load(&c).await;
+    // An unclaimed trip owned by n2: the write to race against the freeze.
+    let mut victim = None;
+    for (id, st) in &a.trips {
+        if st.0 == "BOOKING_CREATED" && owner_of(&c, 0, id).await == "n2" {
+            victim = Some(id.clone());
+            break;
+        }
+    }
+    let trip = victim.expect("an unclaimed trip on n2");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    // Freeze n2 for longer than failure detection: the others promote its replicas.
+    let pid = c.node(2).pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    c.converge_on(&[0, 1], &["n0", "n1"], Duration::from_secs(30)).await;
+    // The trip is cancelled on its new owner while n2 sleeps.
+    let mut t0 = TripsClient::connect(c.node(0).grpc.clone()).await.unwrap();
+    t0.apply(event(&trip, "c", pb::TripEventType::Cancelled, "")).await.unwrap();
+    a.trips.insert(trip.clone(), ("CANCELLED".into(), String::new()));
+
+    // n2 thaws still believing it owns the trip (as BOOKING_CREATED). Every write sent
+    // straight to it from that instant must be refused or reach the current owner (which
+    // answers from the cancelled trip); none may apply to the stale copy.
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    let mut t2 = TripsClient::connect(c.node(2).grpc.clone()).await.unwrap();
+    let t_thaw = std::time::Instant::now();
+    let (mut refused, mut forwarded) = (0, 0);
+    let mut k = 0;
+    while t_thaw.elapsed() < Duration::from_secs(6) {
+        k += 1;
+        // A different event id each time: not a duplicate of anything.
+        let r = t2.apply(event(&trip, &format!("stale-{k}"), pb::TripEventType::Cancelled, "")).await;
+        match r {
+            Ok(r) => panic!("a write through the thawed node applied to a stale copy: {:?}", r.into_inner()),
+            Err(s) if s.code() == tonic::Code::Unavailable => refused += 1,
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => forwarded += 1,
+            Err(s) => panic!("unexpected answer from the thawed node: {s:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused > 0, "the thawed node never stood down ({forwarded} forwarded)");
+    c.converge(&["n0", "n1", "n2"], Duration::from_secs(30)).await;
+    check(&c, &[0, 1, 2], &a, "after n2 thawed").await;
+}

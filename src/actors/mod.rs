@@ -128,6 +128,10 @@ pub enum ShardMsg {
     Resync {
         partitions: Arc<HashSet<u16>>,
     },
+    /// Quorum lost: refuse these partitions' keyed writes and hold their timers.
+    Hold {
+        partitions: Arc<HashSet<u16>>,
+    },
     /// Live drivers per partition.
     Counts {
         reply: oneshot::Sender<HashMap<u16, u32>>,
@@ -366,6 +370,7 @@ impl Worker {
                 let _ = reply.send(self.core.export(&partitions));
             }
             ShardMsg::Resync { partitions } => self.core.resync(&partitions),
+            ShardMsg::Hold { partitions } => self.core.hold(&partitions),
             ShardMsg::Counts { reply } => {
                 let _ = reply.send(self.core.partition_counts());
             }

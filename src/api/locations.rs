@@ -76,6 +76,10 @@ pub(crate) async fn target(cluster: &Cluster, key: &str, hop: u32) -> Result<Tar
         owner = cluster.settled(crate::keys::partition_of(key.as_bytes()) as usize, INCOMING_WAIT).await;
     }
     match owner {
+        Owner::Local if !cluster.has_quorum() => Err(unavailable_retry(
+            "no_quorum: this node cannot see a majority of the cluster (cut off or just resumed); \
+             it serves nothing until it does; retry through another node",
+        )),
         Owner::Local => Ok(Target::Local),
         Owner::Remote(p) if hop < MAX_HOPS => Ok(Target::Forward(p, hop + 1)),
         Owner::Remote(p) => Err(unavailable_retry(format!(

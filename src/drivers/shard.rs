@@ -1063,6 +1063,12 @@ impl DriverShard {
         }
     }
 
+    /// Refuses keyed writes to `parts` and holds their timers (as while they move), until
+    /// [`thaw`](Self::thaw) or [`forget`](Self::forget).
+    pub fn hold(&mut self, parts: &HashSet<u16>) {
+        self.frozen.extend(parts.iter().copied());
+    }
+
     /// Live drivers per partition (for `admin partitions`).
     pub fn partition_counts(&self) -> HashMap<u16, u32> {
         let mut m = HashMap::new();

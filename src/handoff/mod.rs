@@ -118,6 +118,14 @@ pub struct Handoff {
     replicas: std::sync::Mutex<ReplicaStore>,
     /// Partitions being pulled right now (reported as such in surveys).
     pulling: std::sync::Mutex<HashSet<u16>>,
+    /// The quorum base: members this node knew on the ring, left only by leaving
+    /// gracefully (sled tree `quorum`). See `ownership::has_quorum`.
+    base: std::sync::Mutex<Vec<SocketAddr>>,
+    base_tree: sled::Tree,
+    /// The lease holds (a majority agreeing on the ring heard within it). The node
+    /// serves again (`Cluster::has_quorum`) only after a round with it, so copies taken
+    /// over meanwhile stand down first.
+    lease_ok: AtomicBool,
 }
 
 fn load_table(tree: &sled::Tree) -> Table {
@@ -153,6 +161,20 @@ impl Handoff {
         replicator: Arc<Replicator>,
     ) -> sled::Result<Arc<Handoff>> {
         let table_tree = db.open_tree("partitions")?;
+        let base_tree = db.open_tree("quorum")?;
+        let mut base: Vec<SocketAddr> = base_tree
+            .get(b"base")?
+            .and_then(|v| String::from_utf8(v.to_vec()).ok())
+            .map(|s| s.split(',').filter_map(|a| a.parse().ok()).collect())
+            .unwrap_or_default();
+        if !base.contains(&me) {
+            // Stored under another gossip address: this is a new member now (the others
+            // do not know it by that address either); it learns its base from the ring.
+            base.clear();
+        }
+        // A member of a larger cluster starts without a quorum until it hears from one.
+        cluster.set_quorum(base.iter().all(|a| *a == me));
+        let lease_ok = AtomicBool::new(cluster.has_quorum());
         let mut table = load_table(&table_tree);
         let mut parked: HashMap<u16, Vec<Snapshot>> = HashMap::new();
         for (_, s) in drivers {
@@ -195,6 +217,9 @@ impl Handoff {
             replicator,
             replicas: std::sync::Mutex::new(ReplicaStore::new(trail_cap)),
             pulling: std::sync::Mutex::new(HashSet::new()),
+            lease_ok,
+            base: std::sync::Mutex::new(base),
+            base_tree,
         }))
     }
 
@@ -660,6 +685,10 @@ impl Handoff {
             let st = self.state.lock().await;
             self.publish(view, &st);
         }
+        if !self.lease_ok.load(Ordering::Acquire) {
+            // Cut off from the majority: take nothing, give nothing back, wait.
+            return true;
+        }
         let survey = self.survey(view).await;
         let table = self.state.lock().await.table.clone();
         let replicas: HashMap<u16, u64> = self.replica_store().synced().collect();
@@ -680,6 +709,7 @@ impl Handoff {
             let mut thaw = HashSet::new();
             let (mut adopted, mut discarded) = (0, 0);
             let (mut promote, mut promote_epochs) = (Vec::new(), HashMap::new());
+            let mut stood_down = HashSet::new();
             for a in local {
                 let part = st.table.get(a.partition());
                 if part != table.get(a.partition()) {
@@ -718,6 +748,9 @@ impl Handoff {
                     Action::DropReplica { p, below } => {
                         self.replica_store().drop_below(p, below);
                     }
+                    Action::StandDown { p } => {
+                        stood_down.insert(p);
+                    }
                     Action::Pull { .. } => {}
                 }
             }
@@ -743,6 +776,16 @@ impl Handoff {
                 info!(partitions = thaw.len(), "reclaimed partitions whose borrower is gone");
             }
             self.forget(&mut st, &forget).await;
+            if !stood_down.is_empty() {
+                // Their trip actors stop first (the records are deleted with the rest).
+                self.trips.export(&stood_down).await;
+                self.forget(&mut st, &stood_down).await;
+                metrics::counter!("locus_stood_down_total").increment(stood_down.len() as u64);
+                warn!(
+                    partitions = stood_down.len(),
+                    "stale copies stood down: another node serves them at a higher epoch"
+                );
+            }
             if let Err(e) = self.durable.flush().await {
                 warn!(error = %e, "flushing the ownership table");
             }
@@ -821,9 +864,107 @@ impl Handoff {
             );
         }
         let st = self.state.lock().await;
+        if !self.cluster.has_quorum() && survey.missing.is_empty() && self.lease_ok.load(Ordering::Acquire) {
+            // Back in a majority, and every live member was asked what it serves: stale
+            // copies stood down above; serve the rest again.
+            let active: HashSet<u16> =
+                st.table.held().filter(|(_, x)| x.holding == Some(Holding::Active)).map(|(p, _)| p).collect();
+            info!(partitions = active.len(), "quorum regained: serving again");
+            self.router.thaw(Arc::new(active)).await;
+            self.cluster.set_quorum(true);
+            metrics::gauge!("locus_quorum").set(1.0);
+        }
         self.publish(view, &st);
         let r = self.routes.borrow().clone();
-        pulled_any || r.incoming() > 0 || st.table.count("lent") > 0 || st.table.count("parked") > 0
+        pulled_any
+            || r.incoming() > 0
+            || st.table.count("lent") > 0
+            || st.table.count("parked") > 0
+            || !self.cluster.has_quorum()
+    }
+
+    /// Follows the view into the quorum base: ring members join it; members that leave
+    /// gracefully (say "leaving") drop out of it. Crashed members stay.
+    fn update_base(&self, view: &ClusterView, joined: &mut HashMap<SocketAddr, Instant>) -> Vec<SocketAddr> {
+        let mut base = self.base.lock().expect("base lock");
+        let before = base.clone();
+        for m in view.ring.members() {
+            if !base.contains(m) {
+                base.push(*m);
+                // A new member is not a failure: it counts as heard as it joins.
+                joined.insert(*m, Instant::now());
+            }
+        }
+        base.retain(|a| *a == self.me || view.meta(a).is_none_or(|m| m.state != NodeState::Leaving));
+        base.sort();
+        if *base != before {
+            let v: Vec<String> = base.iter().map(|a| a.to_string()).collect();
+            if let Err(e) = self.base_tree.insert(b"base", v.join(",").as_bytes()) {
+                warn!(error = %e, "cannot persist the quorum base");
+            }
+            info!(members = base.len(), "quorum base changed");
+        }
+        base.clone()
+    }
+
+    /// The quorum task: heartbeats (with this node's ring checksum) to every member
+    /// every `lease / 5`, and the minority rule. When the lease lapses (no majority of
+    /// the base agreeing on the ring heard within it) every partition served here is
+    /// held at once: keyed writes and claims answer `UNAVAILABLE`, timers wait, hand-off
+    /// planning stops. When it holds again, the next hand-off round (a full survey)
+    /// stands down copies another node took over meanwhile, then serves the rest.
+    pub async fn run_quorum(
+        self: Arc<Self>,
+        lease: crate::membership::Lease,
+        lease_for: Duration,
+        view_rx: watch::Receiver<Arc<ClusterView>>,
+    ) {
+        let mut tick = tokio::time::interval(lease_for / 5);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        metrics::gauge!("locus_quorum").set(if self.cluster.has_quorum() { 1.0 } else { 0.0 });
+        let mut joined: HashMap<SocketAddr, Instant> = HashMap::new();
+        loop {
+            tick.tick().await;
+            let view = view_rx.borrow().clone();
+            let leaving = view.meta(&self.me).is_some_and(|m| m.state == NodeState::Leaving);
+            lease.set_ring(view.ring.checksum());
+            let base = self.update_base(&view, &mut joined);
+            joined.retain(|_, t| t.elapsed() < lease_for);
+            let mut heard = lease.heard.snapshot();
+            for (m, t) in &joined {
+                let e = heard.entry(*m).or_insert(*t);
+                *e = (*e).max(*t);
+            }
+            let mut to: HashSet<SocketAddr> = view.members.iter().map(|m| m.addr).collect();
+            to.extend(base.iter().copied());
+            to.remove(&self.me);
+            for a in &to {
+                lease.beat(*a);
+            }
+            // A leaving node routes by a ring with itself in it until it is gone, unlike
+            // the others; it takes nothing any more, so only the others' rule matters.
+            let ok = leaving || crate::ownership::has_quorum(self.me, &base, &heard, Instant::now(), lease_for);
+            let was = self.lease_ok.swap(ok, Ordering::AcqRel);
+            if ok == was {
+                continue;
+            }
+            metrics::counter!("locus_quorum_changes_total", "to" => if ok { "gained" } else { "lost" }).increment(1);
+            if ok {
+                info!("a majority of the cluster is in reach again; serving after the next hand-off round");
+                continue;
+            }
+            let st = self.state.lock().await;
+            let active: HashSet<u16> =
+                st.table.held().filter(|(_, x)| x.holding == Some(Holding::Active)).map(|(p, _)| p).collect();
+            warn!(
+                base = base.len(),
+                partitions = active.len(),
+                "quorum lost: a majority of the cluster is out of reach; refusing writes and claims, timers held"
+            );
+            self.cluster.set_quorum(false);
+            metrics::gauge!("locus_quorum").set(0.0);
+            self.router.hold(Arc::new(active)).await;
+        }
     }
 
     /// The hand-off task: a round on every view change, then again soon while
@@ -859,7 +1000,8 @@ impl Action {
             | Action::Discard { p }
             | Action::ForgetLent { p }
             | Action::Promote { p, .. }
-            | Action::DropReplica { p, .. } => p,
+            | Action::DropReplica { p, .. }
+            | Action::StandDown { p } => p,
         }
     }
 }

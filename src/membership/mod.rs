@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::ring::Ring;
-pub use transport::{MemNet, MemTransport, Transport, UdpTransport};
+pub use transport::{Heard, Lease, MemNet, MemTransport, Transport, UdpTransport};
 
 /// A node's identity in the gossip: its address and an incarnation.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -4,12 +4,17 @@
 //! membership shell reads. Sends never block: gossip is datagrams, and a packet that
 //! cannot be sent now is as good as lost (SWIM tolerates loss).
 //!
+//! The UDP transport also carries tiny heartbeats besides gossip ([`Lease`]), each with
+//! the sender's ring checksum, and notes when each peer last sent one naming this node's
+//! ring: what the quorum lease (`ownership::has_quorum`) reads. They never reach foca.
+//!
 //! [`MemNet`] serializes nothing away: it carries the same bytes UDP would, and can cut
 //! links (one direction or both) to make partitions, as chitchat's test transport does.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -22,9 +27,58 @@ pub trait Transport: Send + Sync + 'static {
     fn send(&self, to: SocketAddr, packet: &[u8]);
 }
 
+/// A heartbeat datagram: these 8 bytes, then the sender's ring checksum (u64 BE). No
+/// gossip packet is this short.
+pub const HEARTBEAT: &[u8] = b"LOCUS-HB";
+const HEARTBEAT_LEN: usize = 16;
+
+/// When each peer (by the address its packets come from: its gossip address) last sent
+/// a heartbeat naming the same ring as this node's: a peer that agrees with this node
+/// on who is in the cluster.
+#[derive(Clone, Default)]
+pub struct Heard {
+    agreed: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
+    /// This node's ring checksum, as the quorum task last set it.
+    mine: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Heard {
+    fn note(&self, from: SocketAddr, checksum: u64, at: Instant) {
+        if checksum == self.mine.load(std::sync::atomic::Ordering::Relaxed) {
+            self.agreed.lock().expect("heard lock").insert(from, at);
+        }
+    }
+
+    pub fn snapshot(&self) -> HashMap<SocketAddr, Instant> {
+        self.agreed.lock().expect("heard lock").clone()
+    }
+}
+
+/// Sends heartbeats over the gossip socket and reads when peers last agreed.
+#[derive(Clone)]
+pub struct Lease {
+    socket: Arc<UdpSocket>,
+    pub heard: Heard,
+}
+
+impl Lease {
+    /// Sets the ring checksum this node routes by (sent in, and compared with, beats).
+    pub fn set_ring(&self, checksum: u64) {
+        self.heard.mine.store(checksum, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn beat(&self, to: SocketAddr) {
+        let mut b = [0u8; HEARTBEAT_LEN];
+        b[..8].copy_from_slice(HEARTBEAT);
+        b[8..].copy_from_slice(&self.heard.mine.load(std::sync::atomic::Ordering::Relaxed).to_be_bytes());
+        let _ = self.socket.try_send_to(&b, to);
+    }
+}
+
 /// Gossip over a UDP socket.
 pub struct UdpTransport {
     socket: Arc<UdpSocket>,
+    heard: Heard,
 }
 
 impl UdpTransport {
@@ -34,23 +88,38 @@ impl UdpTransport {
         let local = socket.local_addr()?;
         let (tx, rx) = mpsc::channel(INBOX);
         let rsock = socket.clone();
+        let heard = Heard::default();
+        let noted = heard.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
             loop {
                 match rsock.recv_from(&mut buf).await {
-                    Ok((n, _)) => match tx.try_send(buf[..n].to_vec()) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            metrics::counter!("locus_channel_dropped_total", "channel" => "gossip_inbox").increment(1)
+                    Ok((n, from)) => {
+                        if n == HEARTBEAT_LEN && buf.starts_with(HEARTBEAT) {
+                            let sum = u64::from_be_bytes(buf[8..16].try_into().expect("8 bytes"));
+                            noted.note(from, sum, Instant::now());
+                            continue;
                         }
-                        Err(mpsc::error::TrySendError::Closed(_)) => return,
-                    },
+                        match tx.try_send(buf[..n].to_vec()) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                metrics::counter!("locus_channel_dropped_total", "channel" => "gossip_inbox")
+                                    .increment(1)
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => return,
+                        }
+                    }
                     // ICMP errors from an earlier send surface here on some platforms.
                     Err(e) => tracing::debug!(error = %e, "gossip recv"),
                 }
             }
         });
-        Ok((UdpTransport { socket }, local, rx))
+        Ok((UdpTransport { socket, heard }, local, rx))
+    }
+
+    /// The heartbeat side of this socket (for the quorum lease).
+    pub fn lease(&self) -> Lease {
+        Lease { socket: self.socket.clone(), heard: self.heard.clone() }
     }
 }
 

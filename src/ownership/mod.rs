@@ -18,6 +18,12 @@
 //! holdings into actions (pull, adopt, reclaim, discard); [`routes`] turns the ring and
 //! the table into the per-partition route every request reads: here, wait (incoming),
 //! or that node. The `handoff` shell performs the actions and publishes the routes.
+//!
+//! [`has_quorum`] is the minority rule: a node serves, writes and plans only while it
+//! has heard, within a lease, from a strict majority of the members it last knew (its
+//! *quorum base*: members leave it only by leaving gracefully). The lease is shorter
+//! than failure detection, so a node cut off from the majority (or frozen, then thawed)
+//! stands down before the majority declares it down and promotes its replicas.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -167,6 +173,22 @@ impl Survey {
     }
 }
 
+/// Whether `me` can see a strict majority of `base` (itself included): members heard
+/// from within `lease` of `now`. An empty base (a node on its own) is a quorum.
+pub fn has_quorum(
+    me: SocketAddr,
+    base: &[SocketAddr],
+    heard: &HashMap<SocketAddr, std::time::Instant>,
+    now: std::time::Instant,
+    lease: std::time::Duration,
+) -> bool {
+    let others: Vec<&SocketAddr> = base.iter().filter(|a| **a != me).collect();
+    let seen =
+        others.iter().filter(|a| heard.get(**a).is_some_and(|t| now.saturating_duration_since(*t) < lease)).count();
+    // Counting this node: seen + 1 out of others + 1.
+    2 * (seen + 1) > others.len() + 1
+}
+
 /// One step of a hand-off plan, for the shell to perform.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -184,6 +206,9 @@ pub enum Action {
     Promote { p: u16, epoch: u64 },
     /// This node's replica is older than the copy someone serves: drop it.
     DropReplica { p: u16, below: u64 },
+    /// Another node serves this partition at a higher epoch (it took over while this
+    /// node was cut off or frozen): this copy is stale; forget it without any event.
+    StandDown { p: u16 },
 }
 
 /// The hand-off actions for this node (`me`) by the ring, its table, its in-sync
@@ -215,9 +240,13 @@ pub fn plan(me: SocketAddr, ring: &Ring, table: &Table, replicas: &HashMap<u16, 
                 out.push(Action::DropReplica { p, below: e });
             }
         }
+        let newer_elsewhere = theirs
+            .iter()
+            .any(|(_, e, h)| matches!(h, Holding::Active | Holding::Lent { .. }) && lent_epoch(*e, *h) > mine.epoch);
         match mine.holding {
-            // Two copies served (a node adopted a partition blind, e.g. while the cluster
-            // formed): the ring's owner merges the other copy into its own.
+            Some(Holding::Active) if newer_elsewhere => out.push(Action::StandDown { p }),
+            // Two copies served at one epoch (a node adopted a partition blind, e.g.
+            // while the cluster formed): the ring's owner merges the other copy into its own.
             Some(Holding::Active) if owner => {
                 if let Some((from, _, _)) = theirs.iter().find(|(_, _, h)| *h == Holding::Active) {
                     out.push(Action::Pull { p, from: *from, epoch: next });

@@ -31,7 +31,7 @@ fn about(acts: Vec<Action>, p: u16) -> Vec<Action> {
         .filter(|a| match *a {
             Action::Pull { p: x, .. } | Action::Adopt { p: x, .. } | Action::Reclaim { p: x, .. } => x == p,
             Action::Discard { p: x } | Action::ForgetLent { p: x } => x == p,
-            Action::Promote { p: x, .. } | Action::DropReplica { p: x, .. } => x == p,
+            Action::Promote { p: x, .. } | Action::DropReplica { p: x, .. } | Action::StandDown { p: x } => x == p,
         })
         .collect()
 }
@@ -256,4 +256,39 @@ fn a_lent_partition_is_not_taken_back_while_the_borrower_installs_it_even_if_it_
         missing: Vec::new(),
     };
     assert_eq!(about(plan(addr(0), &r, &lent, &HashMap::new(), &s), p), vec![Action::Reclaim { p, epoch: 5 }]);
+}
+
+#[test]
+fn a_stale_served_copy_stands_down_for_a_higher_epoch() {
+    let r = ring(&[0, 1]);
+    let p = (0..PARTITIONS).find(|p| r.partition_owner(*p as usize) == Some(addr(0))).unwrap();
+    // Node 0 was frozen at epoch 3; node 1 promoted its replica at 4 meanwhile.
+    let mut stale = Table::default();
+    stale.set(p, Part { epoch: 3, holding: Some(Holding::Active) });
+    let mut newer = Table::default();
+    newer.set(p, Part { epoch: 4, holding: Some(Holding::Active) });
+    assert_eq!(
+        about(plan(addr(0), &r, &stale, &HashMap::new(), &survey(&[(1, &newer)])), p),
+        vec![Action::StandDown { p }]
+    );
+    // The newer copy does nothing about the stale one (it is not the ring's owner).
+    assert!(about(plan(addr(1), &r, &newer, &HashMap::new(), &survey(&[(0, &stale)])), p).is_empty());
+}
+
+#[test]
+fn quorum_is_a_strict_majority_of_the_base_heard_within_the_lease() {
+    use std::time::{Duration, Instant};
+    let now = Instant::now();
+    let lease = Duration::from_secs(1);
+    let base: Vec<SocketAddr> = (0..3).map(addr).collect();
+    let fresh = |ids: &[u16]| -> HashMap<SocketAddr, Instant> { ids.iter().map(|i| (addr(*i), now)).collect() };
+    assert!(has_quorum(addr(0), &base, &fresh(&[1]), now, lease), "2 of 3");
+    assert!(!has_quorum(addr(0), &base, &fresh(&[]), now, lease), "1 of 3: cut off");
+    let old: HashMap<SocketAddr, Instant> = [(addr(1), now - Duration::from_secs(2))].into();
+    assert!(!has_quorum(addr(0), &base, &old, now, lease), "heard too long ago (a thawed node)");
+    assert!(has_quorum(addr(0), &[], &HashMap::new(), now, lease), "alone");
+    assert!(has_quorum(addr(0), &[addr(0)], &HashMap::new(), now, lease));
+    let four: Vec<SocketAddr> = (0..4).map(addr).collect();
+    assert!(!has_quorum(addr(0), &four, &fresh(&[1]), now, lease), "2 of 4 is no majority: a 2-2 split stops both");
+    assert!(has_quorum(addr(0), &four, &fresh(&[1, 2]), now, lease));
 }

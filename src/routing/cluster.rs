@@ -120,6 +120,9 @@ pub struct Cluster {
     peers: Peers,
     /// Default deadline of a scatter-gather query.
     pub scatter_timeout: Duration,
+    /// Whether this node sees a majority of the cluster (`ownership::has_quorum`); set
+    /// by the hand-off task. Without it keyed requests answer `UNAVAILABLE`.
+    quorum: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -128,7 +131,22 @@ impl Cluster {
         routes: watch::Receiver<Arc<Routes>>,
         scatter_timeout: Duration,
     ) -> Cluster {
-        Cluster { view, routes, gate: tokio::sync::RwLock::new(()), peers: Peers::default(), scatter_timeout }
+        Cluster {
+            view,
+            routes,
+            gate: tokio::sync::RwLock::new(()),
+            peers: Peers::default(),
+            scatter_timeout,
+            quorum: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    pub fn has_quorum(&self) -> bool {
+        self.quorum.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn set_quorum(&self, q: bool) {
+        self.quorum.store(q, std::sync::atomic::Ordering::Release);
     }
 
     /// A receiver of every new version of the routes.

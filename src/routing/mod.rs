@@ -354,6 +354,14 @@ impl Router {
         n
     }
 
+    /// Quorum lost: the partitions' keyed writes are refused and their timers held until
+    /// [`thaw`](Self::thaw).
+    pub async fn hold(&self, parts: Arc<HashSet<u16>>) {
+        for tx in &self.shards {
+            let _ = tx.send(ShardMsg::Hold { partitions: parts.clone() }).await;
+        }
+    }
+
     /// Hand-off undone: the frozen partitions are served again.
     pub async fn thaw(&self, parts: Arc<HashSet<u16>>) {
         for tx in &self.shards {
