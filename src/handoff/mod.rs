@@ -117,7 +117,8 @@ pub struct Handoff {
     /// Replicas this node keeps for other owners (in memory).
     replicas: std::sync::Mutex<ReplicaStore>,
     /// Partitions being pulled right now (reported as such in surveys).
-    pulling: std::sync::Mutex<HashSet<u16>>,
+    /// (partition → the epoch it will be served at).
+    pulling: std::sync::Mutex<HashMap<u16, u64>>,
     /// The quorum base: members this node knew on the ring, left only by leaving
     /// gracefully (sled tree `quorum`). See `ownership::has_quorum`.
     base: std::sync::Mutex<Vec<SocketAddr>>,
@@ -216,7 +217,7 @@ impl Handoff {
             trail_cap,
             replicator,
             replicas: std::sync::Mutex::new(ReplicaStore::new(trail_cap)),
-            pulling: std::sync::Mutex::new(HashSet::new()),
+            pulling: std::sync::Mutex::new(HashMap::new()),
             lease_ok,
             base: std::sync::Mutex::new(base),
             base_tree,
@@ -295,11 +296,10 @@ impl Handoff {
             .collect();
         let pulling = self.pulling.lock().expect("pulling lock").clone();
         out.extend(
-            pulling.into_iter().filter(|p| st.table.get(*p).holding != Some(Holding::Active)).map(|p| PeerHolding {
-                partition: p,
-                epoch: st.table.get(p).epoch,
-                holding: Holding::Pulling,
-            }),
+            pulling
+                .into_iter()
+                .filter(|(p, _)| st.table.get(*p).holding != Some(Holding::Active))
+                .map(|(p, epoch)| PeerHolding { partition: p, epoch, holding: Holding::Pulling }),
         );
         let reps = self.replica_store();
         let before = out.len();
@@ -759,7 +759,10 @@ impl Handoff {
                 // installed with their timers (overdue ones fire at once).
                 drop(st);
                 let t0 = Instant::now();
+                // Reported as being pulled meanwhile: a stale copy elsewhere stands down.
+                self.pulling.lock().expect("pulling lock").extend(promote_epochs.iter().map(|(p, e)| (*p, *e)));
                 let done = self.install(&table, promote, &promote_epochs).await;
+                self.pulling.lock().expect("pulling lock").retain(|p, _| !promote_epochs.contains_key(p));
                 metrics::counter!("locus_promotions_total").increment(done.len() as u64);
                 info!(
                     partitions = done.len(),
@@ -812,13 +815,13 @@ impl Handoff {
                 let mut r = tonic::Request::new(req);
                 r.set_timeout(RPC_TIMEOUT);
                 metrics::gauge!("locus_handoffs_in_flight").increment(chunk.len() as f64);
-                self.pulling.lock().expect("pulling lock").extend(chunk.iter().map(|(p, _)| *p));
+                self.pulling.lock().expect("pulling lock").extend(chunk.iter().copied());
                 let resp = c.pull(r).await;
                 metrics::gauge!("locus_handoffs_in_flight").decrement(chunk.len() as f64);
                 let resp = match resp {
                     Ok(r) => r.into_inner(),
                     Err(e) => {
-                        self.pulling.lock().expect("pulling lock").retain(|p| !epochs.contains_key(p));
+                        self.pulling.lock().expect("pulling lock").retain(|p, _| !epochs.contains_key(p));
                         warn!(from = %name, error = %e, "pulling partitions failed; retrying next round");
                         break;
                     }
@@ -829,7 +832,7 @@ impl Handoff {
                 let bytes: usize = resp.partitions.iter().map(|d| d.drivers.len()).sum();
                 let data = resp.partitions.into_iter().filter_map(partition_data).collect();
                 let done = self.install(&table, data, &epochs).await;
-                self.pulling.lock().expect("pulling lock").retain(|p| !epochs.contains_key(p));
+                self.pulling.lock().expect("pulling lock").retain(|p, _| !epochs.contains_key(p));
                 if !done.is_empty() {
                     let mut c = self.client(meta.grpc);
                     let mut r = tonic::Request::new(pb::ReleaseRequest {
@@ -939,11 +942,22 @@ impl Handoff {
             to.extend(base.iter().copied());
             to.remove(&self.me);
             for a in &to {
-                lease.beat(*a);
+                let alive = view.member(a).is_some_and(|m| m.liveness == Liveness::Alive);
+                lease.beat(*a, alive);
             }
             // A leaving node routes by a ring with itself in it until it is gone, unlike
             // the others; it takes nothing any more, so only the others' rule matters.
-            let ok = leaving || crate::ownership::has_quorum(self.me, &base, &heard, Instant::now(), lease_for);
+            let now = Instant::now();
+            let far = now + Duration::from_secs(86_400);
+            let until = if leaving {
+                Some(far)
+            } else {
+                crate::ownership::quorum_until(self.me, &base, &heard, lease_for, far)
+            };
+            // Requests check this instant themselves: a node that was frozen past it
+            // refuses from its first instruction after it resumes, before this task runs.
+            self.cluster.set_lease_until(until.unwrap_or(now));
+            let ok = until.is_some_and(|t| t > now);
             let was = self.lease_ok.swap(ok, Ordering::AcqRel);
             if ok == was {
                 continue;

@@ -27,14 +27,14 @@ pub trait Transport: Send + Sync + 'static {
     fn send(&self, to: SocketAddr, packet: &[u8]);
 }
 
-/// A heartbeat datagram: these 8 bytes, then the sender's ring checksum (u64 BE). No
-/// gossip packet is this short.
+/// A heartbeat datagram: these 8 bytes, the sender's ring checksum (u64 BE), then 1 if
+/// the sender considers the receiver alive. No gossip packet is this short.
 pub const HEARTBEAT: &[u8] = b"LOCUS-HB";
-const HEARTBEAT_LEN: usize = 16;
+const HEARTBEAT_LEN: usize = 17;
 
 /// When each peer (by the address its packets come from: its gossip address) last sent
-/// a heartbeat naming the same ring as this node's: a peer that agrees with this node
-/// on who is in the cluster.
+/// a heartbeat naming the same ring as this node's and this node alive: a peer that
+/// agrees with this node on who is in the cluster.
 #[derive(Clone, Default)]
 pub struct Heard {
     agreed: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
@@ -43,8 +43,8 @@ pub struct Heard {
 }
 
 impl Heard {
-    fn note(&self, from: SocketAddr, checksum: u64, at: Instant) {
-        if checksum == self.mine.load(std::sync::atomic::Ordering::Relaxed) {
+    fn note(&self, from: SocketAddr, checksum: u64, alive: bool, at: Instant) {
+        if alive && checksum == self.mine.load(std::sync::atomic::Ordering::Relaxed) {
             self.agreed.lock().expect("heard lock").insert(from, at);
         }
     }
@@ -67,10 +67,13 @@ impl Lease {
         self.heard.mine.store(checksum, std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub fn beat(&self, to: SocketAddr) {
+    /// `alive`: whether this node considers `to` alive (a suspected or down member must
+    /// not count this node towards its quorum).
+    pub fn beat(&self, to: SocketAddr, alive: bool) {
         let mut b = [0u8; HEARTBEAT_LEN];
         b[..8].copy_from_slice(HEARTBEAT);
-        b[8..].copy_from_slice(&self.heard.mine.load(std::sync::atomic::Ordering::Relaxed).to_be_bytes());
+        b[8..16].copy_from_slice(&self.heard.mine.load(std::sync::atomic::Ordering::Relaxed).to_be_bytes());
+        b[16] = u8::from(alive);
         let _ = self.socket.try_send_to(&b, to);
     }
 }
@@ -97,7 +100,7 @@ impl UdpTransport {
                     Ok((n, from)) => {
                         if n == HEARTBEAT_LEN && buf.starts_with(HEARTBEAT) {
                             let sum = u64::from_be_bytes(buf[8..16].try_into().expect("8 bytes"));
-                            noted.note(from, sum, Instant::now());
+                            noted.note(from, sum, buf[16] == 1, Instant::now());
                             continue;
                         }
                         match tx.try_send(buf[..n].to_vec()) {

@@ -173,8 +173,29 @@ impl Survey {
     }
 }
 
-/// Whether `me` can see a strict majority of `base` (itself included): members heard
-/// from within `lease` of `now`. An empty base (a node on its own) is a quorum.
+/// Until when `me` holds a quorum of `base` (itself included) by the times members were
+/// last heard from in agreement (`heard`): a strict majority must have been heard within
+/// `lease` of that instant. `None`: no majority was heard. A node alone in its base holds
+/// it for good (`far`).
+pub fn quorum_until(
+    me: SocketAddr,
+    base: &[SocketAddr],
+    heard: &HashMap<SocketAddr, std::time::Instant>,
+    lease: std::time::Duration,
+    far: std::time::Instant,
+) -> Option<std::time::Instant> {
+    let others: Vec<&SocketAddr> = base.iter().filter(|a| **a != me).collect();
+    if others.is_empty() {
+        return Some(far);
+    }
+    // Others needed besides this node: the least s with 2 (s + 1) > others + 1.
+    let need = others.len().div_ceil(2);
+    let mut times: Vec<std::time::Instant> = others.iter().filter_map(|a| heard.get(*a).copied()).collect();
+    times.sort_unstable_by(|a, b| b.cmp(a));
+    times.get(need - 1).map(|t| *t + lease)
+}
+
+/// Whether `me` holds a quorum at `now` (see [`quorum_until`]).
 pub fn has_quorum(
     me: SocketAddr,
     base: &[SocketAddr],
@@ -182,11 +203,8 @@ pub fn has_quorum(
     now: std::time::Instant,
     lease: std::time::Duration,
 ) -> bool {
-    let others: Vec<&SocketAddr> = base.iter().filter(|a| **a != me).collect();
-    let seen =
-        others.iter().filter(|a| heard.get(**a).is_some_and(|t| now.saturating_duration_since(*t) < lease)).count();
-    // Counting this node: seen + 1 out of others + 1.
-    2 * (seen + 1) > others.len() + 1
+    let far = now + std::time::Duration::from_secs(3600);
+    quorum_until(me, base, heard, lease, far).is_some_and(|t| t > now)
 }
 
 /// One step of a hand-off plan, for the shell to perform.
@@ -240,9 +258,13 @@ pub fn plan(me: SocketAddr, ring: &Ring, table: &Table, replicas: &HashMap<u16, 
                 out.push(Action::DropReplica { p, below: e });
             }
         }
-        let newer_elsewhere = theirs
-            .iter()
-            .any(|(_, e, h)| matches!(h, Holding::Active | Holding::Lent { .. }) && lent_epoch(*e, *h) > mine.epoch);
+        // Served elsewhere at a higher epoch, or being promoted elsewhere (pulled by a
+        // node that does not serve it: not a merge) to a higher epoch.
+        let newer_elsewhere = theirs.iter().any(|(a, e, h)| match h {
+            Holding::Active | Holding::Lent { .. } => lent_epoch(*e, *h) > mine.epoch,
+            Holding::Pulling => *e > mine.epoch && !theirs.iter().any(|(b, _, x)| b == a && *x == Holding::Active),
+            _ => false,
+        });
         match mine.holding {
             Some(Holding::Active) if newer_elsewhere => out.push(Action::StandDown { p }),
             // Two copies served at one epoch (a node adopted a partition blind, e.g.

@@ -292,3 +292,36 @@ fn quorum_is_a_strict_majority_of_the_base_heard_within_the_lease() {
     assert!(!has_quorum(addr(0), &four, &fresh(&[1]), now, lease), "2 of 4 is no majority: a 2-2 split stops both");
     assert!(has_quorum(addr(0), &four, &fresh(&[1, 2]), now, lease));
 }
+
+#[test]
+fn a_copy_being_promoted_elsewhere_makes_a_stale_server_stand_down_but_a_merge_does_not() {
+    let r = ring(&[0, 1]);
+    let p = (0..PARTITIONS).find(|p| r.partition_owner(*p as usize) == Some(addr(0))).unwrap();
+    let mut stale = Table::default();
+    stale.set(p, Part { epoch: 3, holding: Some(Holding::Active) });
+    let promoting = |also_active: bool| {
+        let mut v = vec![PeerHolding { partition: p, epoch: 4, holding: Holding::Pulling }];
+        if also_active {
+            v.push(PeerHolding { partition: p, epoch: 3, holding: Holding::Active });
+        }
+        Survey { answered: [(addr(1), v)].into(), missing: Vec::new() }
+    };
+    assert_eq!(about(plan(addr(0), &r, &stale, &HashMap::new(), &promoting(false)), p), vec![Action::StandDown { p }]);
+    // A node that serves it too and pulls this copy is merging: wait to be pulled.
+    assert!(!about(plan(addr(0), &r, &stale, &HashMap::new(), &promoting(true)), p).contains(&Action::StandDown { p }));
+}
+
+#[test]
+fn the_quorum_lease_runs_out_a_lease_after_the_majoritys_last_agreement() {
+    use std::time::{Duration, Instant};
+    let now = Instant::now();
+    let far = now + Duration::from_secs(3600);
+    let lease = Duration::from_secs(1);
+    let five: Vec<SocketAddr> = (0..5).map(addr).collect();
+    // Needs 2 of the 4 others: the second freshest decides.
+    let heard: HashMap<SocketAddr, Instant> =
+        [(addr(1), now), (addr(2), now - Duration::from_millis(300)), (addr(3), now - Duration::from_secs(5))].into();
+    assert_eq!(quorum_until(addr(0), &five, &heard, lease, far), Some(now - Duration::from_millis(300) + lease));
+    assert_eq!(quorum_until(addr(0), &five, &HashMap::new(), lease, far), None);
+    assert_eq!(quorum_until(addr(0), &[addr(0)], &HashMap::new(), lease, far), Some(far));
+}

@@ -123,6 +123,9 @@ pub struct Cluster {
     /// Whether this node sees a majority of the cluster (`ownership::has_quorum`); set
     /// by the hand-off task. Without it keyed requests answer `UNAVAILABLE`.
     quorum: std::sync::atomic::AtomicBool,
+    /// Until when the quorum lease holds, in ns after `born` (u64::MAX: for good).
+    lease_until: std::sync::atomic::AtomicU64,
+    born: std::time::Instant,
 }
 
 impl Cluster {
@@ -138,11 +141,22 @@ impl Cluster {
             peers: Peers::default(),
             scatter_timeout,
             quorum: std::sync::atomic::AtomicBool::new(true),
+            lease_until: std::sync::atomic::AtomicU64::new(u64::MAX),
+            born: std::time::Instant::now(),
         }
     }
 
+    /// Serving (after a round with a quorum) and the quorum lease not run out, as of
+    /// the monotonic clock now.
     pub fn has_quorum(&self) -> bool {
+        let until = self.lease_until.load(std::sync::atomic::Ordering::Acquire);
         self.quorum.load(std::sync::atomic::Ordering::Acquire)
+            && (until == u64::MAX || (self.born.elapsed().as_nanos() as u64) < until)
+    }
+
+    pub fn set_lease_until(&self, t: std::time::Instant) {
+        let ns = t.saturating_duration_since(self.born).as_nanos().min(u64::MAX as u128 - 1) as u64;
+        self.lease_until.store(ns, std::sync::atomic::Ordering::Release);
     }
 
     pub fn set_quorum(&self, q: bool) {
