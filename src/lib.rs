@@ -12,7 +12,7 @@
 //!                                              │
 //!  handoff (task + Handoff service): survey holdings, ownership::plan, pull / lend /
 //!    release partitions at rising epochs (sled `partitions`), promote replicas of a
-//!    lost owner ──publishes──► Routes
+//!    lost owner, stand stale copies down; the quorum lease (minority rule) ──publishes──► Routes
 //!  replica: served partitions ──► their next ring successors (claims and trip events
 //!    acked before the answer; driver-log batches teed once on disk)
 //!                                              │

@@ -12,7 +12,10 @@
 //!    persists them, installs them with their timers, then asks the holder to
 //!    **release**, which forgets its copy), **adopt** (nobody holds it: serve the parked
 //!    copy or start empty; never while a member is missing), **reclaim** (a borrower that
-//!    vanished), **discard** (a parked copy a live node serves);
+//!    vanished), **discard** (a parked copy a live node serves), **promote** (this
+//!    node's replica of a partition whose owner is lost), **stand down** (a copy served
+//!    elsewhere at a higher epoch: this one is stale), and drops replicas nobody feeds;
+//!    it also checks the survey for missing replicas (`Replicator::verify`);
 //! 4. publishes the [`Routes`] every request reads, and `/readyz` (on the ring and
 //!    nothing incoming).
 //!
@@ -27,6 +30,11 @@
 //! `partitions`). A pull names the epoch the puller will own it at, which must be above
 //! the holder's; after a restart every holding becomes `Parked` and is only served again
 //! through this protocol, so a pre-crash copy never answers.
+//!
+//! The minority rule (`run_quorum`): heartbeats over the gossip socket keep a quorum
+//! lease against the persisted quorum base (`ownership::quorum_until`). Without it the
+//! node holds every partition it serves, refuses keyed requests and plans nothing; it
+//! serves again only after a round with a full survey (so stale copies stand down first).
 //!
 //! The table, parked copies and every step that changes them are behind one async mutex,
 //! never held across a call to another node (two nodes pulling from each other cannot

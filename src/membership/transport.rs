@@ -27,10 +27,14 @@ pub trait Transport: Send + Sync + 'static {
     fn send(&self, to: SocketAddr, packet: &[u8]);
 }
 
-/// A heartbeat datagram: these 8 bytes, the sender's ring checksum (u64 BE), then 1 if
-/// the sender considers the receiver alive. No gossip packet is this short.
+/// A heartbeat datagram: these 8 bytes, the sender's ring checksum and its previous one
+/// (u64 BE each; the previous is 0 once the change is older than [`RING_CHANGE_GRACE`]),
+/// then 1 if the sender considers the receiver alive. No gossip packet is this short.
 pub const HEARTBEAT: &[u8] = b"LOCUS-HB";
-const HEARTBEAT_LEN: usize = 17;
+const HEARTBEAT_LEN: usize = 25;
+/// How long after a ring change a node still agrees with peers on the ring before it
+/// (rings change on every node within a debounce and a gossip round of each other).
+pub const RING_CHANGE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// When each peer (by the address its packets come from: its gossip address) last sent
 /// a heartbeat naming the same ring as this node's and this node alive: a peer that
@@ -38,13 +42,35 @@ const HEARTBEAT_LEN: usize = 17;
 #[derive(Clone, Default)]
 pub struct Heard {
     agreed: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
-    /// This node's ring checksum, as the quorum task last set it.
-    mine: Arc<std::sync::atomic::AtomicU64>,
+    /// This node's ring checksums (current, previous while within the grace), as the
+    /// quorum task last set them.
+    mine: Arc<Mutex<Rings>>,
+}
+
+#[derive(Default)]
+struct Rings {
+    current: u64,
+    previous: u64,
+    changed: Option<Instant>,
+}
+
+impl Rings {
+    fn previous(&self) -> u64 {
+        match self.changed {
+            Some(t) if t.elapsed() < RING_CHANGE_GRACE => self.previous,
+            _ => 0,
+        }
+    }
 }
 
 impl Heard {
-    fn note(&self, from: SocketAddr, checksum: u64, alive: bool, at: Instant) {
-        if alive && checksum == self.mine.load(std::sync::atomic::Ordering::Relaxed) {
+    fn note(&self, from: SocketAddr, theirs: [u64; 2], alive: bool, at: Instant) {
+        let agree = {
+            let r = self.mine.lock().expect("rings lock");
+            let mine = [r.current, r.previous()];
+            theirs.iter().any(|t| *t != 0 && mine.contains(t))
+        };
+        if alive && agree {
             self.agreed.lock().expect("heard lock").insert(from, at);
         }
     }
@@ -64,7 +90,12 @@ pub struct Lease {
 impl Lease {
     /// Sets the ring checksum this node routes by (sent in, and compared with, beats).
     pub fn set_ring(&self, checksum: u64) {
-        self.heard.mine.store(checksum, std::sync::atomic::Ordering::Relaxed);
+        let mut r = self.heard.mine.lock().expect("rings lock");
+        if r.current != checksum {
+            r.previous = r.current;
+            r.current = checksum;
+            r.changed = Some(Instant::now());
+        }
     }
 
     /// `alive`: whether this node considers `to` alive (a suspected or down member must
@@ -72,8 +103,12 @@ impl Lease {
     pub fn beat(&self, to: SocketAddr, alive: bool) {
         let mut b = [0u8; HEARTBEAT_LEN];
         b[..8].copy_from_slice(HEARTBEAT);
-        b[8..16].copy_from_slice(&self.heard.mine.load(std::sync::atomic::Ordering::Relaxed).to_be_bytes());
-        b[16] = u8::from(alive);
+        {
+            let r = self.heard.mine.lock().expect("rings lock");
+            b[8..16].copy_from_slice(&r.current.to_be_bytes());
+            b[16..24].copy_from_slice(&r.previous().to_be_bytes());
+        }
+        b[24] = u8::from(alive);
         let _ = self.socket.try_send_to(&b, to);
     }
 }
@@ -99,8 +134,9 @@ impl UdpTransport {
                 match rsock.recv_from(&mut buf).await {
                     Ok((n, from)) => {
                         if n == HEARTBEAT_LEN && buf.starts_with(HEARTBEAT) {
-                            let sum = u64::from_be_bytes(buf[8..16].try_into().expect("8 bytes"));
-                            noted.note(from, sum, buf[16] == 1, Instant::now());
+                            let cur = u64::from_be_bytes(buf[8..16].try_into().expect("8 bytes"));
+                            let prev = u64::from_be_bytes(buf[16..24].try_into().expect("8 bytes"));
+                            noted.note(from, [cur, prev], buf[24] == 1, Instant::now());
                             continue;
                         }
                         match tx.try_send(buf[..n].to_vec()) {

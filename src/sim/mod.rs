@@ -112,26 +112,70 @@ pub async fn fetch_ring(target: &str) -> anyhow::Result<ClientRing> {
     Ok(ClientRing { ring, grpc })
 }
 
-/// Opens one UpdateStream to `client` whose acks feed `stats`; returns its batch sender.
-fn open_stream(client: LocationsClient<Channel>, stats: Arc<Stats>) -> mpsc::Sender<pb::LocationBatch> {
-    let (tx, rx) = mpsc::channel::<pb::LocationBatch>(4);
-    let mut c = client;
+/// Opens a gateway stream: an UpdateStream to `targets[first]` whose acks feed
+/// `stats`; returns its batch sender. Like a production gateway, it never gives up: when
+/// the stream breaks (the node died, left, or refused it) it reconnects with backoff,
+/// to the next target in turn (any node forwards to owners). Fixes sent on a broken
+/// stream and never acknowledged are counted as unacknowledged (their fate is unknown),
+/// not silently lost.
+fn open_stream(targets: Arc<Vec<String>>, first: usize, stats: Arc<Stats>) -> mpsc::Sender<pb::LocationBatch> {
+    let (tx, mut rx) = mpsc::channel::<pb::LocationBatch>(4);
     tokio::spawn(async move {
-        let mut acks = match c.update_stream(ReceiverStream::new(rx)).await {
-            Ok(r) => r.into_inner(),
-            Err(e) => return eprintln!("\nUpdateStream failed: {e}"),
-        };
-        while let Some(ack) = acks.next().await {
-            match ack {
-                Ok(a) => {
-                    stats.accepted.fetch_add(a.accepted as u64, Ordering::Relaxed);
-                    let mut m = stats.rejected.lock().expect("stats");
-                    for r in a.rejected {
-                        *m.entry(r.reason_name).or_default() += 1;
-                    }
+        let mut i = first;
+        let mut backoff = Duration::from_millis(100);
+        let mut connected_once = false;
+        loop {
+            let url = &targets[i % targets.len()];
+            let opened = async {
+                let mut c = connect(url).await?;
+                let (itx, irx) = mpsc::channel::<pb::LocationBatch>(4);
+                let acks = c.update_stream(ReceiverStream::new(irx)).await?.into_inner();
+                anyhow::Ok((itx, acks))
+            };
+            let (itx, mut acks) = match opened.await {
+                Ok(x) => x,
+                Err(_) => {
+                    i += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
                 }
-                Err(e) => return eprintln!("\nUpdateStream ended: {e}"),
+            };
+            if connected_once {
+                stats.reconnects.fetch_add(1, Ordering::Relaxed);
             }
+            connected_once = true;
+            backoff = Duration::from_millis(100);
+            // Fixes sent on this stream and not acknowledged yet.
+            let mut in_flight: u64 = 0;
+            loop {
+                tokio::select! {
+                    b = rx.recv() => match b {
+                        None => return,
+                        Some(b) => {
+                            let n = b.updates.len() as u64;
+                            if itx.send(b).await.is_err() {
+                                stats.unacked.fetch_add(n, Ordering::Relaxed);
+                                break;
+                            }
+                            in_flight += n;
+                        }
+                    },
+                    ack = acks.next() => match ack {
+                        Some(Ok(a)) => {
+                            in_flight = in_flight.saturating_sub(a.accepted as u64 + a.rejected.len() as u64);
+                            stats.accepted.fetch_add(a.accepted as u64, Ordering::Relaxed);
+                            let mut m = stats.rejected.lock().expect("stats");
+                            for r in a.rejected {
+                                *m.entry(r.reason_name).or_default() += 1;
+                            }
+                        }
+                        Some(Err(_)) | None => break,
+                    },
+                }
+            }
+            stats.unacked.fetch_add(in_flight, Ordering::Relaxed);
+            i += 1;
         }
     });
     tx
@@ -147,13 +191,18 @@ struct Outlets {
     ring: Option<ClientRing>,
     next: usize,
     stats: Arc<Stats>,
+    /// Every node the simulator was given (failover order).
+    targets: Vec<String>,
 }
 
 impl Outlets {
     async fn streams_for(&mut self, url: &str) -> anyhow::Result<&mut Vec<mpsc::Sender<pb::LocationBatch>>> {
         if !self.streams.contains_key(url) {
-            let client = connect(url).await?;
-            let v = (0..self.per_target).map(|_| open_stream(client.clone(), self.stats.clone())).collect();
+            // This node first, then the others (any node forwards to owners).
+            let mut order = vec![url.to_string()];
+            order.extend(self.targets.iter().filter(|t| t.as_str() != url).cloned());
+            let order = Arc::new(order);
+            let v = (0..self.per_target).map(|_| open_stream(order.clone(), 0, self.stats.clone())).collect();
             self.streams.insert(url.to_string(), v);
         }
         Ok(self.streams.get_mut(url).expect("just inserted"))
@@ -202,6 +251,23 @@ pub async fn connect_channel(target: &str) -> anyhow::Result<Channel> {
         .keep_alive_while_idle(true)
         .connect()
         .await?)
+}
+
+/// A channel over every target, balanced: a node that does not answer drops out until
+/// it reconnects (what a client of a cluster with no load balancer in front does).
+pub fn balanced_channel(targets: &[String]) -> anyhow::Result<Channel> {
+    let mut eps = Vec::new();
+    for t in targets {
+        eps.push(
+            Endpoint::from_shared(t.clone())?
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(2))
+                .keep_alive_timeout(Duration::from_secs(2))
+                .keep_alive_while_idle(true),
+        );
+    }
+    Ok(Channel::balance_list(eps.into_iter()))
 }
 
 /// A point at `d` metres on `bearing` radians from (lat, lon), flat-earth (city scale).
@@ -319,6 +385,10 @@ struct Stats {
     rejected: std::sync::Mutex<BTreeMap<String, u64>>,
     latencies_us: Mutex<Vec<u64>>,
     query_errors: AtomicU64,
+    /// Gateway streams re-opened after breaking.
+    reconnects: AtomicU64,
+    /// Fixes sent on a stream that broke before acknowledging them.
+    unacked: AtomicU64,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -354,6 +424,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<()> {
         next: 0,
         flat: Vec::new(),
         stats: stats.clone(),
+        targets: targets.clone(),
     };
     if !cfg.owner_aware {
         for t in &targets {
@@ -397,7 +468,8 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<()> {
 
     let rider_stats = Arc::new(riders::RiderStats::default());
     let (steer_tx, mut steer_rx) = mpsc::channel(1024);
-    riders::spawn(cfg.clone(), connect_channel(&targets[0]).await?, steer_tx, rider_stats.clone());
+    // Riders and queries use every node (a dead one drops out of the balance).
+    riders::spawn(cfg.clone(), balanced_channel(&targets)?, steer_tx, rider_stats.clone());
     let mut last_matched = 0u64;
 
     let mut city = City::new(cfg.clone());
@@ -472,12 +544,14 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<()> {
             );
             last_matched = matched;
             let line = format!(
-                "[sim {:>4}s] drivers={} fixes/s={:>7.0} accepted={} rejected: {} | nearby k=10 n={} p50={:.2}ms p99={:.2}ms errors={}",
+                "[sim {:>4}s] drivers={} fixes/s={:>7.0} accepted={} rejected: {} reconnects={} unacked={} | nearby k=10 n={} p50={:.2}ms p99={:.2}ms errors={}",
                 start.elapsed().as_secs(),
                 cfg.drivers,
                 rate,
                 accepted,
                 if rej.is_empty() { "none".to_string() } else { rej.join(" ") },
+                stats.reconnects.load(Ordering::Relaxed),
+                stats.unacked.load(Ordering::Relaxed),
                 lat.len(),
                 percentile(&lat, 0.5) as f64 / 1000.0,
                 percentile(&lat, 0.99) as f64 / 1000.0,

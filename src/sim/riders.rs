@@ -35,6 +35,37 @@ pub struct RiderStats {
 /// A driver to steer: (driver index, destination).
 pub type Steer = mpsc::Sender<(usize, (f64, f64))>;
 
+/// Runs a call again while the cluster answers `UNAVAILABLE` (a node died, a partition
+/// is moving, no quorum), after the server's `locus-retry-after-ms` hint or a backoff,
+/// a few times: what a production dispatcher does. Only for idempotent calls (trip
+/// events carry their event id).
+async fn retrying<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut wait = Duration::from_millis(100);
+    for _ in 0..8 {
+        match call().await {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                let hint = s.metadata().get("locus-retry-after-ms").and_then(|v| v.to_str().ok()?.parse().ok());
+                tokio::time::sleep(hint.map_or(wait, Duration::from_millis)).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            r => return r,
+        }
+    }
+    call().await
+}
+
+async fn apply(trips: &TripsClient<Channel>, e: pb::TripEvent) -> Result<pb::Trip, tonic::Status> {
+    retrying(|| {
+        let (mut t, e) = (trips.clone(), e.clone());
+        async move { t.apply(e).await.map(|r| r.into_inner()) }
+    })
+    .await
+}
+
 fn ev(trip: &str, n: u32, t: pb::TripEventType) -> pb::TripEvent {
     pb::TripEvent { trip_id: trip.into(), event_id: format!("{trip}-{n}"), r#type: t as i32, ..Default::default() }
 }
@@ -42,8 +73,8 @@ fn ev(trip: &str, n: u32, t: pb::TripEventType) -> pb::TripEvent {
 async fn ride(
     k: u64,
     cfg: SimConfig,
-    mut trips: TripsClient<Channel>,
-    mut dispatch: DispatchClient<Channel>,
+    trips: TripsClient<Channel>,
+    dispatch: DispatchClient<Channel>,
     steer: Steer,
     stats: Arc<RiderStats>,
 ) -> Result<(), tonic::Status> {
@@ -56,7 +87,7 @@ async fn ride(
         estimated_drive_s: 900,
         ..ev(&trip, 1, pb::TripEventType::BookingCreated)
     };
-    trips.apply(booking).await?;
+    apply(&trips, booking).await?;
     let t0 = Instant::now();
     let req = pb::MatchRequest {
         trip_id: trip.clone(),
@@ -65,11 +96,16 @@ async fn ride(
         radius_m: 5_000.0,
         ..Default::default()
     };
-    let m = match dispatch.r#match(req).await {
-        Ok(m) => m.into_inner(),
+    let m = match retrying(|| {
+        let (mut d, r) = (dispatch.clone(), req.clone());
+        async move { d.r#match(r).await.map(|r| r.into_inner()) }
+    })
+    .await
+    {
+        Ok(m) => m,
         Err(s) if s.code() == tonic::Code::NotFound => {
             stats.no_driver.fetch_add(1, Ordering::Relaxed);
-            trips.apply(ev(&trip, 2, pb::TripEventType::Cancelled)).await?;
+            apply(&trips, ev(&trip, 2, pb::TripEventType::Cancelled)).await?;
             return Ok(());
         }
         Err(s) => return Err(s),
@@ -85,23 +121,27 @@ async fn ride(
         colour: "silver".into(),
         plate: format!("B-SM {}", idx.unwrap_or(0) % 10_000),
     });
-    trips.apply(assign).await?;
+    apply(&trips, assign).await?;
     if let Some(i) = idx {
         let _ = steer.send((i, pickup)).await;
     }
     tokio::time::sleep(Duration::from_secs(rng.random_range(2..6))).await;
     if rng.random_bool(0.1) {
-        trips.apply(ev(&trip, 3, pb::TripEventType::Cancelled)).await?;
+        apply(&trips, ev(&trip, 3, pb::TripEventType::Cancelled)).await?;
         stats.cancelled.fetch_add(1, Ordering::Relaxed);
         return Ok(());
     }
-    trips.apply(ev(&trip, 3, pb::TripEventType::DriverArrived)).await?;
+    apply(&trips, ev(&trip, 3, pb::TripEventType::DriverArrived)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    trips.apply(ev(&trip, 4, pb::TripEventType::PassengerCarry)).await?;
+    apply(&trips, ev(&trip, 4, pb::TripEventType::PassengerCarry)).await?;
     if let Some(i) = idx {
         let _ = steer.send((i, dropoff)).await;
     }
-    let link = trips.share_trip(pb::ShareTripRequest { trip_id: trip.clone() }).await?.into_inner();
+    let link = retrying(|| {
+        let (mut t, id) = (trips.clone(), trip.clone());
+        async move { t.share_trip(pb::ShareTripRequest { trip_id: id }).await.map(|r| r.into_inner()) }
+    })
+    .await?;
     // http://host:port/share/{token}/view → host:port and the JSON path.
     let host = link.url.trim_start_matches("http://").split('/').next().unwrap_or_default().to_string();
     let path = format!("/share/{}", link.token);
@@ -112,7 +152,7 @@ async fn ride(
             _ => stats.share_other.fetch_add(1, Ordering::Relaxed),
         };
     }
-    trips.apply(ev(&trip, 5, pb::TripEventType::PassengerDropped)).await?;
+    apply(&trips, ev(&trip, 5, pb::TripEventType::PassengerDropped)).await?;
     stats.completed.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
