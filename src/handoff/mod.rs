@@ -242,11 +242,11 @@ impl Handoff {
         let refused = self
             .replica_store()
             .apply(from, session, parts, |p| routes.of(p as usize) == crate::ownership::Route::Local);
-        let stale = refused.iter().filter(|(_, why)| why.starts_with("stale epoch")).count();
+        let stale = refused.iter().filter(|(_, why)| matches!(why, crate::replica::Refused::StaleEpoch { .. })).count();
         if stale > 0 {
             metrics::counter!("locus_epoch_refused_total", "what" => "replica").increment(stale as u64);
         }
-        refused
+        refused.into_iter().map(|(p, why)| (p, why.to_string())).collect()
     }
 
     /// Replicas kept here, for `admin` and tests.

@@ -55,7 +55,7 @@ use crate::ring::Ring;
 use crate::routing::Router;
 use crate::routing::cluster::Cluster;
 use crate::storage::scan_partition;
-pub use store::{KvChange, ReplicaInfo, ReplicaPart, ReplicaStore};
+pub use store::{KvChange, Refused, ReplicaInfo, ReplicaPart, ReplicaStore};
 
 /// Items a link may queue before it gives up and re-sends in full later.
 const LINK_QUEUE: usize = 4096;
@@ -69,15 +69,6 @@ const CALL_MAX_BYTES: usize = 8 << 20;
 pub enum KvTree {
     Claims,
     Trips,
-}
-
-/// How a synchronous write went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Replicated {
-    /// Replicas that acknowledged it.
-    pub acked: usize,
-    /// Replicas the partition has.
-    pub wanted: usize,
 }
 
 struct Item {
@@ -385,15 +376,16 @@ impl Replicator {
     /// Sends the stored record `id` of `tree` (its value now, or its absence) to every
     /// replica of its partition and waits for them (at most `--replica-timeout`). Call
     /// after the write is flushed locally, before answering the client.
-    pub async fn sync_kv(&self, tree: KvTree, id: &[u8]) -> Replicated {
+    /// How it went is counted in `locus_replica_writes_total{result}`.
+    pub async fn sync_kv(&self, tree: KvTree, id: &[u8]) {
         let p = partition_of(id);
         let waits = {
             let inner = self.inner.lock().expect("replicator lock");
             let Some((epoch, targets)) = inner.placement[p as usize].clone() else {
-                return Replicated { acked: 0, wanted: 0 };
+                return;
             };
             if targets.is_empty() {
-                return Replicated { acked: 0, wanted: 0 };
+                return;
             }
             let store = match tree {
                 KvTree::Claims => &self.claims,
@@ -433,7 +425,6 @@ impl Replicator {
         }
         let result = if acked == wanted { "acked" } else { "degraded" };
         metrics::counter!("locus_replica_writes_total", "result" => result).increment(1);
-        Replicated { acked, wanted }
     }
 
     /// Splits a teed driver-log batch by partition and queues each part to its replicas.

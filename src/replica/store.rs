@@ -17,6 +17,26 @@ use crate::drivers::{Snapshot, decode_records, encode_upsert};
 use crate::handoff::{PartitionData, snapshot_ref};
 use crate::storage::apply_record;
 
+/// Why a replica refused a part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The part's epoch is below the one held here (its sender is a stale owner).
+    StaleEpoch { sent: u64, held: u64 },
+    /// This node serves the partition itself (a move in progress).
+    ServedHere,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::StaleEpoch { sent, held } => {
+                write!(f, "stale epoch {sent}: the partition is at epoch {held} here")
+            }
+            Refused::ServedHere => write!(f, "the partition is served by this node, not replicated here"),
+        }
+    }
+}
+
 /// A change to one claim or trip record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvChange {
@@ -114,7 +134,7 @@ impl ReplicaStore {
         session: u64,
         parts: Vec<ReplicaPart>,
         served_here: impl Fn(u16) -> bool,
-    ) -> Vec<(u16, String)> {
+    ) -> Vec<(u16, Refused)> {
         if self.sessions.get(&from) != Some(&session) {
             for c in self.parts.values_mut().filter(|c| c.owner == from) {
                 c.drivers_synced = false;
@@ -126,13 +146,12 @@ impl ReplicaStore {
         for part in parts {
             let p = part.partition;
             if served_here(p) {
-                refused.push((p, format!("partition {p} is served by this node, not replicated here")));
+                refused.push((p, Refused::ServedHere));
                 continue;
             }
             let copy = match self.parts.get_mut(&p) {
                 Some(c) if part.epoch < c.epoch => {
-                    refused
-                        .push((p, format!("stale epoch {}: partition {p} is at epoch {} here", part.epoch, c.epoch)));
+                    refused.push((p, Refused::StaleEpoch { sent: part.epoch, held: c.epoch }));
                     continue;
                 }
                 Some(c) if c.epoch == part.epoch && c.owner == from => c,
@@ -311,7 +330,7 @@ mod tests {
         s.apply(addr(1), 1, vec![reset(9, 4, &["a"], vec![])], |_| false);
         let refused = s.apply(addr(2), 1, vec![reset(9, 3, &["zombie"], vec![])], |_| false);
         assert_eq!(refused.len(), 1);
-        assert!(refused[0].1.contains("stale epoch 3"), "{}", refused[0].1);
+        assert!(refused[0].1.to_string().contains("stale epoch 3"), "{}", refused[0].1);
         assert_eq!(s.info()[0].owner, addr(1));
         // A new owner at a higher epoch: its copy replaces the old one, unsynced until reset.
         s.apply(addr(2), 1, vec![ReplicaPart { partition: 9, epoch: 5, ..Default::default() }], |_| false);
