@@ -34,7 +34,7 @@ use crate::dispatch::Dispatcher;
 use crate::drivers::{DriverShard, Limits, ShardConfig, Snapshot};
 use crate::handoff::{Handoff, MAX_HANDOFF_BYTES};
 use crate::membership::{self, ClusterView, MembershipConfig, UdpTransport};
-use crate::ownership::Routes;
+use crate::ownership::{Lease, Routes};
 use crate::pb::cluster_server::ClusterServer;
 use crate::pb::dispatch_server::DispatchServer;
 use crate::pb::events_server::EventsServer;
@@ -155,7 +155,14 @@ pub async fn run(
     let durable = crate::storage::Durable::start(db.clone());
     let bus = crate::events::bus();
     let (trip_fix_tx, trip_fix_rx) = tokio::sync::mpsc::channel(8192);
-    let hooks = Hooks { claims: Some(claims_tree.clone()), trip_fixes: Some(trip_fix_tx), events: Some(bus.clone()) };
+    // The minority rule's lease: keyed requests, shard timers and trip timers read it.
+    let quorum = Arc::new(Lease::default());
+    let hooks = Hooks {
+        claims: Some(claims_tree.clone()),
+        trip_fixes: Some(trip_fix_tx),
+        events: Some(bus.clone()),
+        lease: Some(quorum.clone()),
+    };
     let wcfg = WorkerConfig {
         persist_interval: cfg.persist_interval,
         watch_queue: cfg.watch_queue,
@@ -210,7 +217,7 @@ pub async fn run(
     let lease = transport.lease();
     let members = membership::spawn(mcfg, transport, inbox);
     let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::empty(gossip_addr)));
-    let cluster = Arc::new(Cluster::new(members.view.clone(), routes_rx, cfg.scatter_timeout));
+    let cluster = Arc::new(Cluster::new(members.view.clone(), routes_rx, cfg.scatter_timeout, quorum.clone()));
     let ready = Arc::new(AtomicBool::new(false));
     let member_metrics = tokio::spawn(follow_members(members.view.clone(), cluster.clone()));
 
@@ -254,6 +261,7 @@ pub async fn run(
         dispatch.clone(),
         cfg.watch_queue,
         replicator.clone(),
+        quorum,
     )
     .context("opening the trips tree")?;
     let handoff = Handoff::open(
@@ -283,7 +291,7 @@ pub async fn run(
     let svc = LocationsServer::from_arc(api.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let trips_svc = TripsServer::new(TripsApi::new(trips.clone(), cluster.clone()));
+    let trips_svc = TripsServer::new(TripsApi::new(trips.clone(), cluster.clone(), sd_rx.clone()));
     let dispatch_svc = DispatchServer::new(DispatchApi::new(api.clone(), dispatch.clone()));
     let events_svc = EventsServer::new(EventsApi::new(bus.clone(), cluster.clone()));
     let internal_svc = InternalServer::new(InternalApi::new(dispatch.clone(), trips.clone()));

@@ -14,7 +14,9 @@ use common::{by_id, fix, http_get, now_ms};
 use locus::geo::haversine_m;
 use locus::pb;
 use locus::pb::dispatch_client::DispatchClient;
+use locus::pb::events_client::EventsClient;
 use locus::pb::trips_client::TripsClient;
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
 const CENTRE: (f64, f64) = (52.52, 13.405);
@@ -174,6 +176,8 @@ async fn a_node_joins_and_another_leaves_and_every_key_moves_with_its_state() {
     c.converge(&["n0", "n1", "n2"], Duration::from_secs(20)).await;
     let a = load(&c).await;
     check(&c, &[0, 1, 2], &a, "three nodes").await;
+    // Watches opened through n0 now must follow their keys through every move below.
+    let mut w = open_watches(&c, &a).await;
 
     // A fourth node joins: it pulls about a quarter of the partitions.
     c.launch(3);
@@ -209,6 +213,95 @@ async fn a_node_joins_and_another_leaves_and_every_key_moves_with_its_state() {
     let rows = c.admin(2).await.partitions(pb::PartitionsRequest {}).await.unwrap().into_inner().rows;
     assert!(rows.is_empty(), "a drained node holds nothing, not even replicas: {:?}", &rows[..rows.len().min(3)]);
     replicated(&c, &[0, 3], "after n2 drained").await;
+    watches_followed(&c, &mut w).await;
+}
+
+type Rx<T> = mpsc::UnboundedReceiver<Result<T, tonic::Status>>;
+
+/// Driver and trip watches opened through n0, with each key's owner at the time.
+struct Watches {
+    drivers: Vec<(String, String, Rx<pb::Driver>)>,
+    trips: Vec<(String, String, Rx<pb::TripUpdate>)>,
+}
+
+/// Reads a stream into a channel, its end status included.
+fn pump<T: Send + 'static>(mut s: tonic::Streaming<T>) -> Rx<T> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match s.message().await {
+                Ok(Some(x)) => {
+                    if tx.send(Ok(x)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Watches 30 unclaimed drivers and the 14 trips without a driver, through n0.
+async fn open_watches(c: &TestCluster, a: &Acked) -> Watches {
+    let mut l = c.client(0).await;
+    let mut t = TripsClient::connect(c.node(0).grpc.clone()).await.unwrap();
+    let mut w = Watches { drivers: Vec::new(), trips: Vec::new() };
+    for (id, _, _) in a.drivers.iter().filter(|d| !a.claimed.contains_key(&d.0)).take(30) {
+        let s = l.watch_driver(pb::WatchDriverRequest { driver_id: id.clone(), include_current: false }).await;
+        w.drivers.push((id.clone(), owner_of(c, 0, id).await, pump(s.unwrap().into_inner())));
+    }
+    for k in 16..30 {
+        let id = format!("trip-{k}");
+        let s = t.watch_trip(pb::WatchTripRequest { trip_id: id.clone(), after_version: 0 }).await.unwrap();
+        let mut rx = pump(s.into_inner());
+        let first = rx.recv().await.unwrap().unwrap();
+        assert_eq!(first.trip.unwrap().state_name, "BOOKING_CREATED");
+        w.trips.push((id.clone(), owner_of(c, 0, &id).await, rx));
+    }
+    w
+}
+
+/// Waits for an item `want` accepts; panics if the stream ended or stayed quiet.
+async fn expect<T: std::fmt::Debug>(rx: &mut Rx<T>, what: &str, want: impl Fn(&T) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Ok(x))) if want(&x) => return,
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => panic!("{what}: the watch ended across a move: {e:?}"),
+            Ok(None) => panic!("{what}: the watch ended without a status"),
+            Err(_) => panic!("{what}: the watch went quiet"),
+        }
+    }
+}
+
+/// Every watch opened before the moves is still open and sees what happens next.
+async fn watches_followed(c: &TestCluster, w: &mut Watches) {
+    let (mut moved_d, mut moved_t) = (0, 0);
+    let mut l = c.client(0).await;
+    let ts = now_ms();
+    for (id, before, rx) in &mut w.drivers {
+        moved_d += (owner_of(c, 0, id).await != *before) as usize;
+        let d = by_id(id);
+        let now = l.get_driver(d).await.unwrap().into_inner();
+        l.update(fix(id, now.lat, now.lon, ts)).await.unwrap();
+        expect(rx, &format!("driver {id}"), |d: &pb::Driver| d.timestamp_ms == ts).await;
+    }
+    let mut t = TripsClient::connect(c.node(0).grpc.clone()).await.unwrap();
+    for (id, before, rx) in &mut w.trips {
+        moved_t += (owner_of(c, 0, id).await != *before) as usize;
+        t.apply(event(id, "cancel", pb::TripEventType::Cancelled, "")).await.unwrap();
+        expect(rx, &format!("trip {id}"), |u: &pb::TripUpdate| {
+            u.state_changed && u.trip.as_ref().is_some_and(|t| t.state_name == "CANCELLED")
+        })
+        .await;
+    }
+    assert!(moved_d > 0 && moved_t > 0, "no watched key moved ({moved_d} drivers, {moved_t} trips): proves nothing");
 }
 
 /// Every partition is owned by exactly one of `nodes` and, soon, has an in-sync replica
@@ -275,10 +368,31 @@ async fn a_killed_node_loses_nothing_its_replicas_take_over_and_its_restart_serv
     // Trip events and claims are on the replicas before they are answered; driver fixes
     // follow within the documented lag (about 1 s).
     tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Watches through n0 of a trip and a driver n2 owns must survive its crash.
+    let mut watched_trip = None;
+    for (id, st) in &a.trips {
+        if st.0 == "BOOKING_CREATED" && st.1.is_empty() && owner_of(&c, 0, id).await == "n2" {
+            watched_trip = Some(id.clone());
+            break;
+        }
+    }
+    let watched_trip = watched_trip.expect("an unclaimed trip on n2");
+    let mut tw = TripsClient::connect(c.node(0).grpc.clone()).await.unwrap();
+    let s = tw.watch_trip(pb::WatchTripRequest { trip_id: watched_trip.clone(), after_version: 0 }).await.unwrap();
+    let mut trip_rx = pump(s.into_inner());
+    trip_rx.recv().await.unwrap().unwrap();
+    let watched_driver = n2_drivers.iter().rev().find(|d| !a.claimed.contains_key(*d)).unwrap().clone();
+    let mut l0 = c.client(0).await;
+    let s = l0.watch_driver(pb::WatchDriverRequest { driver_id: watched_driver.clone(), include_current: false }).await;
+    let mut driver_rx = pump(s.unwrap().into_inner());
 
     c.nodes[2].take().unwrap().kill9();
     c.converge(&["n0", "n1"], Duration::from_secs(30)).await;
     check(&c, &[0, 1], &a, "after n2 was killed").await;
+    let now = c.client(0).await.get_driver(by_id(&watched_driver)).await.unwrap().into_inner();
+    let ts = now_ms();
+    c.client(0).await.update(fix(&watched_driver, now.lat, now.lon, ts)).await.unwrap();
+    expect(&mut driver_rx, "driver watch across n2's crash", |d: &pb::Driver| d.timestamp_ms == ts).await;
 
     // Change what n2 held while it is down: a removed driver and a cancelled trip must
     // not come back from its disk when it restarts.
@@ -286,16 +400,12 @@ async fn a_killed_node_loses_nothing_its_replicas_take_over_and_its_restart_serv
     c.client(0).await.remove_driver(common::remove_by_id(&gone)).await.unwrap();
     a.drivers.retain(|d| d.0 != gone);
     let mut t = TripsClient::connect(c.node(0).grpc.clone()).await.unwrap();
-    let mut cancelled = None;
-    for (id, st) in a.trips.iter_mut() {
-        if st.0 == "BOOKING_CREATED" && st.1.is_empty() && !id.starts_with("probe") {
-            t.apply(event(id, "c", pb::TripEventType::Cancelled, "")).await.unwrap();
-            st.0 = "CANCELLED".into();
-            cancelled = Some(id.clone());
-            break;
-        }
-    }
-    assert!(cancelled.is_some(), "no unclaimed trip to cancel");
+    t.apply(event(&watched_trip, "c", pb::TripEventType::Cancelled, "")).await.unwrap();
+    a.trips.get_mut(&watched_trip).unwrap().0 = "CANCELLED".into();
+    expect(&mut trip_rx, "trip watch across n2's crash", |u: &pb::TripUpdate| {
+        u.state_changed && u.trip.as_ref().is_some_and(|t| t.state_name == "CANCELLED")
+    })
+    .await;
 
     c.launch(2);
     c.converge(&["n0", "n1", "n2"], Duration::from_secs(30)).await;
@@ -308,7 +418,8 @@ async fn a_killed_node_loses_nothing_its_replicas_take_over_and_its_restart_serv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_owner_stands_down_when_it_thaws_and_never_applies_a_stale_write() {
-    let c = TestCluster::start_with(3, &["--offer-timeout", "600s"]);
+    // A 2 s trip buffer: a trip booked for a 3 s drive is due 5 s later, during the freeze.
+    let c = TestCluster::start_with(3, &["--offer-timeout", "600s", "--trip-buffer", "2s"]);
     c.converge(&["n0", "n1", "n2"], Duration::from_secs(20)).await;
     let mut a = load(&c).await;
     // An unclaimed trip owned by n2: the write to race against the freeze.
@@ -320,12 +431,46 @@ async fn a_frozen_owner_stands_down_when_it_thaws_and_never_applies_a_stale_writ
         }
     }
     let trip = victim.expect("an unclaimed trip on n2");
+    // A short trip owned by n2, due while n2 is frozen: it must expire exactly once, on
+    // the node that took it over, never again on n2 when it thaws. n2's own events are
+    // read straight from it (local scope), the cluster's through n0.
+    let mut short = None;
+    for k in 0.. {
+        let id = format!("short-{k}");
+        if owner_of(&c, 0, &id).await == "n2" {
+            short = Some(id);
+            break;
+        }
+    }
+    let short = short.unwrap();
+    let expired = || pb::SubscribeRequest { entity: pb::EntityKind::EntityTrip as i32, states: vec!["EXPIRED".into()] };
+    let mut on_n2 = tonic::Request::new(expired());
+    on_n2.metadata_mut().insert("locus-scope", "local".parse().unwrap());
+    let n2_events =
+        pump(EventsClient::connect(c.node(2).grpc.clone()).await.unwrap().subscribe(on_n2).await.unwrap().into_inner());
+    let all_events = pump(
+        EventsClient::connect(c.node(0).grpc.clone()).await.unwrap().subscribe(expired()).await.unwrap().into_inner(),
+    );
+    let mut t = TripsClient::connect(c.node(0).grpc.clone()).await.unwrap();
+    let booked_ms = now_ms();
+    t.apply(pb::TripEvent { estimated_drive_s: 3, ..booking(&short) }).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
 
     // Freeze n2 for longer than failure detection: the others promote its replicas.
     let pid = c.node(2).pid().to_string();
+    let frozen_ms = now_ms();
     assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
     c.converge_on(&[0, 1], &["n0", "n1"], Duration::from_secs(30)).await;
+    let gone = common::eventually(Duration::from_secs(15), || {
+        let mut t = t.clone();
+        let id = short.clone();
+        async move {
+            let r = t.get_trip(pb::GetTripRequest { trip_id: id, include_route: false }).await;
+            r.is_err_and(|s| s.code() == tonic::Code::NotFound)
+        }
+    })
+    .await;
+    assert!(gone, "the short trip did not expire on its new owner");
     // The trip is cancelled on its new owner while n2 sleeps.
     let mut t0 = TripsClient::connect(c.node(0).grpc.clone()).await.unwrap();
     t0.apply(event(&trip, "c", pb::TripEventType::Cancelled, "")).await.unwrap();
@@ -334,6 +479,7 @@ async fn a_frozen_owner_stands_down_when_it_thaws_and_never_applies_a_stale_writ
     // n2 thaws still believing it owns the trip (as BOOKING_CREATED). Every write sent
     // straight to it from that instant must be refused or reach the current owner (which
     // answers from the cancelled trip); none may apply to the stale copy.
+    let thawed_ms = now_ms();
     assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
     let mut t2 = TripsClient::connect(c.node(2).grpc.clone()).await.unwrap();
     let t_thaw = std::time::Instant::now();
@@ -354,4 +500,17 @@ async fn a_frozen_owner_stands_down_when_it_thaws_and_never_applies_a_stale_writ
     assert!(refused > 0, "the thawed node never stood down ({forwarded} forwarded)");
     c.converge(&["n0", "n1", "n2"], Duration::from_secs(30)).await;
     check(&c, &[0, 1, 2], &a, "after n2 thawed").await;
+    // The short trip's TTL fired once in the whole cluster, and never on the thawed node.
+    let of_short = |mut rx: Rx<pb::StateChange>| {
+        let mut v = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            v.extend(e.ok().filter(|e| e.id == short).map(|e| e.timestamp_ms));
+        }
+        v
+    };
+    let times = format!("booked at {booked_ms}, frozen at {frozen_ms}, thawed at {thawed_ms}");
+    let on_n2 = of_short(n2_events);
+    assert!(on_n2.is_empty(), "the thawed node expired a trip another node had taken over, at {on_n2:?}; {times}");
+    let all = of_short(all_events);
+    assert_eq!(all.len(), 1, "the short trip's expiry, cluster-wide, at {all:?}; {times}");
 }

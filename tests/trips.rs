@@ -156,7 +156,8 @@ async fn a_trip_through_its_life_with_claims_events_and_its_share_link() {
     );
 
     // The driver approaches: its fixes reach the trip, and "near pickup" fires once.
-    let mut watch = t.watch_trip(pb::WatchTripRequest { trip_id: "t1".into() }).await.unwrap().into_inner();
+    let mut watch =
+        t.watch_trip(pb::WatchTripRequest { trip_id: "t1".into(), after_version: 0 }).await.unwrap().into_inner();
     let first = watch.message().await.unwrap().unwrap();
     assert!(first.state_changed);
     let mut ts = ts + 20_000;

@@ -27,6 +27,7 @@ use crate::drivers::{
     PersistBatch, Position, Reject, ShardCounters, Snapshot, WithinQuery,
 };
 use crate::events::{Bus, driver_change};
+use crate::ownership::Lease;
 use crate::routing::SecondaryIndex;
 use crate::storage::SweepControl;
 
@@ -198,6 +199,8 @@ pub struct Hooks {
     pub trip_fixes: Option<mpsc::Sender<TripFix>>,
     /// The node's state-change bus.
     pub events: Option<Bus>,
+    /// The quorum lease: timers fire only while it holds (`None`: always).
+    pub lease: Option<Arc<Lease>>,
 }
 
 /// Encodes a claim as stored: offer due time (i64, -1 = confirmed) then the trip id.
@@ -291,7 +294,11 @@ impl Worker {
         self.perform_events();
         while let Some(msg) = rx.recv().await {
             let now_ms = wall_ms();
-            self.core.fire_timers(now_ms);
+            // A node that lost its lease (cut off, or thawed after a pause) fires no
+            // timer: the partition may be served elsewhere by now.
+            if self.hooks.lease.as_ref().is_none_or(|l| l.holds()) {
+                self.core.fire_timers(now_ms);
+            }
             if let ShardMsg::Shutdown { reply } = msg {
                 self.perform_events();
                 self.end_all_watchers(WatchEnd::ShuttingDown);

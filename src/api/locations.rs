@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use super::follow::{Opening, Resume, follow};
 use super::{
     END_KEY, check_key_str, count_rejects, driver_key, driver_proto, fix_from_proto, fix_to_proto, hit_proto, invalid,
     nearby_query, reject_status, route_status, scatter_deadline, with_meta, within_query,
@@ -32,6 +33,7 @@ use crate::routing::cluster::{
 use crate::routing::{DriverKey, RouteError, Router};
 
 /// The `locus.v1.Locations` service.
+#[derive(Clone)]
 pub struct LocationsApi {
     pub(super) router: Arc<Router>,
     pub(super) cluster: Arc<Cluster>,
@@ -409,10 +411,57 @@ impl pb::locations_server::Locations for LocationsApi {
         let hop = hops(req.metadata());
         let r = req.into_inner();
         check_key_str("driver_id", &r.driver_id).map_err(|e| invalid(&e))?;
+        if hop > 0 {
+            return self.open_watch(r, hop).await.map(Response::new);
+        }
+        // The client's entry node follows the driver across moves (see `api::follow`).
+        let skip_current = !r.include_current;
+        let first = self.open_watch(pb::WatchDriverRequest { include_current: true, ..r.clone() }, 0).await?;
+        let f = FollowDriver { api: self.clone(), driver_id: r.driver_id, last: None, skip_current };
+        Ok(Response::new(follow(f, first, self.shutdown.clone())))
+    }
+}
+
+/// A driver watch as its entry node follows it: resumes after the newest fix delivered.
+struct FollowDriver {
+    api: LocationsApi,
+    driver_id: String,
+    /// (timestamp_ms, status) of the last state delivered.
+    last: Option<(i64, i32)>,
+    /// The client did not ask for the current state: the first open's is not delivered.
+    skip_current: bool,
+}
+
+impl Resume for FollowDriver {
+    type Item = pb::Driver;
+
+    fn open(&mut self) -> Opening<pb::Driver> {
+        let api = self.api.clone();
+        let r = pb::WatchDriverRequest { driver_id: self.driver_id.clone(), include_current: true };
+        Box::pin(async move { api.open_watch(r, 0).await })
+    }
+
+    fn pass(&mut self, d: &mut pb::Driver, fresh: bool) -> bool {
+        let now = (d.timestamp_ms, d.status);
+        if fresh && std::mem::take(&mut self.skip_current) {
+            self.last = Some(now);
+            return false;
+        }
+        if fresh && self.last.is_some_and(|l| now.0 < l.0 || now == l) {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+}
+
+impl LocationsApi {
+    /// Opens a driver watch on the driver's owner: here, or relayed from the owner (its
+    /// end status and trailers included).
+    async fn open_watch(&self, r: pb::WatchDriverRequest, hop: u32) -> Result<BoxStream<pb::Driver>, Status> {
         if let Target::Forward(mut p, hop) = target(&self.cluster, &r.driver_id, hop).await? {
-            // The owner's stream, relayed as is (its end status and trailers included).
             let s = p.client.watch_driver(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))?;
-            return Ok(Response::new(Box::pin(s.into_inner())));
+            return Ok(Box::pin(s.into_inner()));
         }
         let (current, mut fixes, end) = self.router.watch(r.driver_id, self.watch_queue).await.map_err(route_status)?;
         let (out_tx, out_rx) = mpsc::channel::<Result<pb::Driver, Status>>(16);
@@ -456,7 +505,7 @@ impl pb::locations_server::Locations for LocationsApi {
             };
             let _ = out_tx.send(Err(status)).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        Ok(Box::pin(ReceiverStream::new(out_rx)))
     }
 }
 
@@ -497,7 +546,7 @@ mod tests {
             }
         }
         let (_rtx, routes) = watch::channel(Arc::new(crate::ownership::routes(a, &ring, &table)));
-        let cluster = Cluster::new(rx, routes, Duration::from_millis(200));
+        let cluster = Cluster::new(rx, routes, Duration::from_millis(200), Default::default());
         let key_of = |owner: SocketAddr| {
             (0..1000).map(|i| format!("k{i}")).find(|k| ring.owner(k.as_bytes()) == Some(owner)).expect("a key")
         };

@@ -6,6 +6,7 @@
 //! and implausible fixes are judged by the driver's actor, which knows its last fix.
 
 mod admin;
+mod follow;
 mod handoff;
 pub(crate) mod locations;
 mod stream;

@@ -11,12 +11,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::debug;
 
+use super::follow::{Opening, Resume, follow};
 use super::locations::{BoxStream, Target, forwarded, peer_status, target};
 use super::{END_KEY, check_coord, check_key_str, invalid, position_from_proto, with_meta};
 use crate::actors::{TripFix, wall_ms};
@@ -93,14 +94,16 @@ pub fn trip_event(e: pb::TripEvent) -> Result<TripEvent, FieldError> {
 }
 
 /// The `locus.v1.Trips` service.
+#[derive(Clone)]
 pub struct TripsApi {
     trips: Arc<Trips>,
     cluster: Arc<Cluster>,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl TripsApi {
-    pub fn new(trips: Arc<Trips>, cluster: Arc<Cluster>) -> Self {
-        TripsApi { trips, cluster }
+    pub fn new(trips: Arc<Trips>, cluster: Arc<Cluster>, shutdown: watch::Receiver<bool>) -> Self {
+        TripsApi { trips, cluster, shutdown }
     }
 
     fn client(p: &crate::routing::cluster::Peer) -> TripsClient<tonic::transport::Channel> {
@@ -141,11 +144,38 @@ impl pb::trips_server::Trips for TripsApi {
         let hop = hops(req.metadata());
         let r = req.into_inner();
         check_key_str("trip_id", &r.trip_id).map_err(|e| invalid(&e))?;
-        if let Target::Forward(p, hop) = target(&self.cluster, &r.trip_id, hop).await? {
-            let s = Self::client(&p).watch_trip(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))?;
-            return Ok(Response::new(Box::pin(s.into_inner())));
+        if hop > 0 {
+            return self.open_watch(r.trip_id, hop).await.map(Response::new);
         }
-        let (now, mut updates) = self.trips.watch(&r.trip_id).await?;
+        // The client's entry node follows the trip across moves (see `api::follow`).
+        let first = self.open_watch(r.trip_id.clone(), 0).await?;
+        let f = FollowTrip { api: self.clone(), trip_id: r.trip_id, version: r.after_version, state: None };
+        Ok(Response::new(follow(f, first, self.shutdown.clone())))
+    }
+
+    async fn share_trip(&self, req: Request<pb::ShareTripRequest>) -> Result<Response<pb::ShareLink>, Status> {
+        let hop = hops(req.metadata());
+        let r = req.into_inner();
+        check_key_str("trip_id", &r.trip_id).map_err(|e| invalid(&e))?;
+        match target(&self.cluster, &r.trip_id, hop).await? {
+            Target::Local => self.trips.share(&r.trip_id).await.map(Response::new),
+            Target::Forward(p, hop) => {
+                Self::client(&p).share_trip(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))
+            }
+        }
+    }
+}
+
+impl TripsApi {
+    /// Opens a trip watch on the trip's owner (here, or relayed from it): the trip as it
+    /// is now, then its updates.
+    async fn open_watch(&self, trip_id: String, hop: u32) -> Result<BoxStream<pb::TripUpdate>, Status> {
+        if let Target::Forward(p, hop) = target(&self.cluster, &trip_id, hop).await? {
+            let r = pb::WatchTripRequest { trip_id, after_version: 0 };
+            let s = Self::client(&p).watch_trip(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))?;
+            return Ok(Box::pin(s.into_inner()));
+        }
+        let (now, mut updates) = self.trips.watch(&trip_id).await?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             if tx.send(Ok(pb::TripUpdate { trip: Some(now), state_changed: true })).await.is_err() {
@@ -166,19 +196,39 @@ impl pb::trips_server::Trips for TripsApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+/// A trip watch as its entry node follows it: resumes after the highest version
+/// delivered; a re-opened watch's first update is marked `state_changed` only when the
+/// state differs from the last one delivered.
+struct FollowTrip {
+    api: TripsApi,
+    trip_id: String,
+    version: u64,
+    state: Option<i32>,
+}
+
+impl Resume for FollowTrip {
+    type Item = pb::TripUpdate;
+
+    fn open(&mut self) -> Opening<pb::TripUpdate> {
+        let (api, id) = (self.api.clone(), self.trip_id.clone());
+        Box::pin(async move { api.open_watch(id, 0).await })
     }
 
-    async fn share_trip(&self, req: Request<pb::ShareTripRequest>) -> Result<Response<pb::ShareLink>, Status> {
-        let hop = hops(req.metadata());
-        let r = req.into_inner();
-        check_key_str("trip_id", &r.trip_id).map_err(|e| invalid(&e))?;
-        match target(&self.cluster, &r.trip_id, hop).await? {
-            Target::Local => self.trips.share(&r.trip_id).await.map(Response::new),
-            Target::Forward(p, hop) => {
-                Self::client(&p).share_trip(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))
+    fn pass(&mut self, u: &mut pb::TripUpdate, fresh: bool) -> bool {
+        let Some(t) = &u.trip else { return true };
+        if fresh {
+            if t.version <= self.version {
+                return false;
             }
+            u.state_changed = self.state != Some(t.state);
         }
+        self.version = self.version.max(t.version);
+        self.state = Some(t.state);
+        true
     }
 }
 
@@ -350,15 +400,13 @@ async fn pump_cluster(cluster: Arc<Cluster>, req: pb::SubscribeRequest, tx: Out)
     let mut running: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
     loop {
         let v = view.borrow_and_update().clone();
-        // Ring members, and members still handing their partitions over as they leave.
+        // Every member not known to be down: ring members, members still handing their
+        // partitions over as they leave, and joining ones, which may start serving a
+        // partition before this node's ring has them.
         let wanted: Vec<SocketAddr> = v
             .members
             .iter()
             .filter(|m| m.addr != v.me && m.liveness != crate::membership::Liveness::Down)
-            .filter(|m| {
-                v.ring.contains(&m.addr)
-                    || m.meta.as_ref().is_some_and(|x| x.state == crate::membership::NodeState::Leaving)
-            })
             .map(|m| m.addr)
             .collect();
         running.retain(|a, h| {

@@ -25,11 +25,14 @@
 //! than failure detection, so a node cut off from the majority (or frozen, then thawed)
 //! stands down before the majority declares it down and promotes its replicas.
 
+mod lease;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use crate::keys::{PARTITIONS, partition_of};
 use crate::ring::Ring;
+pub use lease::Lease;
 
 /// How this node holds a partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -269,8 +272,12 @@ pub fn plan(me: SocketAddr, ring: &Ring, table: &Table, replicas: &HashMap<u16, 
             Some(Holding::Active) if newer_elsewhere => out.push(Action::StandDown { p }),
             // Two copies served at one epoch (a node adopted a partition blind, e.g.
             // while the cluster formed): the ring's owner merges the other copy into its own.
+            // A copy served at a lower epoch is stale (its node was frozen or cut off while
+            // this one took over): merging it would bring back what was deleted since, so
+            // it is left to stand down by itself.
             Some(Holding::Active) if owner => {
-                if let Some((from, _, _)) = theirs.iter().find(|(_, _, h)| *h == Holding::Active) {
+                let same = |e: u64, h: Holding| h == Holding::Active && e == mine.epoch;
+                if let Some((from, _, _)) = theirs.iter().find(|(_, e, h)| same(*e, *h)) {
                     out.push(Action::Pull { p, from: *from, epoch: next });
                 }
             }

@@ -276,6 +276,23 @@ fn a_stale_served_copy_stands_down_for_a_higher_epoch() {
 }
 
 #[test]
+fn the_rings_owner_never_merges_a_stale_copy_into_its_own() {
+    let r = ring(&[0, 1]);
+    let p = (0..PARTITIONS).find(|p| r.partition_owner(*p as usize) == Some(addr(1))).unwrap();
+    // Node 0 served p at 3 and was frozen; node 1, the ring's owner now, serves it at 4,
+    // where a trip expired meanwhile. Merging node 0's copy would bring that trip back.
+    let mut stale = Table::default();
+    stale.set(p, Part { epoch: 3, holding: Some(Holding::Active) });
+    let mut current = Table::default();
+    current.set(p, Part { epoch: 4, holding: Some(Holding::Active) });
+    assert!(about(plan(addr(1), &r, &current, &HashMap::new(), &survey(&[(0, &stale)])), p).is_empty());
+    assert_eq!(
+        about(plan(addr(0), &r, &stale, &HashMap::new(), &survey(&[(1, &current)])), p),
+        vec![Action::StandDown { p }]
+    );
+}
+
+#[test]
 fn quorum_is_a_strict_majority_of_the_base_heard_within_the_lease() {
     use std::time::{Duration, Instant};
     let now = Instant::now();

@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::membership::{ClusterView, Liveness, NodeState};
 use crate::node::MAX_MESSAGE_BYTES;
-use crate::ownership::{Route, Routes};
+use crate::ownership::{Lease, Route, Routes};
 use crate::pb::locations_client::LocationsClient;
 
 /// Metadata key: how many times a request has been forwarded.
@@ -120,12 +120,9 @@ pub struct Cluster {
     peers: Peers,
     /// Default deadline of a scatter-gather query.
     pub scatter_timeout: Duration,
-    /// Whether this node sees a majority of the cluster (`ownership::has_quorum`); set
-    /// by the hand-off task. Without it keyed requests answer `UNAVAILABLE`.
-    quorum: std::sync::atomic::AtomicBool,
-    /// Until when the quorum lease holds, in ns after `born` (u64::MAX: for good).
-    lease_until: std::sync::atomic::AtomicU64,
-    born: std::time::Instant,
+    /// The quorum lease (`ownership::Lease`), written by the hand-off task. Without it
+    /// keyed requests answer `UNAVAILABLE`.
+    lease: Arc<Lease>,
 }
 
 impl Cluster {
@@ -133,34 +130,23 @@ impl Cluster {
         view: watch::Receiver<Arc<ClusterView>>,
         routes: watch::Receiver<Arc<Routes>>,
         scatter_timeout: Duration,
+        lease: Arc<Lease>,
     ) -> Cluster {
-        Cluster {
-            view,
-            routes,
-            gate: tokio::sync::RwLock::new(()),
-            peers: Peers::default(),
-            scatter_timeout,
-            quorum: std::sync::atomic::AtomicBool::new(true),
-            lease_until: std::sync::atomic::AtomicU64::new(u64::MAX),
-            born: std::time::Instant::now(),
-        }
+        Cluster { view, routes, gate: tokio::sync::RwLock::new(()), peers: Peers::default(), scatter_timeout, lease }
     }
 
     /// Serving (after a round with a quorum) and the quorum lease not run out, as of
     /// the monotonic clock now.
     pub fn has_quorum(&self) -> bool {
-        let until = self.lease_until.load(std::sync::atomic::Ordering::Acquire);
-        self.quorum.load(std::sync::atomic::Ordering::Acquire)
-            && (until == u64::MAX || (self.born.elapsed().as_nanos() as u64) < until)
+        self.lease.holds()
     }
 
     pub fn set_lease_until(&self, t: std::time::Instant) {
-        let ns = t.saturating_duration_since(self.born).as_nanos().min(u64::MAX as u128 - 1) as u64;
-        self.lease_until.store(ns, std::sync::atomic::Ordering::Release);
+        self.lease.set_until(t);
     }
 
     pub fn set_quorum(&self, q: bool) {
-        self.quorum.store(q, std::sync::atomic::Ordering::Release);
+        self.lease.set_serving(q);
     }
 
     /// A receiver of every new version of the routes.

@@ -21,6 +21,9 @@ use crate::actors::{TripFix, wall_ms};
 use crate::pb;
 use crate::replica::KvTree;
 
+/// How often a due trip looks at the quorum lease again while it does not hold.
+const LEASE_RECHECK: Duration = Duration::from_millis(100);
+
 /// How often a trip changed only by driver fixes is saved.
 pub const SAVE_EVERY: Duration = Duration::from_secs(5);
 
@@ -65,9 +68,11 @@ pub async fn run(trips: Arc<Trips>, trip: Option<Trip>, mut rx: mpsc::Receiver<T
         a.publish_share(&t);
     }
     let mut save_at = Instant::now() + SAVE_EVERY;
+    // Not before this: the lease did not hold when the trip was due.
+    let mut recheck = Instant::now();
     loop {
         let left = (a.trip.expires_ms - wall_ms()).max(0) as u64;
-        let expires = Instant::now() + Duration::from_millis(left);
+        let expires = (Instant::now() + Duration::from_millis(left)).max(recheck);
         tokio::select! {
             msg = rx.recv() => match msg {
                 Some(TripMsg::Stop(reply)) => {
@@ -79,6 +84,12 @@ pub async fn run(trips: Arc<Trips>, trip: Option<Trip>, mut rx: mpsc::Receiver<T
                 None => break,
             },
             _ = sleep_until(expires) => {
+                // Without the quorum lease the trip may be served elsewhere: it expires
+                // there, or here once the lease holds again.
+                if !a.trips.lease.holds() {
+                    recheck = Instant::now() + LEASE_RECHECK;
+                    continue;
+                }
                 a.expire().await;
                 break;
             }

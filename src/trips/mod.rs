@@ -36,7 +36,7 @@ use crate::actors::TripFix;
 use crate::dispatch::Dispatcher;
 use crate::events::Bus;
 use crate::keys::{partition_of, partition_prefix};
-use crate::ownership::Route;
+use crate::ownership::{Lease, Route};
 use crate::pb;
 use crate::routing::cluster::Cluster;
 use crate::storage::Durable;
@@ -59,6 +59,8 @@ pub struct Trips {
     pub(crate) dispatch: Arc<Dispatcher>,
     pub(crate) watch_queue: usize,
     pub(crate) replicator: Arc<crate::replica::Replicator>,
+    /// The quorum lease: a trip expires only while it holds.
+    pub(crate) lease: Arc<Lease>,
 }
 
 const NOT_HERE: u8 = 0;
@@ -79,6 +81,7 @@ impl Trips {
         dispatch: Arc<Dispatcher>,
         watch_queue: usize,
         replicator: Arc<crate::replica::Replicator>,
+        lease: Arc<Lease>,
     ) -> sled::Result<Arc<Trips>> {
         let store = crate::storage::open_partitioned(db, "trips")?;
         Ok(Arc::new(Trips {
@@ -93,6 +96,7 @@ impl Trips {
             dispatch,
             watch_queue,
             replicator,
+            lease,
         }))
     }
 

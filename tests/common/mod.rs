@@ -56,19 +56,22 @@ impl NodeProc {
             .args(["--log-format", "json", "--data-dir"])
             .arg(dir)
             .args(&args)
-            .env("RUST_LOG", "info")
+            // LOCUS_TEST_LOG=info,locus::trips=debug (say) to see more of a failing test.
+            .env("RUST_LOG", std::env::var("LOCUS_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn locus node");
         let out = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
+        let name = extra.iter().position(|a| *a == "--node-name").and_then(|i| extra.get(i + 1)).unwrap_or(&"node");
+        let tag = format!("[{name}]");
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
                 // Shown by the test runner when a test fails.
-                eprintln!("[node] {line}");
+                eprintln!("{tag} {line}");
                 if !sent && line.contains("locus node serving") {
                     let g = field(&line, "grpc").map(str::to_string);
                     let h = field(&line, "http").map(str::to_string);
