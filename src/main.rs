@@ -39,7 +39,11 @@ fn init_tracing(format: LogFormat) {
     let reg = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Json => reg.with(tracing_subscriber::fmt::layer().json().flatten_event(true)).init(),
-        LogFormat::Text => reg.with(tracing_subscriber::fmt::layer().compact()).init(),
+        // Colours only on a terminal: a log file or a collector gets plain text.
+        LogFormat::Text => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            reg.with(tracing_subscriber::fmt::layer().compact().with_ansi(ansi)).init()
+        }
     }
 }
 

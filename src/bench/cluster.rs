@@ -91,7 +91,7 @@ async fn time_to_agree(cfg: &BenchConfig, nodes: &[usize], n: usize, t0: Instant
 }
 
 /// Splits per-stream batches by owner: per node URL, the sub-batches in order.
-async fn by_owner(
+pub(super) async fn by_owner(
     target: &str,
     per_stream: Vec<Vec<pb::LocationBatch>>,
 ) -> anyhow::Result<Vec<(String, Vec<Vec<pb::LocationBatch>>)>> {

@@ -6,11 +6,14 @@
 //! 1. ingest through `UpdateStream`, distinct drivers, vs pipelined `GEOADD`;
 //! 2. Nearby k=10 latency over 1,000,000 drivers in a city, vs `GEOSEARCH ... BYRADIUS
 //!    ... ASC COUNT 10`;
-//! 3. resident memory per driver at 1,000,000 drivers with full trails.
+//! 3. resident memory per driver at 1,000,000 drivers with full trails;
+//! 4. the cluster figures of three nodes (`cluster`);
+//! 5. join, drain and failover of a loaded cluster (`moves`; alone: `--only-moves`).
 //!
 //! The load generator runs on the same machine, sharing its cores with the server.
 
 mod cluster;
+mod moves;
 mod redis;
 mod trips;
 
@@ -77,6 +80,15 @@ pub struct BenchConfig {
     /// Skip the three-node cluster benchmarks.
     #[arg(long)]
     pub no_cluster: bool,
+    /// Drivers loaded for the moves section (join, drain, failover under load).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub move_drivers: usize,
+    /// Skip the moves section.
+    #[arg(long)]
+    pub no_moves: bool,
+    /// Run only the moves section (its report goes to `--out` alone).
+    #[arg(long)]
+    pub only_moves: bool,
     /// Ports used by the processes the benchmark starts.
     #[arg(long, default_value_t = 7600)]
     pub port_base: u16,
@@ -383,6 +395,14 @@ fn date() -> String {
 pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
     let tmp = tempdir()?;
     let mut report = String::new();
+    if cfg.only_moves {
+        let f = moves::run(&cfg, &tmp.join("moves")).await?;
+        moves::report(&f, &mut report)?;
+        std::fs::write(&cfg.out, &report).with_context(|| format!("writing {}", cfg.out.display()))?;
+        println!("{report}");
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Ok(());
+    }
     let redis = if cfg.no_redis { None } else { redis::Server::start(cfg.port_base + 10).await? };
     if redis.is_none() {
         eprintln!("redis-server not found (or --no-redis): the Redis columns stay empty");
@@ -545,6 +565,11 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
         eprintln!("[bench] cluster: three nodes");
         let f = cluster::run(&cfg, &tmp.join("cluster")).await?;
         cluster::report(&cfg, &f, &mut report)?;
+    }
+    if !cfg.no_moves {
+        eprintln!("[bench] moves: join, drain and failover under load");
+        let f = moves::run(&cfg, &tmp.join("moves")).await?;
+        moves::report(&f, &mut report)?;
     }
     std::fs::write(&cfg.out, &report).with_context(|| format!("writing {}", cfg.out.display()))?;
     println!("{report}");

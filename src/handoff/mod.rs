@@ -81,6 +81,27 @@ pub struct PartitionData {
     pub trips: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// A partition on its way into this node's shards: pulled (its records decoded) or a
+/// replica being promoted (its drivers as the replica store holds them, no re-encoding).
+pub struct Arriving {
+    pub partition: u16,
+    pub drivers: HashMap<String, Snapshot>,
+    pub claims: Vec<(Vec<u8>, Vec<u8>)>,
+    pub trips: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Arriving {
+    /// Decodes a pulled partition's records (each driver's trail capped at `trail_cap`).
+    fn decode(d: PartitionData, trail_cap: usize) -> Result<Arriving, String> {
+        let mut drivers = HashMap::new();
+        let (_, err) = decode_records(&d.drivers, |r| apply_record(&mut drivers, r, trail_cap));
+        match err {
+            Some(e) => Err(e.to_string()),
+            None => Ok(Arriving { partition: d.partition, drivers, claims: d.claims, trips: d.trips }),
+        }
+    }
+}
+
 /// One partition as `admin partitions` shows it (see `Cluster.Partitions`).
 #[derive(Clone, Debug)]
 pub struct PartitionReport {
@@ -537,7 +558,8 @@ impl Handoff {
     /// Installs pulled partitions (new owner side). Returns those installed. Every
     /// partition's records and new holding are written first and flushed once; only then
     /// are they served (shards, trip actors).
-    async fn install(&self, expect: &Table, data: Vec<PartitionData>, epochs: &HashMap<u16, u64>) -> Vec<u16> {
+    async fn install(&self, expect: &Table, data: Vec<Arriving>, epochs: &HashMap<u16, u64>) -> Vec<u16> {
+        let started = Instant::now();
         let mut st = self.state.lock().await;
         let mut stored = Vec::new();
         for d in data {
@@ -548,12 +570,7 @@ impl Handoff {
             if now != expect.get(p) {
                 continue;
             }
-            let mut pulled: HashMap<String, Snapshot> = HashMap::new();
-            let (_, err) = decode_records(&d.drivers, |r| apply_record(&mut pulled, r, self.trail_cap));
-            if let Some(e) = err {
-                warn!(partition = p, error = %e, "a pulled partition's drivers do not decode; not installed");
-                continue;
-            }
+            let pulled = d.drivers;
             let merge = now.holding == Some(Holding::Active);
             let (mut claims, mut trips) = (d.claims, d.trips);
             if merge {
@@ -589,14 +606,33 @@ impl Handoff {
             }
             return Vec::new();
         }
+        // Every partition's drivers go to the shards in one install (one message per
+        // shard, not one per partition: a promotion installs hundreds of partitions, and
+        // each round trip would wait behind the shards' queued fixes).
+        let t0 = Instant::now();
+        let (mut drivers, mut all_claims) = (Vec::new(), Vec::new());
+        for (_, _, _, pulled, claims) in &mut stored {
+            drivers.extend(std::mem::take(pulled).into_values());
+            all_claims.extend(decode_claims(std::mem::take(claims)));
+        }
+        let n = self.router.install(drivers, all_claims).await;
         let mut done = Vec::with_capacity(stored.len());
-        for (p, epoch, merge, pulled, claims) in stored {
-            let n = self.router.install(pulled.into_values().collect(), decode_claims(claims)).await;
+        let mut trips = 0;
+        for (p, epoch, merge, _, _) in stored {
             let t = if merge { 0 } else { self.trips.start(p) };
-            debug!(partition = p, epoch, drivers = n, trips = t, merge, "installed a pulled partition");
+            trips += t;
+            debug!(partition = p, epoch, trips = t, merge, "installed a pulled partition");
             self.replica_store().drop_below(p, u64::MAX);
             done.push(p);
         }
+        debug!(
+            partitions = done.len(),
+            drivers = n,
+            trips,
+            store_ms = (t0 - started).as_millis() as u64,
+            shards_ms = t0.elapsed().as_millis() as u64,
+            "installed partitions"
+        );
         done
     }
 
@@ -748,7 +784,7 @@ impl Handoff {
                         discarded += 1;
                     }
                     Action::Promote { p, epoch } => {
-                        if let Some(d) = self.replica_store().data(p) {
+                        if let Some(d) = self.replica_store().promotable(p) {
                             promote.push(d);
                             promote_epochs.insert(p, epoch);
                         }
@@ -838,7 +874,17 @@ impl Handoff {
                     debug!(from = %name, partition = f.partition, reason = %f.reason, "pull refused");
                 }
                 let bytes: usize = resp.partitions.iter().map(|d| d.drivers.len()).sum();
-                let data = resp.partitions.into_iter().filter_map(partition_data).collect();
+                let data = resp
+                    .partitions
+                    .into_iter()
+                    .filter_map(partition_data)
+                    .filter_map(|d| {
+                        let p = d.partition;
+                        Arriving::decode(d, self.trail_cap)
+                            .map_err(|e| warn!(partition = p, error = %e, "a pulled partition does not decode"))
+                            .ok()
+                    })
+                    .collect();
                 let done = self.install(&table, data, &epochs).await;
                 self.pulling.lock().expect("pulling lock").retain(|p, _| !epochs.contains_key(p));
                 if !done.is_empty() {

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
 use crate::drivers::{Snapshot, decode_records, encode_upsert};
-use crate::handoff::{PartitionData, snapshot_ref};
+use crate::handoff::{Arriving, PartitionData, snapshot_ref};
 use crate::storage::apply_record;
 
 /// Why a replica refused a part.
@@ -198,6 +198,14 @@ impl ReplicaStore {
         }
         let pairs = |m: &BTreeMap<Vec<u8>, Vec<u8>>| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         Some(PartitionData { partition: p, epoch: c.epoch, drivers, claims: pairs(&c.claims), trips: pairs(&c.trips) })
+    }
+
+    /// The replica of `p`, if in sync, ready to be served here (its drivers as held,
+    /// not re-encoded: promotion is on the failover's critical path).
+    pub fn promotable(&self, p: u16) -> Option<Arriving> {
+        let c = self.parts.get(&p).filter(|c| c.synced())?;
+        let pairs = |m: &BTreeMap<Vec<u8>, Vec<u8>>| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        Some(Arriving { partition: p, drivers: c.drivers.clone(), claims: pairs(&c.claims), trips: pairs(&c.trips) })
     }
 
     /// Drops the replica of `p` if its epoch is below `epoch` (`u64::MAX`: always).

@@ -382,15 +382,20 @@ impl Router {
         for (d, c) in claims {
             per[shard_of(d.as_bytes(), n)].1.push((d, c));
         }
-        let mut installed = 0;
+        // Every shard installs its part at once (in parallel), then all are awaited.
+        let mut replies = Vec::with_capacity(n);
         for (tx, (drivers, claims)) in self.shards.iter().zip(per) {
             if drivers.is_empty() && claims.is_empty() {
                 continue;
             }
             let (reply, rx) = oneshot::channel();
             if tx.send(ShardMsg::Install { drivers, claims, reply }).await.is_ok() {
-                installed += rx.await.unwrap_or(0);
+                replies.push(rx);
             }
+        }
+        let mut installed = 0;
+        for rx in replies {
+            installed += rx.await.unwrap_or(0);
         }
         installed
     }
