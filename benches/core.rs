@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use locus::drivers::{DriverShard, FixInput, NearbyQuery, PersistBatch, ShardConfig, Status};
+use locus::drivers::{DriverShard, FixInput, NearbyQuery, PersistBatch, Position, ShardConfig, Snapshot, Status};
 use locus::geo::EARTH_RADIUS_M;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
@@ -89,6 +89,27 @@ fn main() {
     }
     avail_us.sort_by(f64::total_cmp);
     let p = |v: &[f64], q: f64| v[((v.len() - 1) as f64 * q) as usize];
+    // A promotion: a third as many drivers again arrive at once (a lost owner's share).
+    let extra: Vec<Snapshot> = (0..n / 3)
+        .map(|i| {
+            let (lat, lon) = point(&mut rng);
+            Snapshot {
+                driver_id: format!("new-{i}"),
+                status: Status::Available,
+                vehicle_type: "sedan".into(),
+                last: Position { lat, lon, timestamp_ms: now - 1_000, ..Default::default() },
+                received_ms: now - 1_000,
+                trip_cost: 0.0,
+                cab: String::new(),
+                session: String::new(),
+                trip_id: String::new(),
+                trail: Default::default(),
+            }
+        })
+        .collect();
+    let t0 = Instant::now();
+    let installed = sh.install(extra, Vec::new());
+    let install = t0.elapsed();
     println!("core benchmark, one shard, {n} drivers, 32-fix trails");
     println!("  first fix (create):      {:.0} ns/fix", first.as_nanos() as f64 / n as f64);
     println!("  moving fix (update):     {:.0} ns/fix", moving.as_nanos() as f64 / (n * rounds as usize) as f64);
@@ -96,6 +117,10 @@ fn main() {
         "  group commit encode:     {:.0} ns/driver ({} bytes)",
         commit.as_nanos() as f64 / n as f64,
         batch.buf.len()
+    );
+    println!(
+        "  install (promotion):     {:.0} ns/driver ({installed} drivers into a shard of {n})",
+        install.as_nanos() as f64 / installed.max(1) as f64
     );
     println!("  nearby k=10, no filter:  p50 {:.1} us, p99 {:.1} us", p(&lat_us, 0.5), p(&lat_us, 0.99));
     println!(

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use rand::rngs::SmallRng;
 use rand::SeedableRng;
+use rand::rngs::SmallRng;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -117,6 +117,16 @@ async fn replicated(cfg: &BenchConfig, nodes: &[usize]) -> bool {
         }
     }
     owned.len() == crate::keys::PARTITIONS as usize && owned.iter().all(|(p, e)| copies.contains(&(*p, *e)))
+}
+
+/// Drivers held (owned partitions) over `nodes`: every loaded driver must still be there.
+async fn held_drivers(cfg: &BenchConfig, nodes: &[usize]) -> anyhow::Result<u64> {
+    let mut n = 0;
+    for &i in nodes {
+        let r = ClusterClient::connect(url(cfg, i)).await?.partitions(pb::PartitionsRequest {}).await?.into_inner();
+        n += r.rows.iter().filter(|r| r.state == "owned").map(|r| r.drivers as u64).sum::<u64>();
+    }
+    Ok(n)
 }
 
 /// Waits until [`replicated`]; returns how long that took.
@@ -322,6 +332,8 @@ pub struct MovesFigures {
     /// After the join and after the drain: until every partition had an in-sync
     /// replica again.
     pub restored: [Duration; 2],
+    /// Drivers held by the owners after the join, the drain and the crash.
+    pub held: [u64; 3],
 }
 
 /// Polls `ids` through `target` until every one answers; returns how many never did.
@@ -332,8 +344,10 @@ async fn answering(target: &str, ids: &[String], within: Duration) -> anyhow::Re
     while !left.is_empty() && t0.elapsed() < within {
         let mut still = Vec::new();
         for id in left {
-            let req =
-                pb::GetDriverRequest { key: Some(pb::get_driver_request::Key::DriverId(id.clone())), include_trail: false };
+            let req = pb::GetDriverRequest {
+                key: Some(pb::get_driver_request::Key::DriverId(id.clone())),
+                include_trail: false,
+            };
             if c.get_driver(req).await.is_err() {
                 still.push(id);
             }
@@ -396,6 +410,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Mov
     eprintln!("[bench] moves: a fourth node took its share in {took:?}");
     phases.push(Phase::new("a 4th node joins and takes its share", took, load.take(), t0.elapsed()));
     let restored_join = wait_replicated(cfg, &[0, 1, 2, 3], Duration::from_secs(120)).await?;
+    let held_join = held_drivers(cfg, &[0, 1, 2, 3]).await?;
     eprintln!("[bench] moves: replicas restored {restored_join:?} later");
 
     // 2. n1 is drained, then stopped.
@@ -416,6 +431,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Mov
     phases.push(Phase::new("drain one of the 4 (then stop it)", took, load.take(), t0.elapsed()));
     // One failure at a time: the crash below comes once the replicas are back.
     let restored_drain = wait_replicated(cfg, &[0, 2, 3], Duration::from_secs(120)).await?;
+    let held_drain = held_drivers(cfg, &[0, 2, 3]).await?;
     eprintln!("[bench] moves: replicas restored {restored_drain:?} later");
 
     // 3. kill -9 of n2.
@@ -441,6 +457,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Mov
     eprintln!("[bench] moves: n2's drivers answered again {took:?} after its kill -9");
     let missing = answering(&url(cfg, 0), &sample, Duration::from_secs(2)).await?;
     wait_settled(cfg, &[0, 3], Duration::from_secs(60)).await.ok();
+    let held_crash = held_drivers(cfg, &[0, 3]).await?;
     phases.push(Phase::new("kill -9 of one of the 3 left", took, load.take(), t0.elapsed()));
     load.stop().await;
 
@@ -467,6 +484,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Mov
         failover_missing: missing,
         promote_ms,
         restored: [restored_join, restored_drain],
+        held: [held_join, held_drain, held_crash],
     })
 }
 
@@ -514,6 +532,11 @@ pub fn report(f: &MovesFigures, out: &mut String) -> std::fmt::Result {
         "- Replicas restored (every partition with an in-sync copy at its owner's epoch) {:.2} s after the join settled and {:.2} s after the drain; the crash comes after that (one failure at a time).",
         f.restored[0].as_secs_f64(),
         f.restored[1].as_secs_f64()
+    )?;
+    writeln!(
+        out,
+        "- Drivers held by their owners after the join / the drain / the crash: **{} / {} / {}** of {} loaded (the gateway's drivers are among them; nobody is removed).",
+        f.held[0], f.held[1], f.held[2], f.drivers
     )?;
     let other: u64 = f.phases.iter().map(|p| p.fixes_other_rejects).sum();
     writeln!(out, "- Fixes refused for other reasons (stale, implausible) over all phases: {other}.")

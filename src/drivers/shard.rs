@@ -633,11 +633,14 @@ impl DriverShard {
 
     fn index_changed(&mut self, slot: u32, kind: IndexKind, old: Option<Box<str>>) {
         let rec = self.rec(slot);
-        let id = rec.id.clone();
         let new = match kind {
             IndexKind::Cab => rec.cab.clone(),
             IndexKind::Session => rec.session.clone(),
         };
+        if old.is_none() && new.is_none() {
+            return;
+        }
+        let id = rec.id.clone();
         if let Some(key) = old {
             self.events.push(Event::IndexUnset { kind, key, driver_id: id.clone() });
         }
@@ -816,17 +819,18 @@ impl DriverShard {
     /// driver gets a full record in this node's log. An id already here is kept.
     pub fn install(&mut self, drivers: Vec<Snapshot>, claims: Vec<(String, Claim)>) -> usize {
         let ttl = self.cfg.ttl_ms;
-        let mut n = 0;
+        let mut points = Vec::with_capacity(drivers.len());
         for s in drivers {
             let Some(slot) = self.restore_driver(s) else { continue };
             let rec = self.rec(slot);
-            let (due, generation, key, p) = (rec.received_ms + ttl, rec.generation, rec.key(), rec.indexed);
+            let (due, generation) = (rec.received_ms + ttl, rec.generation);
+            points.push((rec.key(), slot, rec.indexed));
             self.timers.push(Reverse((due, slot, generation)));
-            self.index.insert(key, slot, p);
             self.rec_mut(slot).flags |= FULL;
             self.mark_dirty(slot);
-            n += 1;
         }
+        let n = points.len();
+        self.index.insert_many(points);
         for (driver_id, claim) in claims {
             self.restore_claim(&driver_id, claim);
         }

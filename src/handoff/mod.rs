@@ -413,6 +413,10 @@ impl Handoff {
     pub async fn lend(&self, requester: SocketAddr, wanted: &[(u16, u64)]) -> (Vec<PartitionData>, Vec<Refusal>) {
         let view = self.cluster.view();
         let alive = |a: &SocketAddr| view.member(a).is_some_and(|m| m.liveness != Liveness::Down);
+        // Lend only to the partition's owner by this node's ring too: a node whose view
+        // is still partial (one just joining sees two members of four) would otherwise
+        // pull partitions it does not own, and they would move again moments later.
+        let ring = self.ring(&view);
         let mut st = self.state.lock().await;
         let mut refused = Vec::new();
         let (mut from_shards, mut from_parked, mut from_replica) = (HashSet::new(), Vec::new(), Vec::new());
@@ -423,6 +427,14 @@ impl Handoff {
             }
             let part = st.table.get(p);
             let replica = self.replica_store().synced_epoch(p);
+            if ring.partition_owner(p as usize) != Some(requester) {
+                let owner = ring.partition_owner(p as usize).map_or("nobody".into(), |a| view.name_of(&a));
+                refused.push((
+                    p,
+                    format!("{} is not its owner by this node's ring ({owner} is)", view.name_of(&requester)),
+                ));
+                continue;
+            }
             let ok = match part.holding {
                 // A replica (its owner is lost): handed over as it is, nothing to freeze.
                 None if replica.is_some_and(|e| e < epoch) => {
@@ -736,7 +748,7 @@ impl Handoff {
         let survey = self.survey(view).await;
         let table = self.state.lock().await.table.clone();
         let replicas: HashMap<u16, u64> = self.replica_store().synced().collect();
-        let actions = plan(self.me, &self.ring(view), &table, &replicas, &survey);
+        let actions = plan(self.me, &self.ring(view), &table, &replicas, &survey, self.cluster.has_quorum());
         self.drop_stale_replicas(view, &survey, &table);
         self.replicator.verify(&survey);
         let mut pulls: HashMap<SocketAddr, Vec<(u16, u64)>> = HashMap::new();

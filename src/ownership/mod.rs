@@ -233,8 +233,16 @@ pub enum Action {
 }
 
 /// The hand-off actions for this node (`me`) by the ring, its table, its in-sync
-/// replicas (partition → epoch) and the survey.
-pub fn plan(me: SocketAddr, ring: &Ring, table: &Table, replicas: &HashMap<u16, u64>, survey: &Survey) -> Vec<Action> {
+/// replicas (partition → epoch), the survey, and whether it is serving with its quorum
+/// lease (false while it regains service after losing it).
+pub fn plan(
+    me: SocketAddr,
+    ring: &Ring,
+    table: &Table,
+    replicas: &HashMap<u16, u64>,
+    survey: &Survey,
+    leased: bool,
+) -> Vec<Action> {
     let others = survey.by_partition();
     let none = Vec::new();
     let mut out = Vec::new();
@@ -261,10 +269,13 @@ pub fn plan(me: SocketAddr, ring: &Ring, table: &Table, replicas: &HashMap<u16, 
                 out.push(Action::DropReplica { p, below: e });
             }
         }
-        // Served elsewhere at a higher epoch, or being promoted elsewhere (pulled by a
-        // node that does not serve it: not a merge) to a higher epoch.
+        // Served elsewhere at a higher epoch, or, while this node regains service after
+        // losing its lease, being promoted elsewhere (pulled by a node that does not serve
+        // it: not a merge) to a higher epoch. A node serving with its lease sees pulls at a
+        // higher epoch when a new owner pulls from it: those are not promotions.
         let newer_elsewhere = theirs.iter().any(|(a, e, h)| match h {
             Holding::Active | Holding::Lent { .. } => lent_epoch(*e, *h) > mine.epoch,
+            Holding::Pulling if leased => false,
             Holding::Pulling => *e > mine.epoch && !theirs.iter().any(|(b, _, x)| b == a && *x == Holding::Active),
             _ => false,
         });

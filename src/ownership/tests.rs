@@ -43,7 +43,7 @@ fn survey(peers: &[(u16, &Table)]) -> Survey {
 #[test]
 fn a_lone_node_adopts_every_partition_at_epoch_one() {
     let r = ring(&[0]);
-    let acts = plan(addr(0), &r, &Table::default(), &HashMap::new(), &Survey::default());
+    let acts = plan(addr(0), &r, &Table::default(), &HashMap::new(), &Survey::default(), true);
     assert_eq!(acts.len(), PARTITIONS as usize);
     assert!(acts.iter().all(|a| matches!(a, Action::Adopt { epoch: 1, .. })));
 }
@@ -52,7 +52,7 @@ fn a_lone_node_adopts_every_partition_at_epoch_one() {
 fn a_joining_node_pulls_exactly_its_new_partitions_from_their_holders_at_a_higher_epoch() {
     let (r2, r3) = (ring(&[0, 1]), ring(&[0, 1, 2]));
     let (t0, t1) = (owned(0, &r2, 3, Holding::Active), owned(1, &r2, 5, Holding::Active));
-    let acts = plan(addr(2), &r3, &Table::default(), &HashMap::new(), &survey(&[(0, &t0), (1, &t1)]));
+    let acts = plan(addr(2), &r3, &Table::default(), &HashMap::new(), &survey(&[(0, &t0), (1, &t1)]), true);
     let mine = (0..PARTITIONS).filter(|p| r3.partition_owner(*p as usize) == Some(addr(2))).count();
     assert!(mine > 200, "about a third of the partitions move");
     assert_eq!(acts.len(), mine);
@@ -64,14 +64,14 @@ fn a_joining_node_pulls_exactly_its_new_partitions_from_their_holders_at_a_highe
         assert_eq!(epoch, held + 1);
     }
     // The holders do nothing: they wait to be pulled.
-    assert!(plan(addr(0), &r3, &t0, &HashMap::new(), &survey(&[(1, &t1), (2, &Table::default())])).is_empty());
+    assert!(plan(addr(0), &r3, &t0, &HashMap::new(), &survey(&[(1, &t1), (2, &Table::default())]), true).is_empty());
 }
 
 #[test]
 fn nothing_is_adopted_while_a_live_member_did_not_answer() {
     let r = ring(&[0, 1]);
     let s = Survey { answered: HashMap::new(), missing: vec![addr(1)] };
-    assert!(plan(addr(0), &r, &Table::default(), &HashMap::new(), &s).is_empty(), "its holdings are unknown");
+    assert!(plan(addr(0), &r, &Table::default(), &HashMap::new(), &s, true).is_empty(), "its holdings are unknown");
 }
 
 #[test]
@@ -83,7 +83,7 @@ fn a_restarted_node_pulls_the_served_copy_and_its_parked_copy_loses() {
     for (p, _) in parked.held() {
         served.set(p, Part { epoch: 5, holding: Some(Holding::Active) });
     }
-    let acts = plan(addr(1), &r, &parked, &HashMap::new(), &survey(&[(0, &served)]));
+    let acts = plan(addr(1), &r, &parked, &HashMap::new(), &survey(&[(0, &served)]), true);
     assert!(!acts.is_empty());
     assert!(acts.iter().all(|a| matches!(a, Action::Pull { from, epoch: 6, .. } if *from == addr(0))), "{acts:?}");
 }
@@ -96,15 +96,15 @@ fn the_freshest_parked_copy_wins_when_nobody_serves() {
     mine.set(p, Part { epoch: 2, holding: Some(Holding::Parked) });
     let mut theirs = Table::default();
     theirs.set(p, Part { epoch: 7, holding: Some(Holding::Parked) });
-    let acts = plan(addr(0), &r, &mine, &HashMap::new(), &survey(&[(1, &theirs)]));
+    let acts = plan(addr(0), &r, &mine, &HashMap::new(), &survey(&[(1, &theirs)]), true);
     assert_eq!(about(acts, p), vec![Action::Pull { p, from: addr(1), epoch: 8 }]);
     // With the fresher copy here, it is adopted.
-    let acts = plan(addr(0), &r, &theirs, &HashMap::new(), &survey(&[(1, &mine)]));
+    let acts = plan(addr(0), &r, &theirs, &HashMap::new(), &survey(&[(1, &mine)]), true);
     assert_eq!(about(acts, p), vec![Action::Adopt { p, epoch: 8 }]);
     // And the other node discards its stale parked copy once this one serves.
     let mut served = Table::default();
     served.set(p, Part { epoch: 8, holding: Some(Holding::Active) });
-    let acts = plan(addr(1), &r, &mine, &HashMap::new(), &survey(&[(0, &served)]));
+    let acts = plan(addr(1), &r, &mine, &HashMap::new(), &survey(&[(0, &served)]), true);
     assert_eq!(about(acts, p), vec![Action::Discard { p }]);
 }
 
@@ -117,16 +117,16 @@ fn a_lent_partition_is_forgotten_once_the_borrower_serves_it_and_reclaimed_if_th
     let mut borrower = Table::default();
     borrower.set(p, Part { epoch: 4, holding: Some(Holding::Active) });
     assert_eq!(
-        about(plan(addr(0), &r, &lent, &HashMap::new(), &survey(&[(1, &borrower)])), p),
+        about(plan(addr(0), &r, &lent, &HashMap::new(), &survey(&[(1, &borrower)]), true), p),
         vec![Action::ForgetLent { p }]
     );
     // The borrower died before installing: this node owns it by the ring again.
     assert_eq!(
-        about(plan(addr(0), &r, &lent, &HashMap::new(), &Survey::default()), p),
+        about(plan(addr(0), &r, &lent, &HashMap::new(), &Survey::default(), true), p),
         vec![Action::Reclaim { p, epoch: 5 }]
     );
     // The borrower lives but lost it (restarted): same.
-    let acts = plan(addr(0), &r, &lent, &HashMap::new(), &survey(&[(1, &Table::default())]));
+    let acts = plan(addr(0), &r, &lent, &HashMap::new(), &survey(&[(1, &Table::default())]), true);
     assert_eq!(about(acts, p), vec![Action::Reclaim { p, epoch: 5 }]);
 }
 
@@ -137,9 +137,9 @@ fn two_served_copies_are_merged_by_the_rings_owner() {
     let mut a = Table::default();
     a.set(p, Part { epoch: 1, holding: Some(Holding::Active) });
     let b = a.clone();
-    let acts = plan(addr(0), &r, &a, &HashMap::new(), &survey(&[(1, &b)]));
+    let acts = plan(addr(0), &r, &a, &HashMap::new(), &survey(&[(1, &b)]), true);
     assert_eq!(about(acts, p), vec![Action::Pull { p, from: addr(1), epoch: 2 }]);
-    assert!(about(plan(addr(1), &r, &b, &HashMap::new(), &survey(&[(0, &a)])), p).is_empty());
+    assert!(about(plan(addr(1), &r, &b, &HashMap::new(), &survey(&[(0, &a)]), true), p).is_empty());
 }
 
 #[test]
@@ -189,7 +189,7 @@ fn the_successor_promotes_its_replica_when_the_owner_is_lost() {
     assert!(reps.len() > 100, "node 1 follows a good share of node 0's partitions");
     // Node 0 died: nobody serves its partitions; node 1 holds replicas of some at epoch 4.
     let t2 = owned(2, &r3, 4, Holding::Active);
-    let acts = plan(addr(1), &r2, &owned(1, &r3, 4, Holding::Active), &reps, &survey(&[(2, &t2)]));
+    let acts = plan(addr(1), &r2, &owned(1, &r3, 4, Holding::Active), &reps, &survey(&[(2, &t2)]), true);
     for &p in reps.keys() {
         assert_eq!(r2.partition_owner(p as usize), Some(addr(1)), "the first successor is the next owner");
         assert_eq!(about(acts.clone(), p), vec![Action::Promote { p, epoch: 5 }]);
@@ -204,18 +204,18 @@ fn a_fresher_copy_elsewhere_beats_this_nodes_replica_and_a_parked_copy_loses_a_t
     // The old owner restarted with its disk at epoch 3: the replica (kept current) wins.
     let mut parked = Table::default();
     parked.set(p, Part { epoch: 3, holding: Some(Holding::Parked) });
-    let acts = plan(addr(0), &r, &Table::default(), &mine, &survey(&[(1, &parked)]));
+    let acts = plan(addr(0), &r, &Table::default(), &mine, &survey(&[(1, &parked)]), true);
     assert_eq!(about(acts, p), vec![Action::Promote { p, epoch: 4 }]);
     // A replica at a higher epoch elsewhere (a later owner's) wins over this one.
     let s = Survey {
         answered: [(addr(1), vec![PeerHolding { partition: p, epoch: 6, holding: Holding::Replica }])].into(),
         missing: Vec::new(),
     };
-    let acts = plan(addr(0), &r, &Table::default(), &mine, &s);
+    let acts = plan(addr(0), &r, &Table::default(), &mine, &s, true);
     assert_eq!(about(acts, p), vec![Action::Pull { p, from: addr(1), epoch: 7 }]);
     // Never while a member is silent: it may still serve the partition.
     let s = Survey { answered: HashMap::new(), missing: vec![addr(1)] };
-    assert!(about(plan(addr(0), &r, &Table::default(), &mine, &s), p).is_empty());
+    assert!(about(plan(addr(0), &r, &Table::default(), &mine, &s, true), p).is_empty());
 }
 
 #[test]
@@ -225,9 +225,9 @@ fn a_replica_is_dropped_once_a_newer_copy_is_served_and_kept_at_the_owners_epoch
     let mine: HashMap<u16, u64> = [(p, 3)].into();
     let mut served = Table::default();
     served.set(p, Part { epoch: 3, holding: Some(Holding::Active) });
-    assert!(about(plan(addr(1), &r, &Table::default(), &mine, &survey(&[(0, &served)])), p).is_empty());
+    assert!(about(plan(addr(1), &r, &Table::default(), &mine, &survey(&[(0, &served)]), true), p).is_empty());
     served.set(p, Part { epoch: 5, holding: Some(Holding::Active) });
-    let acts = plan(addr(1), &r, &Table::default(), &mine, &survey(&[(0, &served)]));
+    let acts = plan(addr(1), &r, &Table::default(), &mine, &survey(&[(0, &served)]), true);
     assert_eq!(about(acts, p), vec![Action::DropReplica { p, below: 5 }]);
 }
 
@@ -249,13 +249,13 @@ fn a_lent_partition_is_not_taken_back_while_the_borrower_installs_it_even_if_it_
         .into(),
         missing: Vec::new(),
     };
-    assert!(about(plan(addr(0), &r, &lent, &HashMap::new(), &s), p).is_empty());
+    assert!(about(plan(addr(0), &r, &lent, &HashMap::new(), &s, true), p).is_empty());
     // A replica alone (no pull in progress) means the borrower lost it: reclaim.
     let s = Survey {
         answered: [(addr(1), vec![PeerHolding { partition: p, epoch: 3, holding: Holding::Replica }])].into(),
         missing: Vec::new(),
     };
-    assert_eq!(about(plan(addr(0), &r, &lent, &HashMap::new(), &s), p), vec![Action::Reclaim { p, epoch: 5 }]);
+    assert_eq!(about(plan(addr(0), &r, &lent, &HashMap::new(), &s, true), p), vec![Action::Reclaim { p, epoch: 5 }]);
 }
 
 #[test]
@@ -268,11 +268,11 @@ fn a_stale_served_copy_stands_down_for_a_higher_epoch() {
     let mut newer = Table::default();
     newer.set(p, Part { epoch: 4, holding: Some(Holding::Active) });
     assert_eq!(
-        about(plan(addr(0), &r, &stale, &HashMap::new(), &survey(&[(1, &newer)])), p),
+        about(plan(addr(0), &r, &stale, &HashMap::new(), &survey(&[(1, &newer)]), true), p),
         vec![Action::StandDown { p }]
     );
     // The newer copy does nothing about the stale one (it is not the ring's owner).
-    assert!(about(plan(addr(1), &r, &newer, &HashMap::new(), &survey(&[(0, &stale)])), p).is_empty());
+    assert!(about(plan(addr(1), &r, &newer, &HashMap::new(), &survey(&[(0, &stale)]), true), p).is_empty());
 }
 
 #[test]
@@ -285,9 +285,9 @@ fn the_rings_owner_never_merges_a_stale_copy_into_its_own() {
     stale.set(p, Part { epoch: 3, holding: Some(Holding::Active) });
     let mut current = Table::default();
     current.set(p, Part { epoch: 4, holding: Some(Holding::Active) });
-    assert!(about(plan(addr(1), &r, &current, &HashMap::new(), &survey(&[(0, &stale)])), p).is_empty());
+    assert!(about(plan(addr(1), &r, &current, &HashMap::new(), &survey(&[(0, &stale)]), true), p).is_empty());
     assert_eq!(
-        about(plan(addr(0), &r, &stale, &HashMap::new(), &survey(&[(1, &current)])), p),
+        about(plan(addr(0), &r, &stale, &HashMap::new(), &survey(&[(1, &current)]), true), p),
         vec![Action::StandDown { p }]
     );
 }
@@ -323,9 +323,18 @@ fn a_copy_being_promoted_elsewhere_makes_a_stale_server_stand_down_but_a_merge_d
         }
         Survey { answered: [(addr(1), v)].into(), missing: Vec::new() }
     };
-    assert_eq!(about(plan(addr(0), &r, &stale, &HashMap::new(), &promoting(false)), p), vec![Action::StandDown { p }]);
+    assert_eq!(
+        about(plan(addr(0), &r, &stale, &HashMap::new(), &promoting(false), false), p),
+        vec![Action::StandDown { p }]
+    );
     // A node that serves it too and pulls this copy is merging: wait to be pulled.
-    assert!(!about(plan(addr(0), &r, &stale, &HashMap::new(), &promoting(true)), p).contains(&Action::StandDown { p }));
+    assert!(
+        !about(plan(addr(0), &r, &stale, &HashMap::new(), &promoting(true), false), p)
+            .contains(&Action::StandDown { p })
+    );
+    // A node serving with its lease is not stale: a pull elsewhere at a higher epoch is
+    // a new owner pulling from it (the lend is on its way), not a promotion.
+    assert!(about(plan(addr(0), &r, &stale, &HashMap::new(), &promoting(false), true), p).is_empty());
 }
 
 #[test]

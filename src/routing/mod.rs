@@ -112,6 +112,9 @@ pub struct Router {
 /// One shard's part of an install: drivers and their claims.
 type ShardInstall = (Vec<Snapshot>, Vec<(String, Claim)>);
 
+/// Most drivers one install message carries to a shard (a few milliseconds of work).
+const INSTALL_SLICE: usize = 2_048;
+
 /// The outcome of a dispatched batch: every rejected fix with its index, in index order.
 pub type BatchResult = Vec<(u32, Reject)>;
 
@@ -299,11 +302,16 @@ impl Router {
     /// drivers as full log records, per partition (records, count).
     pub async fn export(&self, parts: Arc<HashSet<u16>>) -> Result<HashMap<u16, (Vec<u8>, u32)>, RouteError> {
         let mut out: HashMap<u16, (Vec<u8>, u32)> = HashMap::new();
+        // Every shard exports at once (in parallel), then the answers are merged.
+        let mut replies = Vec::with_capacity(self.shards.len());
         for tx in &self.shards {
             let (reply, rx) = oneshot::channel();
             tx.send(ShardMsg::Export { partitions: parts.clone(), reply })
                 .await
                 .map_err(|_| RouteError::Unavailable)?;
+            replies.push(rx);
+        }
+        for rx in replies {
             for (p, (buf, n)) in rx.await.map_err(|_| RouteError::Unavailable)? {
                 let e = out.entry(p).or_default();
                 e.0.extend_from_slice(&buf);
@@ -382,20 +390,34 @@ impl Router {
         for (d, c) in claims {
             per[shard_of(d.as_bytes(), n)].1.push((d, c));
         }
-        // Every shard installs its part at once (in parallel), then all are awaited.
-        let mut replies = Vec::with_capacity(n);
-        for (tx, (drivers, claims)) in self.shards.iter().zip(per) {
+        // Shards install in parallel, each in slices of at most INSTALL_SLICE drivers,
+        // one after the other: queries queued meanwhile run between slices instead of
+        // waiting for a whole partition set (a promotion brings hundreds of thousands).
+        let mut tasks = Vec::with_capacity(n);
+        for (tx, (mut drivers, claims)) in self.shards.iter().cloned().zip(per) {
             if drivers.is_empty() && claims.is_empty() {
                 continue;
             }
-            let (reply, rx) = oneshot::channel();
-            if tx.send(ShardMsg::Install { drivers, claims, reply }).await.is_ok() {
-                replies.push(rx);
-            }
+            tasks.push(tokio::spawn(async move {
+                let mut installed = 0;
+                let mut claims = Some(claims);
+                while !drivers.is_empty() || claims.is_some() {
+                    let rest = drivers.split_off(drivers.len().min(INSTALL_SLICE));
+                    let slice = std::mem::replace(&mut drivers, rest);
+                    // Claims go with the last slice, once their drivers are in.
+                    let claims = if drivers.is_empty() { claims.take().unwrap_or_default() } else { Vec::new() };
+                    let (reply, rx) = oneshot::channel();
+                    if tx.send(ShardMsg::Install { drivers: slice, claims, reply }).await.is_err() {
+                        break;
+                    }
+                    installed += rx.await.unwrap_or(0);
+                }
+                installed
+            }));
         }
         let mut installed = 0;
-        for rx in replies {
-            installed += rx.await.unwrap_or(0);
+        for t in tasks {
+            installed += t.await.unwrap_or(0);
         }
         installed
     }
