@@ -570,7 +570,7 @@ impl Handoff {
     /// Installs pulled partitions (new owner side). Returns those installed. Every
     /// partition's records and new holding are written first and flushed once; only then
     /// are they served (shards, trip actors).
-    async fn install(&self, expect: &Table, data: Vec<Arriving>, epochs: &HashMap<u16, u64>) -> Vec<u16> {
+    async fn install(&self, expect: &Table, data: Vec<Arriving>, epochs: &HashMap<u16, u64>, slice: usize) -> Vec<u16> {
         let started = Instant::now();
         let mut st = self.state.lock().await;
         let mut stored = Vec::new();
@@ -627,7 +627,7 @@ impl Handoff {
             drivers.extend(std::mem::take(pulled).into_values());
             all_claims.extend(decode_claims(std::mem::take(claims)));
         }
-        let n = self.router.install(drivers, all_claims).await;
+        let n = self.router.install(drivers, all_claims, slice).await;
         let mut done = Vec::with_capacity(stored.len());
         let mut trips = 0;
         for (p, epoch, merge, _, _) in stored {
@@ -654,7 +654,7 @@ impl Handoff {
         let claims = load_claims(&self.claims, p);
         self.set(st, p, Part { epoch, holding: Some(Holding::Active) });
         if !drivers.is_empty() || !claims.is_empty() {
-            self.router.install(drivers, claims).await;
+            self.router.install(drivers, claims, usize::MAX).await;
         }
         self.trips.start(p);
     }
@@ -817,7 +817,7 @@ impl Handoff {
                 let t0 = Instant::now();
                 // Reported as being pulled meanwhile: a stale copy elsewhere stands down.
                 self.pulling.lock().expect("pulling lock").extend(promote_epochs.iter().map(|(p, e)| (*p, *e)));
-                let done = self.install(&table, promote, &promote_epochs).await;
+                let done = self.install(&table, promote, &promote_epochs, usize::MAX).await;
                 self.pulling.lock().expect("pulling lock").retain(|p, _| !promote_epochs.contains_key(p));
                 metrics::counter!("locus_promotions_total").increment(done.len() as u64);
                 info!(
@@ -897,7 +897,7 @@ impl Handoff {
                             .ok()
                     })
                     .collect();
-                let done = self.install(&table, data, &epochs).await;
+                let done = self.install(&table, data, &epochs, crate::routing::INSTALL_SLICE).await;
                 self.pulling.lock().expect("pulling lock").retain(|p, _| !epochs.contains_key(p));
                 if !done.is_empty() {
                     let mut c = self.client(meta.grpc);

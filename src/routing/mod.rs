@@ -112,8 +112,9 @@ pub struct Router {
 /// One shard's part of an install: drivers and their claims.
 type ShardInstall = (Vec<Snapshot>, Vec<(String, Claim)>);
 
-/// Most drivers one install message carries to a shard (a few milliseconds of work).
-const INSTALL_SLICE: usize = 2_048;
+/// Most drivers one install message of a hand-off carries to a shard (a few
+/// milliseconds of work).
+pub const INSTALL_SLICE: usize = 2_048;
 
 /// The outcome of a dispatched batch: every rejected fix with its index, in index order.
 pub type BatchResult = Vec<(u32, Reject)>;
@@ -381,7 +382,10 @@ impl Router {
     }
 
     /// Installs drivers and their claims in their shards; returns how many drivers.
-    pub async fn install(&self, drivers: Vec<Snapshot>, claims: Vec<(String, Claim)>) -> usize {
+    /// `slice`: most drivers per message to a shard ([`INSTALL_SLICE`] keeps queries
+    /// flowing during a hand-off; a promotion, on the failover's critical path, sends
+    /// everything at once so large additions bulk-load the geo index).
+    pub async fn install(&self, drivers: Vec<Snapshot>, claims: Vec<(String, Claim)>, slice: usize) -> usize {
         let n = self.shards.len();
         let mut per: Vec<ShardInstall> = (0..n).map(|_| Default::default()).collect();
         for d in drivers {
@@ -390,7 +394,7 @@ impl Router {
         for (d, c) in claims {
             per[shard_of(d.as_bytes(), n)].1.push((d, c));
         }
-        // Shards install in parallel, each in slices of at most INSTALL_SLICE drivers,
+        // Shards install in parallel, each in slices of at most `slice` drivers,
         // one after the other: queries queued meanwhile run between slices instead of
         // waiting for a whole partition set (a promotion brings hundreds of thousands).
         let mut tasks = Vec::with_capacity(n);
@@ -402,7 +406,7 @@ impl Router {
                 let mut installed = 0;
                 let mut claims = Some(claims);
                 while !drivers.is_empty() || claims.is_some() {
-                    let rest = drivers.split_off(drivers.len().min(INSTALL_SLICE));
+                    let rest = drivers.split_off(drivers.len().min(slice.max(1)));
                     let slice = std::mem::replace(&mut drivers, rest);
                     // Claims go with the last slice, once their drivers are in.
                     let claims = if drivers.is_empty() { claims.take().unwrap_or_default() } else { Vec::new() };
