@@ -64,6 +64,7 @@ pub mod actors;
 pub mod admin;
 pub mod api;
 pub mod bench;
+pub mod clock;
 pub mod config;
 pub mod dispatch;
 pub mod drivers;

@@ -28,7 +28,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 use crate::actors::{Hooks, ShardHandle, ShardMsg, WorkerConfig, spawn_shard};
-use crate::api::{ClusterApi, DispatchApi, EventsApi, HandoffApi, InternalApi, LocationsApi, TripsApi};
+use crate::api::{ClaimForwarder, ClusterApi, DispatchApi, EventsApi, HandoffApi, InternalApi, LocationsApi, TripsApi};
 use crate::config::NodeConfig;
 use crate::dispatch::Dispatcher;
 use crate::drivers::{DriverShard, Limits, ShardConfig, Snapshot};
@@ -50,8 +50,7 @@ use crate::trips::Trips;
 use crate::trips::model::{Fare, TripConfig};
 use crate::trips::share::RateLimiter;
 
-/// Largest gRPC message a node accepts or sends (a 10,000-fix batch is about 1 MiB).
-pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+pub use crate::routing::cluster::MAX_MESSAGE_BYTES;
 
 /// Reads the driver log back (the parked copy) and makes empty shard cores.
 fn restore(cfg: &NodeConfig, log_dir: &Path) -> anyhow::Result<(Vec<DriverShard>, HashMap<String, Snapshot>)> {
@@ -232,13 +231,9 @@ pub async fn run(
         tee_dropped,
     );
     let replication = tokio::spawn(replicator.clone().run(tee_rx));
-    let dispatch = Arc::new(Dispatcher::new(
-        router.clone(),
-        cluster.clone(),
-        durable.clone(),
-        replicator.clone(),
-        cfg.offer_timeout,
-    ));
+    let dispatch = Arc::new(Dispatcher::new(router.clone(), durable.clone(), replicator.clone(), cfg.offer_timeout));
+    // Claims for drivers other nodes own go there over gRPC.
+    dispatch.set_link(Arc::new(ClaimForwarder::new(cluster.clone())));
     let trip_cfg = TripConfig {
         buffer_ms: cfg.trip_buffer.as_millis() as i64,
         linger_ms: cfg.trip_linger.as_millis() as i64,
@@ -284,7 +279,7 @@ pub async fn run(
     // The minority rule's lease: well inside failure detection (a cut-off node stands
     // down before the others declare it down and promote its replicas).
     let quorum_task = tokio::spawn(handoff.clone().run_quorum(lease, cfg.suspect_timeout / 2, members.view.clone()));
-    let feed = tokio::spawn(crate::trips::run_feed(trip_fix_rx, trips.clone(), cluster.clone()));
+    let feed = tokio::spawn(crate::api::run_feed(trip_fix_rx, trips.clone(), cluster.clone()));
 
     let leave = Arc::new(Notify::new());
     let api = Arc::new(LocationsApi::new(router, cluster.clone(), limits, cfg.watch_queue, sd_rx.clone()));

@@ -14,6 +14,9 @@
 //! oneshot channels, watcher streams, secondary-index updates and [`PersistBatch`]es for
 //! the persister thread.
 
+mod index;
+
+pub use index::SecondaryIndex;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,19 +25,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
+use crate::clock::wall_ms;
 use crate::drivers::{
     Claim, ClaimError, ClaimOk, DriverShard, DriverView, Event, FixInput, GoneReason, Lookup, NearbyHit, NearbyQuery,
     PersistBatch, Position, Reject, ShardCounters, Snapshot, WithinQuery,
 };
 use crate::events::{Bus, driver_change};
 use crate::ownership::Lease;
-use crate::routing::SecondaryIndex;
 use crate::storage::SweepControl;
-
-/// Milliseconds since the Unix epoch, from the system clock.
-pub fn wall_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
 
 /// Why a watch stream ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -23,7 +23,8 @@ use super::{
     END_KEY, check_key_str, count_rejects, driver_key, driver_proto, fix_from_proto, fix_to_proto, hit_proto, invalid,
     nearby_query, reject_status, route_status, scatter_deadline, with_meta, within_query,
 };
-use crate::actors::{WatchEnd, wall_ms};
+use crate::actors::WatchEnd;
+use crate::clock::wall_ms;
 use crate::drivers::{Limits, NearbyHit, Reject};
 use crate::pb;
 use crate::pb::locations_client::LocationsClient;
@@ -67,8 +68,7 @@ pub(crate) enum Target {
     Forward(Box<Peer>, u32),
 }
 
-/// How long a keyed request waits for its partition to arrive on this node.
-pub(crate) const INCOMING_WAIT: Duration = Duration::from_secs(2);
+pub(crate) use crate::routing::cluster::INCOMING_WAIT;
 
 /// Decides where a keyed request with `hop` forwards so far runs. A request for a
 /// partition this node is taking over waits (at most [`INCOMING_WAIT`]) for it.

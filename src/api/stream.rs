@@ -25,7 +25,7 @@ use tonic::{Request, Status, Streaming};
 
 use super::locations::{BoxStream, INCOMING_WAIT, LocationsApi};
 use super::{MAX_BATCH, count_rejects, fix_from_proto, fix_to_proto, invalid, reject_proto};
-use crate::actors::wall_ms;
+use crate::clock::wall_ms;
 use crate::drivers::{FieldError, FixInput, Reject};
 use crate::keys::partition_of;
 use crate::ownership::Route;

@@ -20,18 +20,20 @@ use tracing::debug;
 use super::follow::{Opening, Resume, follow};
 use super::locations::{BoxStream, Target, forwarded, peer_status, target};
 use super::{END_KEY, check_coord, check_key_str, invalid, position_from_proto, with_meta};
-use crate::actors::{TripFix, wall_ms};
-use crate::dispatch::Dispatcher;
+use crate::actors::TripFix;
+use crate::clock::wall_ms;
+use crate::dispatch::{ClaimAnswer, ClaimCall, ClaimLink, ClaimOp, DispatchError, Dispatcher, Pending};
 use crate::drivers::{FieldError, MAX_VEHICLE_TYPE_BYTES, check_range, check_str};
-use crate::events::{Bus, Filter};
+use crate::events::{Bus, Entity, Filter, StateChange};
 use crate::geo::haversine_m;
+use crate::ownership::Route;
 use crate::pb;
 use crate::pb::events_client::EventsClient;
 use crate::pb::locations_server::Locations;
 use crate::pb::trips_client::TripsClient;
 use crate::routing::cluster::{Cluster, hops, is_local_scope, set_local_scope};
-use crate::trips::Trips;
-use crate::trips::model::{EventKind, LatLon, TripEvent, Vehicle};
+use crate::trips::model::{EventKind, LatLon, TripEvent, TripState, Vehicle};
+use crate::trips::{ShareLink, TripEnd, TripError, TripUpdate, TripView, Trips};
 
 /// Longest estimated drive time a booking may carry.
 const MAX_DRIVE_S: u32 = 86_400;
@@ -120,7 +122,7 @@ impl pb::trips_server::Trips for TripsApi {
         match target(&self.cluster, &ev.trip_id, hop).await? {
             Target::Local => {
                 metrics::counter!("locus_trip_events_total", "type" => ev.kind.name()).increment(1);
-                self.trips.apply(ev).await.map(Response::new)
+                self.trips.apply(ev).await.map(|v| Response::new(trip_proto(v))).map_err(trip_status)
             }
             Target::Forward(p, hop) => Self::client(&p).apply(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s)),
         }
@@ -131,7 +133,12 @@ impl pb::trips_server::Trips for TripsApi {
         let r = req.into_inner();
         check_key_str("trip_id", &r.trip_id).map_err(|e| invalid(&e))?;
         match target(&self.cluster, &r.trip_id, hop).await? {
-            Target::Local => self.trips.get(&r.trip_id, r.include_route).await.map(Response::new),
+            Target::Local => self
+                .trips
+                .get(&r.trip_id, r.include_route)
+                .await
+                .map(|v| Response::new(trip_proto(v)))
+                .map_err(trip_status),
             Target::Forward(p, hop) => {
                 Self::client(&p).get_trip(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))
             }
@@ -158,7 +165,9 @@ impl pb::trips_server::Trips for TripsApi {
         let r = req.into_inner();
         check_key_str("trip_id", &r.trip_id).map_err(|e| invalid(&e))?;
         match target(&self.cluster, &r.trip_id, hop).await? {
-            Target::Local => self.trips.share(&r.trip_id).await.map(Response::new),
+            Target::Local => {
+                self.trips.share(&r.trip_id).await.map(|l| Response::new(share_proto(l))).map_err(trip_status)
+            }
             Target::Forward(p, hop) => {
                 Self::client(&p).share_trip(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))
             }
@@ -175,16 +184,16 @@ impl TripsApi {
             let s = Self::client(&p).watch_trip(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))?;
             return Ok(Box::pin(s.into_inner()));
         }
-        let (now, mut updates) = self.trips.watch(&trip_id).await?;
+        let (now, mut updates) = self.trips.watch(&trip_id).await.map_err(trip_status)?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
-            if tx.send(Ok(pb::TripUpdate { trip: Some(now), state_changed: true })).await.is_err() {
+            if tx.send(Ok(pb::TripUpdate { trip: Some(trip_proto(now)), state_changed: true })).await.is_err() {
                 return;
             }
             loop {
                 tokio::select! {
                     u = updates.recv() => match u {
-                        Some(u) => if tx.send(u).await.is_err() { return },
+                        Some(u) => if tx.send(u.map(update_proto).map_err(trip_end_status)).await.is_err() { return },
                         None => {
                             // The actor dropped us: we lagged (an expiry sends its own end).
                             let s = with_meta(Status::resource_exhausted("watcher fell too far behind; resubscribe"), END_KEY, "lagged");
@@ -340,11 +349,11 @@ fn lagged() -> Status {
 type Out = mpsc::Sender<Result<pb::StateChange, Status>>;
 
 /// This node's bus, filtered, into `tx`.
-async fn pump_local(mut sub: broadcast::Receiver<pb::StateChange>, filter: Filter, tx: Out) {
+async fn pump_local(mut sub: broadcast::Receiver<StateChange>, filter: Filter, tx: Out) {
     loop {
         tokio::select! {
             r = sub.recv() => match r {
-                Ok(c) => if filter.matches(&c) && tx.send(Ok(c)).await.is_err() { return },
+                Ok(c) => if filter.matches(&c) && tx.send(Ok(state_change_proto(&c))).await.is_err() { return },
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     let _ = tx.send(Err(lagged())).await;
                     return;
@@ -444,7 +453,8 @@ impl pb::events_server::Events for EventsApi {
         }
         let entity = match pb::EntityKind::try_from(r.entity) {
             Ok(pb::EntityKind::Unspecified) => None,
-            Ok(k) => Some(k),
+            Ok(pb::EntityKind::EntityDriver) => Some(Entity::Driver),
+            Ok(pb::EntityKind::EntityTrip) => Some(Entity::Trip),
             Err(_) => return Err(invalid(&FieldError::new("entity", format!("unknown entity kind {}", r.entity)))),
         };
         let filter = Filter { entity, states: r.states.clone() };
@@ -478,7 +488,8 @@ impl pb::internal_server::Internal for InternalApi {
         check_key_str("driver_id", &r.driver_id).map_err(|e| invalid(&e))?;
         check_key_str("trip_id", &r.trip_id).map_err(|e| invalid(&e))?;
         check_str("vehicle_type", &r.vehicle_type, false, MAX_VEHICLE_TYPE_BYTES).map_err(|e| invalid(&e))?;
-        self.dispatch.call(r, hop).await.map(Response::new)
+        let call = claim_call(r).map_err(|e| invalid(&e))?;
+        self.dispatch.call(call, hop).await.map(|a| Response::new(answer_proto(a))).map_err(dispatch_status)
     }
 
     async fn feed(&self, req: Request<pb::TripFixes>) -> Result<Response<pb::FeedAck>, Status> {
@@ -496,5 +507,251 @@ impl pb::internal_server::Internal for InternalApi {
             Some(json) => pb::ShareAnswer { http_status: 200, json: json.to_vec() },
             None => pb::ShareAnswer { http_status: 404, json: Vec::new() },
         }))
+    }
+}
+
+// Domain ↔ protobuf for trips, dispatch and events, and their errors as statuses: the
+// one place these conversions live.
+
+/// A trip error as the client sees it.
+pub(crate) fn trip_status(e: TripError) -> Status {
+    match e {
+        TripError::NotFound => Status::not_found(e.to_string()),
+        TripError::Moving => super::locations::unavailable_retry(e.to_string()),
+        TripError::Busy => Status::resource_exhausted(e.to_string()),
+        TripError::Transition { state, .. } => {
+            let mut s = Status::failed_precondition(e.to_string());
+            s.metadata_mut().insert("locus-trip-state", tonic::metadata::MetadataValue::from_static(state.name()));
+            s
+        }
+        TripError::Storage(m) => Status::unavailable(m),
+        TripError::Driver(d) => dispatch_status(d),
+    }
+}
+
+/// How a trip watch ended, as the stream's last status.
+fn trip_end_status(e: TripEnd) -> Status {
+    match e {
+        TripEnd::Moved => with_meta(
+            super::locations::unavailable_retry("moved: the trip's partition moved to another node; resubscribe"),
+            END_KEY,
+            "moved",
+        ),
+        TripEnd::Expired => with_meta(Status::not_found("the trip expired"), END_KEY, "expired"),
+    }
+}
+
+/// A dispatch error as the client sees it.
+pub(crate) fn dispatch_status(e: DispatchError) -> Status {
+    match e {
+        DispatchError::NotFound(m) => Status::not_found(m),
+        DispatchError::Overloaded(m) => with_meta(Status::resource_exhausted(m), super::REASON_KEY, "overloaded"),
+        DispatchError::Unavailable(m) => super::locations::unavailable_retry(m),
+        DispatchError::Refused(m) => Status::failed_precondition(m),
+        DispatchError::Invalid(m) => Status::invalid_argument(m),
+    }
+}
+
+/// A status from the driver's owner, back as a dispatch error.
+fn dispatch_error(s: Status) -> DispatchError {
+    let m = s.message().to_string();
+    match s.code() {
+        tonic::Code::NotFound => DispatchError::NotFound(m),
+        tonic::Code::ResourceExhausted => DispatchError::Overloaded(m),
+        tonic::Code::FailedPrecondition => DispatchError::Refused(m),
+        tonic::Code::InvalidArgument => DispatchError::Invalid(m),
+        _ => DispatchError::Unavailable(m),
+    }
+}
+
+fn state_proto(s: TripState) -> i32 {
+    match s {
+        TripState::Booked => pb::TripState::TripBooked as i32,
+        TripState::DriverAssigned => pb::TripState::TripDriverAssigned as i32,
+        TripState::DriverArrived => pb::TripState::TripDriverArrived as i32,
+        TripState::PassengerCarry => pb::TripState::TripPassengerCarry as i32,
+        TripState::PassengerDropped => pb::TripState::TripPassengerDropped as i32,
+        TripState::Cancelled => pb::TripState::TripCancelled as i32,
+    }
+}
+
+fn point_proto(p: LatLon) -> Option<pb::Point> {
+    Some(pb::Point { lat: p.lat, lon: p.lon })
+}
+
+pub(crate) fn trip_proto(v: TripView) -> pb::Trip {
+    let t = v.trip;
+    let vehicle = t.vehicle;
+    pb::Trip {
+        state: state_proto(t.state),
+        state_name: t.state.name().into(),
+        pickup: point_proto(t.pickup),
+        dropoff: point_proto(t.dropoff),
+        estimated_drive_s: t.estimated_drive_s,
+        driver_id: t.driver_id,
+        vehicle: Some(pb::Vehicle {
+            cab_number: vehicle.cab_number,
+            model: vehicle.model,
+            colour: vehicle.colour,
+            plate: vehicle.plate,
+        }),
+        driver_position: t.driver_pos.as_ref().map(super::fix_proto),
+        route: t
+            .route
+            .iter()
+            .map(|p| pb::RoutePoint { lat: p.lat, lon: p.lon, timestamp_ms: p.timestamp_ms })
+            .collect(),
+        distance_m: t.distance_m,
+        fare: v.fare,
+        created_ms: t.created_ms,
+        assigned_ms: t.assigned_ms,
+        arrived_ms: t.arrived_ms,
+        carry_ms: t.carry_ms,
+        dropped_ms: t.dropped_ms,
+        cancelled_ms: t.cancelled_ms,
+        expires_ms: t.expires_ms,
+        driver_near_pickup: t.near_pickup,
+        version: t.version,
+        trip_id: t.trip_id,
+    }
+}
+
+fn update_proto(u: TripUpdate) -> pb::TripUpdate {
+    pb::TripUpdate { trip: Some(trip_proto(u.view)), state_changed: u.state_changed }
+}
+
+fn share_proto(l: ShareLink) -> pb::ShareLink {
+    pb::ShareLink { token: l.token, url: l.url, expires_ms: l.expires_ms }
+}
+
+fn state_change_proto(c: &StateChange) -> pb::StateChange {
+    pb::StateChange {
+        entity: match c.entity {
+            Entity::Driver => pb::EntityKind::EntityDriver,
+            Entity::Trip => pb::EntityKind::EntityTrip,
+        } as i32,
+        id: c.id.clone(),
+        state: c.state.into(),
+        from_state: c.from_state.into(),
+        timestamp_ms: c.timestamp_ms,
+        lat: c.lat,
+        lon: c.lon,
+    }
+}
+
+/// A validated `Internal.Claim` request as a claim call.
+fn claim_call(r: pb::ClaimRequest) -> Result<ClaimCall, FieldError> {
+    let op = match pb::ClaimOp::try_from(r.op) {
+        Ok(pb::ClaimOp::Claim) => ClaimOp::Claim { vehicle_type: r.vehicle_type },
+        Ok(pb::ClaimOp::Confirm) => ClaimOp::Confirm,
+        Ok(pb::ClaimOp::Release) => ClaimOp::Release,
+        _ => return Err(FieldError::new("op", format!("unknown claim operation {}", r.op))),
+    };
+    Ok(ClaimCall { op, driver_id: r.driver_id, trip_id: r.trip_id })
+}
+
+fn claim_request(c: &ClaimCall) -> pb::ClaimRequest {
+    let (op, vehicle_type) = match &c.op {
+        ClaimOp::Claim { vehicle_type } => (pb::ClaimOp::Claim, vehicle_type.clone()),
+        ClaimOp::Confirm => (pb::ClaimOp::Confirm, String::new()),
+        ClaimOp::Release => (pb::ClaimOp::Release, String::new()),
+    };
+    pb::ClaimRequest { op: op as i32, driver_id: c.driver_id.clone(), trip_id: c.trip_id.clone(), vehicle_type }
+}
+
+fn answer_proto(a: ClaimAnswer) -> pb::ClaimResponse {
+    pb::ClaimResponse {
+        ok: a.ok,
+        reason: a.reason,
+        lat: a.lat,
+        lon: a.lon,
+        vehicle_type: a.vehicle_type,
+        offer_expires_ms: a.offer_expires_ms,
+    }
+}
+
+fn answer_from_proto(r: pb::ClaimResponse) -> ClaimAnswer {
+    ClaimAnswer {
+        ok: r.ok,
+        reason: r.reason,
+        lat: r.lat,
+        lon: r.lon,
+        vehicle_type: r.vehicle_type,
+        offer_expires_ms: r.offer_expires_ms,
+    }
+}
+
+/// Claims for drivers other nodes own go there over `Internal.Claim`.
+pub struct ClaimForwarder {
+    cluster: Arc<Cluster>,
+}
+
+impl ClaimForwarder {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        ClaimForwarder { cluster }
+    }
+}
+
+impl ClaimLink for ClaimForwarder {
+    fn remote(&self, call: &ClaimCall, hop: u32) -> Pending<'_, Result<Option<ClaimAnswer>, DispatchError>> {
+        let req = claim_request(call);
+        Box::pin(async move {
+            match target(&self.cluster, &req.driver_id, hop).await.map_err(dispatch_error)? {
+                Target::Local => Ok(None),
+                Target::Forward(p, hop) => {
+                    let mut c = pb::internal_client::InternalClient::new(p.channel.clone());
+                    let r = c.claim(forwarded(req, hop)).await.map_err(|s| dispatch_error(peer_status(&p, s)))?;
+                    Ok(Some(answer_from_proto(r.into_inner())))
+                }
+            }
+        })
+    }
+}
+
+/// Fixes of drivers on trips travel from shard workers to the trips' owners: batched
+/// per owner node, never blocking the shards. A remote batch that cannot be sent at
+/// once is dropped (counted); the next fix follows within a second or so.
+pub async fn run_feed(mut rx: mpsc::Receiver<TripFix>, trips: Arc<Trips>, cluster: Arc<Cluster>) {
+    let inflight = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut buf = Vec::with_capacity(1024);
+    while rx.recv_many(&mut buf, 1024).await > 0 {
+        // One view and routes per batch; a peer is looked up once per owner, not per fix.
+        let view = cluster.view();
+        let routes = cluster.routes();
+        let mut remote: HashMap<std::net::SocketAddr, Vec<pb::TripFix>> = HashMap::new();
+        for f in buf.drain(..) {
+            match routes.of_key(f.trip_id.as_bytes()) {
+                Route::Local => trips.feed(f),
+                Route::Remote(a) => remote.entry(a).or_default().push(pb::TripFix {
+                    trip_id: f.trip_id.into(),
+                    driver_id: f.driver_id.into(),
+                    fix: Some(super::fix_proto(&f.pos)),
+                }),
+                // Moving or unknown: the driver's next fix follows within a second or so.
+                Route::Incoming | Route::Unknown => metrics::counter!("locus_trip_fixes_dropped_total").increment(1),
+            }
+        }
+        let remote = remote.into_iter().filter_map(|(a, fixes)| match cluster.peer_in(&view, a) {
+            Some(p) => Some((p, fixes)),
+            None => {
+                metrics::counter!("locus_trip_fixes_dropped_total").increment(fixes.len() as u64);
+                None
+            }
+        });
+        for (peer, fixes) in remote {
+            let Ok(permit) = inflight.clone().try_acquire_owned() else {
+                metrics::counter!("locus_trip_fixes_dropped_total").increment(fixes.len() as u64);
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut c = pb::internal_client::InternalClient::new(peer.channel);
+                let mut r = tonic::Request::new(pb::TripFixes { fixes });
+                r.set_timeout(Duration::from_secs(2));
+                if let Err(e) = c.feed(r).await {
+                    tracing::debug!(peer = %peer.name, error = %e, "trip fixes not delivered");
+                }
+                drop(permit);
+            });
+        }
     }
 }

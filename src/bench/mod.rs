@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::actors::wall_ms;
+use crate::clock::wall_ms;
 use crate::geo::EARTH_RADIUS_M;
 use crate::pb::{self, DriverStatus};
 use crate::sim::connect;

@@ -28,7 +28,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{BenchConfig, Latency, Proc, Workload, ingest_many, wait_port};
-use crate::actors::wall_ms;
+use crate::clock::wall_ms;
 use crate::pb;
 use crate::pb::cluster_client::ClusterClient;
 use crate::sim::{connect, fetch_ring};

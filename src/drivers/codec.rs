@@ -249,6 +249,21 @@ pub fn decode_records(bytes: &[u8], mut f: impl FnMut(Record)) -> (usize, Option
     (at, None)
 }
 
+/// A stored driver as the encoder reads it.
+pub fn snapshot_ref(s: &Snapshot) -> SnapshotRef<'_> {
+    SnapshotRef {
+        status: s.status,
+        vehicle_type: &s.vehicle_type,
+        last: &s.last,
+        received_ms: s.received_ms,
+        trip_cost: s.trip_cost,
+        cab: &s.cab,
+        session: &s.session,
+        trip_id: &s.trip_id,
+        trail: &s.trail,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

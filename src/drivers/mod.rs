@@ -11,7 +11,9 @@ mod shard;
 mod trail;
 mod validate;
 
-pub use codec::{Record, Snapshot, SnapshotError, SnapshotRef, decode_records, encode_delete, encode_upsert};
+pub use codec::{
+    Record, Snapshot, SnapshotError, SnapshotRef, decode_records, encode_delete, encode_upsert, snapshot_ref,
+};
 pub use shard::{
     Claim, ClaimEnd, ClaimError, ClaimOk, DriverShard, Event, GoneReason, IndexKind, Lookup, NearbyQuery, PersistBatch,
     ShardConfig, ShardCounters, WithinQuery,

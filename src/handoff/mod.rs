@@ -50,7 +50,7 @@ use tokio::sync::{Mutex, watch};
 use tracing::{debug, info, warn};
 
 use crate::dispatch::{decode_claims, load_claims};
-use crate::drivers::{Snapshot, SnapshotRef, decode_records, encode_upsert};
+use crate::drivers::{Snapshot, encode_upsert, snapshot_ref};
 use crate::keys::{PARTITIONS, pkey_bytes};
 use crate::membership::{ClusterView, Liveness, NodeState};
 use crate::ownership::{Action, Holding, Part, PeerHolding, Routes, Survey, Table, plan, routes};
@@ -60,47 +60,16 @@ use crate::replica::{ReplicaPart, ReplicaStore, Replicator};
 use crate::ring::Ring;
 use crate::routing::Router;
 use crate::routing::cluster::Cluster;
-use crate::storage::{Durable, apply_record, delete_prefix, scan_partition, store_pairs};
+use crate::storage::{Durable, delete_prefix, scan_partition, store_pairs};
 use crate::trips::Trips;
 
 /// Partitions per `Pull` call: bounds one message and how much is frozen at once.
 const PULL_CHUNK: usize = 8;
-/// Largest hand-off message (a chunk of partitions with their drivers' trails).
-pub const MAX_HANDOFF_BYTES: usize = 256 << 20;
+pub use crate::routing::cluster::MAX_HANDOFF_BYTES;
+pub use crate::storage::{Arriving, PartitionData};
 /// How long one survey answer or pull may take.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 const SURVEY_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// What one partition's hand-off carries.
-pub struct PartitionData {
-    pub partition: u16,
-    pub epoch: u64,
-    /// Drivers as full log records.
-    pub drivers: Vec<u8>,
-    pub claims: Vec<(Vec<u8>, Vec<u8>)>,
-    pub trips: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-/// A partition on its way into this node's shards: pulled (its records decoded) or a
-/// replica being promoted (its drivers as the replica store holds them, no re-encoding).
-pub struct Arriving {
-    pub partition: u16,
-    pub drivers: HashMap<String, Snapshot>,
-    pub claims: Vec<(Vec<u8>, Vec<u8>)>,
-    pub trips: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-impl Arriving {
-    /// Decodes a pulled partition's records (each driver's trail capped at `trail_cap`).
-    fn decode(d: PartitionData, trail_cap: usize) -> Result<Arriving, String> {
-        let mut drivers = HashMap::new();
-        let (_, err) = decode_records(&d.drivers, |r| apply_record(&mut drivers, r, trail_cap));
-        match err {
-            Some(e) => Err(e.to_string()),
-            None => Ok(Arriving { partition: d.partition, drivers, claims: d.claims, trips: d.trips }),
-        }
-    }
-}
 
 /// One partition as `admin partitions` shows it (see `Cluster.Partitions`).
 #[derive(Clone, Debug)]
@@ -1083,20 +1052,6 @@ impl Action {
             | Action::DropReplica { p, .. }
             | Action::StandDown { p } => p,
         }
-    }
-}
-
-pub fn snapshot_ref(s: &Snapshot) -> SnapshotRef<'_> {
-    SnapshotRef {
-        status: s.status,
-        vehicle_type: &s.vehicle_type,
-        last: &s.last,
-        received_ms: s.received_ms,
-        trip_cost: s.trip_cost,
-        cab: &s.cab,
-        session: &s.session,
-        trip_id: &s.trip_id,
-        trail: &s.trail,
     }
 }
 

@@ -26,7 +26,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
-use crate::actors::wall_ms;
+use crate::clock::wall_ms;
 use crate::pb;
 use crate::routing::cluster::{Cluster, Owner};
 use crate::trips::Trips;
@@ -131,7 +131,7 @@ async fn share_json(
     }
     let mut owner = share.cluster.partition_owner(partition);
     if matches!(owner, Owner::Incoming | Owner::Unknown) {
-        owner = share.cluster.settled(partition, crate::api::locations::INCOMING_WAIT).await;
+        owner = share.cluster.settled(partition, crate::routing::cluster::INCOMING_WAIT).await;
     }
     let json: Option<Bytes> = match owner {
         Owner::Local => share.trips.shares.get(&token, wall_ms()),

@@ -45,7 +45,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::actors::wall_ms;
+use crate::clock::wall_ms;
 use crate::drivers::PersistBatch;
 use crate::keys::{PARTITIONS, partition_of, pkey_bytes};
 use crate::membership::ClusterView;
@@ -366,8 +366,8 @@ impl Replicator {
         let state = Arc::new(LinkState::default());
         state.healthy.store(true, Ordering::Relaxed);
         let client = HandoffClient::new(self.cluster.peers().channel(grpc))
-            .max_encoding_message_size(crate::handoff::MAX_HANDOFF_BYTES)
-            .max_decoding_message_size(crate::handoff::MAX_HANDOFF_BYTES);
+            .max_encoding_message_size(crate::routing::cluster::MAX_HANDOFF_BYTES)
+            .max_decoding_message_size(crate::routing::cluster::MAX_HANDOFF_BYTES);
         let name = self.cluster.view().name_of(&target);
         let task = tokio::spawn(link_task(self.me.to_string(), name, client, rx, state.clone(), self.timeout));
         Link { grpc, tx, state, task }

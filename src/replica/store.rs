@@ -13,9 +13,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
+use crate::drivers::snapshot_ref;
 use crate::drivers::{Snapshot, decode_records, encode_upsert};
-use crate::handoff::{Arriving, PartitionData, snapshot_ref};
 use crate::storage::apply_record;
+use crate::storage::{Arriving, PartitionData};
 
 /// Why a replica refused a part.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -18,9 +18,17 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::membership::{ClusterView, Liveness, NodeState};
-use crate::node::MAX_MESSAGE_BYTES;
 use crate::ownership::{Lease, Route, Routes};
 use crate::pb::locations_client::LocationsClient;
+
+/// Largest gRPC message a node accepts or sends (a 10,000-fix batch is about 1 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// How long a keyed request waits for its partition to arrive on this node.
+pub const INCOMING_WAIT: Duration = Duration::from_secs(2);
+
+/// Largest hand-off message (a chunk of partitions with their drivers' trails).
+pub const MAX_HANDOFF_BYTES: usize = 256 << 20;
 
 /// Metadata key: how many times a request has been forwarded.
 pub const HOP_KEY: &str = "locus-hop";

@@ -32,7 +32,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::actors::wall_ms;
+use crate::clock::wall_ms;
 use crate::config::parse_duration;
 use crate::geo::EARTH_RADIUS_M;
 use crate::node::MAX_MESSAGE_BYTES;

@@ -32,7 +32,7 @@
 mod durable;
 mod partitioned;
 pub use durable::Durable;
-pub use partitioned::{delete_prefix, open_partitioned, scan_partition, store_pairs};
+pub use partitioned::{Arriving, PartitionData, delete_prefix, open_partitioned, scan_partition, store_pairs};
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

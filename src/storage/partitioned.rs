@@ -2,6 +2,10 @@
 //! table. One partition's records are one prefix range, so it moves, is discarded or
 //! is counted by one scan.
 
+use std::collections::HashMap;
+
+use super::apply_record;
+use crate::drivers::{Snapshot, decode_records};
 use crate::keys::{partition_prefix, pkey, pkey_bytes};
 
 /// Opens `<name>.v2` (keyed by partition, then id). Records of the earlier `<name>` tree
@@ -47,4 +51,35 @@ pub fn store_pairs(tree: &sled::Tree, pairs: &[(Vec<u8>, Vec<u8>)]) -> sled::Res
         b.insert(pkey_bytes(id), v.as_slice());
     }
     tree.apply_batch(b)
+}
+
+/// What one partition's hand-off carries.
+pub struct PartitionData {
+    pub partition: u16,
+    pub epoch: u64,
+    /// Drivers as full log records.
+    pub drivers: Vec<u8>,
+    pub claims: Vec<(Vec<u8>, Vec<u8>)>,
+    pub trips: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A partition on its way into this node's shards: pulled (its records decoded) or a
+/// replica being promoted (its drivers as the replica store holds them, no re-encoding).
+pub struct Arriving {
+    pub partition: u16,
+    pub drivers: HashMap<String, Snapshot>,
+    pub claims: Vec<(Vec<u8>, Vec<u8>)>,
+    pub trips: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Arriving {
+    /// Decodes a pulled partition's records (each driver's trail capped at `trail_cap`).
+    pub fn decode(d: PartitionData, trail_cap: usize) -> Result<Arriving, String> {
+        let mut drivers = HashMap::new();
+        let (_, err) = decode_records(&d.drivers, |r| apply_record(&mut drivers, r, trail_cap));
+        match err {
+            Some(e) => Err(e.to_string()),
+            None => Ok(Arriving { partition: d.partition, drivers, claims: d.claims, trips: d.trips }),
+        }
+    }
 }

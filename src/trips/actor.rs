@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
-use tonic::Status;
 use tracing::{debug, warn};
 
 use super::model::{Applied, ApplyError, EventKind, Trip, TripEvent, TripState};
 use super::share::{ShareEntry, new_token};
-use super::{Trips, not_found};
-use crate::actors::{TripFix, wall_ms};
-use crate::pb;
+use super::{ShareLink, TripEnd, TripError, TripUpdate, TripView, Trips, WatchItem};
+use crate::actors::TripFix;
+use crate::clock::wall_ms;
+use crate::dispatch::DispatchError;
+use crate::events::{Entity, StateChange};
 use crate::replica::KvTree;
 
 /// How often a due trip looks at the quorum lease again while it does not hold.
@@ -28,19 +29,19 @@ const LEASE_RECHECK: Duration = Duration::from_millis(100);
 pub const SAVE_EVERY: Duration = Duration::from_secs(5);
 
 pub enum TripMsg {
-    Apply(Box<TripEvent>, oneshot::Sender<Result<pb::Trip, Status>>),
+    Apply(Box<TripEvent>, oneshot::Sender<Result<TripView, TripError>>),
     Get {
         include_route: bool,
-        reply: oneshot::Sender<pb::Trip>,
+        reply: oneshot::Sender<TripView>,
     },
-    Watch(mpsc::Sender<Result<pb::TripUpdate, Status>>, oneshot::Sender<pb::Trip>),
-    Share(oneshot::Sender<pb::ShareLink>),
+    Watch(mpsc::Sender<WatchItem>, oneshot::Sender<TripView>),
+    Share(oneshot::Sender<ShareLink>),
     Fix(Box<TripFix>),
     /// The trip's partition moves to another node: save, end watchers (`moved`), exit.
     Stop(oneshot::Sender<()>),
 }
 
-type Watchers = Vec<mpsc::Sender<Result<pb::TripUpdate, Status>>>;
+type Watchers = Vec<mpsc::Sender<WatchItem>>;
 
 struct Actor {
     trips: Arc<Trips>,
@@ -112,7 +113,7 @@ async fn create(trips: &Arc<Trips>, rx: &mut mpsc::Receiver<TripMsg>) -> Option<
     let trip = match Trip::create(&ev, wall_ms(), &trips.cfg) {
         Ok(t) => t,
         Err(e) => {
-            let _ = reply.send(Err(apply_status(&e)));
+            let _ = reply.send(Err(apply_error(&e)));
             return None;
         }
     };
@@ -122,7 +123,7 @@ async fn create(trips: &Arc<Trips>, rx: &mut mpsc::Receiver<TripMsg>) -> Option<
         return None;
     }
     a.publish(None);
-    let _ = reply.send(Ok(a.proto(false)));
+    let _ = reply.send(Ok(a.view(false)));
     Some(a.trip)
 }
 
@@ -135,73 +136,25 @@ impl Trips {
     }
 }
 
-fn apply_status(e: &ApplyError) -> Status {
+fn apply_error(e: &ApplyError) -> TripError {
     match e {
-        ApplyError::NotFound => not_found(),
-        ApplyError::Invalid { state, .. } => {
-            let mut s = Status::failed_precondition(format!("{e}; the trip is {}", state.name()));
-            if let Ok(v) = state.name().parse() {
-                s.metadata_mut().insert("locus-trip-state", v);
-            }
-            s
-        }
+        ApplyError::NotFound => TripError::NotFound,
+        ApplyError::Invalid { state, .. } => TripError::Transition { state: *state, message: e.to_string() },
     }
-}
-
-fn state_proto(s: TripState) -> i32 {
-    match s {
-        TripState::Booked => pb::TripState::TripBooked as i32,
-        TripState::DriverAssigned => pb::TripState::TripDriverAssigned as i32,
-        TripState::DriverArrived => pb::TripState::TripDriverArrived as i32,
-        TripState::PassengerCarry => pb::TripState::TripPassengerCarry as i32,
-        TripState::PassengerDropped => pb::TripState::TripPassengerDropped as i32,
-        TripState::Cancelled => pb::TripState::TripCancelled as i32,
-    }
-}
-
-fn point(p: super::model::LatLon) -> Option<pb::Point> {
-    Some(pb::Point { lat: p.lat, lon: p.lon })
 }
 
 impl Actor {
-    fn proto(&self, include_route: bool) -> pb::Trip {
-        let t = &self.trip;
-        let v = &t.vehicle;
-        pb::Trip {
-            trip_id: t.trip_id.clone(),
-            state: state_proto(t.state),
-            state_name: t.state.name().into(),
-            pickup: point(t.pickup),
-            dropoff: point(t.dropoff),
-            estimated_drive_s: t.estimated_drive_s,
-            driver_id: t.driver_id.clone(),
-            vehicle: Some(pb::Vehicle {
-                cab_number: v.cab_number.clone(),
-                model: v.model.clone(),
-                colour: v.colour.clone(),
-                plate: v.plate.clone(),
-            }),
-            driver_position: t.driver_pos.as_ref().map(crate::api::fix_proto),
-            route: if include_route {
-                t.route
-                    .iter()
-                    .map(|p| pb::RoutePoint { lat: p.lat, lon: p.lon, timestamp_ms: p.timestamp_ms })
-                    .collect()
-            } else {
-                Vec::new()
-            },
-            distance_m: t.distance_m,
-            fare: t.fare(wall_ms(), &self.trips.cfg),
-            created_ms: t.created_ms,
-            assigned_ms: t.assigned_ms,
-            arrived_ms: t.arrived_ms,
-            carry_ms: t.carry_ms,
-            dropped_ms: t.dropped_ms,
-            cancelled_ms: t.cancelled_ms,
-            expires_ms: t.expires_ms,
-            driver_near_pickup: t.near_pickup,
-            version: t.version,
-        }
+    /// The trip as answered: without its route unless asked (the route can be long).
+    fn view(&mut self, include_route: bool) -> TripView {
+        let trip = if include_route {
+            self.trip.clone()
+        } else {
+            let route = std::mem::take(&mut self.trip.route);
+            let t = self.trip.clone();
+            self.trip.route = route;
+            t
+        };
+        TripView { fare: trip.fare(wall_ms(), &self.trips.cfg), trip }
     }
 
     async fn handle(&mut self, msg: TripMsg) {
@@ -211,10 +164,10 @@ impl Actor {
                 let _ = reply.send(r);
             }
             TripMsg::Get { include_route, reply } => {
-                let _ = reply.send(self.proto(include_route));
+                let _ = reply.send(self.view(include_route));
             }
             TripMsg::Watch(tx, reply) => {
-                let _ = reply.send(self.proto(false));
+                let _ = reply.send(self.view(false));
                 self.watchers.push(tx);
             }
             TripMsg::Share(reply) => {
@@ -232,7 +185,7 @@ impl Actor {
                 };
                 self.publish_share(&token);
                 let url = format!("{}/share/{token}/view", self.trips.public_url);
-                let _ = reply.send(pb::ShareLink { token, url, expires_ms: self.trip.expires_ms });
+                let _ = reply.send(ShareLink { token, url, expires_ms: self.trip.expires_ms });
             }
             TripMsg::Stop(reply) => {
                 let _ = reply.send(());
@@ -254,18 +207,18 @@ impl Actor {
         }
     }
 
-    async fn apply(&mut self, ev: &TripEvent) -> Result<pb::Trip, Status> {
-        let from = match self.trip.check(ev).map_err(|e| apply_status(&e))? {
-            Applied::Duplicate => return Ok(self.proto(false)),
+    async fn apply(&mut self, ev: &TripEvent) -> Result<TripView, TripError> {
+        let from = match self.trip.check(ev).map_err(|e| apply_error(&e))? {
+            Applied::Duplicate => return Ok(self.view(false)),
             Applied::Changed { from } => from,
         };
         if let EventKind::DriverAssigned { driver_id, .. } = &ev.kind {
             // The driver's owner confirms (or takes) the claim first: a driver is never
             // on two trips.
-            self.trips.dispatch.confirm(driver_id, &self.trip.trip_id).await?;
+            self.trips.dispatch.confirm(driver_id, &self.trip.trip_id).await.map_err(TripError::Driver)?;
         }
         let now = wall_ms();
-        self.trip.apply(ev, now, &self.trips.cfg).map_err(|e| apply_status(&e))?;
+        self.trip.apply(ev, now, &self.trips.cfg).map_err(|e| apply_error(&e))?;
         self.dirty = true;
         self.save(true).await?;
         self.publish(from);
@@ -276,7 +229,7 @@ impl Actor {
         if self.trip.state.is_final() && !self.trip.driver_id.is_empty() {
             self.release_driver();
         }
-        Ok(self.proto(false))
+        Ok(self.view(false))
     }
 
     /// Hands the trip over: saves it, ends its watchers (they resubscribe through any
@@ -286,8 +239,7 @@ impl Actor {
             warn!(trip = %self.trip.trip_id, error = %e, "saving a trip before it moves");
         }
         for w in self.watchers.drain(..) {
-            let _ =
-                w.try_send(Err(Status::unavailable("moved: the trip's partition moved to another node; resubscribe")));
+            let _ = w.try_send(Err(TripEnd::Moved));
         }
         if let Some(t) = &self.trip.share_token {
             self.trips.shares.remove(t);
@@ -295,15 +247,15 @@ impl Actor {
     }
 
     /// Writes the trip (and waits for the disk when `durable`).
-    async fn save(&mut self, durable: bool) -> Result<(), Status> {
+    async fn save(&mut self, durable: bool) -> Result<(), TripError> {
         let bytes =
-            postcard::to_allocvec(&self.trip).map_err(|e| Status::internal(format!("encoding the trip: {e}")))?;
+            postcard::to_allocvec(&self.trip).map_err(|e| TripError::Storage(format!("encoding the trip: {e}")))?;
         self.trips
             .store
             .insert(crate::keys::pkey(&self.trip.trip_id), bytes)
-            .map_err(|e| Status::unavailable(format!("storing the trip: {e}")))?;
+            .map_err(|e| TripError::Storage(format!("storing the trip: {e}")))?;
         if durable {
-            self.trips.durable.flush().await.map_err(|e| Status::unavailable(format!("flushing the trip: {e}")))?;
+            self.trips.durable.flush().await.map_err(|e| TripError::Storage(format!("flushing the trip: {e}")))?;
         }
         // On the replicas before the caller hears of it (the TTL is in the record).
         self.trips.replicator.sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes()).await;
@@ -318,13 +270,13 @@ impl Actor {
         }
     }
 
-    fn event(&self, state: &str, from: &str) {
+    fn event(&self, state: &'static str, from: &'static str) {
         let (lat, lon) = self.position();
-        let _ = self.trips.bus.send(pb::StateChange {
-            entity: pb::EntityKind::EntityTrip as i32,
+        let _ = self.trips.bus.send(StateChange {
+            entity: Entity::Trip,
             id: self.trip.trip_id.clone(),
-            state: state.into(),
-            from_state: from.into(),
+            state,
+            from_state: from,
             timestamp_ms: wall_ms(),
             lat,
             lon,
@@ -339,7 +291,7 @@ impl Actor {
         if self.watchers.is_empty() {
             return;
         }
-        let u = pb::TripUpdate { trip: Some(self.proto(false)), state_changed };
+        let u = TripUpdate { view: self.view(false), state_changed };
         self.watchers.retain(|w| match w.try_send(Ok(u.clone())) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -390,7 +342,7 @@ impl Actor {
             for _ in 0..10 {
                 match dispatch.release(&driver, &trip).await {
                     Ok(()) => return,
-                    Err(e) if e.code() == tonic::Code::NotFound => return,
+                    Err(DispatchError::NotFound(_)) => return,
                     Err(e) => debug!(driver = %driver, trip = %trip, error = %e, "release failed; retrying"),
                 }
                 tokio::time::sleep(backoff).await;
@@ -416,7 +368,7 @@ impl Actor {
         self.trips.replicator.sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes()).await;
         self.event("EXPIRED", self.trip.state.name());
         for w in self.watchers.drain(..) {
-            let _ = w.try_send(Err(Status::not_found("the trip expired")));
+            let _ = w.try_send(Err(TripEnd::Expired));
         }
     }
 }

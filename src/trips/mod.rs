@@ -14,6 +14,10 @@
 //! away, [`Trips::export`] stops its actors (each saves and ends its watchers with
 //! `moved`) and returns the records; requests for it meanwhile answer `UNAVAILABLE`.
 //!
+//! This module speaks no gRPC: it answers with [`TripView`]s, [`ShareLink`]s and
+//! [`TripError`]s; `api` turns them into protobuf and statuses, and carries fixes of
+//! drivers on trips to trips owned elsewhere.
+//!
 //! Trip actors are tasks rather than shard workers: a trip's events are rare but some
 //! wait on another node (DRIVER_ASSIGNED confirms the driver's claim on the driver's
 //! owner), and a per-trip task can await that without stalling other trips.
@@ -26,23 +30,73 @@ use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tonic::Status;
 use tracing::warn;
 
 use crate::actors::TripFix;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{DispatchError, Dispatcher};
 use crate::events::Bus;
 use crate::keys::{partition_of, partition_prefix};
-use crate::ownership::{Lease, Route};
-use crate::pb;
-use crate::routing::cluster::Cluster;
+use crate::ownership::Lease;
 use crate::storage::Durable;
 pub use actor::TripMsg;
-use model::{EventKind, Trip, TripConfig, TripEvent};
+use model::{EventKind, Trip, TripConfig, TripEvent, TripState};
 use share::ShareTable;
+
+/// A trip as answered: its state (with its route only when asked for) and the fare so
+/// far.
+#[derive(Clone, Debug)]
+pub struct TripView {
+    pub trip: Trip,
+    pub fare: f64,
+}
+
+/// One update to a trip's watchers.
+#[derive(Clone, Debug)]
+pub struct TripUpdate {
+    pub view: TripView,
+    /// False for a driver position update.
+    pub state_changed: bool,
+}
+
+/// Why a trip's watch ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TripEnd {
+    /// The trip's partition moved to another node: watch it again there.
+    Moved,
+    Expired,
+}
+
+/// What a watcher receives.
+pub type WatchItem = Result<TripUpdate, TripEnd>;
+
+/// A trip's share link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareLink {
+    pub token: String,
+    pub url: String,
+    pub expires_ms: i64,
+}
+
+/// Why a trip request did not run.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum TripError {
+    #[error("trip not found (never booked, or expired)")]
+    NotFound,
+    #[error("the trip's partition is moving to another node; retry")]
+    Moving,
+    #[error("the trip's mailbox is full; retry later")]
+    Busy,
+    /// The event does not follow the trip's state.
+    #[error("{message}; the trip is {}", state.name())]
+    Transition { state: TripState, message: String },
+    #[error("{0}")]
+    Storage(String),
+    /// DRIVER_ASSIGNED: the driver's owner refused or could not be reached.
+    #[error("{0}")]
+    Driver(DispatchError),
+}
 
 /// Everything trip actors need, shared.
 pub struct Trips {
@@ -114,10 +168,10 @@ impl Trips {
     }
 
     /// Why a trip has no actor here: it is moving (retry) or it does not exist.
-    fn gone(&self, trip_id: &str) -> Status {
+    fn gone(&self, trip_id: &str) -> TripError {
         match self.part(trip_id) {
-            SERVED => not_found(),
-            _ => crate::api::locations::unavailable_retry("the trip's partition is moving to another node; retry"),
+            SERVED => TripError::NotFound,
+            _ => TripError::Moving,
         }
     }
 
@@ -196,14 +250,12 @@ impl Trips {
         }
     }
 
-    async fn ask<T>(&self, trip_id: &str, make: impl FnOnce(oneshot::Sender<T>) -> TripMsg) -> Result<T, Status> {
+    async fn ask<T>(&self, trip_id: &str, make: impl FnOnce(oneshot::Sender<T>) -> TripMsg) -> Result<T, TripError> {
         let tx = self.mailbox(trip_id).ok_or_else(|| self.gone(trip_id))?;
         let (reply, rx) = oneshot::channel();
         match tx.try_send(make(reply)) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                return Err(Status::resource_exhausted("the trip's mailbox is full; retry later"));
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => return Err(TripError::Busy),
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(self.gone(trip_id)),
         }
         // The actor ended (expired, or stopped as its partition moved) before answering.
@@ -211,7 +263,7 @@ impl Trips {
     }
 
     /// Applies one validated event on this (the owner) node.
-    pub async fn apply(self: &Arc<Self>, ev: TripEvent) -> Result<pb::Trip, Status> {
+    pub async fn apply(self: &Arc<Self>, ev: TripEvent) -> Result<TripView, TripError> {
         let tx = {
             let mut m = self.actors.lock().expect("trips lock");
             match m.get(ev.trip_id.as_str()) {
@@ -222,7 +274,7 @@ impl Trips {
                     m.insert(ev.trip_id.as_str().into(), tx.clone());
                     tx
                 }
-                None => return Err(not_found()),
+                None => return Err(TripError::NotFound),
             }
         };
         let id = ev.trip_id.clone();
@@ -233,19 +285,16 @@ impl Trips {
         rx.await.map_err(|_| self.gone(&id))?
     }
 
-    pub async fn get(&self, trip_id: &str, include_route: bool) -> Result<pb::Trip, Status> {
+    pub async fn get(&self, trip_id: &str, include_route: bool) -> Result<TripView, TripError> {
         self.ask(trip_id, |reply| TripMsg::Get { include_route, reply }).await
     }
 
-    pub async fn share(&self, trip_id: &str) -> Result<pb::ShareLink, Status> {
+    pub async fn share(&self, trip_id: &str) -> Result<ShareLink, TripError> {
         self.ask(trip_id, TripMsg::Share).await
     }
 
     /// Subscribes to a trip: its current state and a stream of updates.
-    pub async fn watch(
-        &self,
-        trip_id: &str,
-    ) -> Result<(pb::Trip, mpsc::Receiver<Result<pb::TripUpdate, Status>>), Status> {
+    pub async fn watch(&self, trip_id: &str) -> Result<(TripView, mpsc::Receiver<WatchItem>), TripError> {
         let (tx, rx) = mpsc::channel(self.watch_queue);
         let now = self.ask(trip_id, |reply| TripMsg::Watch(tx, reply)).await?;
         Ok((now, rx))
@@ -258,58 +307,6 @@ impl Trips {
             && tx.try_send(TripMsg::Fix(Box::new(f))).is_err()
         {
             metrics::counter!("locus_trip_fixes_dropped_total").increment(1);
-        }
-    }
-}
-
-pub(crate) fn not_found() -> Status {
-    Status::not_found("trip not found (never booked, or expired)")
-}
-
-/// Fixes of drivers on trips travel from shard workers to the trips' owners: batched
-/// per owner node, never blocking the shards. A remote batch that cannot be sent at
-/// once is dropped (counted); the next fix follows within a second or so.
-pub async fn run_feed(mut rx: mpsc::Receiver<TripFix>, trips: Arc<Trips>, cluster: Arc<Cluster>) {
-    let inflight = Arc::new(tokio::sync::Semaphore::new(64));
-    let mut buf = Vec::with_capacity(1024);
-    while rx.recv_many(&mut buf, 1024).await > 0 {
-        // One view and routes per batch; a peer is looked up once per owner, not per fix.
-        let view = cluster.view();
-        let routes = cluster.routes();
-        let mut remote: HashMap<std::net::SocketAddr, Vec<pb::TripFix>> = HashMap::new();
-        for f in buf.drain(..) {
-            match routes.of_key(f.trip_id.as_bytes()) {
-                Route::Local => trips.feed(f),
-                Route::Remote(a) => remote.entry(a).or_default().push(pb::TripFix {
-                    trip_id: f.trip_id.into(),
-                    driver_id: f.driver_id.into(),
-                    fix: Some(crate::api::fix_proto(&f.pos)),
-                }),
-                // Moving or unknown: the driver's next fix follows within a second or so.
-                Route::Incoming | Route::Unknown => metrics::counter!("locus_trip_fixes_dropped_total").increment(1),
-            }
-        }
-        let remote = remote.into_iter().filter_map(|(a, fixes)| match cluster.peer_in(&view, a) {
-            Some(p) => Some((p, fixes)),
-            None => {
-                metrics::counter!("locus_trip_fixes_dropped_total").increment(fixes.len() as u64);
-                None
-            }
-        });
-        for (peer, fixes) in remote {
-            let Ok(permit) = inflight.clone().try_acquire_owned() else {
-                metrics::counter!("locus_trip_fixes_dropped_total").increment(fixes.len() as u64);
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut c = pb::internal_client::InternalClient::new(peer.channel);
-                let mut r = tonic::Request::new(pb::TripFixes { fixes });
-                r.set_timeout(Duration::from_secs(2));
-                if let Err(e) = c.feed(r).await {
-                    tracing::debug!(peer = %peer.name, error = %e, "trip fixes not delivered");
-                }
-                drop(permit);
-            });
         }
     }
 }

@@ -171,7 +171,7 @@ impl Drop for NodeProc {
 }
 
 pub fn now_ms() -> i64 {
-    locus::actors::wall_ms()
+    locus::clock::wall_ms()
 }
 
 /// A valid fix for `id` at (lat, lon), `ts` ms.
