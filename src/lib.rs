@@ -27,23 +27,27 @@
 //!                                                        ▼
 //!                  storage::Persister (group commit) ──► driver log (append-only segments)
 //!
-//!  Trips / Dispatch / Events (api::trips):
-//!    Match ──► Nearby(AVAILABLE) ──► dispatch::Dispatcher ──► claim on the driver's owner
+//!  Trips / Dispatch / Events (api::trips; the domain modules below speak no gRPC):
+//!    Match ──► Nearby(AVAILABLE) ──► dispatch::Dispatcher ──► ClaimLink ──► driver's owner
 //!    Apply ──► trips::Trips ──► one actor task per trip ──► sled `trips.v2` (TTL in the record)
 //!    shards ──► claims (sled) · fixes of assigned drivers ──► trip feed · events::Bus
 //!    http: GET /share/{token} ──► owner's trips::share::ShareTable (pre-rendered JSON)
 //! ```
 //!
 //! - [`api`]: `locus.v1.Locations` (keyed → owner, geo → scatter), `locus.v1.Cluster`,
-//!   and `Trips`, `Dispatch`, `Events`, `Internal`; validation; errors → `Status`.
+//!   and `Trips`, `Dispatch`, `Events`, `Internal`; validation; domain ↔ protobuf and
+//!   errors → `Status`, in one place per service; watches that follow their key across
+//!   moves (`api::follow`); the claim link and the trip feed between nodes.
 //! - [`trips`]: trip actors on the trip's owner, the pure trip state machine, share
-//!   tokens, the share table and rate limiter; [`dispatch`]: driver claims across nodes;
-//!   [`events`]: the per-node state-change bus.
+//!   tokens, the share table and rate limiter; [`dispatch`]: driver claims, on the
+//!   driver's owner through a `ClaimLink`; [`events`]: the per-node state-change bus.
+//!   These three are domain code: their own types and errors, no gRPC.
 //! - [`membership`]: SWIM gossip (foca) core and shell, node metadata, the in-process
 //!   test network; publishes the cluster view.
 //! - [`ring`]: pure consistent-hash ring of virtual nodes over partitions.
 //! - [`ownership`]: pure: the per-partition holding table with epochs, the hand-off
-//!   planner and the routes every request reads; [`handoff`]: the shell that moves a
+//!   planner, the routes every request reads, and the quorum lease that requests and
+//!   timers check; [`handoff`]: the shell that moves a
 //!   partition's drivers, claims and trips (with their timers) to its new owner;
 //!   [`replica`]: copies of every served partition on its ring successors (the owner's
 //!   links and the in-memory replica store), promoted when the owner is lost.
@@ -51,7 +55,10 @@
 //! - [`actors`]: shard worker tasks, mailboxes, watchers, persistence hand-off.
 //! - [`drivers`]: pure driver state machines, validation, trail, snapshot codec.
 //! - [`geo`]: pure great-circle geometry and the R-tree index (exact k-NN, circle, box).
-//! - [`storage`]: the append-only driver log, its replay and compaction, the persister.
+//! - [`storage`]: the append-only driver log, its replay and compaction, the persister;
+//!   partition-keyed sled trees and a partition's state in transit.
+//! - [`clock`]: the wall clock (ms since the epoch); [`tasks`]: every spawned task,
+//!   counted by kind while it lives (`locus_tasks{kind}`).
 //! - [`keys`]: deterministic key hashing; partitions, the unit shards and nodes own.
 //! - [`config`], [`node`]: flags and wiring, startup (the log is parked until handed
 //!   over) and graceful shutdown (hand every partition over, then leave the gossip).
@@ -82,4 +89,5 @@ pub mod ring;
 pub mod routing;
 pub mod sim;
 pub mod storage;
+pub mod tasks;
 pub mod trips;

@@ -176,7 +176,7 @@ pub async fn run(
         })
         .collect();
     let txs: Vec<_> = shards.iter().map(|s| s.tx.clone()).collect();
-    let ticker = tokio::spawn(async move {
+    let ticker = crate::tasks::spawn("ticker", async move {
         let mut iv = tokio::time::interval(Duration::from_millis(50));
         iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -218,7 +218,7 @@ pub async fn run(
     let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::empty(gossip_addr)));
     let cluster = Arc::new(Cluster::new(members.view.clone(), routes_rx, cfg.scatter_timeout, quorum.clone()));
     let ready = Arc::new(AtomicBool::new(false));
-    let member_metrics = tokio::spawn(follow_members(members.view.clone(), cluster.clone()));
+    let member_metrics = crate::tasks::spawn("member_metrics", follow_members(members.view.clone(), cluster.clone()));
 
     let replicator = Replicator::new(
         gossip_addr,
@@ -230,7 +230,7 @@ pub async fn run(
         cluster.clone(),
         tee_dropped,
     );
-    let replication = tokio::spawn(replicator.clone().run(tee_rx));
+    let replication = crate::tasks::spawn("replication", replicator.clone().run(tee_rx));
     let dispatch = Arc::new(Dispatcher::new(router.clone(), durable.clone(), replicator.clone(), cfg.offer_timeout));
     // Claims for drivers other nodes own go there over gRPC.
     dispatch.set_link(Arc::new(ClaimForwarder::new(cluster.clone())));
@@ -275,11 +275,12 @@ pub async fn run(
     )
     .context("opening the ownership table")?;
     handoff.round(&members.view.borrow().clone()).await;
-    let handoff_task = tokio::spawn(handoff.clone().run(members.view.clone()));
+    let handoff_task = crate::tasks::spawn("handoff", handoff.clone().run(members.view.clone()));
     // The minority rule's lease: well inside failure detection (a cut-off node stands
     // down before the others declare it down and promote its replicas).
-    let quorum_task = tokio::spawn(handoff.clone().run_quorum(lease, cfg.suspect_timeout / 2, members.view.clone()));
-    let feed = tokio::spawn(crate::api::run_feed(trip_fix_rx, trips.clone(), cluster.clone()));
+    let quorum_task =
+        crate::tasks::spawn("quorum", handoff.clone().run_quorum(lease, cfg.suspect_timeout / 2, members.view.clone()));
+    let feed = crate::tasks::spawn("trip_feed", crate::api::run_feed(trip_fix_rx, trips.clone(), cluster.clone()));
 
     let leave = Arc::new(Notify::new());
     let api = Arc::new(LocationsApi::new(router, cluster.clone(), limits, cfg.watch_queue, sd_rx.clone()));
@@ -326,8 +327,8 @@ pub async fn run(
     let http = crate::http::serve(http_listener, ready.clone(), Some(share), async move {
         let _ = sd.wait_for(|s| *s).await;
     });
-    let grpc_task = tokio::spawn(grpc);
-    let http_task = tokio::spawn(http);
+    let grpc_task = crate::tasks::spawn("grpc", grpc);
+    let http_task = crate::tasks::spawn("http", http);
     info!(node = %cfg.node_name, grpc = %grpc_addr, http = %http_addr, gossip = %gossip_addr, shards = cfg.shards, data = %dir.display(), "locus node serving");
     on_ready(grpc_addr, http_addr);
 
@@ -383,6 +384,8 @@ pub async fn run(
     if let Err(e) = durable.flush().await {
         warn!(error = %e, "flushing the trips/claims store");
     }
-    info!("stopped cleanly");
+    // What is still running (long-lived tasks end with the runtime): a leak shows here.
+    let live: Vec<String> = crate::tasks::live().into_iter().map(|(k, n)| format!("{k}={n}")).collect();
+    info!(tasks = %live.join(" "), "stopped cleanly");
     Ok(())
 }

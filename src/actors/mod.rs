@@ -283,7 +283,7 @@ pub fn spawn_shard(
         watchers: HashMap::new(),
         last_published: ShardCounters::default(),
     };
-    ShardHandle { tx, task: tokio::spawn(worker.run(rx)) }
+    ShardHandle { tx, task: crate::tasks::spawn("shard", worker.run(rx)) }
 }
 
 impl Worker {

@@ -73,7 +73,7 @@ pub fn follow<R: Resume>(
     mut shutdown: watch::Receiver<bool>,
 ) -> BoxStream<R::Item> {
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
+    crate::tasks::spawn("follow_watch", async move {
         let mut s = first;
         let mut backoff = BACKOFF_MIN;
         loop {

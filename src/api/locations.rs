@@ -466,7 +466,7 @@ impl LocationsApi {
         let (current, mut fixes, end) = self.router.watch(r.driver_id, self.watch_queue).await.map_err(route_status)?;
         let (out_tx, out_rx) = mpsc::channel::<Result<pb::Driver, Status>>(16);
         let mut shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
+        crate::tasks::spawn("driver_watch", async move {
             if r.include_current && out_tx.send(Ok(driver_proto(current))).await.is_err() {
                 return;
             }

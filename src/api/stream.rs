@@ -92,7 +92,7 @@ pub(super) fn start(
     let mut shutdown = api.shutdown.clone();
     let broken: Broken = Arc::default();
     let broken_w = broken.clone();
-    tokio::spawn(async move {
+    crate::tasks::spawn("stream_reader", async move {
         let mut links: HashMap<SocketAddr, LinkTx> = HashMap::new();
         let mut backoff: HashMap<SocketAddr, Instant> = HashMap::new();
         let mut generation = 0u64;
@@ -233,7 +233,7 @@ pub(super) fn start(
             }
         }
     });
-    tokio::spawn(write_acks(ack_rx, out_tx, broken_w));
+    crate::tasks::spawn("stream_writer", write_acks(ack_rx, out_tx, broken_w));
     Box::pin(ReceiverStream::new(out_rx))
 }
 

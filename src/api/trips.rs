@@ -186,7 +186,7 @@ impl TripsApi {
         }
         let (now, mut updates) = self.trips.watch(&trip_id).await.map_err(trip_status)?;
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
+        crate::tasks::spawn("trip_watch", async move {
             if tx.send(Ok(pb::TripUpdate { trip: Some(trip_proto(now)), state_changed: true })).await.is_err() {
                 return;
             }
@@ -426,7 +426,9 @@ async fn pump_cluster(cluster: Arc<Cluster>, req: pb::SubscribeRequest, tx: Out)
             keep
         });
         for a in wanted {
-            running.entry(a).or_insert_with(|| tokio::spawn(pump_peer(cluster.clone(), a, req.clone(), tx.clone())));
+            running.entry(a).or_insert_with(|| {
+                crate::tasks::spawn("events_peer", pump_peer(cluster.clone(), a, req.clone(), tx.clone()))
+            });
         }
         tokio::select! {
             r = view.changed() => if r.is_err() { break },
@@ -460,9 +462,9 @@ impl pb::events_server::Events for EventsApi {
         let filter = Filter { entity, states: r.states.clone() };
         let (tx, rx) = mpsc::channel(1024);
         // Subscribe before answering, so nothing published after this call is missed.
-        tokio::spawn(pump_local(self.bus.subscribe(), filter, tx.clone()));
+        crate::tasks::spawn("events_local", pump_local(self.bus.subscribe(), filter, tx.clone()));
         if !local_only {
-            tokio::spawn(pump_cluster(self.cluster.clone(), r, tx));
+            crate::tasks::spawn("events_cluster", pump_cluster(self.cluster.clone(), r, tx));
         }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -743,7 +745,7 @@ pub async fn run_feed(mut rx: mpsc::Receiver<TripFix>, trips: Arc<Trips>, cluste
                 metrics::counter!("locus_trip_fixes_dropped_total").increment(fixes.len() as u64);
                 continue;
             };
-            tokio::spawn(async move {
+            crate::tasks::spawn("trip_feed_send", async move {
                 let mut c = pb::internal_client::InternalClient::new(peer.channel);
                 let mut r = tonic::Request::new(pb::TripFixes { fixes });
                 r.set_timeout(Duration::from_secs(2));

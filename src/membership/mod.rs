@@ -599,7 +599,7 @@ pub fn spawn_with(
     let mut core = Core::new(cfg, boot_ms, rng, Instant::now());
     let (view_tx, view_rx) = watch::channel(Arc::new(core.view()));
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Cmd>(16);
-    tokio::spawn(async move {
+    crate::tasks::spawn("membership", async move {
         let mut leaving: Option<(Instant, oneshot::Sender<()>)> = None;
         let mut cmds_open = true;
         loop {

@@ -128,7 +128,7 @@ impl UdpTransport {
         let rsock = socket.clone();
         let heard = Heard::default();
         let noted = heard.clone();
-        tokio::spawn(async move {
+        crate::tasks::spawn("gossip_receive", async move {
             let mut buf = vec![0u8; 65_536];
             loop {
                 match rsock.recv_from(&mut buf).await {

@@ -369,7 +369,10 @@ impl Replicator {
             .max_encoding_message_size(crate::routing::cluster::MAX_HANDOFF_BYTES)
             .max_decoding_message_size(crate::routing::cluster::MAX_HANDOFF_BYTES);
         let name = self.cluster.view().name_of(&target);
-        let task = tokio::spawn(link_task(self.me.to_string(), name, client, rx, state.clone(), self.timeout));
+        let task = crate::tasks::spawn(
+            "replica_link",
+            link_task(self.me.to_string(), name, client, rx, state.clone(), self.timeout),
+        );
         Link { grpc, tx, state, task }
     }
 

@@ -346,7 +346,7 @@ impl Router {
             if drivers.is_empty() && claims.is_empty() {
                 continue;
             }
-            tasks.push(tokio::spawn(async move {
+            tasks.push(crate::tasks::spawn("install", async move {
                 let mut installed = 0;
                 let mut claims = Some(claims);
                 while !drivers.is_empty() || claims.is_some() {

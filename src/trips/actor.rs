@@ -337,7 +337,7 @@ impl Actor {
     fn release_driver(&self) {
         let (dispatch, driver, trip) =
             (self.trips.dispatch.clone(), self.trip.driver_id.clone(), self.trip.trip_id.clone());
-        tokio::spawn(async move {
+        crate::tasks::spawn("release_driver", async move {
             let mut backoff = Duration::from_millis(100);
             for _ in 0..10 {
                 match dispatch.release(&driver, &trip).await {

@@ -234,7 +234,7 @@ impl Trips {
     /// Starts an actor (the caller registers its mailbox).
     fn spawn(self: &Arc<Self>, trip: Option<Trip>) -> mpsc::Sender<TripMsg> {
         let (tx, rx) = mpsc::channel(TRIP_MAILBOX);
-        tokio::spawn(actor::run(self.clone(), trip, rx, tx.clone()));
+        crate::tasks::spawn("trip", actor::run(self.clone(), trip, rx, tx.clone()));
         tx
     }
 
