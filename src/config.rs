@@ -75,6 +75,11 @@ pub struct NodeConfig {
     /// before it stops anyway (what is left stays parked here until it returns).
     #[arg(long, env = "LOCUS_HANDOFF_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub handoff_timeout: Duration,
+    /// Pacing of partition moves: after each chunk of partitions pulled, wait this many
+    /// times as long as the chunk took, leaving the CPU to queries meanwhile (0: move
+    /// as fast as possible). Promotions after a crash are never paced.
+    #[arg(long, env = "LOCUS_HANDOFF_PACE", default_value_t = 1.0)]
+    pub handoff_pace: f64,
     /// Copies of every partition kept besides the owner's, on its next distinct ring
     /// successors (0: none; a crash then loses the node's trips and claims until it
     /// returns).

@@ -274,6 +274,7 @@ pub async fn run(
         replicator,
     )
     .context("opening the ownership table")?;
+    handoff.set_pace(cfg.handoff_pace);
     handoff.round(&members.view.borrow().clone()).await;
     let handoff_task = crate::tasks::spawn("handoff", handoff.clone().run(members.view.clone()));
     // The minority rule's lease: well inside failure detection (a cut-off node stands

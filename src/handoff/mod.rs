@@ -110,6 +110,9 @@ pub struct Handoff {
     ready: Arc<AtomicBool>,
     /// Trail fixes kept per driver besides the last (pulled records are cut to it).
     trail_cap: usize,
+    /// After each chunk pulled, wait this many hundredths of the time it took
+    /// (`--handoff-pace`): the CPU the move leaves to queries.
+    pace_pct: std::sync::atomic::AtomicU32,
     /// Sends what this node serves to its replicas.
     replicator: Arc<Replicator>,
     /// Replicas this node keeps for other owners (in memory).
@@ -213,6 +216,7 @@ impl Handoff {
             routes,
             ready,
             trail_cap,
+            pace_pct: std::sync::atomic::AtomicU32::new(0),
             replicator,
             replicas: std::sync::Mutex::new(ReplicaStore::new(trail_cap)),
             pulling: std::sync::Mutex::new(HashMap::new()),
@@ -258,6 +262,11 @@ impl Handoff {
 
     /// The ring hand-off follows: the view's, without this node while it leaves (its own
     /// ring keeps it until it is gone, but it must not take partitions back).
+    /// Paces pulls: after each chunk, wait `pace` times as long as it took (0: none).
+    pub fn set_pace(&self, pace: f64) {
+        self.pace_pct.store((pace.clamp(0.0, 100.0) * 100.0) as u32, Ordering::Relaxed);
+    }
+
     fn ring(&self, view: &ClusterView) -> Arc<Ring> {
         let leaving = view.meta(&self.me).is_some_and(|m| m.state == NodeState::Leaving);
         if leaving && view.ring.contains(&self.me) {
@@ -890,6 +899,10 @@ impl Handoff {
                 debug!(from = %name, partitions = done.len(), bytes, ms = t0.elapsed().as_millis() as u64, "pulled partitions");
                 pulled_total += done.len();
                 pulled_bytes += bytes;
+                let pace = self.pace_pct.load(Ordering::Relaxed);
+                if pace > 0 {
+                    tokio::time::sleep(t0.elapsed() * pace / 100).await;
+                }
             }
         }
         if pulled_total > 0 {
