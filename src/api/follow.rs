@@ -58,7 +58,13 @@ pub fn resumable(end: Option<&Status>) -> bool {
     let final_end = s.metadata().get(END_KEY).and_then(|v| v.to_str().ok()).is_some_and(|r| {
         r == WatchEnd::Removed.as_str() || r == WatchEnd::Expired.as_str() || r == WatchEnd::Lagged.as_str()
     });
-    !final_end && matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
+    // A busy owner (`RESOURCE_EXHAUSTED` without `lagged`: its mailbox is full, as while a
+    // partition is being installed) is worth trying again too.
+    !final_end
+        && matches!(
+            s.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::ResourceExhausted
+        )
 }
 
 fn shutting_down() -> Status {
@@ -76,15 +82,19 @@ pub fn follow<R: Resume>(
     crate::tasks::spawn("follow_watch", async move {
         let mut s = first;
         let mut backoff = BACKOFF_MIN;
+        // Since when the key has had no owner that kept a watch open (the budget's start).
+        let mut lost: Option<Instant> = None;
         loop {
             let opened = Instant::now();
             let mut fresh = true;
+            let mut delivered = false;
             let end = loop {
                 tokio::select! {
                     item = s.next() => match item {
                         Some(Ok(mut x)) => {
                             let deliver = r.pass(&mut x, fresh);
                             fresh = false;
+                            delivered |= deliver;
                             if deliver && tx.send(Ok(x)).await.is_err() {
                                 return;
                             }
@@ -93,6 +103,10 @@ pub fn follow<R: Resume>(
                         None => break None,
                     },
                     _ = tx.closed() => return,
+                    _ = super::stopped(&mut shutdown) => {
+                        let _ = tx.send(Err(shutting_down())).await;
+                        return;
+                    }
                 }
             };
             if *shutdown.borrow() {
@@ -103,11 +117,13 @@ pub fn follow<R: Resume>(
                 let _ = tx.send(Err(end.unwrap_or_else(shutting_down))).await;
                 return;
             }
-            if opened.elapsed() >= SETTLED {
+            if opened.elapsed() >= SETTLED || delivered {
                 backoff = BACKOFF_MIN;
+                lost = None;
             }
-            // Find the key's owner again, within the budget.
-            let lost = Instant::now();
+            // Find the key's owner again, within the budget (a watch that opens and ends
+            // at once does not restart it).
+            let lost = *lost.get_or_insert_with(Instant::now);
             let mut at_once = opened.elapsed() >= SETTLED;
             s = loop {
                 if !std::mem::take(&mut at_once) {
@@ -155,6 +171,7 @@ mod tests {
         assert!(resumable(Some(&Status::unknown("h2 protocol error"))));
         assert!(!resumable(Some(&with_meta(Status::not_found("x"), END_KEY, "removed"))));
         assert!(!resumable(Some(&with_meta(Status::resource_exhausted("x"), END_KEY, "lagged"))));
+        assert!(resumable(Some(&Status::resource_exhausted("the owner's mailbox is full"))));
         assert!(!resumable(Some(&Status::not_found("trip expired"))));
         assert!(!resumable(Some(&Status::invalid_argument("driver_id"))));
     }

@@ -229,6 +229,10 @@ impl Resume for FollowTrip {
 
     fn pass(&mut self, u: &mut pb::TripUpdate, fresh: bool) -> bool {
         let Some(t) = &u.trip else { return true };
+        // Never older than what the client has (a stale copy answering a re-open).
+        if t.version < self.version {
+            return false;
+        }
         if fresh {
             if t.version <= self.version {
                 return false;

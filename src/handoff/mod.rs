@@ -726,7 +726,10 @@ impl Handoff {
         let survey = self.survey(view).await;
         let table = self.state.lock().await.table.clone();
         let replicas: HashMap<u16, u64> = self.replica_store().synced().collect();
-        let actions = plan(self.me, &self.ring(view), &table, &replicas, &survey, self.cluster.has_quorum());
+        // The serving flag, not the clock: a lease that ran out a moment ago under load
+        // (this round runs only while the quorum task says it holds) is not a node
+        // regaining service, and must not read a pull from it as a promotion.
+        let actions = plan(self.me, &self.ring(view), &table, &replicas, &survey, self.cluster.serving());
         self.drop_stale_replicas(view, &survey, &table);
         self.replicator.verify(&survey);
         let mut pulls: HashMap<SocketAddr, Vec<(u16, u64)>> = HashMap::new();
@@ -831,6 +834,12 @@ impl Handoff {
             }
             self.publish(view, &st);
         }
+        // Serve again (if the lease was lost) before pulling: stale copies stood down
+        // above, and lenders route requests here as soon as they lend.
+        {
+            let st = self.state.lock().await;
+            self.regain(&st, &survey).await;
+        }
         let mut pulled_any = false;
         let (t_pull, mut pulled_total, mut pulled_bytes) = (Instant::now(), 0, 0);
         let sources = pulls.len();
@@ -915,16 +924,7 @@ impl Handoff {
             );
         }
         let st = self.state.lock().await;
-        if !self.cluster.has_quorum() && survey.missing.is_empty() && self.lease_ok.load(Ordering::Acquire) {
-            // Back in a majority, and every live member was asked what it serves: stale
-            // copies stood down above; serve the rest again.
-            let active: HashSet<u16> =
-                st.table.held().filter(|(_, x)| x.holding == Some(Holding::Active)).map(|(p, _)| p).collect();
-            info!(partitions = active.len(), "quorum regained: serving again");
-            self.router.thaw(Arc::new(active)).await;
-            self.cluster.set_quorum(true);
-            metrics::gauge!("locus_quorum").set(1.0);
-        }
+        self.regain(&st, &survey).await;
         self.publish(view, &st);
         let r = self.routes.borrow().clone();
         pulled_any
@@ -932,6 +932,19 @@ impl Handoff {
             || st.table.count("lent") > 0
             || st.table.count("parked") > 0
             || !self.cluster.has_quorum()
+    }
+
+    /// Back in a majority, and every live member was asked what it serves (this round's
+    /// survey), with stale copies stood down: serve the rest again.
+    async fn regain(&self, st: &State, survey: &Survey) {
+        if !self.cluster.has_quorum() && survey.missing.is_empty() && self.lease_ok.load(Ordering::Acquire) {
+            let active: HashSet<u16> =
+                st.table.held().filter(|(_, x)| x.holding == Some(Holding::Active)).map(|(p, _)| p).collect();
+            info!(partitions = active.len(), "quorum regained: serving again");
+            self.router.thaw(Arc::new(active)).await;
+            self.cluster.set_quorum(true);
+            metrics::gauge!("locus_quorum").set(1.0);
+        }
     }
 
     /// Follows the view into the quorum base: ring members join it; members that leave

@@ -37,6 +37,11 @@ impl Lease {
         self.until.store(ns, Ordering::Release);
     }
 
+    /// Serving, whatever the clock says (false only while regaining service).
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
     pub fn set_serving(&self, s: bool) {
         self.serving.store(s, Ordering::Release);
     }

@@ -153,6 +153,11 @@ impl Cluster {
         self.lease.set_until(t);
     }
 
+    /// Serving (not regaining service after losing the lease), whatever the clock says.
+    pub fn serving(&self) -> bool {
+        self.lease.serving()
+    }
+
     pub fn set_quorum(&self, q: bool) {
         self.lease.set_serving(q);
     }

@@ -348,12 +348,35 @@ impl Router {
             }
             tasks.push(crate::tasks::spawn("install", async move {
                 let mut installed = 0;
-                let mut claims = Some(claims);
-                while !drivers.is_empty() || claims.is_some() {
+                // Each claim goes in the same message as its driver (a driver must never
+                // be served, or expire, without its claim); claims of drivers already
+                // here go with the first message.
+                let mut by_driver: HashMap<String, Vec<Claim>> = HashMap::new();
+                for (d, c) in claims {
+                    by_driver.entry(d).or_default().push(c);
+                }
+                let mut first = true;
+                while !drivers.is_empty() || first {
                     let rest = drivers.split_off(drivers.len().min(slice.max(1)));
                     let slice = std::mem::replace(&mut drivers, rest);
-                    // Claims go with the last slice, once their drivers are in.
-                    let claims = if drivers.is_empty() { claims.take().unwrap_or_default() } else { Vec::new() };
+                    let mut claims: Vec<(String, Claim)> = Vec::new();
+                    for d in &slice {
+                        for c in by_driver.remove(&d.driver_id).unwrap_or_default() {
+                            claims.push((d.driver_id.clone(), c));
+                        }
+                    }
+                    if first {
+                        let in_rest: std::collections::HashSet<&str> =
+                            drivers.iter().map(|d| d.driver_id.as_str()).collect();
+                        let here: Vec<String> =
+                            by_driver.keys().filter(|k| !in_rest.contains(k.as_str())).cloned().collect();
+                        for k in here {
+                            for c in by_driver.remove(&k).unwrap_or_default() {
+                                claims.push((k.clone(), c));
+                            }
+                        }
+                        first = false;
+                    }
                     let (reply, rx) = oneshot::channel();
                     if tx.send(ShardMsg::Install { drivers: slice, claims, reply }).await.is_err() {
                         break;
