@@ -229,17 +229,15 @@ impl Resume for FollowTrip {
 
     fn pass(&mut self, u: &mut pb::TripUpdate, fresh: bool) -> bool {
         let Some(t) = &u.trip else { return true };
-        // Never older than what the client has (a stale copy answering a re-open).
-        if t.version < self.version {
+        // Never older than what the client has (a stale copy answering a re-open), and a
+        // re-open's current state only when it is newer.
+        if t.version < self.version || (fresh && t.version == self.version) {
             return false;
         }
         if fresh {
-            if t.version <= self.version {
-                return false;
-            }
             u.state_changed = self.state != Some(t.state);
         }
-        self.version = self.version.max(t.version);
+        self.version = t.version;
         self.state = Some(t.state);
         true
     }

@@ -175,10 +175,10 @@ async fn start_three(
     Ok((procs, join))
 }
 
-/// Polls `ids` through node 0 until every one answers; returns how many never did
+/// Polls `ids` through `target` until every one answers; returns how many never did
 /// within `within`.
-async fn answering(cfg: &BenchConfig, ids: &[String], within: Duration) -> anyhow::Result<usize> {
-    let ch = Endpoint::from_shared(url(cfg, 0))?.connect().await?;
+pub(super) async fn answering(target: &str, ids: &[String], within: Duration) -> anyhow::Result<usize> {
+    let ch = Endpoint::from_shared(target.to_string())?.connect().await?;
     let mut c = pb::locations_client::LocationsClient::new(ch);
     let t0 = Instant::now();
     let mut left: Vec<&String> = ids.iter().collect();
@@ -259,7 +259,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Clu
     let _ = victim.0.wait();
     let kill_converge = time_to_agree(cfg, &[0, 1], 2, t0).await?;
     let (probe, probe_left) = (sample[..sample.len().min(50)].to_vec(), sample.clone());
-    let never = answering(cfg, &probe, Duration::from_secs(30)).await?;
+    let never = answering(&url(cfg, 0), &probe, Duration::from_secs(30)).await?;
     let failover = t0.elapsed();
     if never > 0 {
         bail!("{never} of the victim's drivers never answered after its kill -9");
@@ -267,7 +267,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Clu
     eprintln!(
         "[bench] cluster: after kill -9 the survivors agreed in {kill_converge:?}, served the victim's drivers in {failover:?}"
     );
-    let failover_missing = answering(cfg, &probe_left, Duration::from_secs(2)).await?;
+    let failover_missing = answering(&url(cfg, 0), &probe_left, Duration::from_secs(2)).await?;
     eprintln!("[bench] cluster: {failover_missing} of {} sampled drivers missing after the failover", sample.len());
     drop(procs);
     Ok(ClusterFigures {

@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::cluster::answering;
 use super::{BenchConfig, Latency, Proc, Workload, ingest_many, wait_port};
 use crate::clock::wall_ms;
 use crate::pb;
@@ -334,30 +335,6 @@ pub struct MovesFigures {
     pub restored: [Duration; 2],
     /// Drivers held by the owners after the join, the drain and the crash.
     pub held: [u64; 3],
-}
-
-/// Polls `ids` through `target` until every one answers; returns how many never did.
-async fn answering(target: &str, ids: &[String], within: Duration) -> anyhow::Result<usize> {
-    let mut c = connect(target).await?;
-    let t0 = Instant::now();
-    let mut left: Vec<&String> = ids.iter().collect();
-    while !left.is_empty() && t0.elapsed() < within {
-        let mut still = Vec::new();
-        for id in left {
-            let req = pb::GetDriverRequest {
-                key: Some(pb::get_driver_request::Key::DriverId(id.clone())),
-                include_trail: false,
-            };
-            if c.get_driver(req).await.is_err() {
-                still.push(id);
-            }
-        }
-        left = still;
-        if !left.is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    Ok(left.len())
 }
 
 /// Runs the section in `dir`.

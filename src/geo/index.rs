@@ -84,10 +84,19 @@ pub struct Candidate<'a> {
     pub vtype: u16,
 }
 
-/// The per-shard geo index. See the module docs of `geo` for why answers are exact.
 /// Fewest points [`GeoIndex::insert_many`] rebuilds a tree for.
 const REBUILD_MIN: usize = 4_096;
 
+/// Points grouped by the tree they belong to.
+fn by_key(points: impl IntoIterator<Item = (IndexKey, u32, [f32; 3])>) -> HashMap<IndexKey, Vec<Pt>> {
+    let mut m: HashMap<IndexKey, Vec<Pt>> = HashMap::new();
+    for (key, slot, p) in points {
+        m.entry(key).or_default().push(Pt { p, slot });
+    }
+    m
+}
+
+/// The per-shard geo index. See the module docs of `geo` for why answers are exact.
 pub struct GeoIndex {
     trees: HashMap<IndexKey, RTree<Pt>>,
     /// Re-index a driver once it is this far (squared unit chord) from its indexed point.
@@ -173,11 +182,7 @@ impl GeoIndex {
     /// or more is rebuilt by bulk loading, several times faster than inserting one by
     /// one (a promotion adds a lost owner's share in one go); smaller additions insert.
     pub fn insert_many(&mut self, points: impl IntoIterator<Item = (IndexKey, u32, [f32; 3])>) {
-        let mut by_key: HashMap<IndexKey, Vec<Pt>> = HashMap::new();
-        for (key, slot, p) in points {
-            by_key.entry(key).or_default().push(Pt { p, slot });
-        }
-        for (key, mut pts) in by_key {
+        for (key, mut pts) in by_key(points) {
             let tree = self.trees.entry(key).or_default();
             if pts.len() >= REBUILD_MIN && 4 * pts.len() >= tree.size() {
                 pts.extend(tree.iter().copied());
@@ -192,11 +197,7 @@ impl GeoIndex {
 
     /// Replaces the whole index with `points`, using rstar's bulk loading (restarts).
     pub fn bulk_load(&mut self, points: impl IntoIterator<Item = (IndexKey, u32, [f32; 3])>) {
-        let mut by_key: HashMap<IndexKey, Vec<Pt>> = HashMap::new();
-        for (key, slot, p) in points {
-            by_key.entry(key).or_default().push(Pt { p, slot });
-        }
-        self.trees = by_key.into_iter().map(|(k, v)| (k, RTree::bulk_load(v))).collect();
+        self.trees = by_key(points).into_iter().map(|(k, v)| (k, RTree::bulk_load(v))).collect();
     }
 
     /// The `k` drivers nearest to (lat, lon), optionally within `radius_m`, nearest first.

@@ -260,13 +260,13 @@ impl Handoff {
         }
     }
 
-    /// The ring hand-off follows: the view's, without this node while it leaves (its own
-    /// ring keeps it until it is gone, but it must not take partitions back).
     /// Paces pulls: after each chunk, wait `pace` times as long as it took (0: none).
     pub fn set_pace(&self, pace: f64) {
         self.pace_pct.store((pace.clamp(0.0, 100.0) * 100.0) as u32, Ordering::Relaxed);
     }
 
+    /// The ring hand-off follows: the view's, without this node while it leaves (its own
+    /// ring keeps it until it is gone, but it must not take partitions back).
     fn ring(&self, view: &ClusterView) -> Arc<Ring> {
         let leaving = view.meta(&self.me).is_some_and(|m| m.state == NodeState::Leaving);
         if leaving && view.ring.contains(&self.me) {
