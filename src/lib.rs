@@ -81,6 +81,7 @@ pub mod handoff;
 pub mod http;
 pub mod keys;
 pub mod membership;
+pub mod memnet;
 pub mod node;
 pub mod ownership;
 pub mod pb;

@@ -18,7 +18,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -33,7 +34,7 @@ use crate::config::NodeConfig;
 use crate::dispatch::Dispatcher;
 use crate::drivers::{DriverShard, Limits, ShardConfig, Snapshot};
 use crate::handoff::{Handoff, MAX_HANDOFF_BYTES};
-use crate::membership::{self, ClusterView, MembershipConfig, UdpTransport};
+use crate::membership::{self, ClusterView, MembershipConfig, Transport, UdpTransport};
 use crate::ownership::{Lease, Routes};
 use crate::pb::cluster_server::ClusterServer;
 use crate::pb::dispatch_server::DispatchServer;
@@ -123,10 +124,31 @@ async fn follow_members(mut view: watch::Receiver<Arc<ClusterView>>, cluster: Ar
     }
 }
 
+/// The network a node talks to its peers over.
+#[derive(Clone, Default)]
+pub enum Net {
+    /// TCP for gRPC and UDP for gossip (production).
+    #[default]
+    Os,
+    /// The in-process network (the cluster harness): `--grpc-addr` and `--gossip-addr`
+    /// name the node on it; HTTP still binds a real socket.
+    Mem(crate::memnet::MemNet),
+}
+
 /// Runs a node until `stop` resolves, then shuts it down gracefully.
 /// `on_ready` receives the bound gRPC and HTTP addresses.
 pub async fn run(
     cfg: NodeConfig,
+    stop: impl std::future::Future<Output = ()>,
+    on_ready: impl FnOnce(SocketAddr, SocketAddr),
+) -> anyhow::Result<()> {
+    run_on(cfg, Net::Os, stop, on_ready).await
+}
+
+/// [`run`] on a given network.
+pub async fn run_on(
+    cfg: NodeConfig,
+    net: Net,
     stop: impl std::future::Future<Output = ()>,
     on_ready: impl FnOnce(SocketAddr, SocketAddr),
 ) -> anyhow::Result<()> {
@@ -194,12 +216,33 @@ pub async fn run(
     let limits = Limits { max_future_ms: cfg.max_future_skew.as_millis() as i64 };
 
     // Addresses first: the gossip metadata carries them.
-    let listener = TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding {}", cfg.grpc_addr))?;
-    let grpc_addr = listener.local_addr()?;
     let http_listener = TcpListener::bind(cfg.http_addr).await.with_context(|| format!("binding {}", cfg.http_addr))?;
     let http_addr = http_listener.local_addr()?;
-    let (transport, gossip_addr, inbox) =
-        UdpTransport::bind(cfg.gossip_addr).await.with_context(|| format!("binding gossip {}", cfg.gossip_addr))?;
+    type Incoming = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = std::io::Result<GrpcConn>> + Send>>;
+    let (incoming, grpc_addr, transport, beats, gossip_addr, inbox): (Incoming, _, Arc<dyn Transport>, _, _, _) =
+        match &net {
+            Net::Os => {
+                let listener =
+                    TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding {}", cfg.grpc_addr))?;
+                let grpc_addr = listener.local_addr()?;
+                // serve_with_incoming does not apply the builder's TCP options: set them per socket.
+                let incoming = TcpListenerStream::new(listener).map(|s| {
+                    s.map(|s| {
+                        let _ = s.set_nodelay(true);
+                        GrpcConn::Tcp(s)
+                    })
+                });
+                let (t, gossip_addr, inbox) = UdpTransport::bind(cfg.gossip_addr)
+                    .await
+                    .with_context(|| format!("binding gossip {}", cfg.gossip_addr))?;
+                (Box::pin(incoming), grpc_addr, Arc::new(t.clone()), t.heartbeats(), gossip_addr, inbox)
+            }
+            Net::Mem(mem) => {
+                let incoming = mem.listen(cfg.grpc_addr, cfg.gossip_addr).map(|c| c.map(GrpcConn::Mem));
+                let (t, inbox) = mem.endpoint(cfg.gossip_addr);
+                (Box::pin(incoming), cfg.grpc_addr, Arc::new(t.clone()), t.heartbeats(), cfg.gossip_addr, inbox)
+            }
+        };
     let seeds = resolve_seeds(&cfg.join).await;
     let mcfg = MembershipConfig {
         gossip_addr,
@@ -213,10 +256,13 @@ pub async fn run(
         suspect_to_down: cfg.suspect_timeout,
         rebroadcast_every: Duration::from_secs(5),
     };
-    let lease = transport.lease();
     let members = membership::spawn(mcfg, transport, inbox);
     let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::empty(gossip_addr)));
-    let cluster = Arc::new(Cluster::new(members.view.clone(), routes_rx, cfg.scatter_timeout, quorum.clone()));
+    let mut cluster = Cluster::new(members.view.clone(), routes_rx, cfg.scatter_timeout, quorum.clone());
+    if let Net::Mem(mem) = &net {
+        cluster = cluster.with_connector(mem.connector(gossip_addr));
+    }
+    let cluster = Arc::new(cluster);
     let ready = Arc::new(AtomicBool::new(false));
     let member_metrics = crate::tasks::spawn("member_metrics", follow_members(members.view.clone(), cluster.clone()));
 
@@ -275,12 +321,13 @@ pub async fn run(
     )
     .context("opening the ownership table")?;
     handoff.set_pace(cfg.handoff_pace);
-    handoff.round(&members.view.borrow().clone()).await;
+    let view = members.view.borrow().clone();
+    handoff.round(&view).await;
     let handoff_task = crate::tasks::spawn("handoff", handoff.clone().run(members.view.clone()));
     // The minority rule's lease: well inside failure detection (a cut-off node stands
     // down before the others declare it down and promote its replicas).
     let quorum_task =
-        crate::tasks::spawn("quorum", handoff.clone().run_quorum(lease, cfg.suspect_timeout / 2, members.view.clone()));
+        crate::tasks::spawn("quorum", handoff.clone().run_quorum(beats, cfg.suspect_timeout / 2, members.view.clone()));
     let feed = crate::tasks::spawn("trip_feed", crate::api::run_feed(trip_fix_rx, trips.clone(), cluster.clone()));
 
     let leave = Arc::new(Notify::new());
@@ -302,18 +349,12 @@ pub async fn run(
         .max_decoding_message_size(MAX_HANDOFF_BYTES)
         .max_encoding_message_size(MAX_HANDOFF_BYTES);
     let admin = ClusterServer::new(ClusterApi::new(cluster.clone(), leave.clone(), handoff.clone(), members.clone()));
-    // serve_with_incoming does not apply the builder's TCP options: set them per socket.
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
     let mut sd = sd_rx.clone();
     let grpc = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .layer(crate::tasks::ScopeLayer(crate::tasks::Scope::current()))
         .add_service(svc)
         .add_service(admin)
         .add_service(trips_svc)
@@ -389,4 +430,80 @@ pub async fn run(
     let live: Vec<String> = crate::tasks::live().into_iter().map(|(k, n)| format!("{k}={n}")).collect();
     info!(tasks = %live.join(" "), "stopped cleanly");
     Ok(())
+}
+
+/// A gRPC connection the server accepted: TCP, or in-process.
+enum GrpcConn {
+    Tcp(tokio::net::TcpStream),
+    Mem(crate::memnet::MemConn),
+}
+
+impl tonic::transport::server::Connected for GrpcConn {
+    type ConnectInfo = ();
+
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl tokio::io::AsyncRead for GrpcConn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            GrpcConn::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            GrpcConn::Mem(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for GrpcConn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            GrpcConn::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            GrpcConn::Mem(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            GrpcConn::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            GrpcConn::Mem(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            GrpcConn::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            GrpcConn::Mem(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            GrpcConn::Tcp(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            GrpcConn::Mem(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            GrpcConn::Tcp(s) => s.is_write_vectored(),
+            GrpcConn::Mem(_) => false,
+        }
+    }
 }

@@ -5,12 +5,19 @@
 //! (watches that never end, trip actors piling up) shows on a dashboard, and shutdown
 //! reports what was still running ([`live`]). Long-lived node tasks (membership,
 //! hand-off, replication, shards) are also held by their owners and joined.
+//!
+//! A [`Scope`] groups every task one node spawns, so that a process running several
+//! nodes (the cluster harness) can kill one: [`Scope::run`] runs the node inside it,
+//! [`spawn`] passes the scope on to each task it spawns, and [`ScopeLayer`] passes it
+//! on to gRPC handlers (tonic runs connections on tasks of its own). [`Scope::kill`]
+//! aborts them all, as `kill -9` would end the process.
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 static LIVE: Mutex<BTreeMap<&'static str, i64>> = Mutex::new(BTreeMap::new());
 
@@ -43,10 +50,110 @@ where
     F::Output: Send + 'static,
 {
     let guard = Live::enter(kind);
-    tokio::spawn(async move {
-        let _guard = guard;
-        fut.await
-    })
+    match Scope::current() {
+        None => tokio::spawn(async move {
+            let _guard = guard;
+            fut.await
+        }),
+        Some(scope) => {
+            let inner = scope.clone();
+            let h = tokio::spawn(SCOPE.scope(Some(inner), async move {
+                let _guard = guard;
+                fut.await
+            }));
+            scope.add(h.abort_handle());
+            h
+        }
+    }
+}
+
+tokio::task_local! {
+    static SCOPE: Option<Scope>;
+}
+
+/// The tasks of one node (see the module docs). Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Scope {
+    tasks: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl Scope {
+    pub fn new() -> Scope {
+        Scope::default()
+    }
+
+    /// The scope the calling task runs in, if any.
+    pub fn current() -> Option<Scope> {
+        SCOPE.try_with(|s| s.clone()).ok().flatten()
+    }
+
+    /// Runs `fut` inside this scope: what it spawns through [`spawn`] belongs to it.
+    pub fn run<F: Future>(&self, fut: F) -> impl Future<Output = F::Output> + use<F> {
+        SCOPE.scope(Some(self.clone()), fut)
+    }
+
+    fn add(&self, h: AbortHandle) {
+        let mut t = self.tasks.lock().expect("scope lock");
+        if t.len() >= 64 && t.len().is_power_of_two() {
+            t.retain(|h| !h.is_finished());
+        }
+        t.push(h);
+    }
+
+    /// Aborts every task of the scope (and any it spawns meanwhile, as they start).
+    pub fn kill(&self) {
+        for _ in 0..8 {
+            let tasks = std::mem::take(&mut *self.tasks.lock().expect("scope lock"));
+            if tasks.is_empty() {
+                return;
+            }
+            for h in tasks {
+                h.abort();
+            }
+        }
+    }
+
+    /// Tasks of the scope not finished yet.
+    pub fn live(&self) -> usize {
+        self.tasks.lock().expect("scope lock").iter().filter(|h| !h.is_finished()).count()
+    }
+}
+
+/// Runs each gRPC request of a server inside the scope it was made with.
+#[derive(Clone)]
+pub struct ScopeLayer(pub Option<Scope>);
+
+impl<S> tower_layer::Layer<S> for ScopeLayer {
+    type Service = Scoped<S>;
+
+    fn layer(&self, inner: S) -> Scoped<S> {
+        Scoped { inner, scope: self.0.clone() }
+    }
+}
+
+/// See [`ScopeLayer`].
+#[derive(Clone)]
+pub struct Scoped<S> {
+    inner: S,
+    scope: Option<Scope>,
+}
+
+impl<S, R> tonic::codegen::Service<R> for Scoped<S>
+where
+    S: tonic::codegen::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tokio::task::futures::TaskLocalFuture<Option<Scope>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        // No allocation: outside the harness this sets the scope to `None` per poll.
+        SCOPE.scope(self.scope.clone(), self.inner.call(req))
+    }
 }
 
 /// Tasks alive now, by kind (kinds with none left out).

@@ -44,7 +44,8 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use tokio::sync::{Mutex, watch};
 use tracing::{debug, info, warn};
@@ -979,7 +980,7 @@ impl Handoff {
     /// stands down copies another node took over meanwhile, then serves the rest.
     pub async fn run_quorum(
         self: Arc<Self>,
-        lease: crate::membership::Lease,
+        beats: crate::membership::Heartbeats,
         lease_for: Duration,
         view_rx: watch::Receiver<Arc<ClusterView>>,
     ) {
@@ -991,10 +992,10 @@ impl Handoff {
             tick.tick().await;
             let view = view_rx.borrow().clone();
             let leaving = view.meta(&self.me).is_some_and(|m| m.state == NodeState::Leaving);
-            lease.set_ring(view.ring.checksum());
+            beats.set_ring(view.ring.checksum());
             let base = self.update_base(&view, &mut joined);
             joined.retain(|_, t| t.elapsed() < lease_for);
-            let mut heard = lease.heard.snapshot();
+            let mut heard = beats.heard.snapshot();
             for (m, t) in &joined {
                 let e = heard.entry(*m).or_insert(*t);
                 *e = (*e).max(*t);
@@ -1004,7 +1005,7 @@ impl Handoff {
             to.remove(&self.me);
             for a in &to {
                 let alive = view.member(a).is_some_and(|m| m.liveness == Liveness::Alive);
-                lease.beat(*a, alive);
+                beats.beat(*a, alive);
             }
             // A leaving node routes by a ring with itself in it until it is gone, unlike
             // the others; it takes nothing any more, so only the others' rule matters.

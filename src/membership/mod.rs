@@ -32,8 +32,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+pub use crate::memnet::{MemNet, MemTransport};
 use crate::ring::Ring;
-pub use transport::{Heard, Lease, MemNet, MemTransport, Transport, UdpTransport};
+pub use transport::{Heard, Heartbeats, Transport, UdpTransport};
 
 /// A node's identity in the gossip: its address and an incarnation.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -578,13 +579,9 @@ impl Membership {
     }
 }
 
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Starts the membership task over `transport`, reading packets from `inbox`.
 pub fn spawn(cfg: MembershipConfig, transport: impl Transport, inbox: mpsc::Receiver<Vec<u8>>) -> Membership {
-    spawn_with(cfg, transport, inbox, rand::make_rng(), wall_ms())
+    spawn_with(cfg, transport, inbox, rand::make_rng(), crate::clock::wall_ms() as u64)
 }
 
 /// [`spawn`] with a given random generator and boot time (tests).

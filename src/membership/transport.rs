@@ -4,17 +4,19 @@
 //! membership shell reads. Sends never block: gossip is datagrams, and a packet that
 //! cannot be sent now is as good as lost (SWIM tolerates loss).
 //!
-//! The UDP transport also carries tiny heartbeats besides gossip ([`Lease`]), each with
-//! the sender's ring checksum, and notes when each peer last sent one naming this node's
-//! ring: what the quorum lease (`ownership::has_quorum`) reads. They never reach foca.
+//! Both transports also carry tiny heartbeats besides gossip ([`Heartbeats`]), each
+//! with the sender's ring checksum, and note when each peer last sent one naming this
+//! node's ring: what the quorum lease (`ownership::has_quorum`) reads. They never reach
+//! foca.
 //!
-//! [`MemNet`] serializes nothing away: it carries the same bytes UDP would, and can cut
-//! links (one direction or both) to make partitions, as chitchat's test transport does.
+//! [`MemNet`](crate::memnet::MemNet) serializes nothing away: it carries the same bytes
+//! UDP would, and can cut links (one direction or both) to make partitions, as
+//! chitchat's test transport does.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -25,6 +27,12 @@ pub const INBOX: usize = 1024;
 /// Sends one gossip packet.
 pub trait Transport: Send + Sync + 'static {
     fn send(&self, to: SocketAddr, packet: &[u8]);
+}
+
+impl<T: Transport + ?Sized> Transport for Arc<T> {
+    fn send(&self, to: SocketAddr, packet: &[u8]) {
+        (**self).send(to, packet)
+    }
 }
 
 /// A heartbeat datagram: these 8 bytes, the sender's ring checksum and its previous one
@@ -80,14 +88,18 @@ impl Heard {
     }
 }
 
-/// Sends heartbeats over the gossip socket and reads when peers last agreed.
+/// Sends heartbeats over the gossip transport and reads when peers last agreed.
 #[derive(Clone)]
-pub struct Lease {
-    socket: Arc<UdpSocket>,
+pub struct Heartbeats {
+    out: Arc<dyn Transport>,
     pub heard: Heard,
 }
 
-impl Lease {
+impl Heartbeats {
+    pub fn new(out: Arc<dyn Transport>, heard: Heard) -> Heartbeats {
+        Heartbeats { out, heard }
+    }
+
     /// Sets the ring checksum this node routes by (sent in, and compared with, beats).
     pub fn set_ring(&self, checksum: u64) {
         let mut r = self.heard.mine.lock().expect("rings lock");
@@ -109,11 +121,32 @@ impl Lease {
             b[16..24].copy_from_slice(&r.previous().to_be_bytes());
         }
         b[24] = u8::from(alive);
-        let _ = self.socket.try_send_to(&b, to);
+        self.out.send(to, &b);
+    }
+}
+
+/// What a transport does with a packet that arrived from `from`: a heartbeat is noted
+/// in `heard`, anything else goes to the membership task's inbox. False once the inbox
+/// is closed (the node stopped).
+pub fn deliver(heard: &Heard, inbox: &mpsc::Sender<Vec<u8>>, from: SocketAddr, packet: &[u8]) -> bool {
+    if packet.len() == HEARTBEAT_LEN && packet.starts_with(HEARTBEAT) {
+        let cur = u64::from_be_bytes(packet[8..16].try_into().expect("8 bytes"));
+        let prev = u64::from_be_bytes(packet[16..24].try_into().expect("8 bytes"));
+        heard.note(from, [cur, prev], packet[24] == 1, Instant::now());
+        return true;
+    }
+    match inbox.try_send(packet.to_vec()) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            metrics::counter!("locus_channel_dropped_total", "channel" => "gossip_inbox").increment(1);
+            true
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
     }
 }
 
 /// Gossip over a UDP socket.
+#[derive(Clone)]
 pub struct UdpTransport {
     socket: Arc<UdpSocket>,
     heard: Heard,
@@ -133,19 +166,8 @@ impl UdpTransport {
             loop {
                 match rsock.recv_from(&mut buf).await {
                     Ok((n, from)) => {
-                        if n == HEARTBEAT_LEN && buf.starts_with(HEARTBEAT) {
-                            let cur = u64::from_be_bytes(buf[8..16].try_into().expect("8 bytes"));
-                            let prev = u64::from_be_bytes(buf[16..24].try_into().expect("8 bytes"));
-                            noted.note(from, [cur, prev], buf[24] == 1, Instant::now());
-                            continue;
-                        }
-                        match tx.try_send(buf[..n].to_vec()) {
-                            Ok(()) => {}
-                            Err(mpsc::error::TrySendError::Full(_)) => {
-                                metrics::counter!("locus_channel_dropped_total", "channel" => "gossip_inbox")
-                                    .increment(1)
-                            }
-                            Err(mpsc::error::TrySendError::Closed(_)) => return,
+                        if !deliver(&noted, &tx, from, &buf[..n]) {
+                            return;
                         }
                     }
                     // ICMP errors from an earlier send surface here on some platforms.
@@ -157,8 +179,8 @@ impl UdpTransport {
     }
 
     /// The heartbeat side of this socket (for the quorum lease).
-    pub fn lease(&self) -> Lease {
-        Lease { socket: self.socket.clone(), heard: self.heard.clone() }
+    pub fn heartbeats(&self) -> Heartbeats {
+        Heartbeats::new(Arc::new(self.clone()), self.heard.clone())
     }
 }
 
@@ -166,76 +188,6 @@ impl Transport for UdpTransport {
     fn send(&self, to: SocketAddr, packet: &[u8]) {
         if let Err(e) = self.socket.try_send_to(packet, to) {
             tracing::debug!(error = %e, %to, "gossip send");
-        }
-    }
-}
-
-#[derive(Default)]
-struct NetState {
-    inboxes: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
-    /// Directed links that drop every packet: (from, to).
-    cut: HashSet<(SocketAddr, SocketAddr)>,
-}
-
-/// An in-process network for membership tests.
-#[derive(Clone, Default)]
-pub struct MemNet {
-    state: Arc<Mutex<NetState>>,
-}
-
-/// One node's end of a [`MemNet`].
-pub struct MemTransport {
-    me: SocketAddr,
-    net: MemNet,
-}
-
-impl MemNet {
-    pub fn new() -> MemNet {
-        MemNet::default()
-    }
-
-    /// Attaches (or re-attaches, after a simulated restart) a node at `addr`.
-    pub fn endpoint(&self, addr: SocketAddr) -> (MemTransport, mpsc::Receiver<Vec<u8>>) {
-        let (tx, rx) = mpsc::channel(INBOX);
-        self.state.lock().expect("net lock").inboxes.insert(addr, tx);
-        (MemTransport { me: addr, net: self.clone() }, rx)
-    }
-
-    /// Drops every packet between `a` and `b`, both ways.
-    pub fn cut(&self, a: SocketAddr, b: SocketAddr) {
-        let mut s = self.state.lock().expect("net lock");
-        s.cut.insert((a, b));
-        s.cut.insert((b, a));
-    }
-
-    /// Cuts `a` off from every other node in `others`.
-    pub fn isolate(&self, a: SocketAddr, others: &[SocketAddr]) {
-        for o in others {
-            if *o != a {
-                self.cut(a, *o);
-            }
-        }
-    }
-
-    /// Restores every link.
-    pub fn heal(&self) {
-        self.state.lock().expect("net lock").cut.clear();
-    }
-
-    /// Detaches a node: packets to it are dropped (a killed process).
-    pub fn detach(&self, addr: SocketAddr) {
-        self.state.lock().expect("net lock").inboxes.remove(&addr);
-    }
-}
-
-impl Transport for MemTransport {
-    fn send(&self, to: SocketAddr, packet: &[u8]) {
-        let s = self.net.state.lock().expect("net lock");
-        if s.cut.contains(&(self.me, to)) {
-            return;
-        }
-        if let Some(tx) = s.inboxes.get(&to) {
-            let _ = tx.try_send(packet.to_vec());
         }
     }
 }

@@ -8,7 +8,7 @@
 //! its partitions from its first instruction afterwards, before any task has noticed.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
+use tokio::time::Instant;
 
 #[derive(Debug)]
 pub struct Lease {

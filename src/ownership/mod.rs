@@ -183,17 +183,17 @@ impl Survey {
 pub fn quorum_until(
     me: SocketAddr,
     base: &[SocketAddr],
-    heard: &HashMap<SocketAddr, std::time::Instant>,
+    heard: &HashMap<SocketAddr, tokio::time::Instant>,
     lease: std::time::Duration,
-    far: std::time::Instant,
-) -> Option<std::time::Instant> {
+    far: tokio::time::Instant,
+) -> Option<tokio::time::Instant> {
     let others: Vec<&SocketAddr> = base.iter().filter(|a| **a != me).collect();
     if others.is_empty() {
         return Some(far);
     }
     // Others needed besides this node: the least s with 2 (s + 1) > others + 1.
     let need = others.len().div_ceil(2);
-    let mut times: Vec<std::time::Instant> = others.iter().filter_map(|a| heard.get(*a).copied()).collect();
+    let mut times: Vec<tokio::time::Instant> = others.iter().filter_map(|a| heard.get(*a).copied()).collect();
     times.sort_unstable_by(|a, b| b.cmp(a));
     times.get(need - 1).map(|t| *t + lease)
 }
@@ -202,8 +202,8 @@ pub fn quorum_until(
 pub fn has_quorum(
     me: SocketAddr,
     base: &[SocketAddr],
-    heard: &HashMap<SocketAddr, std::time::Instant>,
-    now: std::time::Instant,
+    heard: &HashMap<SocketAddr, tokio::time::Instant>,
+    now: tokio::time::Instant,
     lease: std::time::Duration,
 ) -> bool {
     let far = now + std::time::Duration::from_secs(3600);

@@ -294,7 +294,8 @@ fn the_rings_owner_never_merges_a_stale_copy_into_its_own() {
 
 #[test]
 fn quorum_is_a_strict_majority_of_the_base_heard_within_the_lease() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
+    use tokio::time::Instant;
     let now = Instant::now();
     let lease = Duration::from_secs(1);
     let base: Vec<SocketAddr> = (0..3).map(addr).collect();
@@ -339,7 +340,8 @@ fn a_copy_being_promoted_elsewhere_makes_a_stale_server_stand_down_but_a_merge_d
 
 #[test]
 fn the_quorum_lease_runs_out_a_lease_after_the_majoritys_last_agreement() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
+    use tokio::time::Instant;
     let now = Instant::now();
     let far = now + Duration::from_secs(3600);
     let lease = Duration::from_secs(1);

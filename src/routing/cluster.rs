@@ -85,6 +85,8 @@ pub enum Owner {
 #[derive(Default)]
 pub struct Peers {
     clients: Mutex<HashMap<SocketAddr, Channel>>,
+    /// Set when the node runs on the in-process network (the cluster harness).
+    connector: Option<crate::memnet::MemConnector>,
 }
 
 impl Peers {
@@ -99,7 +101,10 @@ impl Peers {
                     .connect_timeout(Duration::from_secs(1))
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5));
-                ep.connect_lazy()
+                match &self.connector {
+                    Some(c) => ep.connect_with_connector_lazy(c.clone()),
+                    None => ep.connect_lazy(),
+                }
             })
             .clone()
     }
@@ -143,13 +148,19 @@ impl Cluster {
         Cluster { view, routes, gate: tokio::sync::RwLock::new(()), peers: Peers::default(), scatter_timeout, lease }
     }
 
+    /// Reaches peers over the in-process network instead of TCP.
+    pub fn with_connector(mut self, c: crate::memnet::MemConnector) -> Self {
+        self.peers.connector = Some(c);
+        self
+    }
+
     /// Serving (after a round with a quorum) and the quorum lease not run out, as of
     /// the monotonic clock now.
     pub fn has_quorum(&self) -> bool {
         self.lease.holds()
     }
 
-    pub fn set_lease_until(&self, t: std::time::Instant) {
+    pub fn set_lease_until(&self, t: tokio::time::Instant) {
         self.lease.set_until(t);
     }
 
