@@ -57,10 +57,17 @@ where
         }),
         Some(scope) => {
             let inner = scope.clone();
-            let h = tokio::spawn(SCOPE.scope(Some(inner), async move {
-                let _guard = guard;
-                fut.await
-            }));
+            let span = scope.span.clone();
+            let h = tokio::spawn(SCOPE.scope(
+                Some(inner),
+                tracing::Instrument::instrument(
+                    async move {
+                        let _guard = guard;
+                        fut.await
+                    },
+                    span,
+                ),
+            ));
             scope.add(h.abort_handle());
             h
         }
@@ -72,14 +79,16 @@ tokio::task_local! {
 }
 
 /// The tasks of one node (see the module docs). Cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Scope {
     tasks: Arc<Mutex<Vec<AbortHandle>>>,
+    /// Every task of the scope logs inside this span (the node's name, in the harness).
+    span: tracing::Span,
 }
 
 impl Scope {
-    pub fn new() -> Scope {
-        Scope::default()
+    pub fn new(span: tracing::Span) -> Scope {
+        Scope { tasks: Arc::default(), span }
     }
 
     /// The scope the calling task runs in, if any.
@@ -89,7 +98,7 @@ impl Scope {
 
     /// Runs `fut` inside this scope: what it spawns through [`spawn`] belongs to it.
     pub fn run<F: Future>(&self, fut: F) -> impl Future<Output = F::Output> + use<F> {
-        SCOPE.scope(Some(self.clone()), fut)
+        SCOPE.scope(Some(self.clone()), tracing::Instrument::instrument(fut, self.span.clone()))
     }
 
     fn add(&self, h: AbortHandle) {
@@ -144,7 +153,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = tokio::task::futures::TaskLocalFuture<Option<Scope>, S::Future>;
+    type Future = tracing::instrument::Instrumented<tokio::task::futures::TaskLocalFuture<Option<Scope>, S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -152,7 +161,8 @@ where
 
     fn call(&mut self, req: R) -> Self::Future {
         // No allocation: outside the harness this sets the scope to `None` per poll.
-        SCOPE.scope(self.scope.clone(), self.inner.call(req))
+        let span = self.scope.as_ref().map_or_else(tracing::Span::none, |s| s.span.clone());
+        tracing::Instrument::instrument(SCOPE.scope(self.scope.clone(), self.inner.call(req)), span)
     }
 }
 

@@ -118,6 +118,9 @@ pub struct Handoff {
     replicator: Arc<Replicator>,
     /// Replicas this node keeps for other owners (in memory).
     replicas: std::sync::Mutex<ReplicaStore>,
+    /// The heartbeats the quorum task reads, and its lease: a node heard within the
+    /// lease may still serve what it holds (see [`Handoff::survey`]).
+    heard: std::sync::OnceLock<(crate::membership::Heard, Duration)>,
     /// Partitions being pulled right now (reported as such in surveys).
     /// (partition → the epoch it will be served at).
     pulling: std::sync::Mutex<HashMap<u16, u64>>,
@@ -221,6 +224,7 @@ impl Handoff {
             replicator,
             replicas: std::sync::Mutex::new(ReplicaStore::new(trail_cap)),
             pulling: std::sync::Mutex::new(HashMap::new()),
+            heard: std::sync::OnceLock::new(),
             lease_ok,
             base: std::sync::Mutex::new(base),
             base_tree,
@@ -674,8 +678,22 @@ impl Handoff {
     }
 
     /// One survey of every live member's holdings.
+    ///
+    /// A node this view counts as down, or does not know, but whose heartbeat arrived
+    /// within the lease counts as *missing*: it may still hold its lease and serve, so
+    /// nothing it might hold is promoted, adopted or reclaimed this round. (On a heal,
+    /// SWIM can declare a live node down at once, relaying a verdict from the other
+    /// side; the node rejoins within a round trip or two, and keeps its partitions.)
     async fn survey(&self, view: &ClusterView) -> Survey {
         let mut survey = Survey::default();
+        if let Some((heard, lease_for)) = self.heard.get() {
+            for a in heard.heard_within(*lease_for) {
+                let live = view.member(&a).is_some_and(|m| m.liveness != Liveness::Down && m.meta.is_some());
+                if a != self.me && !live {
+                    survey.missing.push(a);
+                }
+            }
+        }
         let mut calls = tokio::task::JoinSet::new();
         for m in &view.members {
             if m.addr == self.me || m.liveness == Liveness::Down {
@@ -984,6 +1002,7 @@ impl Handoff {
         lease_for: Duration,
         view_rx: watch::Receiver<Arc<ClusterView>>,
     ) {
+        let _ = self.heard.set((beats.heard.clone(), lease_for));
         let mut tick = tokio::time::interval(lease_for / 5);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         metrics::gauge!("locus_quorum").set(if self.cluster.has_quorum() { 1.0 } else { 0.0 });

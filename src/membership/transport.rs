@@ -50,6 +50,9 @@ pub const RING_CHANGE_GRACE: std::time::Duration = std::time::Duration::from_sec
 #[derive(Clone, Default)]
 pub struct Heard {
     agreed: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
+    /// When each peer last sent any heartbeat at all (agreeing or not): a peer heard
+    /// lately may still hold its own lease, whatever this node's view says of it.
+    any: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
     /// This node's ring checksums (current, previous while within the grace), as the
     /// quorum task last set them.
     mine: Arc<Mutex<Rings>>,
@@ -81,6 +84,15 @@ impl Heard {
         if alive && agree {
             self.agreed.lock().expect("heard lock").insert(from, at);
         }
+        self.any.lock().expect("heard lock").insert(from, at);
+    }
+
+    /// Peers that sent any heartbeat within `within` of now.
+    pub fn heard_within(&self, within: std::time::Duration) -> Vec<SocketAddr> {
+        let now = Instant::now();
+        let mut any = self.any.lock().expect("heard lock");
+        any.retain(|_, t| now.saturating_duration_since(*t) < within * 4);
+        any.iter().filter(|(_, t)| now.saturating_duration_since(**t) < within).map(|(a, _)| *a).collect()
     }
 
     pub fn snapshot(&self) -> HashMap<SocketAddr, Instant> {

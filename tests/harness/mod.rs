@@ -170,7 +170,7 @@ impl Sim {
         }
         args.extend(self.extra.iter().cloned());
         let cfg = Args::try_parse_from(&args).unwrap_or_else(|e| panic!("node flags {args:?}: {e}")).cfg;
-        let scope = Scope::new();
+        let scope = Scope::new(tracing::info_span!("node", n = i));
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let net = Net::Mem(self.net.clone());
         let task = tokio::spawn(scope.run(locus::node::run_on(
@@ -342,6 +342,7 @@ impl Sim {
             self.step(op, &format!("step {k} ({op:?})")).await;
             eprintln!("[sim] step {k} done in {:?} virtual", t.elapsed());
         }
+        eprintln!("[sim] {} operations ok, {} refused (retryable)", self.model.ok, self.model.failed);
     }
 
     pub async fn step(&mut self, op: &Op, stage: &str) {
@@ -354,7 +355,10 @@ impl Sim {
             Op::Restart(i) => self.restart(*i).await,
             Op::Leave(i) => self.leave(*i).await,
             Op::Drain(i) => self.drain(*i).await,
-            Op::Partition(a, b) => self.partition(a, b),
+            Op::Partition(a, b) => {
+                eprintln!("[sim] partition at {:?}", tokio::time::Instant::now());
+                self.partition(a, b)
+            }
             Op::Heal => self.heal(),
             Op::Wait(d) => tokio::time::sleep(*d).await,
             Op::Converge(nodes) => {
@@ -376,6 +380,48 @@ impl Sim {
                 self.model = model;
             }
         }
+    }
+}
+
+impl Sim {
+    /// A seeded random sequence of `steps` operations on a cluster that starts with
+    /// three nodes: load, joins, leaves, drains, kills, restarts and one-node
+    /// partitions, never more than one node lost at once. After every disruption the
+    /// cluster must converge and pass every check.
+    pub async fn random(&mut self, steps: usize) {
+        use Op::*;
+        self.run(&[Start(0), Start(1), Start(2), Converge(vec![0, 1, 2])]).await;
+        for k in 0..steps {
+            let running = self.running();
+            let stopped: Vec<usize> = (0..self.len()).filter(|i| !running.contains(i)).collect();
+            let mut ops = vec![SendFixes(60), Trips(6)];
+            match self.rand(6) {
+                0 if !stopped.is_empty() => ops.push(Restart(stopped[self.rand(stopped.len())])),
+                1 if running.len() > 3 => ops.push(Leave(running[self.rand(running.len())])),
+                2 if running.len() > 3 => ops.push(Drain(running[self.rand(running.len())])),
+                3 if running.len() >= 3 => {
+                    ops.push(Wait(Duration::from_secs(6)));
+                    ops.push(Kill(running[self.rand(running.len())]));
+                }
+                4 if running.len() >= 3 => {
+                    let cut = running[self.rand(running.len())];
+                    let rest: Vec<usize> = running.iter().copied().filter(|i| *i != cut).collect();
+                    ops.extend([Wait(Duration::from_secs(6)), Partition(vec![cut], rest), Wait(Duration::from_secs(12))]);
+                    ops.extend([SendFixes(30), Heal]);
+                }
+                _ => ops.push(Wait(Duration::from_secs(1 + self.rand(5) as u64))),
+            }
+            for op in ops {
+                let stage = format!("random step {k} ({op:?})");
+                eprintln!("[sim] {stage}");
+                self.step(&op, &stage).await;
+            }
+            let now = self.running();
+            let stage = format!("random step {k} settled on {now:?}");
+            self.step(&Converge(now.clone()), &stage).await;
+            self.step(&Check(now), &stage).await;
+        }
+        eprintln!("[sim] {} operations ok, {} refused (retryable)", self.model.ok, self.model.failed);
     }
 }
 

@@ -21,6 +21,8 @@ pub struct Fix {
     pub lat: f64,
     pub lon: f64,
     pub acked: Instant,
+    /// The node that acknowledged it.
+    pub via: usize,
 }
 
 #[derive(Default)]
@@ -72,11 +74,11 @@ pub fn event(trip: &str, id: &str, t: pb::TripEventType, driver: &str) -> pb::Tr
     }
 }
 
-fn match_req(trip: &str) -> pb::MatchRequest {
+pub fn match_req(trip: &str) -> pb::MatchRequest {
     pb::MatchRequest { trip_id: trip.into(), lat: CENTRE.0, lon: CENTRE.1, radius_m: 50_000.0, ..Default::default() }
 }
 
-fn by_id(id: &str) -> pb::GetDriverRequest {
+pub fn by_id(id: &str) -> pb::GetDriverRequest {
     pb::GetDriverRequest { key: Some(pb::get_driver_request::Key::DriverId(id.into())), include_trail: false }
 }
 
@@ -120,7 +122,7 @@ impl Model {
             match sim.locations(via).update(u).await {
                 Ok(_) => {
                     self.ok += 1;
-                    self.fixes.entry(id).or_default().push(Fix { ts, lat, lon, acked: Instant::now() });
+                    self.fixes.entry(id).or_default().push(Fix { ts, lat, lon, acked: Instant::now(), via });
                 }
                 Err(s) => {
                     self.failed += 1;
@@ -214,7 +216,8 @@ impl Model {
             let at = fixes.iter().position(|f| f.ts == d.timestamp_ms);
             let at = at.unwrap_or_else(|| panic!("{stage}: {id} at ts {} was never acknowledged", d.timestamp_ms));
             if let Some(floor) = floor {
-                assert!(at >= floor, "{stage}: {id} went back to fix {at} of {} (floor {floor})", fixes.len());
+                let p = locus::keys::partition_of(id.as_bytes());
+                assert!(at >= floor, "{stage}: {id} (p{p}) went back to fix {at} of {fixes:?} (floor {floor})");
             }
             let f = &fixes[at];
             assert!((f.lat - d.lat).abs() < 1e-6 && (f.lon - d.lon).abs() < 1e-6, "{stage}: {id} position");
