@@ -110,8 +110,7 @@ async fn a_minority_side_stands_down_and_the_majority_serves() {
     assert_eq!(writes.code(), tonic::Code::Unavailable, "{writes:?}");
     let m = sim.dispatch(2).r#match(harness::model::match_req("minority-trip")).await;
     assert!(m.is_err(), "a node without a majority matched: {m:?} (read: {refused:?})");
-    sim.run(&[SendFixes(100), Trips(8), Converge(vec![0, 1]), Check(vec![0, 1]), Heal, Converge(vec![0, 1, 2])])
-        .await;
+    sim.run(&[SendFixes(100), Trips(8), Converge(vec![0, 1]), Check(vec![0, 1]), Heal, Converge(vec![0, 1, 2])]).await;
     sim.run(&[Check(vec![0, 1, 2])]).await;
 }
 

@@ -71,6 +71,9 @@ pub use crate::storage::{Arriving, PartitionData};
 /// How long one survey answer or pull may take.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 const SURVEY_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a crashed member stays in the quorum base while the rest hold a majority
+/// without it (see [`Handoff::update_base`]).
+pub const BASE_FORGET: Duration = Duration::from_secs(30);
 
 /// One partition as `admin partitions` shows it (see `Cluster.Partitions`).
 #[derive(Clone, Debug)]
@@ -967,8 +970,17 @@ impl Handoff {
     }
 
     /// Follows the view into the quorum base: ring members join it; members that leave
-    /// gracefully (say "leaving") drop out of it. Crashed members stay.
-    fn update_base(&self, view: &ClusterView, joined: &mut HashMap<SocketAddr, Instant>) -> Vec<SocketAddr> {
+    /// gracefully (say "leaving") drop out of it. A crashed member stays until it has
+    /// been out of the ring for [`BASE_FORGET`] while this node held its lease (a
+    /// majority of the base agreed on a ring without it all along): so a node lost for
+    /// good and replaced does not count against the next failure's majority. A node cut
+    /// off on a minority side never holds its lease, so it never shrinks its base.
+    fn update_base(
+        &self,
+        view: &ClusterView,
+        joined: &mut HashMap<SocketAddr, Instant>,
+        gone: &mut HashMap<SocketAddr, Instant>,
+    ) -> Vec<SocketAddr> {
         let mut base = self.base.lock().expect("base lock");
         let before = base.clone();
         for m in view.ring.members() {
@@ -978,7 +990,21 @@ impl Handoff {
                 joined.insert(*m, Instant::now());
             }
         }
-        base.retain(|a| *a == self.me || view.meta(a).is_none_or(|m| m.state != NodeState::Leaving));
+        let now = Instant::now();
+        let holds = self.cluster.has_quorum();
+        gone.retain(|a, _| base.contains(a) && !view.ring.members().contains(a));
+        for a in base.iter() {
+            if *a != self.me && !view.ring.members().contains(a) {
+                let since = gone.entry(*a).or_insert(now);
+                if !holds {
+                    *since = now;
+                }
+            }
+        }
+        base.retain(|a| {
+            let forgotten = gone.get(a).is_some_and(|t| now.saturating_duration_since(*t) >= BASE_FORGET);
+            *a == self.me || (!forgotten && view.meta(a).is_none_or(|m| m.state != NodeState::Leaving))
+        });
         base.sort();
         if *base != before {
             let v: Vec<String> = base.iter().map(|a| a.to_string()).collect();
@@ -1007,12 +1033,13 @@ impl Handoff {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         metrics::gauge!("locus_quorum").set(if self.cluster.has_quorum() { 1.0 } else { 0.0 });
         let mut joined: HashMap<SocketAddr, Instant> = HashMap::new();
+        let mut gone: HashMap<SocketAddr, Instant> = HashMap::new();
         loop {
             tick.tick().await;
             let view = view_rx.borrow().clone();
             let leaving = view.meta(&self.me).is_some_and(|m| m.state == NodeState::Leaving);
             beats.set_ring(view.ring.checksum());
-            let base = self.update_base(&view, &mut joined);
+            let base = self.update_base(&view, &mut joined, &mut gone);
             joined.retain(|_, t| t.elapsed() < lease_for);
             let mut heard = beats.heard.snapshot();
             for (m, t) in &joined {

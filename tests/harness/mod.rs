@@ -94,6 +94,7 @@ pub struct Sim {
     extra: Vec<String>,
     pub model: Model,
     rng: u64,
+    last_kill: Option<tokio::time::Instant>,
     _client_inbox: tokio::sync::mpsc::Receiver<Vec<u8>>,
 }
 
@@ -124,6 +125,7 @@ impl Sim {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             model: Model::new(seed),
             rng: seed | 1,
+            last_kill: None,
             _client_inbox: inbox,
         }
     }
@@ -302,6 +304,16 @@ impl Sim {
             if ring != want {
                 return Err(format!("n{i} sees ring {ring:?}"));
             }
+            // A member that left or died is known as down (a scatter would wait for it).
+            let lingering: Vec<&str> = m
+                .members
+                .iter()
+                .filter(|x| !x.in_ring && x.liveness != pb::Liveness::Down as i32)
+                .map(|x| x.name.as_str())
+                .collect();
+            if !lingering.is_empty() {
+                return Err(format!("n{i} still counts {lingering:?} alive"));
+            }
             sums.push(m.ring_checksum);
         }
         if !sums.windows(2).all(|w| w[0] == w[1]) {
@@ -350,6 +362,7 @@ impl Sim {
             Op::Start(i) => self.start(*i),
             Op::Kill(i) => {
                 self.kill(*i).await;
+                self.last_kill = Some(tokio::time::Instant::now());
                 self.model.crashed(tokio::time::Instant::now());
             }
             Op::Restart(i) => self.restart(*i).await,
@@ -400,13 +413,22 @@ impl Sim {
                 1 if running.len() > 3 => ops.push(Leave(running[self.rand(running.len())])),
                 2 if running.len() > 3 => ops.push(Drain(running[self.rand(running.len())])),
                 3 if running.len() >= 3 => {
-                    ops.push(Wait(Duration::from_secs(6)));
+                    // A crashed member counts in the quorum base until the others have
+                    // held a majority without it for BASE_FORGET: a second crash before
+                    // then may leave no majority (by design), so space them out.
+                    let forget = locus::handoff::BASE_FORGET + Duration::from_secs(5);
+                    let since = self.last_kill.map_or(forget, |t| t.elapsed());
+                    ops.push(Wait(forget.saturating_sub(since).max(Duration::from_secs(6))));
                     ops.push(Kill(running[self.rand(running.len())]));
                 }
                 4 if running.len() >= 3 => {
                     let cut = running[self.rand(running.len())];
                     let rest: Vec<usize> = running.iter().copied().filter(|i| *i != cut).collect();
-                    ops.extend([Wait(Duration::from_secs(6)), Partition(vec![cut], rest), Wait(Duration::from_secs(12))]);
+                    ops.extend([
+                        Wait(Duration::from_secs(6)),
+                        Partition(vec![cut], rest),
+                        Wait(Duration::from_secs(12)),
+                    ]);
                     ops.extend([SendFixes(30), Heal]);
                 }
                 _ => ops.push(Wait(Duration::from_secs(1 + self.rand(5) as u64))),
