@@ -32,7 +32,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-pub use crate::memnet::{MemNet, MemTransport};
 use crate::ring::Ring;
 pub use transport::{Heard, Heartbeats, Transport, UdpTransport};
 

@@ -1,6 +1,7 @@
 //! Scripted membership tests over the in-process network, in virtual time.
 
 use super::*;
+use crate::memnet::MemNet;
 use rand::SeedableRng;
 
 fn addr(i: usize) -> SocketAddr {

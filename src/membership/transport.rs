@@ -9,9 +9,9 @@
 //! node's ring: what the quorum lease (`ownership::has_quorum`) reads. They never reach
 //! foca.
 //!
-//! [`MemNet`](crate::memnet::MemNet) serializes nothing away: it carries the same bytes
-//! UDP would, and can cut links (one direction or both) to make partitions, as
-//! chitchat's test transport does.
+//! The in-process network (the `memnet` module, a layer above this one) serializes
+//! nothing away: it carries the same bytes UDP would, and can cut links (one direction
+//! or both) to make partitions, as chitchat's test transport does.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

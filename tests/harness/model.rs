@@ -172,7 +172,7 @@ impl Model {
                 m.driver_id
             );
             self.claimed.insert(m.driver_id.clone(), pb::DriverStatus::Dispatched as i32);
-            if k % 4 != 0 {
+            if !k.is_multiple_of(4) {
                 continue;
             }
             let steps = [
