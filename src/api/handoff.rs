@@ -36,8 +36,13 @@ fn partitions(ps: &[u32]) -> Result<Vec<u16>, Status> {
 
 #[tonic::async_trait]
 impl pb::handoff_server::Handoff for HandoffApi {
-    async fn holdings(&self, _: Request<pb::HoldingsRequest>) -> Result<Response<pb::HoldingsResponse>, Status> {
-        let holdings = self.handoff.holdings().await.iter().map(holding_proto).collect();
+    async fn holdings(&self, req: Request<pb::HoldingsRequest>) -> Result<Response<pb::HoldingsResponse>, Status> {
+        let req = req.into_inner();
+        let requester = match req.requester.as_str() {
+            "" => None,
+            r => Some(r.parse().map_err(|_| Status::invalid_argument(format!("requester: {r:?} is not host:port")))?),
+        };
+        let holdings = self.handoff.holdings(requester).await.iter().map(holding_proto).collect();
         Ok(Response::new(pb::HoldingsResponse { holdings }))
     }
 

@@ -124,6 +124,8 @@ pub struct Handoff {
     /// The heartbeats the quorum task reads, and its lease: a node heard within the
     /// lease may still serve what it holds (see [`Handoff::survey`]).
     heard: std::sync::OnceLock<(crate::membership::Heard, Duration)>,
+    /// Members whose survey saw this node hold nothing it serves (see [`Handoff::drained`]).
+    seen_empty: std::sync::Mutex<HashSet<SocketAddr>>,
     /// Partitions being pulled right now (reported as such in surveys).
     /// (partition → the epoch it will be served at).
     pulling: std::sync::Mutex<HashMap<u16, u64>>,
@@ -228,6 +230,7 @@ impl Handoff {
             replicas: std::sync::Mutex::new(ReplicaStore::new(trail_cap)),
             pulling: std::sync::Mutex::new(HashMap::new()),
             heard: std::sync::OnceLock::new(),
+            seen_empty: std::sync::Mutex::default(),
             lease_ok,
             base: std::sync::Mutex::new(base),
             base_tree,
@@ -301,9 +304,17 @@ impl Handoff {
         self.replicator.set_placement(view, &ring, &active);
     }
 
-    /// Holdings of this node, as the survey reports them.
-    pub async fn holdings(&self) -> Vec<PeerHolding> {
+    /// Holdings of this node, as the survey of `requester` reports them.
+    pub async fn holdings(&self, requester: Option<SocketAddr>) -> Vec<PeerHolding> {
         let st = self.state.lock().await;
+        {
+            let mut seen = self.seen_empty.lock().expect("seen lock");
+            if st.table.count("active") > 0 || st.table.count("lent") > 0 {
+                seen.clear();
+            } else if let Some(r) = requester {
+                seen.insert(r);
+            }
+        }
         let mut out: Vec<PeerHolding> = st
             .table
             .held()
@@ -707,9 +718,9 @@ impl Handoff {
                 continue;
             };
             let mut c = self.client(meta.grpc);
-            let addr = m.addr;
+            let (addr, me) = (m.addr, self.me);
             calls.spawn(async move {
-                let mut r = tonic::Request::new(pb::HoldingsRequest {});
+                let mut r = tonic::Request::new(pb::HoldingsRequest { requester: me.to_string() });
                 r.set_timeout(SURVEY_TIMEOUT);
                 (addr, tokio::time::timeout(SURVEY_TIMEOUT, c.holdings(r)).await)
             });
@@ -746,6 +757,14 @@ impl Handoff {
             return true;
         }
         let survey = self.survey(view).await;
+        self.cluster.set_empty(
+            survey
+                .answered
+                .iter()
+                .filter(|(_, hs)| !hs.iter().any(|h| matches!(h.holding, Holding::Active | Holding::Lent { .. })))
+                .map(|(a, _)| *a)
+                .collect(),
+        );
         let table = self.state.lock().await.table.clone();
         let replicas: HashMap<u16, u64> = self.replica_store().synced().collect();
         // The serving flag, not the clock: a lease that ran out a moment ago under load
@@ -1094,7 +1113,13 @@ impl Handoff {
     pub async fn run(self: Arc<Self>, mut view_rx: watch::Receiver<Arc<ClusterView>>) {
         loop {
             let view = view_rx.borrow_and_update().clone();
-            let busy = self.round(&view).await;
+            // A leaving member waits for every survey to see it empty: survey often.
+            let leaving = view.members.iter().any(|m| {
+                m.addr != self.me
+                    && m.liveness != Liveness::Down
+                    && m.meta.as_ref().is_some_and(|x| x.state == NodeState::Leaving)
+            });
+            let busy = self.round(&view).await || leaving;
             let wait = if busy { Duration::from_millis(300) } else { Duration::from_secs(3) };
             tokio::select! {
                 r = view_rx.changed() => if r.is_err() { return },
@@ -1105,11 +1130,22 @@ impl Handoff {
 
     /// Whether this node can stop without losing state: it holds nothing that another
     /// ring member could take (nothing active or lent), or no other member remains.
+    ///
+    /// It also waits until every other live member's survey has seen it hold nothing:
+    /// until then a member may still send it scatter parts, which would go unanswered
+    /// (`partial`) once it stopped.
     pub async fn drained(&self) -> bool {
         let view = self.cluster.view();
         let others = view.ring.members().iter().any(|a| *a != self.me);
         let st = self.state.lock().await;
-        !others || (st.table.count("active") == 0 && st.table.count("lent") == 0)
+        let empty = st.table.count("active") == 0 && st.table.count("lent") == 0;
+        let seen = self.seen_empty.lock().expect("seen lock");
+        let all_saw = view
+            .members
+            .iter()
+            .filter(|m| m.addr != self.me && m.liveness == Liveness::Alive && m.meta.is_some())
+            .all(|m| seen.contains(&m.addr));
+        !others || (empty && all_saw)
     }
 }
 

@@ -136,6 +136,9 @@ pub struct Cluster {
     /// The quorum lease (`ownership::Lease`), written by the hand-off task. Without it
     /// keyed requests answer `UNAVAILABLE`.
     lease: Arc<Lease>,
+    /// Members whose last survey answer (hand-off task) held nothing they serve: a
+    /// leaving member among them has handed everything over, and scatters skip it.
+    empty: Mutex<std::collections::HashSet<SocketAddr>>,
 }
 
 impl Cluster {
@@ -145,7 +148,15 @@ impl Cluster {
         scatter_timeout: Duration,
         lease: Arc<Lease>,
     ) -> Cluster {
-        Cluster { view, routes, gate: tokio::sync::RwLock::new(()), peers: Peers::default(), scatter_timeout, lease }
+        Cluster {
+            view,
+            routes,
+            gate: tokio::sync::RwLock::new(()),
+            peers: Peers::default(),
+            scatter_timeout,
+            lease,
+            empty: Mutex::default(),
+        }
     }
 
     /// Reaches peers over the in-process network instead of TCP.
@@ -257,9 +268,11 @@ impl Cluster {
                 remote.push(self.peer(&v, *a).ok_or_else(|| v.name_of(a)));
             }
         }
+        let empty = self.empty.lock().expect("empty lock").clone();
         for m in &v.members {
             let leaving = m.meta.as_ref().is_some_and(|x| x.state == NodeState::Leaving);
             if leaving
+                && !empty.contains(&m.addr)
                 && m.addr != v.me
                 && m.liveness != Liveness::Down
                 && !v.ring.contains(&m.addr)
@@ -269,6 +282,11 @@ impl Cluster {
             }
         }
         (local, remote)
+    }
+
+    /// Records which surveyed members hold nothing they serve (see `empty`).
+    pub fn set_empty(&self, members: std::collections::HashSet<SocketAddr>) {
+        *self.empty.lock().expect("empty lock") = members;
     }
 
     pub fn peers(&self) -> &Peers {
