@@ -123,3 +123,77 @@ async fn a_seeded_random_sequence_keeps_every_invariant() {
     let mut sim = Sim::new(5, FLAGS, seed);
     sim.random(steps).await;
 }
+
+/// Trip TTLs and offer timeouts of a node that dies fire once, on the new owner, and
+/// never again when the dead node comes back with its stale copies.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn timers_of_a_dead_owner_fire_once_and_never_again_after_its_restart() {
+    use harness::model::{booking, match_req};
+    use locus::pb;
+    use std::collections::HashMap;
+    use tokio_stream::StreamExt;
+
+    let flags = ["--driver-ttl", "86400s", "--offer-timeout", "15s", "--trip-buffer", "20s", "--replicas", "1"];
+    let mut sim = Sim::new(3, &flags, 9);
+    use Op::*;
+    sim.run(&[Start(0), Start(1), Start(2), Converge(vec![0, 1, 2]), SendFixes(300)]).await;
+
+    // Every state change in the cluster, through n0 (which stays up).
+    let mut events = locus::pb::events_client::EventsClient::new(sim.channel(0))
+        .subscribe(pb::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(e)) = events.next().await {
+            let _ = tx.send(e);
+        }
+    });
+
+    let mut matched = Vec::new();
+    for k in 0..12 {
+        let id = format!("ttl-{k}");
+        let ev = pb::TripEvent { estimated_drive_s: 10, ..booking(&id) };
+        sim.trips(k % 3).apply(ev).await.unwrap();
+        if k % 2 == 0 {
+            let m = sim.dispatch((k + 1) % 3).r#match(match_req(&id)).await.unwrap().into_inner();
+            matched.push(m.driver_id);
+        }
+    }
+    sim.run(&[Wait(Duration::from_secs(6)), Kill(1), Wait(Duration::from_secs(60)), Converge(vec![0, 2])]).await;
+
+    let count = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<pb::StateChange>, seen: &mut Vec<pb::StateChange>| {
+        while let Ok(e) = rx.try_recv() {
+            seen.push(e);
+        }
+        let mut expired: HashMap<String, usize> = HashMap::new();
+        let mut released: HashMap<String, usize> = HashMap::new();
+        for e in seen.iter() {
+            if e.state == "EXPIRED" {
+                *expired.entry(e.id.clone()).or_default() += 1;
+            }
+            if e.from_state == "DISPATCHED" && e.state == "AVAILABLE" {
+                *released.entry(e.id.clone()).or_default() += 1;
+            }
+        }
+        (expired, released)
+    };
+    let mut seen = Vec::new();
+    let (expired, released) = count(&mut rx, &mut seen);
+    for k in 0..12 {
+        let id = format!("ttl-{k}");
+        assert_eq!(expired.get(&id), Some(&1), "trip {id} expired {:?} times", expired.get(&id));
+    }
+    for d in &matched {
+        assert_eq!(released.get(d), Some(&1), "{d}'s offer released {:?} times", released.get(d));
+        let got = sim.locations(0).get_driver(harness::model::by_id(d)).await.unwrap().into_inner();
+        assert_eq!(got.status, pb::DriverStatus::Available as i32, "{d} after its offer lapsed");
+    }
+
+    // The dead node comes back with copies of those trips and claims: nothing fires again.
+    sim.run(&[Restart(1), Converge(vec![0, 1, 2]), Wait(Duration::from_secs(40))]).await;
+    let (expired, released) = count(&mut rx, &mut seen);
+    assert!(expired.values().all(|n| *n == 1), "a trip expired twice: {expired:?}");
+    assert!(released.values().all(|n| *n == 1), "an offer was released twice: {released:?}");
+}
