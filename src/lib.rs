@@ -42,8 +42,9 @@
 //!   tokens, the share table and rate limiter; [`dispatch`]: driver claims, on the
 //!   driver's owner through a `ClaimLink`; [`events`]: the per-node state-change bus.
 //!   These three are domain code: their own types and errors, no gRPC.
-//! - [`membership`]: SWIM gossip (foca) core and shell, node metadata, the in-process
-//!   test network; publishes the cluster view.
+//! - [`membership`]: SWIM gossip (foca) core and shell, node metadata, UDP transport and
+//!   quorum heartbeats; publishes the cluster view. [`memnet`]: the in-process network
+//!   (gossip and gRPC, links that can be cut) a whole cluster runs on in one process.
 //! - [`ring`]: pure consistent-hash ring of virtual nodes over partitions.
 //! - [`ownership`]: pure: the per-partition holding table with epochs, the hand-off
 //!   planner, the routes every request reads, and the quorum lease that requests and
@@ -57,10 +58,11 @@
 //! - [`geo`]: pure great-circle geometry and the R-tree index (exact k-NN, circle, box).
 //! - [`storage`]: the append-only driver log, its replay and compaction, the persister;
 //!   partition-keyed sled trees and a partition's state in transit.
-//! - [`clock`]: the wall clock (ms since the epoch); [`tasks`]: every spawned task,
-//!   counted by kind while it lives (`locus_tasks{kind}`).
+//! - [`clock`]: the wall clock (ms since the epoch; simulated in paused time);
+//!   [`tasks`]: every spawned task, counted by kind while it lives (`locus_tasks{kind}`),
+//!   and grouped by node (`Scope`) where one process runs several.
 //! - [`keys`]: deterministic key hashing; partitions, the unit shards and nodes own.
-//! - [`config`], [`node`]: flags and wiring, startup (the log is parked until handed
+//! - [`config`], [`node`]: flags and wiring (over TCP/UDP, or `memnet`), startup (the log is parked until handed
 //!   over) and graceful shutdown (hand every partition over, then leave the gossip).
 //! - [`http`]: health, readiness, Prometheus metrics and the public share endpoints.
 //! - [`admin`]: the `locus admin` CLI; [`sim`]: the city simulator and load generator

@@ -68,7 +68,7 @@ async fn the_owner_of_live_trips_dies_and_restarts_with_stale_copies() {
         Converge(vec![0, 1, 2]),
         SendFixes(300),
         Trips(24),
-        Wait(Duration::from_secs(6)),
+        SendFixes(100),
         Kill(1),
         SendFixes(100),
         Trips(8),

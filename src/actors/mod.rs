@@ -526,6 +526,9 @@ impl Worker {
         while self.core.has_pending_writes() {
             self.core.take_writes(&mut self.pending);
         }
+        if !self.pending.is_empty() {
+            self.pending.hold_clock();
+        }
         if !self.pending.is_empty() && self.persist.send(std::mem::take(&mut self.pending)).await.is_err() {
             warn!(shard = self.id, "persister gone; pending writes dropped");
         }
@@ -539,7 +542,10 @@ impl Worker {
             return;
         }
         match self.persist.try_reserve() {
-            Ok(permit) => permit.send(std::mem::take(&mut self.pending)),
+            Ok(permit) => {
+                self.pending.hold_clock();
+                permit.send(std::mem::take(&mut self.pending))
+            }
             Err(_) => metrics::counter!("locus_persist_deferred_total").increment(1),
         }
     }

@@ -196,9 +196,26 @@ pub struct PersistBatch {
     /// Partitions being re-sent to their replicas: every live driver of each has a full
     /// record in this batch, so a replica clears its copy before applying the batch.
     pub resync: Vec<u16>,
+    /// Dropped by the persister once the batch is on disk and teed to replication: set
+    /// under the simulated clock, where a blocking task waits on it so that virtual time
+    /// stands still while the log thread writes (see `clock::simulate`).
+    pub done: Option<std::sync::mpsc::SyncSender<()>>,
 }
 
 impl PersistBatch {
+    /// Under the simulated clock, holds virtual time until the persister is done with
+    /// this batch (a no-op otherwise).
+    pub fn hold_clock(&mut self) {
+        if !crate::clock::simulated() {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.done = Some(tx);
+        tokio::task::spawn_blocking(move || {
+            let _ = rx.recv();
+        });
+    }
+
     pub fn is_empty(&self) -> bool {
         self.records == 0 && self.sweep_done.is_none() && self.resync.is_empty()
     }

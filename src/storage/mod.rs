@@ -283,7 +283,9 @@ impl Persister {
                     let mut failed = false;
                     let mut batch = Some(first);
                     let mut written = Vec::new();
-                    while let Some(b) = batch {
+                    let mut holds = Vec::new();
+                    while let Some(mut b) = batch {
+                        holds.extend(b.done.take());
                         records += b.records;
                         bytes += b.buf.len() as u64;
                         if let Err(e) = log.append(&b.buf) {
@@ -319,6 +321,7 @@ impl Persister {
                             }
                         }
                     }
+                    drop(holds);
                     if failed && let Some(s) = sweep.take() {
                         // Some full records may be missing: keep the old segments; a
                         // later sweep starts over.

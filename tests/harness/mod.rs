@@ -418,7 +418,9 @@ impl Sim {
                     // then may leave no majority (by design), so space them out.
                     let forget = locus::handoff::BASE_FORGET + Duration::from_secs(5);
                     let since = self.last_kill.map_or(forget, |t| t.elapsed());
-                    ops.push(Wait(forget.saturating_sub(since).max(Duration::from_secs(6))));
+                    if since < forget {
+                        ops.push(Wait(forget - since));
+                    }
                     ops.push(Kill(running[self.rand(running.len())]));
                 }
                 4 if running.len() >= 3 => {

@@ -12,8 +12,8 @@ use super::Sim;
 
 pub const CENTRE: (f64, f64) = (52.52, 13.405);
 /// Driver fixes acknowledged this long before a crash must survive it (the documented
-/// replication lag is about 1 s; virtual time leaps while the log thread writes).
-pub const LOSS_WINDOW: Duration = Duration::from_secs(5);
+/// replication lag is about 1 s: a persist interval, a sync and a call).
+pub const LOSS_WINDOW: Duration = Duration::from_millis(1500);
 
 #[derive(Clone, Debug)]
 pub struct Fix {
@@ -207,7 +207,11 @@ impl Model {
         for (id, fixes) in &self.fixes {
             let via = nodes[sim.rand(nodes.len())];
             let floor = self.floor(fixes);
-            let got = sim.locations(via).get_driver(by_id(id)).await;
+            let got = patient(|| {
+                let mut c = sim.locations(via);
+                async move { c.get_driver(by_id(id)).await }
+            })
+            .await;
             let d = match got {
                 Ok(d) => d.into_inner(),
                 Err(s) if s.code() == tonic::Code::NotFound && floor.is_none() => continue,
@@ -238,7 +242,12 @@ impl Model {
         for &i in nodes {
             // Every trip answers with the state it was left in.
             for (id, (state, driver)) in &self.trips {
-                let r = sim.trips(i).get_trip(pb::GetTripRequest { trip_id: id.clone(), include_route: false }).await;
+                let r = patient(|| {
+                    let mut c = sim.trips(i);
+                    let req = pb::GetTripRequest { trip_id: id.clone(), include_route: false };
+                    async move { c.get_trip(req).await }
+                })
+                .await;
                 let trip = r.unwrap_or_else(|s| panic!("{stage}: trip {id} via n{i}: {s:?}")).into_inner();
                 assert_eq!((&trip.state_name, &trip.driver_id), (state, driver), "{stage}: trip {id} via n{i}");
             }
@@ -268,6 +277,26 @@ impl Model {
             let r = r.unwrap_or_else(|s| panic!("{stage}: probe match via n{via}: {s:?}")).into_inner();
             assert!(!self.claimed.contains_key(&r.driver_id), "{stage}: {} matched twice", r.driver_id);
             sim.trips(via).apply(event(&trip, "c", pb::TripEventType::Cancelled, "")).await.unwrap();
+        }
+    }
+}
+
+/// A read as a production client makes it: `UNAVAILABLE` (a node regaining its lease,
+/// a partition moving) is retried after the server's hint, for up to 5 s of virtual
+/// time. The checks are about what is read, not about a moment's availability.
+async fn patient<T, F, Fut>(mut f: F) -> Result<tonic::Response<T>, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let t0 = Instant::now();
+    loop {
+        match f().await {
+            Err(s) if s.code() == tonic::Code::Unavailable && t0.elapsed() < Duration::from_secs(5) => {
+                eprintln!("[sim] retrying a read: {}", s.message());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            r => return r,
         }
     }
 }
