@@ -197,3 +197,33 @@ async fn timers_of_a_dead_owner_fire_once_and_never_again_after_its_restart() {
     assert!(expired.values().all(|n| *n == 1), "a trip expired twice: {expired:?}");
     assert!(released.values().all(|n| *n == 1), "an offer was released twice: {released:?}");
 }
+
+/// A 2–2 split of four nodes: neither side has a majority, so neither serves keyed
+/// writes or claims (the rule's cost); after the heal every acknowledged write is there.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_two_two_split_stops_both_halves_and_loses_nothing() {
+    let mut sim = Sim::new(4, FLAGS, 5);
+    use Op::*;
+    sim.run(&[
+        Start(0),
+        Start(1),
+        Start(2),
+        Start(3),
+        Converge(vec![0, 1, 2, 3]),
+        SendFixes(300),
+        Trips(16),
+        Wait(Duration::from_secs(2)),
+        Partition(vec![0, 1], vec![2, 3]),
+        Wait(Duration::from_secs(15)),
+    ])
+    .await;
+    for i in 0..4 {
+        let r = sim.trips(i).apply(harness::model::booking(&format!("split-{i}"))).await;
+        let s = r.expect_err("a half without a majority accepted a booking");
+        assert_eq!(s.code(), tonic::Code::Unavailable, "n{i}: {s:?}");
+        let m = sim.dispatch(i).r#match(harness::model::match_req(&format!("split-{i}"))).await;
+        assert!(m.is_err(), "n{i} matched without a majority: {m:?}");
+    }
+    sim.run(&[Heal, Converge(vec![0, 1, 2, 3]), Check(vec![0, 1, 2, 3]), SendFixes(100), Trips(4)]).await;
+    sim.run(&[Check(vec![0, 1, 2, 3])]).await;
+}

@@ -311,8 +311,9 @@ async fn partitions(
     };
     let max_lag = answers.iter().flat_map(|a| a.lag.iter().map(|l| l.lag_ms)).max().unwrap_or(0);
     let per_node: Vec<String> = owned_by.iter().map(|(n, k)| format!("{n} {k}")).collect();
+    let no_quorum: Vec<&str> = answers.iter().filter(|a| !a.serving).map(|a| a.node.as_str()).collect();
     let summary = format!(
-        "{} partitions: {} owned ({}), {} unowned, {} incoming, {} outgoing, {} parked; {} replicas ({} in sync), {} under-replicated; {} drivers, {} trips, {} claims; max replica lag {} ms{}",
+        "{} partitions: {} owned ({}), {} unowned, {} incoming, {} outgoing, {} parked; {} replicas ({} in sync), {} under-replicated; {} drivers, {} trips, {} claims; max replica lag {} ms{}{}",
         crate::keys::PARTITIONS,
         owners.len(),
         per_node.join(", "),
@@ -327,7 +328,12 @@ async fn partitions(
         sum(|r| r.trips),
         sum(|r| r.claims),
         max_lag,
-        if silent.is_empty() { String::new() } else { format!("; NOT ANSWERING: {}", silent.join(", ")) }
+        if silent.is_empty() { String::new() } else { format!("; NOT ANSWERING: {}", silent.join(", ")) },
+        if no_quorum.is_empty() {
+            String::new()
+        } else {
+            format!("; NO QUORUM (serving nothing): {}", no_quorum.join(", "))
+        }
     );
     if as_json {
         let rs: Vec<_> = rows

@@ -199,6 +199,7 @@ impl pb::cluster_server::Cluster for ClusterApi {
                 healthy: l.healthy,
             })
             .collect();
-        Ok(Response::new(pb::PartitionsResponse { node: v.name_of(&v.me), rows, lag }))
+        let serving = self.cluster.has_quorum();
+        Ok(Response::new(pb::PartitionsResponse { node: v.name_of(&v.me), rows, lag, serving }))
     }
 }

@@ -75,8 +75,9 @@ pub enum Op {
     Heal,
     /// Let virtual time pass.
     Wait(Duration),
-    /// Wait until the listed nodes agree on a ring of exactly them, every partition is
-    /// owned once, and (with replicas) has an in-sync replica.
+    /// Wait until the listed nodes agree on a ring of exactly them, each serves (holds its
+    /// quorum lease), every partition is owned once, and (with replicas) has an in-sync
+    /// replica.
     Converge(Vec<usize>),
     /// n fixes for drivers of the fleet, through random live nodes.
     SendFixes(usize),
@@ -323,7 +324,11 @@ impl Sim {
         let mut copies: HashMap<(u32, u64), usize> = HashMap::new();
         for &i in nodes {
             let r = self.admin(i).partitions(pb::PartitionsRequest {}).await.map_err(|e| format!("n{i}: {e}"))?;
-            for row in r.into_inner().rows {
+            let r = r.into_inner();
+            if !r.serving {
+                return Err(format!("n{i} does not serve (no quorum lease yet)"));
+            }
+            for row in r.rows {
                 match row.state.as_str() {
                     "owned" => owned.entry(row.partition).or_default().push((i, row.epoch)),
                     "replica" if row.in_sync => *copies.entry((row.partition, row.epoch)).or_default() += 1,
