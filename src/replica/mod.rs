@@ -564,13 +564,23 @@ async fn link_task(
         let r = tokio::time::timeout(timeout.max(Duration::from_secs(2)), client.replicate(req)).await;
         let ok = match r {
             Ok(Ok(resp)) => {
-                for f in resp.into_inner().refused {
-                    if f.reason.starts_with("stale epoch") {
-                        warn!(peer = %peer, partition = f.partition, reason = %f.reason, "replica refused a partition");
-                    } else {
-                        // The peer took the partition over (a move in progress).
-                        debug!(peer = %peer, partition = f.partition, reason = %f.reason, "replica refused a partition");
-                    }
+                // One line per answer, not per partition: after a heal a whole node's
+                // partitions can be refused at once.
+                let refused = resp.into_inner().refused;
+                let (stale, moving): (Vec<_>, Vec<_>) =
+                    refused.iter().partition(|f| f.reason.starts_with("stale epoch"));
+                if let Some(first) = stale.first() {
+                    let ps: Vec<u32> = stale.iter().map(|f| f.partition).collect();
+                    metrics::counter!("locus_replica_refused_total", "reason" => "stale_epoch")
+                        .increment(ps.len() as u64);
+                    warn!(peer = %peer, count = ps.len(), partitions = ?ps, first_reason = %first.reason,
+                        "replica refused partitions at an older epoch (this node's copies are stale; it stands down)");
+                }
+                if let Some(first) = moving.first() {
+                    // The peer took the partitions over (a move in progress).
+                    let ps: Vec<u32> = moving.iter().map(|f| f.partition).collect();
+                    debug!(peer = %peer, count = ps.len(), partitions = ?ps, first_reason = %first.reason,
+                        "replica refused partitions it serves");
                 }
                 if let Some(t0) = first_failure.take() {
                     info!(peer = %peer, down_ms = t0.elapsed().as_millis() as u64, "replica link works again");
