@@ -4,7 +4,7 @@ CARGO ?= cargo
 LOCUS := ./target/release/locus
 
 .DEFAULT_GOAL := help
-.PHONY: help build fmt lint test bench run
+.PHONY: help build fmt lint test soak bench run
 
 help: ## List the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
@@ -26,6 +26,14 @@ test: ## Format check, lint, then every test (unit, property, end-to-end)
 	else \
 		$(CARGO) test --no-fail-fast; \
 	fi
+
+soak: ## The seeded random cluster scenario over many seeds (SEEDS=20 STEPS=12); stops at the first failing seed
+	@for s in $$(seq 1 $${SEEDS:-20}); do \
+		echo "== seed $$s"; \
+		LOCUS_SIM_SEED=$$s LOCUS_SIM_STEPS=$${STEPS:-12} $(CARGO) test -q --test sim a_seeded_random -- --nocapture 2>&1 \
+			| grep -E '^\[sim\] (seed|[0-9]+ operations)|panicked|test result' || true; \
+		[ $${PIPESTATUS[0]} -eq 0 ] || { echo "seed $$s failed: replay with LOCUS_SIM_SEED=$$s LOCUS_SIM_STEPS=$${STEPS:-12}"; exit 1; }; \
+	done
 
 bench: build ## Run the benchmarks (Locus and redis-server side by side) and write BENCHMARKS.md
 	@command -v redis-server >/dev/null || echo "redis-server not installed: apt-get install redis-server for the comparison"
