@@ -989,16 +989,18 @@ impl Handoff {
     }
 
     /// Follows the view into the quorum base: ring members join it; members that leave
-    /// gracefully (say "leaving") drop out of it. A crashed member stays until it has
-    /// been out of the ring for [`BASE_FORGET`] while this node held its lease (a
-    /// majority of the base agreed on a ring without it all along): so a node lost for
-    /// good and replaced does not count against the next failure's majority. A node cut
-    /// off on a minority side never holds its lease, so it never shrinks its base.
+    /// gracefully (say "leaving") drop out of it. A crashed member leaves it once it has
+    /// been out of the ring for [`BASE_FORGET`] and this node held its lease on a ring
+    /// without it at least once meanwhile (a majority of the base confirmed it gone): so
+    /// a node lost for good and replaced does not count against the next failure's
+    /// majority. A node cut off on a minority side cannot confirm, so it never shrinks
+    /// its base below the majority that excluded it.
     fn update_base(
         &self,
         view: &ClusterView,
         joined: &mut HashMap<SocketAddr, Instant>,
-        gone: &mut HashMap<SocketAddr, Instant>,
+        gone: &mut HashMap<SocketAddr, (Instant, bool)>,
+        lease_for: Duration,
     ) -> Vec<SocketAddr> {
         let mut base = self.base.lock().expect("base lock");
         let before = base.clone();
@@ -1011,17 +1013,23 @@ impl Handoff {
         }
         let now = Instant::now();
         let holds = self.cluster.has_quorum();
+        // Agreement may still be on the previous ring (with the member) for the ring
+        // change grace, and the lease lasts `lease_for` after it: only a lease held past
+        // both confirms that a majority agreed on a ring without the member.
+        let confirm_after = crate::membership::transport::RING_CHANGE_GRACE + lease_for;
         gone.retain(|a, _| base.contains(a) && !view.ring.members().contains(a));
         for a in base.iter() {
             if *a != self.me && !view.ring.members().contains(a) {
-                let since = gone.entry(*a).or_insert(now);
-                if !holds {
-                    *since = now;
+                let (since, confirmed) = gone.entry(*a).or_insert((now, false));
+                if holds && now.saturating_duration_since(*since) >= confirm_after {
+                    *confirmed = true;
                 }
             }
         }
         base.retain(|a| {
-            let forgotten = gone.get(a).is_some_and(|t| now.saturating_duration_since(*t) >= BASE_FORGET);
+            let forgotten = gone
+                .get(a)
+                .is_some_and(|(t, confirmed)| *confirmed && now.saturating_duration_since(*t) >= BASE_FORGET);
             *a == self.me || (!forgotten && view.meta(a).is_none_or(|m| m.state != NodeState::Leaving))
         });
         base.sort();
@@ -1052,13 +1060,13 @@ impl Handoff {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         metrics::gauge!("locus_quorum").set(if self.cluster.has_quorum() { 1.0 } else { 0.0 });
         let mut joined: HashMap<SocketAddr, Instant> = HashMap::new();
-        let mut gone: HashMap<SocketAddr, Instant> = HashMap::new();
+        let mut gone: HashMap<SocketAddr, (Instant, bool)> = HashMap::new();
         loop {
             tick.tick().await;
             let view = view_rx.borrow().clone();
             let leaving = view.meta(&self.me).is_some_and(|m| m.state == NodeState::Leaving);
             beats.set_ring(view.ring.checksum());
-            let base = self.update_base(&view, &mut joined, &mut gone);
+            let base = self.update_base(&view, &mut joined, &mut gone, lease_for);
             joined.retain(|_, t| t.elapsed() < lease_for);
             let mut heard = beats.heard.snapshot();
             for (m, t) in &joined {

@@ -95,6 +95,7 @@ pub struct Sim {
     extra: Vec<String>,
     pub model: Model,
     rng: u64,
+    /// The last kill or heal (see [`Sim::random`]).
     last_kill: Option<tokio::time::Instant>,
     _client_inbox: tokio::sync::mpsc::Receiver<Vec<u8>>,
 }
@@ -377,7 +378,10 @@ impl Sim {
                 eprintln!("[sim] partition at {:?}", tokio::time::Instant::now());
                 self.partition(a, b)
             }
-            Op::Heal => self.heal(),
+            Op::Heal => {
+                self.heal();
+                self.last_kill = Some(tokio::time::Instant::now());
+            }
             Op::Wait(d) => tokio::time::sleep(*d).await,
             Op::Converge(nodes) => {
                 self.converge(nodes, Duration::from_secs(120)).await;
@@ -419,8 +423,9 @@ impl Sim {
                 2 if running.len() > 3 => ops.push(Drain(running[self.rand(running.len())])),
                 3 if running.len() >= 3 => {
                     // A crashed member counts in the quorum base until the others have
-                    // held a majority without it for BASE_FORGET: a second crash before
-                    // then may leave no majority (by design), so space them out.
+                    // confirmed it gone and BASE_FORGET passed (a node cut off meanwhile
+                    // confirms only after the heal): a crash before then may leave no
+                    // majority (by design), so space crashes from crashes and heals.
                     let forget = locus::handoff::BASE_FORGET + Duration::from_secs(5);
                     let since = self.last_kill.map_or(forget, |t| t.elapsed());
                     if since < forget {
