@@ -325,6 +325,10 @@ pub struct DriverShard {
     resync: Vec<u16>,
     /// Claims by trips, by slot (drivers with the CLAIMED flag).
     claims: HashMap<u32, Claim>,
+    /// Claims that arrived (hand-off, promotion, restart) for a driver not here: its
+    /// record was lost within the fix replication window, the claim was not. Attached
+    /// when the driver's next fix creates it, so it is never matched to a second trip.
+    orphans: HashMap<Box<str>, Claim>,
     /// Offer timeouts: (due, slot, generation); stale entries are skipped.
     offers: BinaryHeap<Reverse<(i64, u32, u32)>>,
     /// Partitions being handed to another node: their keyed writes are refused and their
@@ -356,6 +360,7 @@ impl DriverShard {
             sweep: None,
             resync: Vec::new(),
             claims: HashMap::new(),
+            orphans: HashMap::new(),
             offers: BinaryHeap::new(),
             frozen: HashSet::new(),
             held: Vec::new(),
@@ -618,7 +623,15 @@ impl DriverShard {
 
     /// Frees a driver claimed for `trip_id`; false if it is not (any more).
     pub fn release(&mut self, driver_id: &str, trip_id: &str) -> bool {
-        let Some(slot) = self.find(driver_id) else { return false };
+        let Some(slot) = self.find(driver_id) else {
+            if self.orphans.get(driver_id).is_some_and(|c| &*c.trip_id == trip_id) {
+                let c = self.orphans.remove(driver_id).expect("checked");
+                let why = ClaimEnd::Released;
+                self.events.push(Event::ClaimEnded { driver_id: driver_id.into(), trip_id: c.trip_id, why });
+                return true;
+            }
+            return false;
+        };
         if self.claims.get(&slot).is_none_or(|c| &*c.trip_id != trip_id) {
             return false;
         }
@@ -639,7 +652,10 @@ impl DriverShard {
     /// Puts back a persisted claim after a restart; false if the driver is gone. An
     /// offer already past its time lapses at the next [`fire_timers`](Self::fire_timers).
     pub fn restore_claim(&mut self, driver_id: &str, claim: Claim) -> bool {
-        let Some(slot) = self.find(driver_id) else { return false };
+        let Some(slot) = self.find(driver_id) else {
+            self.orphans.insert(driver_id.into(), claim);
+            return false;
+        };
         let old_key = self.attach_claim(slot, claim);
         let r = self.rec(slot);
         let (new_key, p) = (r.key(), r.indexed);
@@ -663,6 +679,18 @@ impl DriverShard {
         }
         if let Some(key) = new {
             self.events.push(Event::IndexSet { kind, key, driver_id: id });
+        }
+    }
+
+    /// Attaches the orphaned claim of the driver just created in `slot`, if any (before
+    /// it is indexed: the claim decides its index key).
+    fn adopt_orphan(&mut self, slot: u32) {
+        if self.orphans.is_empty() {
+            return;
+        }
+        let id = self.rec(slot).id.clone();
+        if let Some(c) = self.orphans.remove(&id) {
+            self.attach_claim(slot, c);
         }
     }
 
@@ -703,6 +731,7 @@ impl DriverShard {
             trail: Trail::default(),
         };
         let slot = self.alloc_slot(rec);
+        self.adopt_orphan(slot);
         self.vtype_ref(vtype, 1);
         let rec = self.rec(slot);
         let (key, p, generation) = (rec.key(), rec.indexed, rec.generation);
@@ -812,6 +841,7 @@ impl DriverShard {
             self.drop_driver(slot, GoneReason::Moved);
         }
         self.frozen.retain(|p| !parts.contains(p));
+        self.orphans.retain(|id, _| !parts.contains(&partition_of(id.as_bytes())));
         let slots = &self.slots;
         self.held
             .retain(|&(_, _, s, g)| slots.get(s as usize).and_then(Option::as_ref).is_some_and(|r| r.generation == g));
@@ -1135,6 +1165,7 @@ impl DriverShard {
             trail: s.trail,
         };
         let slot = self.alloc_slot(rec);
+        self.adopt_orphan(slot);
         self.vtype_ref(vtype, 1);
         self.index_changed(slot, IndexKind::Cab, None);
         self.index_changed(slot, IndexKind::Session, None);

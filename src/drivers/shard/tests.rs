@@ -425,3 +425,23 @@ fn batches_tag_each_record_with_its_partition_and_resync_resends_whole_partition
     assert_eq!(full, want);
     assert!(!b.is_empty());
 }
+
+#[test]
+fn a_claim_whose_driver_was_lost_waits_for_it_and_is_never_given_twice() {
+    let mut sh = DriverShard::new(cfg());
+    // A promoted replica brings the claim but not the driver (its first fix was within
+    // the replication window when its owner died).
+    let claim = Claim { trip_id: "t1".into(), offer_due_ms: Some(T0 + 600_000) };
+    assert!(!sh.restore_claim("d1", claim));
+    // The driver's next fix creates it: claimed for t1 at once, not matchable.
+    sh.apply(fix("d1", 52.5, 13.4, T0), T0).unwrap();
+    assert_eq!(sh.get(&id("d1"), false).unwrap().status, Status::Dispatched);
+    assert!(matches!(sh.claim("d1", "t2", "", T0 + 600_000), Err(ClaimError::Claimed)));
+    assert!(sh.release("d1", "t1"));
+    assert_eq!(sh.get(&id("d1"), false).unwrap().status, Status::Available);
+    // An orphan the trip releases before the driver returns is gone for good.
+    assert!(!sh.restore_claim("d2", Claim { trip_id: "t3".into(), offer_due_ms: None }));
+    assert!(sh.release("d2", "t3"));
+    sh.apply(fix("d2", 52.5, 13.4, T0), T0).unwrap();
+    assert_eq!(sh.get(&id("d2"), false).unwrap().status, Status::Available);
+}
