@@ -5,8 +5,8 @@
 //! heartbeats) travel as [`MemTransport`] sends; gRPC travels over in-memory duplex
 //! connections that tonic's client ([`MemConnector`]) and server ([`MemNet::listen`])
 //! use exactly as they use TCP, so every node-to-node call (forwards, scatter parts,
-//! hand-off, replication) runs the production code. A link can be cut (both ways, or
-//! one way for datagrams) and a host detached (a killed process): both also break every
+//! hand-off, replication) runs the production code. A link can be cut
+//! and a host detached (a killed process): both also break every
 //! connection the link carried, so calls in flight fail as over a reset TCP connection
 //! and new ones are refused until the link heals.
 
@@ -113,13 +113,6 @@ impl MemNet {
         let mut s = self.lock();
         s.cut.insert((a, b));
         s.cut.insert((b, a));
-        s.break_conns(|s, c| s.linked(c.client, c.server));
-    }
-
-    /// Drops datagrams from `from` to `to` only (connections need both ways: broken).
-    pub fn cut_one_way(&self, from: SocketAddr, to: SocketAddr) {
-        let mut s = self.lock();
-        s.cut.insert((from, to));
         s.break_conns(|s, c| s.linked(c.client, c.server));
     }
 

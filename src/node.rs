@@ -218,31 +218,22 @@ pub async fn run_on(
     // Addresses first: the gossip metadata carries them.
     let http_listener = TcpListener::bind(cfg.http_addr).await.with_context(|| format!("binding {}", cfg.http_addr))?;
     let http_addr = http_listener.local_addr()?;
-    type Incoming = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = std::io::Result<GrpcConn>> + Send>>;
-    let (incoming, grpc_addr, transport, beats, gossip_addr, inbox): (Incoming, _, Arc<dyn Transport>, _, _, _) =
-        match &net {
-            Net::Os => {
-                let listener =
-                    TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding {}", cfg.grpc_addr))?;
-                let grpc_addr = listener.local_addr()?;
-                // serve_with_incoming does not apply the builder's TCP options: set them per socket.
-                let incoming = TcpListenerStream::new(listener).map(|s| {
-                    s.map(|s| {
-                        let _ = s.set_nodelay(true);
-                        GrpcConn::Tcp(s)
-                    })
-                });
-                let (t, gossip_addr, inbox) = UdpTransport::bind(cfg.gossip_addr)
-                    .await
-                    .with_context(|| format!("binding gossip {}", cfg.gossip_addr))?;
-                (Box::pin(incoming), grpc_addr, Arc::new(t.clone()), t.heartbeats(), gossip_addr, inbox)
-            }
-            Net::Mem(mem) => {
-                let incoming = mem.listen(cfg.grpc_addr, cfg.gossip_addr).map(|c| c.map(GrpcConn::Mem));
-                let (t, inbox) = mem.endpoint(cfg.gossip_addr);
-                (Box::pin(incoming), cfg.grpc_addr, Arc::new(t.clone()), t.heartbeats(), cfg.gossip_addr, inbox)
-            }
-        };
+    let (incoming, grpc_addr, transport, beats, gossip_addr, inbox): (_, _, Arc<dyn Transport>, _, _, _) = match &net {
+        Net::Os => {
+            let listener =
+                TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding {}", cfg.grpc_addr))?;
+            let grpc_addr = listener.local_addr()?;
+            let (t, gossip_addr, inbox) = UdpTransport::bind(cfg.gossip_addr)
+                .await
+                .with_context(|| format!("binding gossip {}", cfg.gossip_addr))?;
+            (Incoming::Tcp(listener), grpc_addr, Arc::new(t.clone()), t.heartbeats(), gossip_addr, inbox)
+        }
+        Net::Mem(mem) => {
+            let incoming = Incoming::Mem(Box::pin(mem.listen(cfg.grpc_addr, cfg.gossip_addr)));
+            let (t, inbox) = mem.endpoint(cfg.gossip_addr);
+            (incoming, cfg.grpc_addr, Arc::new(t.clone()), t.heartbeats(), cfg.gossip_addr, inbox)
+        }
+    };
     let seeds = resolve_seeds(&cfg.join).await;
     let mcfg = MembershipConfig {
         gossip_addr,
@@ -361,15 +352,26 @@ pub async fn run_on(
         .add_service(dispatch_svc)
         .add_service(events_svc)
         .add_service(internal_svc)
-        .add_service(handoff_svc)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = sd.wait_for(|s| *s).await;
-        });
+        .add_service(handoff_svc);
+    let stopping = async move {
+        let _ = sd.wait_for(|s| *s).await;
+    };
+    let grpc_task = match incoming {
+        Incoming::Tcp(listener) => {
+            // serve_with_incoming does not apply the builder's TCP options: set them per socket.
+            let conns = TcpListenerStream::new(listener).map(|s| {
+                s.inspect(|s| {
+                    let _ = s.set_nodelay(true);
+                })
+            });
+            crate::tasks::spawn("grpc", grpc.serve_with_incoming_shutdown(conns, stopping))
+        }
+        Incoming::Mem(conns) => crate::tasks::spawn("grpc", grpc.serve_with_incoming_shutdown(conns, stopping)),
+    };
     let mut sd = sd_rx.clone();
     let http = crate::http::serve(http_listener, ready.clone(), Some(share), async move {
         let _ = sd.wait_for(|s| *s).await;
     });
-    let grpc_task = crate::tasks::spawn("grpc", grpc);
     let http_task = crate::tasks::spawn("http", http);
     info!(node = %cfg.node_name, grpc = %grpc_addr, http = %http_addr, gossip = %gossip_addr, shards = cfg.shards, data = %dir.display(), "locus node serving");
     on_ready(grpc_addr, http_addr);
@@ -432,78 +434,8 @@ pub async fn run_on(
     Ok(())
 }
 
-/// A gRPC connection the server accepted: TCP, or in-process.
-enum GrpcConn {
-    Tcp(tokio::net::TcpStream),
-    Mem(crate::memnet::MemConn),
-}
-
-impl tonic::transport::server::Connected for GrpcConn {
-    type ConnectInfo = ();
-
-    fn connect_info(&self) -> Self::ConnectInfo {}
-}
-
-impl tokio::io::AsyncRead for GrpcConn {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            GrpcConn::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            GrpcConn::Mem(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for GrpcConn {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            GrpcConn::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            GrpcConn::Mem(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            GrpcConn::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
-            GrpcConn::Mem(s) => std::pin::Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            GrpcConn::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            GrpcConn::Mem(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            GrpcConn::Tcp(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
-            GrpcConn::Mem(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            GrpcConn::Tcp(s) => s.is_write_vectored(),
-            GrpcConn::Mem(_) => false,
-        }
-    }
+/// Where the gRPC server accepts connections: TCP, or the in-process network.
+enum Incoming {
+    Tcp(TcpListener),
+    Mem(std::pin::Pin<Box<dyn tokio_stream::Stream<Item = std::io::Result<crate::memnet::MemConn>> + Send>>),
 }

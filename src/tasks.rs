@@ -50,24 +50,14 @@ where
     F::Output: Send + 'static,
 {
     let guard = Live::enter(kind);
+    let counted = async move {
+        let _guard = guard;
+        fut.await
+    };
     match Scope::current() {
-        None => tokio::spawn(async move {
-            let _guard = guard;
-            fut.await
-        }),
+        None => tokio::spawn(counted),
         Some(scope) => {
-            let inner = scope.clone();
-            let span = scope.span.clone();
-            let h = tokio::spawn(SCOPE.scope(
-                Some(inner),
-                tracing::Instrument::instrument(
-                    async move {
-                        let _guard = guard;
-                        fut.await
-                    },
-                    span,
-                ),
-            ));
+            let h = tokio::spawn(scope.run(counted));
             scope.add(h.abort_handle());
             h
         }
@@ -120,11 +110,6 @@ impl Scope {
                 h.abort();
             }
         }
-    }
-
-    /// Tasks of the scope not finished yet.
-    pub fn live(&self) -> usize {
-        self.tasks.lock().expect("scope lock").iter().filter(|h| !h.is_finished()).count()
     }
 }
 

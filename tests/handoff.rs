@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::cluster::TestCluster;
-use common::{by_id, fix, http_get, now_ms};
+use common::{CENTRE, booking, by_id, event, fix, home, http_get, match_req, now_ms};
 use locus::geo::haversine_m;
 use locus::pb;
 use locus::pb::dispatch_client::DispatchClient;
@@ -19,43 +19,13 @@ use locus::pb::trips_client::TripsClient;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
-const CENTRE: (f64, f64) = (52.52, 13.405);
-
 fn drivers(n: usize) -> Vec<(String, f64, f64)> {
     (0..n)
         .map(|i| {
-            let a = i as f64 * 0.618;
-            (format!("drv-{i}"), CENTRE.0 + 0.02 * a.sin() * (i % 13) as f64 / 13.0, CENTRE.1 + 0.03 * a.cos())
+            let (lat, lon) = home(i);
+            (format!("drv-{i}"), lat, lon)
         })
         .collect()
-}
-
-fn booking(trip: &str) -> pb::TripEvent {
-    pb::TripEvent {
-        trip_id: trip.into(),
-        event_id: format!("{trip}-b"),
-        r#type: pb::TripEventType::BookingCreated as i32,
-        pickup: Some(pb::Point { lat: CENTRE.0, lon: CENTRE.1 }),
-        dropoff: Some(pb::Point { lat: 52.50, lon: 13.45 }),
-        estimated_drive_s: 600,
-        ..Default::default()
-    }
-}
-
-fn event(trip: &str, id: &str, t: pb::TripEventType, driver: &str) -> pb::TripEvent {
-    pb::TripEvent {
-        trip_id: trip.into(),
-        event_id: format!("{trip}-{id}"),
-        r#type: t as i32,
-        driver_id: driver.into(),
-        vehicle: (!driver.is_empty()).then(|| pb::Vehicle { cab_number: "CAB".into(), ..Default::default() }),
-        ..Default::default()
-    }
-}
-
-/// Match the nearest available driver to a trip picked up at the centre.
-fn match_req(trip: &str) -> pb::MatchRequest {
-    pb::MatchRequest { trip_id: trip.into(), lat: CENTRE.0, lon: CENTRE.1, radius_m: 50_000.0, ..Default::default() }
 }
 
 /// What the cluster acknowledged, to check after every change.

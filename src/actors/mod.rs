@@ -526,10 +526,11 @@ impl Worker {
         while self.core.has_pending_writes() {
             self.core.take_writes(&mut self.pending);
         }
-        if !self.pending.is_empty() {
-            self.pending.hold_clock();
+        if self.pending.is_empty() {
+            return;
         }
-        if !self.pending.is_empty() && self.persist.send(std::mem::take(&mut self.pending)).await.is_err() {
+        self.pending.hold_clock();
+        if self.persist.send(std::mem::take(&mut self.pending)).await.is_err() {
             warn!(shard = self.id, "persister gone; pending writes dropped");
         }
     }

@@ -186,6 +186,45 @@ pub fn fix(id: &str, lat: f64, lon: f64, ts: i64) -> pb::LocationUpdate {
     }
 }
 
+/// The city centre the cluster tests' fleets and trips are around.
+pub const CENTRE: (f64, f64) = (52.52, 13.405);
+
+/// Where driver `i` of a test fleet starts: spread over a few km around [`CENTRE`].
+pub fn home(i: usize) -> (f64, f64) {
+    let a = i as f64 * 0.618;
+    (CENTRE.0 + 0.02 * a.sin() * (i % 13) as f64 / 13.0, CENTRE.1 + 0.03 * a.cos())
+}
+
+/// A booking picked up at the centre, 10 minutes' drive.
+pub fn booking(trip: &str) -> pb::TripEvent {
+    pb::TripEvent {
+        trip_id: trip.into(),
+        event_id: format!("{trip}-b"),
+        r#type: pb::TripEventType::BookingCreated as i32,
+        pickup: Some(pb::Point { lat: CENTRE.0, lon: CENTRE.1 }),
+        dropoff: Some(pb::Point { lat: 52.50, lon: 13.45 }),
+        estimated_drive_s: 600,
+        ..Default::default()
+    }
+}
+
+/// Trip event `id` of `trip`, naming `driver` (with a vehicle) when not empty.
+pub fn event(trip: &str, id: &str, t: pb::TripEventType, driver: &str) -> pb::TripEvent {
+    pb::TripEvent {
+        trip_id: trip.into(),
+        event_id: format!("{trip}-{id}"),
+        r#type: t as i32,
+        driver_id: driver.into(),
+        vehicle: (!driver.is_empty()).then(|| pb::Vehicle { cab_number: "CAB".into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// Match the nearest available driver to a trip picked up at the centre.
+pub fn match_req(trip: &str) -> pb::MatchRequest {
+    pb::MatchRequest { trip_id: trip.into(), lat: CENTRE.0, lon: CENTRE.1, radius_m: 50_000.0, ..Default::default() }
+}
+
 /// Polls `f` until it returns true or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
 where

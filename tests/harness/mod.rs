@@ -125,7 +125,7 @@ impl Sim {
             client,
             slots,
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            model: Model::new(seed),
+            model: Model::new(),
             rng: seed | 1,
             last_kill: None,
             _client_inbox: inbox,

@@ -9,8 +9,8 @@ use locus::pb;
 use tokio::time::Instant;
 
 use super::Sim;
+pub use crate::common::{CENTRE, by_id, event, fix, home, match_req};
 
-pub const CENTRE: (f64, f64) = (52.52, 13.405);
 /// Driver fixes acknowledged this long before a crash must survive it (the documented
 /// replication lag is about 1 s: a persist interval, a sync and a call).
 pub const LOSS_WINDOW: Duration = Duration::from_millis(1500);
@@ -46,44 +46,14 @@ fn driver_id(i: usize) -> String {
     format!("drv-{i}")
 }
 
-fn home(i: usize) -> (f64, f64) {
-    let a = i as f64 * 0.618;
-    (CENTRE.0 + 0.02 * a.sin() * (i % 13) as f64 / 13.0, CENTRE.1 + 0.03 * a.cos())
-}
-
+/// A booking that outlives any scenario (2 h drive): trips expire only where a
+/// scenario asks for it.
 pub fn booking(trip: &str) -> pb::TripEvent {
-    pb::TripEvent {
-        trip_id: trip.into(),
-        event_id: format!("{trip}-b"),
-        r#type: pb::TripEventType::BookingCreated as i32,
-        pickup: Some(pb::Point { lat: CENTRE.0, lon: CENTRE.1 }),
-        dropoff: Some(pb::Point { lat: 52.50, lon: 13.45 }),
-        estimated_drive_s: 7_200,
-        ..Default::default()
-    }
-}
-
-pub fn event(trip: &str, id: &str, t: pb::TripEventType, driver: &str) -> pb::TripEvent {
-    pb::TripEvent {
-        trip_id: trip.into(),
-        event_id: format!("{trip}-{id}"),
-        r#type: t as i32,
-        driver_id: driver.into(),
-        vehicle: (!driver.is_empty()).then(|| pb::Vehicle { cab_number: "CAB".into(), ..Default::default() }),
-        ..Default::default()
-    }
-}
-
-pub fn match_req(trip: &str) -> pb::MatchRequest {
-    pb::MatchRequest { trip_id: trip.into(), lat: CENTRE.0, lon: CENTRE.1, radius_m: 50_000.0, ..Default::default() }
-}
-
-pub fn by_id(id: &str) -> pb::GetDriverRequest {
-    pb::GetDriverRequest { key: Some(pb::get_driver_request::Key::DriverId(id.into())), include_trail: false }
+    pb::TripEvent { estimated_drive_s: 7_200, ..crate::common::booking(trip) }
 }
 
 impl Model {
-    pub fn new(_seed: u64) -> Model {
+    pub fn new() -> Model {
         Model { drivers: 150, ..Default::default() }
     }
 
@@ -111,15 +81,7 @@ impl Model {
                 ts = ts.max(last.ts + 200);
             }
             let via = sim.any();
-            let u = pb::LocationUpdate {
-                driver_id: id.clone(),
-                lat,
-                lon,
-                timestamp_ms: ts,
-                status: pb::DriverStatus::Available as i32,
-                ..Default::default()
-            };
-            match sim.locations(via).update(u).await {
+            match sim.locations(via).update(fix(&id, lat, lon, ts)).await {
                 Ok(_) => {
                     self.ok += 1;
                     self.fixes.entry(id).or_default().push(Fix { ts, lat, lon, acked: Instant::now(), via });
