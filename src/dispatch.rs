@@ -26,7 +26,7 @@ use crate::clock::wall_ms;
 use crate::drivers::{Claim, ClaimError, ClaimOk};
 use crate::replica::{KvTree, Replicator};
 use crate::routing::{RouteError, Router};
-use crate::storage::Durable;
+use crate::storage::{Pair, RecordStore};
 
 /// What a claim call does to a driver's claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,19 +101,14 @@ pub trait ClaimLink: Send + Sync + 'static {
 pub struct Dispatcher {
     router: Arc<Router>,
     link: OnceLock<Arc<dyn ClaimLink>>,
-    durable: Durable,
+    store: Arc<dyn RecordStore>,
     replicator: Arc<Replicator>,
     /// How long a claim waits for DRIVER_ASSIGNED.
     pub offer_timeout: Duration,
 }
 
-/// Partition `p`'s persisted claims, for its shard when this node starts serving it.
-pub fn load_claims(tree: &sled::Tree, p: u16) -> Vec<(String, Claim)> {
-    decode_claims(crate::storage::scan_partition(tree, p))
-}
-
 /// Claims as (driver id, stored claim) pairs, decoded; unreadable ones are skipped.
-pub fn decode_claims(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(String, Claim)> {
+pub fn decode_claims(pairs: Vec<Pair>) -> Vec<(String, Claim)> {
     pairs.into_iter().filter_map(|(k, v)| Some((String::from_utf8(k).ok()?, decode_claim(&v)?))).collect()
 }
 
@@ -134,11 +129,11 @@ fn answer(r: Result<ClaimOk, ClaimError>) -> ClaimAnswer {
 impl Dispatcher {
     pub fn new(
         router: Arc<Router>,
-        durable: Durable,
+        store: Arc<dyn RecordStore>,
         replicator: Arc<Replicator>,
         offer_timeout: Duration,
     ) -> Dispatcher {
-        Dispatcher { router, link: OnceLock::new(), durable, replicator, offer_timeout }
+        Dispatcher { router, link: OnceLock::new(), store, replicator, offer_timeout }
     }
 
     /// Connects the dispatcher to the cluster (once, at startup). Until then every
@@ -162,10 +157,13 @@ impl Dispatcher {
             }
         };
         if resp.ok {
-            self.durable.flush().await.map_err(|e| DispatchError::Unavailable(format!("persisting the claim: {e}")))?;
+            self.store.flush().await.map_err(|e| DispatchError::Unavailable(format!("persisting the claim: {e}")))?;
             // On the replicas too before the answer: the claim (and its offer timer)
             // survives this node's crash.
-            self.replicator.sync_kv(KvTree::Claims, id.as_bytes()).await;
+            self.replicator
+                .sync_kv(KvTree::Claims, id.as_bytes())
+                .await
+                .map_err(|e| DispatchError::Unavailable(e.to_string()))?;
         }
         Ok(resp)
     }

@@ -47,6 +47,7 @@ use crate::replica::Replicator;
 use crate::routing::cluster::Cluster;
 use crate::routing::{Router, SecondaryIndex};
 use crate::storage::{DriverLog, LogLimits, Persister, replay};
+use crate::storage::{RecordStore, SledStore};
 use crate::trips::Trips;
 use crate::trips::model::{Fare, TripConfig};
 use crate::trips::share::RateLimiter;
@@ -171,15 +172,14 @@ pub async fn run_on(
         .cache_capacity(16 << 20)
         .open()
         .context("opening the trips/claims store")?;
-    let claims_tree = crate::storage::open_partitioned(&db, "claims").context("opening the claims tree")?;
-    let trips_tree = crate::storage::open_partitioned(&db, "trips").context("opening the trips tree")?;
-    let durable = crate::storage::Durable::start(db.clone());
+    let store: Arc<dyn RecordStore> = Arc::new(SledStore::open(db).context("opening the record store")?);
+    let claims = store.records("claims").context("opening the claims")?;
     let bus = crate::events::bus();
     let (trip_fix_tx, trip_fix_rx) = tokio::sync::mpsc::channel(8192);
     // The minority rule's lease: keyed requests, shard timers and trip timers read it.
     let quorum = Arc::new(Lease::default());
     let hooks = Hooks {
-        claims: Some(claims_tree.clone()),
+        claims: Some(claims.clone()),
         trip_fixes: Some(trip_fix_tx),
         events: Some(bus.clone()),
         lease: Some(quorum.clone()),
@@ -261,14 +261,14 @@ pub async fn run_on(
         gossip_addr,
         cfg.replicas as usize,
         cfg.replica_timeout,
-        claims_tree.clone(),
-        trips_tree,
+        claims.clone(),
+        store.records("trips").context("opening the trips")?,
         router.clone(),
         cluster.clone(),
         tee_dropped,
     );
     let replication = crate::tasks::spawn("replication", replicator.clone().run(tee_rx));
-    let dispatch = Arc::new(Dispatcher::new(router.clone(), durable.clone(), replicator.clone(), cfg.offer_timeout));
+    let dispatch = Arc::new(Dispatcher::new(router.clone(), store.clone(), replicator.clone(), cfg.offer_timeout));
     // Claims for drivers other nodes own go there over gRPC.
     dispatch.set_link(Arc::new(ClaimForwarder::new(cluster.clone())));
     let trip_cfg = TripConfig {
@@ -285,8 +285,7 @@ pub async fn run_on(
         .trim_end_matches('/')
         .to_string();
     let trips = Trips::new(
-        &db,
-        durable.clone(),
+        store.clone(),
         trip_cfg,
         public_url,
         bus.clone(),
@@ -298,18 +297,18 @@ pub async fn run_on(
     .context("opening the trips tree")?;
     let handoff = Handoff::open(
         gossip_addr,
-        &db,
+        store.clone(),
         parked,
         cluster.clone(),
         router.clone(),
         trips.clone(),
-        claims_tree.clone(),
-        durable.clone(),
+        claims.clone(),
         routes_tx,
         ready.clone(),
         (cfg.trail_len as usize).saturating_sub(1),
         replicator,
     )
+    .await
     .context("opening the ownership table")?;
     handoff.set_pace(cfg.handoff_pace);
     let view = members.view.borrow().clone();
@@ -425,7 +424,7 @@ pub async fn run_on(
     }
     feed.abort();
     tokio::task::spawn_blocking(move || persister.stop(Duration::from_secs(30))).await?;
-    if let Err(e) = durable.flush().await {
+    if let Err(e) = store.flush().await {
         warn!(error = %e, "flushing the trips/claims store");
     }
     // What is still running (long-lived tasks end with the runtime): a leak shows here.

@@ -10,12 +10,16 @@
 //! nodes (the cluster harness) can kill one: [`Scope::run`] runs the node inside it,
 //! [`spawn`] passes the scope on to each task it spawns, and [`ScopeLayer`] passes it
 //! on to gRPC handlers (tonic runs connections on tasks of its own). [`Scope::kill`]
-//! aborts them all, as `kill -9` would end the process.
+//! aborts them all, as `kill -9` would end the process; [`Scope::freeze`] stops polling
+//! them until [`Scope::thaw`], as SIGSTOP and SIGCONT would (timers run on meanwhile, so
+//! a thawed node wakes up late, in the middle of whatever it was doing).
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use tokio::task::{AbortHandle, JoinHandle};
 
@@ -74,11 +78,77 @@ pub struct Scope {
     tasks: Arc<Mutex<Vec<AbortHandle>>>,
     /// Every task of the scope logs inside this span (the node's name, in the harness).
     span: tracing::Span,
+    gate: Arc<Gate>,
+}
+
+/// Whether a scope's tasks may run; the tasks that found it shut wait here.
+#[derive(Default)]
+struct Gate {
+    frozen: AtomicBool,
+    parked: Mutex<Vec<Waker>>,
+}
+
+impl Gate {
+    /// True if the caller may run now; otherwise its waker is kept for [`Gate::open`].
+    fn pass(&self, cx: &Context<'_>) -> bool {
+        if !self.frozen.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut parked = self.parked.lock().expect("gate lock");
+        if !self.frozen.load(Ordering::Acquire) {
+            return true;
+        }
+        parked.push(cx.waker().clone());
+        false
+    }
+
+    fn open(&self) {
+        let parked = {
+            let mut p = self.parked.lock().expect("gate lock");
+            self.frozen.store(false, Ordering::Release);
+            std::mem::take(&mut *p)
+        };
+        parked.into_iter().for_each(Waker::wake);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future of a scope: not polled while the scope is frozen.
+    pub struct Gated<F> {
+        #[pin]
+        inner: F,
+        gate: Option<Arc<Gate>>,
+    }
+}
+
+impl<F: Future> Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if let Some(g) = this.gate
+            && !g.pass(cx)
+        {
+            return Poll::Pending;
+        }
+        this.inner.poll(cx)
+    }
 }
 
 impl Scope {
     pub fn new(span: tracing::Span) -> Scope {
-        Scope { tasks: Arc::default(), span }
+        Scope { tasks: Arc::default(), span, gate: Arc::default() }
+    }
+
+    /// Stops polling every task of the scope (SIGSTOP): they stay where they are, their
+    /// timers and sockets too, until [`Scope::thaw`].
+    pub fn freeze(&self) {
+        self.gate.frozen.store(true, Ordering::Release);
+    }
+
+    /// Lets the scope's tasks run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.gate.open();
     }
 
     /// The scope the calling task runs in, if any.
@@ -88,7 +158,8 @@ impl Scope {
 
     /// Runs `fut` inside this scope: what it spawns through [`spawn`] belongs to it.
     pub fn run<F: Future>(&self, fut: F) -> impl Future<Output = F::Output> + use<F> {
-        SCOPE.scope(Some(self.clone()), tracing::Instrument::instrument(fut, self.span.clone()))
+        let gated = Gated { inner: fut, gate: Some(self.gate.clone()) };
+        SCOPE.scope(Some(self.clone()), tracing::Instrument::instrument(gated, self.span.clone()))
     }
 
     fn add(&self, h: AbortHandle) {
@@ -138,7 +209,8 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = tracing::instrument::Instrumented<tokio::task::futures::TaskLocalFuture<Option<Scope>, S::Future>>;
+    type Future =
+        tracing::instrument::Instrumented<tokio::task::futures::TaskLocalFuture<Option<Scope>, Gated<S::Future>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -147,7 +219,8 @@ where
     fn call(&mut self, req: R) -> Self::Future {
         // No allocation: outside the harness this sets the scope to `None` per poll.
         let span = self.scope.as_ref().map_or_else(tracing::Span::none, |s| s.span.clone());
-        tracing::Instrument::instrument(SCOPE.scope(self.scope.clone(), self.inner.call(req)), span)
+        let gated = Gated { inner: self.inner.call(req), gate: self.scope.as_ref().map(|s| s.gate.clone()) };
+        tracing::Instrument::instrument(SCOPE.scope(self.scope.clone(), gated), span)
     }
 }
 
@@ -175,5 +248,31 @@ mod tests {
         h.abort();
         let _ = h.await;
         assert_eq!(live().get("test_aborted"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frozen_scope_runs_nothing_until_thawed_then_catches_up() {
+        let scope = Scope::new(tracing::Span::none());
+        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let t = ticks.clone();
+        let h = tokio::spawn(scope.run(async move {
+            drop(spawn("test_ticker", async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    t.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }));
+        h.await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(55)).await;
+        assert_eq!(ticks.load(Ordering::Relaxed), 5);
+        scope.freeze();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(ticks.load(Ordering::Relaxed), 5, "a frozen task ran");
+        scope.thaw();
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        // Its overdue sleep ends at once (a thawed process finds its timers expired).
+        assert_eq!(ticks.load(Ordering::Relaxed), 6);
+        scope.kill();
     }
 }

@@ -193,7 +193,7 @@ pub struct TripFix {
 pub struct Hooks {
     /// Claims by partition and driver id (the claims store, written in order, flushed by
     /// the caller).
-    pub claims: Option<sled::Tree>,
+    pub claims: Option<Arc<dyn crate::storage::Records>>,
     /// Fixes of assigned drivers, to the trip feed (dropped and counted when full).
     pub trip_fixes: Option<mpsc::Sender<TripFix>>,
     /// The node's state-change bus.
@@ -441,7 +441,7 @@ impl Worker {
                 }
                 Event::ClaimSet { driver_id, claim } => {
                     if let Some(t) = &self.hooks.claims
-                        && let Err(e) = t.insert(crate::keys::pkey(&driver_id), encode_claim(&claim))
+                        && let Err(e) = t.put_keyed(driver_id.as_bytes(), &encode_claim(&claim))
                     {
                         warn!(shard = self.id, error = %e, "cannot store a claim");
                     }
@@ -450,7 +450,7 @@ impl Worker {
                     debug!(shard = self.id, driver = %driver_id, trip = %trip_id, ?why, "claim ended");
                     metrics::counter!("locus_claims_ended_total", "why" => format!("{why:?}")).increment(1);
                     if let Some(t) = &self.hooks.claims
-                        && let Err(e) = t.remove(crate::keys::pkey(&driver_id))
+                        && let Err(e) = t.delete_keyed(driver_id.as_bytes())
                     {
                         warn!(shard = self.id, error = %e, "cannot forget a claim");
                     }

@@ -521,7 +521,7 @@ impl pb::internal_server::Internal for InternalApi {
 pub(crate) fn trip_status(e: TripError) -> Status {
     match e {
         TripError::NotFound => Status::not_found(e.to_string()),
-        TripError::Moving => super::locations::unavailable_retry(e.to_string()),
+        TripError::Moving | TripError::Unconfirmed(_) => super::locations::unavailable_retry(e.to_string()),
         TripError::Busy => Status::resource_exhausted(e.to_string()),
         TripError::Transition { state, .. } => {
             let mut s = Status::failed_precondition(e.to_string());

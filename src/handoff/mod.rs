@@ -26,8 +26,8 @@
 //! a time, and reads see a driver on the holder or the borrower (scatter answers
 //! de-duplicate the overlap).
 //!
-//! Epochs: each partition's epoch is persisted with its holding (sled tree
-//! `partitions`). A pull names the epoch the puller will own it at, which must be above
+//! Epochs: each partition's epoch is persisted with its holding (record set
+//! `partitions` of the node's `storage::RecordStore`). A pull names the epoch the puller will own it at, which must be above
 //! the holder's; after a restart every holding becomes `Parked` and is only served again
 //! through this protocol, so a pre-crash copy never answers.
 //!
@@ -50,9 +50,9 @@ use tokio::time::Instant;
 use tokio::sync::{Mutex, watch};
 use tracing::{debug, info, warn};
 
-use crate::dispatch::{decode_claims, load_claims};
+use crate::dispatch::decode_claims;
 use crate::drivers::{Snapshot, encode_upsert, snapshot_ref};
-use crate::keys::{PARTITIONS, pkey_bytes};
+use crate::keys::PARTITIONS;
 use crate::membership::{ClusterView, Liveness, NodeState};
 use crate::ownership::{Action, Holding, Part, PeerHolding, Routes, Survey, Table, plan, routes};
 use crate::pb;
@@ -61,7 +61,7 @@ use crate::replica::{ReplicaPart, ReplicaStore, Replicator};
 use crate::ring::Ring;
 use crate::routing::Router;
 use crate::routing::cluster::Cluster;
-use crate::storage::{Durable, delete_prefix, scan_partition, store_pairs};
+use crate::storage::{RecordError, RecordStore, Records};
 use crate::trips::Trips;
 
 /// Partitions per `Pull` call: bounds one message and how much is frozen at once.
@@ -106,9 +106,11 @@ pub struct Handoff {
     cluster: Arc<Cluster>,
     router: Arc<Router>,
     trips: Arc<Trips>,
-    claims: sled::Tree,
-    table_tree: sled::Tree,
-    durable: Durable,
+    /// The node's record store (flushed before any hand-off step is acknowledged), its
+    /// claims, and the ownership table (`partitions`: each partition's holding and epoch).
+    store: Arc<dyn RecordStore>,
+    claims: Arc<dyn Records>,
+    table_records: Arc<dyn Records>,
     state: Mutex<State>,
     routes: watch::Sender<Arc<Routes>>,
     ready: Arc<AtomicBool>,
@@ -130,26 +132,30 @@ pub struct Handoff {
     /// (partition → the epoch it will be served at).
     pulling: std::sync::Mutex<HashMap<u16, u64>>,
     /// The quorum base: members this node knew on the ring, left only by leaving
-    /// gracefully (sled tree `quorum`). See `ownership::has_quorum`.
+    /// gracefully (store meta `quorum_base`). See `ownership::has_quorum`.
     base: std::sync::Mutex<Vec<SocketAddr>>,
-    base_tree: sled::Tree,
     /// The lease holds (a majority agreeing on the ring heard within it). The node
     /// serves again (`Cluster::has_quorum`) only after a round with it, so copies taken
     /// over meanwhile stand down first.
     lease_ok: AtomicBool,
 }
 
-fn load_table(tree: &sled::Tree) -> Table {
+fn load_table(records: &dyn Records) -> Result<Table, RecordError> {
     let mut t = Table::default();
-    for (k, v) in tree.iter().filter_map(Result::ok) {
-        let (Some(p), Some(part)) = (k.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])), Table::decode(&v)) else {
-            continue;
-        };
-        if p < PARTITIONS {
+    for p in records.partitions()?.into_iter().filter(|p| *p < PARTITIONS) {
+        if let Some(part) = records.get(p, b"")?.and_then(|v| Table::decode(&v)) {
             t.set(p, part);
         }
     }
-    t
+    Ok(t)
+}
+
+/// Every record of partition `p` in `set` (none, logged, if the store fails).
+fn scan(set: &dyn Records, p: u16) -> Vec<crate::storage::Pair> {
+    set.scan(p).unwrap_or_else(|e| {
+        warn!(partition = p, error = %e, "cannot read a partition's records");
+        Vec::new()
+    })
 }
 
 impl Handoff {
@@ -157,24 +163,22 @@ impl Handoff {
     /// drivers from the log (`drivers`), claims and trips in the store. Nothing is served
     /// until the hand-off task adopts or pulls it.
     #[allow(clippy::too_many_arguments)]
-    pub fn open(
+    pub async fn open(
         me: SocketAddr,
-        db: &sled::Db,
+        store: Arc<dyn RecordStore>,
         drivers: HashMap<String, Snapshot>,
         cluster: Arc<Cluster>,
         router: Arc<Router>,
         trips: Arc<Trips>,
-        claims: sled::Tree,
-        durable: Durable,
+        claims: Arc<dyn Records>,
         routes: watch::Sender<Arc<Routes>>,
         ready: Arc<AtomicBool>,
         trail_cap: usize,
         replicator: Arc<Replicator>,
-    ) -> sled::Result<Arc<Handoff>> {
-        let table_tree = db.open_tree("partitions")?;
-        let base_tree = db.open_tree("quorum")?;
-        let mut base: Vec<SocketAddr> = base_tree
-            .get(b"base")?
+    ) -> Result<Arc<Handoff>, RecordError> {
+        let table_records = store.records("partitions")?;
+        let mut base: Vec<SocketAddr> = store
+            .meta("quorum_base")?
             .and_then(|v| String::from_utf8(v.to_vec()).ok())
             .map(|s| s.split(',').filter_map(|a| a.parse().ok()).collect())
             .unwrap_or_default();
@@ -186,28 +190,23 @@ impl Handoff {
         // A member of a larger cluster starts without a quorum until it hears from one.
         cluster.set_quorum(base.iter().all(|a| *a == me));
         let lease_ok = AtomicBool::new(cluster.has_quorum());
-        let mut table = load_table(&table_tree);
+        let mut table = load_table(&*table_records)?;
         let mut parked: HashMap<u16, Vec<Snapshot>> = HashMap::new();
         for (_, s) in drivers {
             parked.entry(crate::keys::partition_of(s.driver_id.as_bytes())).or_default().push(s);
         }
         let mut with_data: HashSet<u16> = parked.keys().copied().collect();
-        for tree in [&claims, &trips.store] {
-            for k in tree.iter().keys().filter_map(Result::ok) {
-                if k.len() >= 2 {
-                    with_data.insert(u16::from_be_bytes([k[0], k[1]]));
-                }
-            }
-        }
+        with_data.extend(claims.partitions()?);
+        with_data.extend(trips.records.partitions()?);
         for p in 0..PARTITIONS {
             let part = table.get(p);
             if part.holding.is_some() || with_data.contains(&p) {
                 let parked_part = Part { epoch: part.epoch, holding: Some(Holding::Parked) };
                 table.set(p, parked_part);
-                table_tree.insert(p.to_be_bytes(), Table::encode(&parked_part))?;
+                table_records.put(p, b"", &Table::encode(&parked_part))?;
             }
         }
-        table_tree.flush()?;
+        store.flush().await?;
         info!(
             parked = table.count("parked"),
             parked_drivers = parked.values().map(Vec::len).sum::<usize>(),
@@ -218,9 +217,9 @@ impl Handoff {
             cluster,
             router,
             trips,
+            store,
             claims,
-            table_tree,
-            durable,
+            table_records,
             state: Mutex::new(State { table, parked }),
             routes,
             ready,
@@ -233,7 +232,6 @@ impl Handoff {
             seen_empty: std::sync::Mutex::default(),
             lease_ok,
             base: std::sync::Mutex::new(base),
-            base_tree,
         }))
     }
 
@@ -266,7 +264,7 @@ impl Handoff {
 
     fn set(&self, st: &mut State, p: u16, part: Part) {
         st.table.set(p, part);
-        if let Err(e) = self.table_tree.insert(p.to_be_bytes(), Table::encode(&part)) {
+        if let Err(e) = self.table_records.put(p, b"", &Table::encode(&part)) {
             warn!(partition = p, error = %e, "cannot persist a partition's holding");
         }
     }
@@ -340,7 +338,7 @@ impl Handoff {
         let ring = self.ring(&view);
         let drivers = self.router.partition_counts().await;
         let trips = self.trips.counts();
-        let count = |tree: &sled::Tree, p: u16| tree.scan_prefix(crate::keys::partition_prefix(p)).count() as u32;
+
         let st = self.state.lock().await;
         let routes = self.routes.borrow().clone();
         let mut out = Vec::new();
@@ -355,7 +353,7 @@ impl Handoff {
                 peers,
                 drivers: 0,
                 trips: 0,
-                claims: count(&self.claims, p),
+                claims: self.claims.count(p) as u32,
                 in_sync: false,
             };
             match part.holding {
@@ -367,7 +365,7 @@ impl Handoff {
                 Some(Holding::Lent { to, to_epoch }) => out.push(row("outgoing", to_epoch, vec![to])),
                 Some(Holding::Parked) => out.push(PartitionReport {
                     drivers: st.parked.get(&p).map_or(0, Vec::len) as u32,
-                    trips: count(&self.trips.store, p),
+                    trips: self.trips.records.count(p) as u32,
                     ..row("parked", part.epoch, Vec::new())
                 }),
                 Some(Holding::Replica) | Some(Holding::Pulling) | None => {
@@ -486,7 +484,7 @@ impl Handoff {
                     partition: *p,
                     epoch: st.table.get(*p).epoch,
                     drivers: drivers.get(p).map(|d| d.0.clone()).unwrap_or_default(),
-                    claims: scan_partition(&self.claims, *p),
+                    claims: scan(&*self.claims, *p),
                     trips: trips.remove(p).unwrap_or_default(),
                 });
             }
@@ -500,15 +498,15 @@ impl Handoff {
                 partition: p,
                 epoch: st.table.get(p).epoch,
                 drivers: buf,
-                claims: scan_partition(&self.claims, p),
-                trips: scan_partition(&self.trips.store, p),
+                claims: scan(&*self.claims, p),
+                trips: scan(&*self.trips.records, p),
             });
         }
         {
             let reps = self.replica_store();
             out.extend(from_replica.into_iter().filter_map(|p| reps.data(p)));
         }
-        if let Err(e) = self.durable.flush().await {
+        if let Err(e) = self.store.flush().await {
             warn!(error = %e, "flushing lent holdings");
         }
         let bytes: usize = out.iter().map(|d| d.drivers.len()).sum();
@@ -548,7 +546,7 @@ impl Handoff {
             warn!(error = %e, "deleting released trips");
         }
         for p in parts {
-            if let Err(e) = delete_prefix(&self.claims, *p) {
+            if let Err(e) = self.claims.delete_partition(*p) {
                 warn!(partition = p, error = %e, "deleting released claims");
             }
             // A parked copy that was lent: its drivers were never in the shards.
@@ -558,7 +556,7 @@ impl Handoff {
             let epoch = st.table.get(*p).epoch;
             self.set(st, *p, Part { epoch, holding: None });
         }
-        if let Err(e) = self.durable.flush().await {
+        if let Err(e) = self.store.flush().await {
             warn!(error = %e, "flushing released partitions");
         }
         debug!(partitions = parts.len(), drivers, "forgot released partitions");
@@ -584,8 +582,8 @@ impl Handoff {
             let (mut claims, mut trips) = (d.claims, d.trips);
             if merge {
                 // Two served copies: what this node has wins.
-                claims.retain(|(k, _)| !self.claims.contains_key(pkey_bytes(k)).unwrap_or(true));
-                trips.retain(|(k, _)| !self.trips.store.contains_key(pkey_bytes(k)).unwrap_or(true));
+                claims.retain(|(k, _)| self.claims.get(p, k).is_ok_and(|v| v.is_none()));
+                trips.retain(|(k, _)| self.trips.records.get(p, k).is_ok_and(|v| v.is_none()));
             } else {
                 // This node's parked copy is superseded: log deletions for its drivers
                 // that did not come with the pull, and drop its stored claims and trips.
@@ -593,20 +591,20 @@ impl Handoff {
                     let gone = old.into_iter().map(|s| s.driver_id).filter(|id| !pulled.contains_key(id)).collect();
                     self.router.log_deletes(gone).await;
                 }
-                for tree in [&self.claims, &self.trips.store] {
-                    if let Err(e) = delete_prefix(tree, p) {
+                for set in [&self.claims, &self.trips.records] {
+                    if let Err(e) = set.delete_partition(p) {
                         warn!(partition = p, error = %e, "clearing a parked copy");
                     }
                 }
             }
-            if let Err(e) = store_pairs(&self.claims, &claims).and_then(|_| store_pairs(&self.trips.store, &trips)) {
+            if let Err(e) = self.claims.put_all(p, &claims).and_then(|_| self.trips.records.put_all(p, &trips)) {
                 warn!(partition = p, error = %e, "storing a pulled partition failed; not installed");
                 continue;
             }
             self.set(&mut st, p, Part { epoch, holding: Some(Holding::Active) });
             stored.push((p, epoch, merge, pulled, claims));
         }
-        if let Err(e) = self.durable.flush().await {
+        if let Err(e) = self.store.flush().await {
             // Not durable: leave the partitions lent to this node; the next round pulls
             // them again (the holder re-lends to the same borrower).
             warn!(error = %e, "flushing pulled partitions failed; not installed");
@@ -648,7 +646,7 @@ impl Handoff {
     /// Serves a partition nobody else holds: this node's parked copy, or nothing.
     async fn adopt(&self, st: &mut State, p: u16, epoch: u64) {
         let drivers = st.parked.remove(&p).unwrap_or_default();
-        let claims = load_claims(&self.claims, p);
+        let claims = decode_claims(scan(&*self.claims, p));
         self.set(st, p, Part { epoch, holding: Some(Holding::Active) });
         if !drivers.is_empty() || !claims.is_empty() {
             self.router.install(drivers, claims, usize::MAX).await;
@@ -809,8 +807,8 @@ impl Handoff {
                         if let Some(old) = st.parked.remove(&p) {
                             self.router.log_deletes(old.into_iter().map(|s| s.driver_id).collect()).await;
                         }
-                        for tree in [&self.claims, &self.trips.store] {
-                            if let Err(e) = delete_prefix(tree, p) {
+                        for set in [&self.claims, &self.trips.records] {
+                            if let Err(e) = set.delete_partition(p) {
                                 warn!(partition = p, error = %e, "discarding a parked copy");
                             }
                         }
@@ -867,7 +865,7 @@ impl Handoff {
                     "stale copies stood down: another node serves them at a higher epoch"
                 );
             }
-            if let Err(e) = self.durable.flush().await {
+            if let Err(e) = self.store.flush().await {
                 warn!(error = %e, "flushing the ownership table");
             }
             if adopted + discarded > 0 {
@@ -1035,7 +1033,7 @@ impl Handoff {
         base.sort();
         if *base != before {
             let v: Vec<String> = base.iter().map(|a| a.to_string()).collect();
-            if let Err(e) = self.base_tree.insert(b"base", v.join(",").as_bytes()) {
+            if let Err(e) = self.store.set_meta("quorum_base", v.join(",").as_bytes()) {
                 warn!(error = %e, "cannot persist the quorum base");
             }
             info!(members = base.len(), "quorum base changed");

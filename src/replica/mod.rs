@@ -15,7 +15,10 @@
 //!   so they move with them. A replica that does not answer in time leaves the write
 //!   acknowledged on the owner's disk only (counted in
 //!   `locus_replica_writes_total{result="degraded"}`) and is re-sent in full once it
-//!   answers again.
+//!   answers again. A write is confirmed only if this node still holds its quorum
+//!   lease afterwards and no replica knows the partition at a newer epoch: otherwise
+//!   another node may already serve it without this write (a node frozen or cut off
+//!   mid-write), and the caller answers `UNAVAILABLE` ([`Unconfirmed`]) instead.
 //! - **Driver fixes, in batches.** The driver log's batches (every `--persist-interval`)
 //!   are teed here once on disk, split by partition without decoding (each batch tags
 //!   its records with their partitions) and sent to each partition's replicas. The lag
@@ -48,14 +51,14 @@ use tracing::{debug, info, warn};
 
 use crate::clock::wall_ms;
 use crate::drivers::PersistBatch;
-use crate::keys::{PARTITIONS, partition_of, pkey_bytes};
+use crate::keys::{PARTITIONS, partition_of};
 use crate::membership::ClusterView;
 use crate::pb;
 use crate::pb::handoff_client::HandoffClient;
 use crate::ring::Ring;
 use crate::routing::Router;
 use crate::routing::cluster::Cluster;
-use crate::storage::scan_partition;
+use crate::storage::Records;
 pub use store::{KvChange, Refused, ReplicaInfo, ReplicaPart, ReplicaStore};
 
 /// Items a link may queue before it gives up and re-sends in full later.
@@ -78,8 +81,26 @@ struct Item {
     records: usize,
     /// When the oldest change in it was made (lag).
     taken_ms: i64,
-    ack: Option<oneshot::Sender<bool>>,
+    ack: Option<oneshot::Sender<Acked>>,
 }
+
+/// How a replica answered one write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Acked {
+    Stored,
+    /// It knows the partition at a newer epoch: another node owns it now.
+    Stale,
+    /// No answer (timeout, broken link).
+    Failed,
+}
+
+/// A write this node cannot confirm as its partition's owner (see the module docs):
+/// it is on this node's disk, but another node may serve the partition without it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "this node stopped being sure it owns partition {0} while writing (its quorum lease ran out, or a replica knows a newer owner); the outcome is unknown: retry"
+)]
+pub struct Unconfirmed(pub u16);
 
 #[derive(Default)]
 struct LinkState {
@@ -160,8 +181,8 @@ pub struct Replicator {
     me: SocketAddr,
     replicas: usize,
     timeout: Duration,
-    claims: sled::Tree,
-    trips: sled::Tree,
+    claims: Arc<dyn Records>,
+    trips: Arc<dyn Records>,
     router: Arc<Router>,
     cluster: Arc<Cluster>,
     inner: Mutex<Inner>,
@@ -174,7 +195,11 @@ fn session_id() -> u64 {
     rand::rng().next_u64()
 }
 
-fn kv_changes(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<KvChange> {
+fn kv_changes(set: &dyn Records, p: u16) -> Vec<KvChange> {
+    let pairs = set.scan(p).unwrap_or_else(|e| {
+        warn!(partition = p, error = %e, "cannot read a partition's records to replicate");
+        Vec::new()
+    });
     pairs.into_iter().map(|(id, v)| KvChange { id, value: Some(v) }).collect()
 }
 
@@ -184,8 +209,8 @@ impl Replicator {
         me: SocketAddr,
         replicas: usize,
         timeout: Duration,
-        claims: sled::Tree,
-        trips: sled::Tree,
+        claims: Arc<dyn Records>,
+        trips: Arc<dyn Records>,
         router: Arc<Router>,
         cluster: Arc<Cluster>,
         tee_dropped: Arc<AtomicBool>,
@@ -302,8 +327,8 @@ impl Replicator {
             let mut out = Vec::with_capacity(parts.len());
             let mut bytes = 0;
             for &(p, epoch) in parts {
-                let claims = kv_changes(scan_partition(&self.claims, p));
-                let trips = kv_changes(scan_partition(&self.trips, p));
+                let claims = kv_changes(&*self.claims, p);
+                let trips = kv_changes(&*self.trips, p);
                 bytes += claims
                     .iter()
                     .chain(&trips)
@@ -380,22 +405,33 @@ impl Replicator {
     /// Sends the stored record `id` of `tree` (its value now, or its absence) to every
     /// replica of its partition and waits for them (at most `--replica-timeout`). Call
     /// after the write is flushed locally, before answering the client.
-    /// How it went is counted in `locus_replica_writes_total{result}`.
-    pub async fn sync_kv(&self, tree: KvTree, id: &[u8]) {
+    /// How it went is counted in `locus_replica_writes_total{result}`. Errs if this node
+    /// may no longer own the partition (see the module docs).
+    pub async fn sync_kv(&self, tree: KvTree, id: &[u8]) -> Result<(), Unconfirmed> {
         let p = partition_of(id);
+        let stale = self.send_kv(tree, id, p).await;
+        if stale || !self.cluster.has_quorum() {
+            metrics::counter!("locus_replica_writes_total", "result" => "unconfirmed").increment(1);
+            return Err(Unconfirmed(p));
+        }
+        Ok(())
+    }
+
+    /// [`Replicator::sync_kv`]'s sending: true if a replica knows a newer epoch.
+    async fn send_kv(&self, tree: KvTree, id: &[u8], p: u16) -> bool {
         let waits = {
             let inner = self.inner.lock().expect("replicator lock");
             let Some((epoch, targets)) = inner.placement[p as usize].clone() else {
-                return;
+                return false;
             };
             if targets.is_empty() {
-                return;
+                return false;
             }
             let store = match tree {
                 KvTree::Claims => &self.claims,
                 KvTree::Trips => &self.trips,
             };
-            let value = store.get(pkey_bytes(id)).ok().flatten().map(|v| v.to_vec());
+            let value = store.get(p, id).ok().flatten();
             let change = KvChange { id: id.to_vec(), value };
             let mut waits = Vec::with_capacity(targets.len());
             for t in &targets {
@@ -421,14 +457,17 @@ impl Replicator {
         };
         let (waits, wanted) = waits;
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut acked = 0;
+        let (mut acked, mut stale) = (0, false);
         for w in waits {
-            if let Ok(Ok(true)) = tokio::time::timeout_at(deadline, w).await {
-                acked += 1;
+            match tokio::time::timeout_at(deadline, w).await {
+                Ok(Ok(Acked::Stored)) => acked += 1,
+                Ok(Ok(Acked::Stale)) => stale = true,
+                _ => {}
             }
         }
         let result = if acked == wanted { "acked" } else { "degraded" };
         metrics::counter!("locus_replica_writes_total", "result" => result).increment(1);
+        stale
     }
 
     /// Splits a teed driver-log batch by partition and queues each part to its replicas.
@@ -558,10 +597,16 @@ async fn link_task(
         state.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
         state.queued_records.fetch_sub(records, Ordering::Relaxed);
         let oldest = items.iter().map(|i| i.taken_ms).min().unwrap_or_else(wall_ms);
+        // The partitions of each write waiting for its answer.
+        let waiting: Vec<Vec<u16>> = items
+            .iter()
+            .map(|i| if i.ack.is_some() { i.parts.iter().map(|p| p.partition).collect() } else { Vec::new() })
+            .collect();
         let parts = items.iter_mut().flat_map(|i| std::mem::take(&mut i.parts)).map(part_proto).collect();
         let mut req = tonic::Request::new(pb::ReplicaBatch { from: me.clone(), session, parts });
         req.set_timeout(timeout.max(Duration::from_secs(2)));
         let r = tokio::time::timeout(timeout.max(Duration::from_secs(2)), client.replicate(req)).await;
+        let mut stale_parts: HashSet<u16> = HashSet::new();
         let ok = match r {
             Ok(Ok(resp)) => {
                 // One line per answer, not per partition: after a heal a whole node's
@@ -569,6 +614,7 @@ async fn link_task(
                 let refused = resp.into_inner().refused;
                 let (stale, moving): (Vec<_>, Vec<_>) =
                     refused.iter().partition(|f| f.reason.starts_with("stale epoch"));
+                stale_parts.extend(stale.iter().map(|f| f.partition as u16));
                 if let Some(first) = stale.first() {
                     let ps: Vec<u32> = stale.iter().map(|f| f.partition).collect();
                     metrics::counter!("locus_replica_refused_total", "reason" => "stale_epoch")
@@ -603,9 +649,14 @@ async fn link_task(
                 false
             }
         };
-        for i in items {
+        for (i, ps) in items.into_iter().zip(waiting) {
             if let Some(a) = i.ack {
-                let _ = a.send(ok);
+                let answer = match ok {
+                    false => Acked::Failed,
+                    true if ps.iter().any(|p| stale_parts.contains(p)) => Acked::Stale,
+                    true => Acked::Stored,
+                };
+                let _ = a.send(answer);
             }
         }
         if !ok {

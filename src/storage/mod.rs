@@ -26,13 +26,16 @@
 //! the persist interval, so the write rate is the fix rate; an append-only log writes a
 //! fix as ~120 bytes of sequential IO and keeps no index in memory, where a B-tree store
 //! rewrites pages and caches them (sled 0.34 proved far too slow and too large at 1M
-//! drivers when tried during design). Claims and trips, which change rarely, do live in
-//! sled, flushed through [`Durable`] (group commit on one thread).
+//! drivers when tried during design). Claims, trips and the ownership table, which
+//! change rarely, are records keyed by partition in a [`RecordStore`] (sled in
+//! production, flushed through [`Durable`], a group commit on one thread; or memory).
 
 mod durable;
 mod partitioned;
+mod records;
 pub use durable::Durable;
-pub use partitioned::{Arriving, PartitionData, delete_prefix, open_partitioned, scan_partition, store_pairs};
+pub use partitioned::{Arriving, PartitionData};
+pub use records::{MemStore, Pair, RecordError, RecordStore, Records, SledStore, StoreFuture};
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

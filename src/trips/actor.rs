@@ -251,15 +251,19 @@ impl Actor {
         let bytes =
             postcard::to_allocvec(&self.trip).map_err(|e| TripError::Storage(format!("encoding the trip: {e}")))?;
         self.trips
-            .store
-            .insert(crate::keys::pkey(&self.trip.trip_id), bytes)
+            .records
+            .put_keyed(self.trip.trip_id.as_bytes(), &bytes)
             .map_err(|e| TripError::Storage(format!("storing the trip: {e}")))?;
         if durable {
-            self.trips.durable.flush().await.map_err(|e| TripError::Storage(format!("flushing the trip: {e}")))?;
+            self.trips.store.flush().await.map_err(|e| TripError::Storage(format!("flushing the trip: {e}")))?;
         }
-        // On the replicas before the caller hears of it (the TTL is in the record).
-        self.trips.replicator.sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes()).await;
         self.dirty = false;
+        // On the replicas before the caller hears of it (the TTL is in the record).
+        self.trips
+            .replicator
+            .sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes())
+            .await
+            .map_err(TripError::Unconfirmed)?;
         Ok(())
     }
 
@@ -361,11 +365,15 @@ impl Actor {
         if let Some(t) = &self.trip.share_token {
             self.trips.shares.remove(t);
         }
-        if let Err(e) = self.trips.store.remove(crate::keys::pkey(&self.trip.trip_id)) {
+        if let Err(e) = self.trips.records.delete_keyed(self.trip.trip_id.as_bytes()) {
             warn!(trip = %self.trip.trip_id, error = %e, "cannot delete an expired trip");
         }
         // The replicas forget it too, so a promoted copy does not expire it again.
-        self.trips.replicator.sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes()).await;
+        if let Err(e) = self.trips.replicator.sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes()).await {
+            // It expires again wherever a copy of it is served (a trip expires once
+            // per copy at most, and only where the lease holds).
+            debug!(trip = %self.trip.trip_id, error = %e, "expiry not confirmed");
+        }
         self.event("EXPIRED", self.trip.state.name());
         for w in self.watchers.drain(..) {
             let _ = w.try_send(Err(TripEnd::Expired));

@@ -37,9 +37,9 @@ use tracing::warn;
 use crate::actors::TripFix;
 use crate::dispatch::{DispatchError, Dispatcher};
 use crate::events::Bus;
-use crate::keys::{partition_of, partition_prefix};
+use crate::keys::partition_of;
 use crate::ownership::Lease;
-use crate::storage::Durable;
+use crate::storage::{RecordError, RecordStore, Records};
 pub use actor::TripMsg;
 use model::{EventKind, Trip, TripConfig, TripEvent, TripState};
 use share::ShareTable;
@@ -93,6 +93,9 @@ pub enum TripError {
     Transition { state: TripState, message: String },
     #[error("{0}")]
     Storage(String),
+    /// Written here, but this node may no longer own the trip (`UNAVAILABLE`).
+    #[error("{0}")]
+    Unconfirmed(crate::replica::Unconfirmed),
     /// DRIVER_ASSIGNED: the driver's owner refused or could not be reached.
     #[error("{0}")]
     Driver(DispatchError),
@@ -104,8 +107,9 @@ pub struct Trips {
     /// Per partition: [`NOT_HERE`], [`SERVED`] or [`FROZEN`].
     parts: Vec<AtomicU8>,
     pub shares: ShareTable,
-    pub(crate) store: sled::Tree,
-    pub(crate) durable: Durable,
+    /// Trip records (keyed by partition) and the store they are flushed in.
+    pub(crate) records: Arc<dyn Records>,
+    pub(crate) store: Arc<dyn RecordStore>,
     pub cfg: TripConfig,
     /// Base of share URLs, e.g. `http://127.0.0.1:7480`.
     pub public_url: String,
@@ -127,8 +131,7 @@ const TRIP_MAILBOX: usize = 64;
 impl Trips {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        db: &sled::Db,
-        durable: Durable,
+        store: Arc<dyn RecordStore>,
         cfg: TripConfig,
         public_url: String,
         bus: Bus,
@@ -136,14 +139,14 @@ impl Trips {
         watch_queue: usize,
         replicator: Arc<crate::replica::Replicator>,
         lease: Arc<Lease>,
-    ) -> sled::Result<Arc<Trips>> {
-        let store = crate::storage::open_partitioned(db, "trips")?;
+    ) -> Result<Arc<Trips>, RecordError> {
+        let records = store.records("trips")?;
         Ok(Arc::new(Trips {
             actors: Mutex::new(HashMap::new()),
             parts: (0..crate::keys::PARTITIONS).map(|_| AtomicU8::new(NOT_HERE)).collect(),
             shares: ShareTable::default(),
+            records,
             store,
-            durable,
             cfg,
             public_url,
             bus,
@@ -179,11 +182,12 @@ impl Trips {
     /// at once). Its records must be in the store already.
     pub fn start(self: &Arc<Self>, p: u16) -> usize {
         let mut n = 0;
-        for item in self.store.scan_prefix(partition_prefix(p)) {
-            let trip = match item
-                .map_err(|e| e.to_string())
-                .and_then(|(_, v)| postcard::from_bytes::<Trip>(&v).map_err(|e| e.to_string()))
-            {
+        let stored = self.records.scan(p).unwrap_or_else(|e| {
+            warn!(partition = p, error = %e, "cannot read a partition's trips");
+            Vec::new()
+        });
+        for (_, v) in stored {
+            let trip = match postcard::from_bytes::<Trip>(&v) {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(error = %e, "skipping an unreadable trip record");
@@ -218,15 +222,21 @@ impl Trips {
                 let _ = rx.await;
             }
         }
-        parts.iter().map(|p| (*p, crate::storage::scan_partition(&self.store, *p))).collect()
+        let scan = |p: u16| {
+            self.records.scan(p).unwrap_or_else(|e| {
+                warn!(partition = p, error = %e, "cannot read a partition's trips");
+                Vec::new()
+            })
+        };
+        parts.iter().map(|p| (*p, scan(*p))).collect()
     }
 
     /// Hand-off, holder side: the new owner has the partitions: delete them here.
-    pub fn forget(&self, parts: &HashSet<u16>) -> sled::Result<usize> {
+    pub fn forget(&self, parts: &HashSet<u16>) -> Result<usize, RecordError> {
         let mut n = 0;
         for p in parts {
             self.parts[*p as usize].store(NOT_HERE, Ordering::Release);
-            n += crate::storage::delete_prefix(&self.store, *p)?;
+            n += self.records.delete_partition(*p)?;
         }
         Ok(n)
     }

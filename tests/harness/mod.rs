@@ -55,6 +55,8 @@ struct Slot {
     run: Option<Running>,
     /// Restarts so far (a restarted node must come back later than it died).
     boots: u32,
+    /// Stopped (SIGSTOP): running, but clients do not pick it.
+    frozen: bool,
 }
 
 /// One step of a scenario.
@@ -70,6 +72,12 @@ pub enum Op {
     Leave(usize),
     /// `locus admin drain` node i, then stop it.
     Drain(usize),
+    /// SIGSTOP node i while matches through it are in flight: its tasks stop where they
+    /// are, its links stay up. Clients stop picking it.
+    Freeze(usize),
+    /// SIGCONT: node i runs on from where it stopped; the matches in flight end and are
+    /// recorded.
+    Thaw(usize),
     /// Cut every link between the two sides.
     Partition(Vec<usize>, Vec<usize>),
     Heal,
@@ -118,7 +126,14 @@ impl Sim {
         let client = SocketAddr::from(([10, 0, 9, 1], 1));
         let (_, inbox) = net.endpoint(client);
         let slots = (0..n)
-            .map(|i| Slot { dir: tempfile::tempdir().unwrap(), gossip: gossip(i), grpc: grpc(i), run: None, boots: 0 })
+            .map(|i| Slot {
+                dir: tempfile::tempdir().unwrap(),
+                gossip: gossip(i),
+                grpc: grpc(i),
+                run: None,
+                boots: 0,
+                frozen: false,
+            })
             .collect();
         Sim {
             net,
@@ -273,10 +288,21 @@ impl Sim {
         ClusterClient::new(self.channel(i))
     }
 
-    /// A running node picked at random.
+    /// A running node picked at random (never a frozen one: a client would time out on
+    /// it and go elsewhere).
     pub fn any(&mut self) -> usize {
-        let r = self.running();
+        let r: Vec<usize> = self.running().into_iter().filter(|i| !self.slots[*i].frozen).collect();
         r[self.rand(r.len())]
+    }
+
+    pub fn freeze(&mut self, i: usize) {
+        self.slots[i].run.as_ref().expect("running").scope.freeze();
+        self.slots[i].frozen = true;
+    }
+
+    pub fn thaw(&mut self, i: usize) {
+        self.slots[i].run.as_ref().expect("running").scope.thaw();
+        self.slots[i].frozen = false;
     }
 
     /// See [`Op::Converge`]. Panics after `within` of virtual time.
@@ -374,6 +400,19 @@ impl Sim {
             Op::Restart(i) => self.restart(*i).await,
             Op::Leave(i) => self.leave(*i).await,
             Op::Drain(i) => self.drain(*i).await,
+            Op::Freeze(i) => {
+                let mut model = std::mem::take(&mut self.model);
+                model.matches_in_flight(self, *i, 6, stage).await;
+                self.model = model;
+                self.freeze(*i);
+                // What it acknowledged just before may not have reached its replicas.
+                self.model.crashed(tokio::time::Instant::now());
+            }
+            Op::Thaw(i) => {
+                self.thaw(*i);
+                self.last_kill = Some(tokio::time::Instant::now());
+                self.model.settle_in_flight(stage).await;
+            }
             Op::Partition(a, b) => {
                 eprintln!("[sim] partition at {:?}", tokio::time::Instant::now());
                 self.partition(a, b)
@@ -407,8 +446,9 @@ impl Sim {
 
 impl Sim {
     /// A seeded random sequence of `steps` operations on a cluster that starts with
-    /// three nodes: load, joins, leaves, drains, kills, restarts and one-node
-    /// partitions, never more than one node lost at once. After every disruption the
+    /// three nodes: load, joins, leaves, drains, kills, restarts, freezes (some shorter
+    /// than failure detection, some longer) and one-node partitions, never more than one
+    /// node lost at once. After every disruption the
     /// cluster must converge and pass every check.
     pub async fn random(&mut self, steps: usize) {
         use Op::*;
@@ -417,21 +457,28 @@ impl Sim {
             let running = self.running();
             let stopped: Vec<usize> = (0..self.len()).filter(|i| !running.contains(i)).collect();
             let mut ops = vec![SendFixes(60), Trips(6)];
-            match self.rand(6) {
+            match self.rand(7) {
                 0 if !stopped.is_empty() => ops.push(Restart(stopped[self.rand(stopped.len())])),
                 1 if running.len() > 3 => ops.push(Leave(running[self.rand(running.len())])),
                 2 if running.len() > 3 => ops.push(Drain(running[self.rand(running.len())])),
-                3 if running.len() >= 3 => {
+                3 | 5 if running.len() >= 3 => {
                     // A crashed member counts in the quorum base until the others have
                     // confirmed it gone and BASE_FORGET passed (a node cut off meanwhile
                     // confirms only after the heal): a crash before then may leave no
-                    // majority (by design), so space crashes from crashes and heals.
+                    // majority (by design), so space crashes (and freezes, which look
+                    // the same to the others) from crashes and heals.
                     let forget = locus::handoff::BASE_FORGET + Duration::from_secs(5);
                     let since = self.last_kill.map_or(forget, |t| t.elapsed());
                     if since < forget {
                         ops.push(Wait(forget - since));
                     }
-                    ops.push(Kill(running[self.rand(running.len())]));
+                    let victim = running[self.rand(running.len())];
+                    if self.rand(2) == 0 {
+                        ops.push(Kill(victim));
+                    } else {
+                        let stopped = Duration::from_secs(2 + self.rand(14) as u64);
+                        ops.extend([Freeze(victim), Wait(stopped), SendFixes(30), Thaw(victim)]);
+                    }
                 }
                 4 if running.len() >= 3 => {
                     let cut = running[self.rand(running.len())];

@@ -25,6 +25,9 @@ pub struct Fix {
     pub via: usize,
 }
 
+/// A match call under way.
+type MatchCall = tokio::task::JoinHandle<Result<tonic::Response<pb::MatchResponse>, tonic::Status>>;
+
 #[derive(Default)]
 pub struct Model {
     /// Fleet size.
@@ -37,6 +40,8 @@ pub struct Model {
     pub claimed: HashMap<String, i32>,
     crashes: Vec<Instant>,
     next_trip: usize,
+    /// Matches sent to a node that was frozen meanwhile: trip id and the call.
+    in_flight: Vec<(String, MatchCall)>,
     /// Operations by outcome, for the closing summary.
     pub ok: u64,
     pub failed: u64,
@@ -157,6 +162,69 @@ impl Model {
             } else {
                 self.trips.remove(&id);
                 self.claimed.remove(&m.driver_id);
+            }
+        }
+    }
+
+    /// Books `n` trips through other nodes, then sends their matches through node `via`
+    /// and lets them get under way (the caller freezes `via` next).
+    pub async fn matches_in_flight(&mut self, sim: &mut Sim, via: usize, n: usize, stage: &str) {
+        for _ in 0..n {
+            let id = format!("trip-{}", self.next_trip);
+            self.next_trip += 1;
+            let booked = retry(sim, stage, &id, |sim, v| {
+                let mut t = sim.trips(v);
+                let ev = booking(&id);
+                async move { t.apply(ev).await.map(|_| ()) }
+            })
+            .await;
+            if booked {
+                self.trips.insert(id.clone(), ("BOOKING_CREATED".into(), String::new()));
+                let mut d = sim.dispatch(via);
+                let req = match_req(&id);
+                // Staggered: when the node stops, some are done, some waiting on a
+                // scatter, a claim, a flush or a replica, some not yet begun.
+                let start = 3 * self.in_flight.len();
+                let call = tokio::spawn(async move {
+                    for _ in 0..start {
+                        tokio::task::yield_now().await;
+                    }
+                    d.r#match(req).await
+                });
+                self.in_flight.push((id, call));
+            }
+        }
+        for _ in 0..4 + sim.rand(8) {
+            tokio::task::yield_now().await;
+        }
+        let done = self.in_flight.iter().filter(|c| c.1.is_finished()).count();
+        eprintln!("[sim] {done} of {} matches through n{via} done before it stops", self.in_flight.len());
+    }
+
+    /// Waits for the matches in flight through a node that was frozen: one that
+    /// succeeds holds its driver (who must not be held by another trip); a refused one
+    /// leaves its trip's claim unknown, so the trip leaves the claim checks.
+    pub async fn settle_in_flight(&mut self, stage: &str) {
+        for (id, call) in std::mem::take(&mut self.in_flight) {
+            match tokio::time::timeout(Duration::from_secs(60), call).await {
+                Ok(Ok(Ok(m))) => {
+                    let m = m.into_inner();
+                    eprintln!("[sim] {id}: a match in flight through the frozen node got {}", m.driver_id);
+                    self.ok += 1;
+                    assert!(
+                        !self.claimed.contains_key(&m.driver_id),
+                        "{stage}: {} matched to {id} by the frozen node while claimed for another trip",
+                        m.driver_id
+                    );
+                    self.claimed.insert(m.driver_id, pb::DriverStatus::Dispatched as i32);
+                }
+                Ok(Ok(Err(s))) => {
+                    eprintln!("[sim] {id}: a match in flight through the frozen node ended with {s:?}");
+                    self.failed += 1;
+                    self.trips.remove(&id);
+                }
+                Ok(Err(e)) => panic!("{stage}: match {id} task: {e}"),
+                Err(_) => panic!("{stage}: match {id} through a thawed node never answered"),
             }
         }
     }
