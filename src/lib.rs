@@ -11,7 +11,7 @@
 //!  membership (foca task) ──publishes──► ClusterView { members, ring::Ring }
 //!                                              │
 //!  handoff (task + Handoff service): survey holdings, ownership::plan, pull / lend /
-//!    release partitions at rising epochs (sled `partitions`), promote replicas of a
+//!    release partitions at rising epochs (records `partitions`), promote replicas of a
 //!    lost owner, stand stale copies down; the quorum lease (minority rule) ──publishes──► Routes
 //!  replica: served partitions ──► their next ring successors (claims and trip events
 //!    acked before the answer; driver-log batches teed once on disk)
@@ -29,8 +29,9 @@
 //!
 //!  Trips / Dispatch / Events (api::trips; the domain modules below speak no gRPC):
 //!    Match ──► Nearby(AVAILABLE) ──► dispatch::Dispatcher ──► ClaimLink ──► driver's owner
-//!    Apply ──► trips::Trips ──► one actor task per trip ──► sled `trips.v2` (TTL in the record)
-//!    shards ──► claims (sled) · fixes of assigned drivers ──► trip feed · events::Bus
+//!    Apply ──► trips::Trips ──► one actor task per trip ──► records `trips` (TTL in the record)
+//!    shards ──► records `claims` · fixes of assigned drivers ──► trip feed · events::Bus
+//!    storage::RecordStore (sled; memory in tests): claims, trips, ownership table by partition
 //!    http: GET /share/{token} ──► owner's trips::share::ShareTable (pre-rendered JSON)
 //! ```
 //!
@@ -57,10 +58,11 @@
 //! - [`drivers`]: pure driver state machines, validation, trail, snapshot codec.
 //! - [`geo`]: pure great-circle geometry and the R-tree index (exact k-NN, circle, box).
 //! - [`storage`]: the append-only driver log, its replay and compaction, the persister;
-//!   partition-keyed sled trees and a partition's state in transit.
+//!   the record store (a trait; sled and memory) of partition-keyed claims, trips and
+//!   ownership table; a partition's state in transit.
 //! - [`clock`]: the wall clock (ms since the epoch; simulated in paused time);
 //!   [`tasks`]: every spawned task, counted by kind while it lives (`locus_tasks{kind}`),
-//!   and grouped by node (`Scope`) where one process runs several.
+//!   and grouped by node (`Scope`: killed or frozen together) where one process runs several.
 //! - [`keys`]: deterministic key hashing; partitions, the unit shards and nodes own.
 //! - [`config`], [`node`]: flags and wiring (over TCP/UDP, or `memnet`), startup (the log is parked until handed
 //!   over) and graceful shutdown (hand every partition over, then leave the gossip).

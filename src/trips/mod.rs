@@ -6,7 +6,7 @@
 //! - [`share`]: share tokens, the table `GET /share/{token}` reads, the rate limiter.
 //!
 //! The [`Trips`] registry maps a trip id to its actor's mailbox. Trips are persisted in
-//! sled (`trips.v2` tree, keyed by partition then trip id, one record per trip, written
+//! the node's record store (set `trips`, keyed by partition then trip id, one record per trip, written
 //! and flushed on every event, and at most every few seconds while a driver moves). A
 //! trip's expiry is part of its record, so its TTL timer moves with it: when this node
 //! starts serving a partition (hand-off or adoption, see `handoff`), [`Trips::start`]
