@@ -89,6 +89,7 @@ pub mod memnet;
 pub mod node;
 pub mod ownership;
 pub mod pb;
+pub mod peer;
 pub mod replica;
 pub mod ring;
 pub mod routing;

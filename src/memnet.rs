@@ -9,7 +9,13 @@
 //! and a host detached (a killed process): both also break every
 //! connection the link carried, so calls in flight fail as over a reset TCP connection
 //! and new ones are refused until the link heals.
+//!
+//! With [`MemNet::set_direct_links`], the hand-off protocol skips gRPC altogether: its
+//! `handoff::MemPeerLink` finds the peer's `Handoff` among the in-process services
+//! ([`MemNet::serve`]) and calls it directly, in the peer's task scope, honouring cuts
+//! and kills ([`MemNet::reachable`]). It is the in-memory twin of `api::GrpcPeerLink`.
 
+use std::any::Any;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io;
@@ -26,6 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 
 use crate::membership::transport::{Heard, Heartbeats, INBOX, Transport, deliver};
+use crate::tasks::Scope;
 
 /// Bytes buffered in each direction of a connection.
 const CONN_BUFFER: usize = 256 << 10;
@@ -43,6 +50,12 @@ struct Conn {
     ctl: Weak<Ctl>,
 }
 
+struct Service {
+    host: SocketAddr,
+    service: Weak<dyn Any + Send + Sync>,
+    scope: Option<Scope>,
+}
+
 #[derive(Default)]
 struct NetState {
     hosts: HashMap<SocketAddr, Host>,
@@ -51,11 +64,20 @@ struct NetState {
     /// Directed links that carry nothing: (from, to).
     cut: HashSet<(SocketAddr, SocketAddr)>,
     conns: Vec<Conn>,
+    /// Hand-off calls go straight to the peer (see the module docs).
+    direct: bool,
+    /// In-process services: address -> (its host, the service, the task scope it runs in).
+    services: HashMap<SocketAddr, Service>,
 }
 
 impl NetState {
     fn linked(&self, a: SocketAddr, b: SocketAddr) -> bool {
         !self.cut.contains(&(a, b)) && !self.cut.contains(&(b, a))
+    }
+
+    /// Both hosts attached and linked.
+    fn reachable(&self, a: SocketAddr, b: SocketAddr) -> bool {
+        self.hosts.contains_key(&a) && self.hosts.contains_key(&b) && self.linked(a, b)
     }
 
     /// Breaks every open connection that `keep` rejects, and forgets closed ones.
@@ -136,7 +158,36 @@ impl MemNet {
         let mut s = self.lock();
         s.hosts.remove(&host);
         s.listeners.retain(|_, (h, _)| *h != host);
+        s.services.retain(|_, x| x.host != host);
         s.break_conns(|_, c| c.client != host && c.server != host);
+    }
+
+    /// Hand-off calls between nodes go straight to the peer's `Handoff` (set before the
+    /// nodes start).
+    pub fn set_direct_links(&self, on: bool) {
+        self.lock().direct = on;
+    }
+
+    pub fn direct_links(&self) -> bool {
+        self.lock().direct
+    }
+
+    /// Offers `service` (held weakly: it dies with its node) at `addr` on `host`; its
+    /// calls run in the calling task's scope (the node's).
+    pub fn serve(&self, addr: SocketAddr, host: SocketAddr, service: Weak<dyn Any + Send + Sync>) {
+        self.lock().services.insert(addr, Service { host, service, scope: Scope::current() });
+    }
+
+    /// The service at `addr`, if its host is attached: (host, service, its scope).
+    pub fn service(&self, addr: SocketAddr) -> Option<(SocketAddr, Arc<dyn Any + Send + Sync>, Option<Scope>)> {
+        let s = self.lock();
+        let x = s.services.get(&addr)?;
+        Some((x.host, x.service.upgrade()?, x.scope.clone()))
+    }
+
+    /// Both hosts attached, and the link between them not cut.
+    pub fn reachable(&self, a: SocketAddr, b: SocketAddr) -> bool {
+        self.lock().reachable(a, b)
     }
 
     fn connect(&self, from: SocketAddr, to_grpc: SocketAddr) -> io::Result<MemConn> {

@@ -29,11 +29,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 use crate::actors::{Hooks, ShardHandle, ShardMsg, WorkerConfig, spawn_shard};
-use crate::api::{ClaimForwarder, ClusterApi, DispatchApi, EventsApi, HandoffApi, InternalApi, LocationsApi, TripsApi};
+use crate::api::{
+    ClaimForwarder, ClusterApi, DispatchApi, EventsApi, GrpcPeerLink, HandoffApi, InternalApi, LocationsApi, TripsApi,
+};
 use crate::config::NodeConfig;
 use crate::dispatch::Dispatcher;
 use crate::drivers::{DriverShard, Limits, ShardConfig, Snapshot};
-use crate::handoff::{Handoff, MAX_HANDOFF_BYTES};
+use crate::handoff::{Handoff, MAX_HANDOFF_BYTES, MemPeerLink};
 use crate::membership::{self, ClusterView, MembershipConfig, Transport, UdpTransport};
 use crate::ownership::{Lease, Routes};
 use crate::pb::cluster_server::ClusterServer;
@@ -43,6 +45,7 @@ use crate::pb::handoff_server::HandoffServer;
 use crate::pb::internal_server::InternalServer;
 use crate::pb::locations_server::LocationsServer;
 use crate::pb::trips_server::TripsServer;
+use crate::peer::PeerLink;
 use crate::replica::Replicator;
 use crate::routing::cluster::Cluster;
 use crate::routing::{Router, SecondaryIndex};
@@ -257,6 +260,11 @@ pub async fn run_on(
     let ready = Arc::new(AtomicBool::new(false));
     let member_metrics = crate::tasks::spawn("member_metrics", follow_members(members.view.clone(), cluster.clone()));
 
+    // The hand-off protocol's calls on other nodes.
+    let link: Arc<dyn PeerLink> = match &net {
+        Net::Mem(mem) if mem.direct_links() => Arc::new(MemPeerLink::new(mem.clone(), gossip_addr)),
+        _ => Arc::new(GrpcPeerLink::new(cluster.clone())),
+    };
     let replicator = Replicator::new(
         gossip_addr,
         cfg.replicas as usize,
@@ -265,6 +273,7 @@ pub async fn run_on(
         store.records("trips").context("opening the trips")?,
         router.clone(),
         cluster.clone(),
+        link.clone(),
         tee_dropped,
     );
     let replication = crate::tasks::spawn("replication", replicator.clone().run(tee_rx));
@@ -307,10 +316,15 @@ pub async fn run_on(
         ready.clone(),
         (cfg.trail_len as usize).saturating_sub(1),
         replicator,
+        link,
     )
     .await
     .context("opening the ownership table")?;
     handoff.set_pace(cfg.handoff_pace);
+    if let Net::Mem(mem) = &net {
+        let service: Arc<dyn std::any::Any + Send + Sync> = handoff.clone();
+        mem.serve(grpc_addr, gossip_addr, Arc::downgrade(&service));
+    }
     let view = members.view.borrow().clone();
     handoff.round(&view).await;
     let handoff_task = crate::tasks::spawn("handoff", handoff.clone().run(members.view.clone()));

@@ -60,11 +60,7 @@ where
     };
     match Scope::current() {
         None => tokio::spawn(counted),
-        Some(scope) => {
-            let h = tokio::spawn(scope.run(counted));
-            scope.add(h.abort_handle());
-            h
-        }
+        Some(scope) => scope.spawn_counted(counted),
     }
 }
 
@@ -160,6 +156,29 @@ impl Scope {
     pub fn run<F: Future>(&self, fut: F) -> impl Future<Output = F::Output> + use<F> {
         let gated = Gated { inner: fut, gate: Some(self.gate.clone()) };
         SCOPE.scope(Some(self.clone()), tracing::Instrument::instrument(gated, self.span.clone()))
+    }
+
+    /// Spawns `fut` as a task of `kind` in this scope (from outside it, too).
+    pub fn spawn<F>(&self, kind: &'static str, fut: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let guard = Live::enter(kind);
+        self.spawn_counted(async move {
+            let _guard = guard;
+            fut.await
+        })
+    }
+
+    fn spawn_counted<F>(&self, fut: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let h = tokio::spawn(self.run(fut));
+        self.add(h.abort_handle());
+        h
     }
 
     fn add(&self, h: AbortHandle) {

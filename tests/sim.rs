@@ -31,7 +31,21 @@ async fn three_nodes_start_take_load_and_agree() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn scale_three_to_five_and_back_under_load() {
-    let mut sim = Sim::new(5, FLAGS, 2);
+    scale_three_to_five_and_back(Sim::new(5, FLAGS, 2)).await;
+}
+
+/// The same over the hand-off protocol's in-memory peer link (`handoff::MemPeerLink`,
+/// no gRPC between hand-off and replication peers), and then a kill and a restart.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn scale_and_failover_over_the_in_memory_peer_link() {
+    let mut sim = Sim::new(5, FLAGS, 11).direct_links();
+    sim = scale_three_to_five_and_back(sim).await;
+    use Op::*;
+    sim.run(&[Trips(8), SendFixes(100), Kill(1), SendFixes(100), Converge(vec![0, 2]), Check(vec![0, 2])]).await;
+    sim.run(&[Restart(1), SendFixes(50), Converge(vec![0, 1, 2]), Check(vec![0, 1, 2])]).await;
+}
+
+async fn scale_three_to_five_and_back(mut sim: Sim) -> Sim {
     use Op::*;
     sim.run(&[
         Start(0),
@@ -56,6 +70,7 @@ async fn scale_three_to_five_and_back_under_load() {
         Check(vec![0, 1, 2]),
     ])
     .await;
+    sim
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]

@@ -1,13 +1,23 @@
-//! The `locus.v1.Handoff` service (node to node): holdings, pull, release, replicate. Validates
-//! what peers send and hands it to [`crate::handoff::Handoff`].
+//! The `locus.v1.Handoff` service (node to node): holdings, pull, release, replicate.
+//! Server side: validates what peers send and hands it to [`crate::handoff::Handoff`].
+//! Client side: [`GrpcPeerLink`], the protocol's `handoff::PeerLink` over gRPC. The
+//! protobuf forms of holdings, partition states and replica parts live here, both ways.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use crate::handoff::{Handoff, holding_proto, partition_proto};
+use crate::handoff::Handoff;
+use crate::keys::PARTITIONS;
+use crate::ownership::{Holding, PeerHolding};
 use crate::pb;
+use crate::pb::handoff_client::HandoffClient;
+use crate::peer::{LinkError, LinkFuture, PeerLink, Pulled, Refusal};
+use crate::replica::{KvChange, ReplicaPart};
+use crate::routing::cluster::{Cluster, MAX_HANDOFF_BYTES};
+use crate::storage::PartitionData;
 
 pub struct HandoffApi {
     handoff: Arc<Handoff>,
@@ -80,8 +90,7 @@ impl pb::handoff_server::Handoff for HandoffApi {
         for p in r.parts {
             let n = p.partition;
             parts.push(
-                crate::replica::part_from_proto(p)
-                    .ok_or_else(|| Status::invalid_argument(format!("parts: {n} is not a partition")))?,
+                part_from_proto(p).ok_or_else(|| Status::invalid_argument(format!("parts: {n} is not a partition")))?,
             );
         }
         let refused = self.handoff.replicate(who, r.session, parts);
@@ -89,4 +98,186 @@ impl pb::handoff_server::Handoff for HandoffApi {
             refused: refused.into_iter().map(|(p, reason)| pb::Refused { partition: p as u32, reason }).collect(),
         }))
     }
+}
+
+/// The hand-off protocol's peer link over gRPC, on the cluster's pooled channels.
+pub struct GrpcPeerLink {
+    cluster: Arc<Cluster>,
+}
+
+impl GrpcPeerLink {
+    pub fn new(cluster: Arc<Cluster>) -> GrpcPeerLink {
+        GrpcPeerLink { cluster }
+    }
+
+    fn client(&self, peer: SocketAddr) -> HandoffClient<tonic::transport::Channel> {
+        HandoffClient::new(self.cluster.peers().channel(peer))
+            .max_decoding_message_size(MAX_HANDOFF_BYTES)
+            .max_encoding_message_size(MAX_HANDOFF_BYTES)
+    }
+}
+
+fn request<T>(msg: T, timeout: Duration) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
+/// A call's outcome, its deadline enforced here too (a peer that accepted the
+/// connection and then stopped answering).
+async fn within<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<Response<T>, Status>>,
+) -> Result<T, LinkError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(LinkError(format!("{:?}: {}", s.code(), s.message()))),
+        Err(_) => Err(LinkError(format!("no answer within {timeout:?}"))),
+    }
+}
+
+fn refusals(refused: Vec<pb::Refused>) -> Vec<Refusal> {
+    refused.into_iter().map(|f| (f.partition as u16, f.reason)).collect()
+}
+
+impl PeerLink for GrpcPeerLink {
+    fn holdings(&self, peer: SocketAddr, me: SocketAddr, timeout: Duration) -> LinkFuture<'_, Vec<PeerHolding>> {
+        let mut c = self.client(peer);
+        Box::pin(async move {
+            let r = within(timeout, c.holdings(request(pb::HoldingsRequest { requester: me.to_string() }, timeout)));
+            Ok(r.await?.holdings.into_iter().filter_map(peer_holding).collect())
+        })
+    }
+
+    fn pull(
+        &self,
+        peer: SocketAddr,
+        me: SocketAddr,
+        wanted: Vec<(u16, u64)>,
+        timeout: Duration,
+    ) -> LinkFuture<'_, Pulled> {
+        let mut c = self.client(peer);
+        Box::pin(async move {
+            let req = pb::PullRequest {
+                requester: me.to_string(),
+                partitions: wanted.iter().map(|(p, _)| *p as u32).collect(),
+                epochs: wanted.iter().map(|(_, e)| *e).collect(),
+            };
+            let r = within(timeout, c.pull(request(req, timeout))).await?;
+            Ok(Pulled {
+                partitions: r.partitions.into_iter().filter_map(partition_data).collect(),
+                refused: refusals(r.refused),
+            })
+        })
+    }
+
+    fn release(&self, peer: SocketAddr, me: SocketAddr, partitions: Vec<u16>, timeout: Duration) -> LinkFuture<'_, ()> {
+        let mut c = self.client(peer);
+        Box::pin(async move {
+            let req = pb::ReleaseRequest {
+                requester: me.to_string(),
+                partitions: partitions.iter().map(|p| *p as u32).collect(),
+            };
+            within(timeout, c.release(request(req, timeout))).await.map(|_| ())
+        })
+    }
+
+    fn replicate(
+        &self,
+        peer: SocketAddr,
+        me: SocketAddr,
+        session: u64,
+        parts: Vec<ReplicaPart>,
+        timeout: Duration,
+    ) -> LinkFuture<'_, Vec<Refusal>> {
+        let mut c = self.client(peer);
+        Box::pin(async move {
+            let req =
+                pb::ReplicaBatch { from: me.to_string(), session, parts: parts.into_iter().map(part_proto).collect() };
+            Ok(refusals(within(timeout, c.replicate(request(req, timeout))).await?.refused))
+        })
+    }
+}
+
+fn peer_holding(h: pb::Holding) -> Option<PeerHolding> {
+    let holding = match pb::HoldingKind::try_from(h.kind).ok()? {
+        pb::HoldingKind::HoldingActive => Holding::Active,
+        pb::HoldingKind::HoldingLent => Holding::Lent { to: h.lent_to.parse().ok()?, to_epoch: h.lent_epoch },
+        pb::HoldingKind::HoldingParked => Holding::Parked,
+        pb::HoldingKind::HoldingReplica => Holding::Replica,
+        pb::HoldingKind::HoldingPulling => Holding::Pulling,
+        pb::HoldingKind::Unspecified => return None,
+    };
+    let partition = u16::try_from(h.partition).ok().filter(|p| *p < PARTITIONS)?;
+    Some(PeerHolding { partition, epoch: h.epoch, holding })
+}
+
+/// A holding as `Holdings` reports it.
+fn holding_proto(h: &PeerHolding) -> pb::Holding {
+    let (kind, lent_to, lent_epoch) = match h.holding {
+        Holding::Active => (pb::HoldingKind::HoldingActive, String::new(), 0),
+        Holding::Lent { to, to_epoch } => (pb::HoldingKind::HoldingLent, to.to_string(), to_epoch),
+        Holding::Parked => (pb::HoldingKind::HoldingParked, String::new(), 0),
+        Holding::Replica => (pb::HoldingKind::HoldingReplica, String::new(), 0),
+        Holding::Pulling => (pb::HoldingKind::HoldingPulling, String::new(), 0),
+    };
+    pb::Holding { partition: h.partition as u32, epoch: h.epoch, kind: kind as i32, lent_to, lent_epoch }
+}
+
+fn partition_data(d: pb::PartitionState) -> Option<PartitionData> {
+    let pairs = |kv: Vec<pb::KeyValue>| kv.into_iter().map(|x| (x.key, x.value)).collect();
+    Some(PartitionData {
+        partition: u16::try_from(d.partition).ok().filter(|p| *p < PARTITIONS)?,
+        epoch: d.epoch,
+        drivers: d.drivers,
+        claims: pairs(d.claims),
+        trips: pairs(d.trips),
+    })
+}
+
+/// A partition's state as `Pull` returns it.
+fn partition_proto(d: PartitionData) -> pb::PartitionState {
+    let kv = |v: Vec<(Vec<u8>, Vec<u8>)>| v.into_iter().map(|(key, value)| pb::KeyValue { key, value }).collect();
+    pb::PartitionState {
+        partition: d.partition as u32,
+        epoch: d.epoch,
+        drivers: d.drivers,
+        claims: kv(d.claims),
+        trips: kv(d.trips),
+    }
+}
+
+fn kv_proto(c: KvChange) -> pb::KvChange {
+    match c.value {
+        Some(value) => pb::KvChange { key: c.id, value, deleted: false },
+        None => pb::KvChange { key: c.id, value: Vec::new(), deleted: true },
+    }
+}
+
+fn part_proto(p: ReplicaPart) -> pb::ReplicaPart {
+    pb::ReplicaPart {
+        partition: p.partition as u32,
+        epoch: p.epoch,
+        drivers_reset: p.drivers_reset,
+        drivers: p.drivers,
+        kv_reset: p.kv_reset,
+        claims: p.claims.into_iter().map(kv_proto).collect(),
+        trips: p.trips.into_iter().map(kv_proto).collect(),
+    }
+}
+
+/// A replication part as a peer sent it; `None` for a partition that does not exist.
+fn part_from_proto(p: pb::ReplicaPart) -> Option<ReplicaPart> {
+    let kv = |v: Vec<pb::KvChange>| {
+        v.into_iter().map(|c| KvChange { id: c.key, value: (!c.deleted).then_some(c.value) }).collect()
+    };
+    Some(ReplicaPart {
+        partition: u16::try_from(p.partition).ok().filter(|p| *p < PARTITIONS)?,
+        epoch: p.epoch,
+        drivers_reset: p.drivers_reset,
+        drivers: p.drivers,
+        kv_reset: p.kv_reset,
+        claims: kv(p.claims),
+        trips: kv(p.trips),
+    })
 }

@@ -94,17 +94,38 @@ pub(crate) async fn target(cluster: &Cluster, key: &str, hop: u32) -> Result<Tar
     }
 }
 
+/// How long a call forwarded to a key's owner may wait for its answer (a watch: for
+/// its first response). An owner that is stuck (stopped, overloaded, cut off mid-call)
+/// but not yet declared down would otherwise hold the caller until the connection's
+/// keep-alive gives up, or for good; past this the caller gets `UNAVAILABLE` with a
+/// retry hint, and a retry after failure detection reaches the new owner.
+pub(crate) const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub(crate) fn forwarded<T>(msg: T, hop: u32) -> Request<T> {
     let mut r = Request::new(msg);
     set_hop(r.metadata_mut(), hop);
+    r.set_timeout(FORWARD_TIMEOUT);
     r
 }
 
+/// A forwarded call to the owner named `owner`: its answer, its error (marked with the
+/// owner; failures to answer become `UNAVAILABLE`), or `UNAVAILABLE` after
+/// [`FORWARD_TIMEOUT`].
+pub(crate) async fn forward<T>(
+    owner: &str,
+    call: impl Future<Output = Result<Response<T>, Status>>,
+) -> Result<Response<T>, Status> {
+    match tokio::time::timeout(FORWARD_TIMEOUT, call).await {
+        Ok(r) => r.map_err(|s| peer_error(owner, s)),
+        Err(_) => Err(unavailable_retry(format!("owner {owner} did not answer within {FORWARD_TIMEOUT:?}"))),
+    }
+}
+
 /// A peer's error, as this node answers it: its code and message, marked with the peer.
-pub(crate) fn peer_status(p: &Peer, s: Status) -> Status {
+fn peer_error(owner: &str, s: Status) -> Status {
     match s.code() {
         Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Internal | Code::Cancelled => {
-            unavailable_retry(format!("owner {} did not answer: {}", p.name, s.message()))
+            unavailable_retry(format!("owner {owner} did not answer: {}", s.message()))
         }
         _ => s,
     }
@@ -290,10 +311,7 @@ impl pb::locations_server::Locations for LocationsApi {
                     Err(reject_status(&r))
                 }
             },
-            Target::Forward(mut p, hop) => {
-                let r = p.client.update(forwarded(fix_to_proto(fix), hop)).await;
-                r.map_err(|s| peer_status(&p, s))
-            }
+            Target::Forward(mut p, hop) => forward(&p.name, p.client.update(forwarded(fix_to_proto(fix), hop))).await,
         }
     }
 
@@ -324,7 +342,7 @@ impl pb::locations_server::Locations for LocationsApi {
                 let v = self.router.get(key, r.include_trail).await.map_err(route_status)?;
                 Ok(Response::new(driver_proto(v)))
             }
-            Target::Forward(mut p, hop) => p.client.get_driver(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s)),
+            Target::Forward(mut p, hop) => forward(&p.name, p.client.get_driver(forwarded(r, hop))).await,
         }
     }
 
@@ -346,7 +364,7 @@ impl pb::locations_server::Locations for LocationsApi {
             }
             Target::Forward(mut p, hop) => {
                 let r = pb::RemoveDriverRequest { key: Some(pb::remove_driver_request::Key::DriverId(id)) };
-                p.client.remove_driver(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))
+                forward(&p.name, p.client.remove_driver(forwarded(r, hop))).await
             }
         }
     }
@@ -460,7 +478,7 @@ impl LocationsApi {
     /// end status and trailers included).
     async fn open_watch(&self, r: pb::WatchDriverRequest, hop: u32) -> Result<BoxStream<pb::Driver>, Status> {
         if let Target::Forward(mut p, hop) = target(&self.cluster, &r.driver_id, hop).await? {
-            let s = p.client.watch_driver(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))?;
+            let s = forward(&p.name, p.client.watch_driver(forwarded(r, hop))).await?;
             return Ok(Box::pin(s.into_inner()));
         }
         let (current, mut fixes, end) = self.router.watch(r.driver_id, self.watch_queue).await.map_err(route_status)?;

@@ -26,7 +26,7 @@ use crate::geo::LatLonBox;
 use crate::pb;
 use crate::routing::{DriverKey, RouteError};
 pub use admin::ClusterApi;
-pub use handoff::HandoffApi;
+pub use handoff::{GrpcPeerLink, HandoffApi};
 pub use locations::LocationsApi;
 pub use trips::{ClaimForwarder, DispatchApi, EventsApi, InternalApi, TripsApi, run_feed, trip_event};
 

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use tracing::debug;
 
 use super::follow::{Opening, Resume, follow};
-use super::locations::{BoxStream, Target, forwarded, peer_status, target};
+use super::locations::{BoxStream, Target, forward, forwarded, target};
 use super::{END_KEY, check_coord, check_key_str, invalid, position_from_proto, with_meta};
 use crate::actors::TripFix;
 use crate::clock::wall_ms;
@@ -124,7 +124,7 @@ impl pb::trips_server::Trips for TripsApi {
                 metrics::counter!("locus_trip_events_total", "type" => ev.kind.name()).increment(1);
                 self.trips.apply(ev).await.map(|v| Response::new(trip_proto(v))).map_err(trip_status)
             }
-            Target::Forward(p, hop) => Self::client(&p).apply(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s)),
+            Target::Forward(p, hop) => forward(&p.name, Self::client(&p).apply(forwarded(r, hop))).await,
         }
     }
 
@@ -139,9 +139,7 @@ impl pb::trips_server::Trips for TripsApi {
                 .await
                 .map(|v| Response::new(trip_proto(v)))
                 .map_err(trip_status),
-            Target::Forward(p, hop) => {
-                Self::client(&p).get_trip(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))
-            }
+            Target::Forward(p, hop) => forward(&p.name, Self::client(&p).get_trip(forwarded(r, hop))).await,
         }
     }
 
@@ -168,9 +166,7 @@ impl pb::trips_server::Trips for TripsApi {
             Target::Local => {
                 self.trips.share(&r.trip_id).await.map(|l| Response::new(share_proto(l))).map_err(trip_status)
             }
-            Target::Forward(p, hop) => {
-                Self::client(&p).share_trip(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))
-            }
+            Target::Forward(p, hop) => forward(&p.name, Self::client(&p).share_trip(forwarded(r, hop))).await,
         }
     }
 }
@@ -181,7 +177,7 @@ impl TripsApi {
     async fn open_watch(&self, trip_id: String, hop: u32) -> Result<BoxStream<pb::TripUpdate>, Status> {
         if let Target::Forward(p, hop) = target(&self.cluster, &trip_id, hop).await? {
             let r = pb::WatchTripRequest { trip_id, after_version: 0 };
-            let s = Self::client(&p).watch_trip(forwarded(r, hop)).await.map_err(|s| peer_status(&p, s))?;
+            let s = forward(&p.name, Self::client(&p).watch_trip(forwarded(r, hop))).await?;
             return Ok(Box::pin(s.into_inner()));
         }
         let (now, mut updates) = self.trips.watch(&trip_id).await.map_err(trip_status)?;
@@ -704,7 +700,7 @@ impl ClaimLink for ClaimForwarder {
                 Target::Local => Ok(None),
                 Target::Forward(p, hop) => {
                     let mut c = pb::internal_client::InternalClient::new(p.channel.clone());
-                    let r = c.claim(forwarded(req, hop)).await.map_err(|s| dispatch_error(peer_status(&p, s)))?;
+                    let r = forward(&p.name, c.claim(forwarded(req, hop))).await.map_err(dispatch_error)?;
                     Ok(Some(answer_from_proto(r.into_inner())))
                 }
             }

@@ -54,9 +54,9 @@ use crate::dispatch::decode_claims;
 use crate::drivers::{Snapshot, encode_upsert, snapshot_ref};
 use crate::keys::PARTITIONS;
 use crate::membership::{ClusterView, Liveness, NodeState};
-use crate::ownership::{Action, Holding, Part, PeerHolding, Routes, Survey, Table, plan, routes};
-use crate::pb;
-use crate::pb::handoff_client::HandoffClient;
+use crate::ownership::{
+    Action, Holding, LendFrom, LendRefusal, Part, PeerHolding, QuorumBase, Routes, Survey, Table, plan, routes,
+};
 use crate::replica::{ReplicaPart, ReplicaStore, Replicator};
 use crate::ring::Ring;
 use crate::routing::Router;
@@ -68,12 +68,14 @@ use crate::trips::Trips;
 const PULL_CHUNK: usize = 8;
 pub use crate::routing::cluster::MAX_HANDOFF_BYTES;
 pub use crate::storage::{Arriving, PartitionData};
+
+mod link;
+use crate::peer::{PeerLink, Refusal};
+pub use link::MemPeerLink;
 /// How long one survey answer or pull may take.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 const SURVEY_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long a crashed member stays in the quorum base while the rest hold a majority
-/// without it (see [`Handoff::update_base`]).
-pub const BASE_FORGET: Duration = Duration::from_secs(30);
+pub use crate::ownership::BASE_FORGET;
 
 /// One partition as `admin partitions` shows it (see `Cluster.Partitions`).
 #[derive(Clone, Debug)]
@@ -90,9 +92,6 @@ pub struct PartitionReport {
     pub claims: u32,
     pub in_sync: bool,
 }
-
-/// Why a pull of one partition was refused.
-pub type Refusal = (u16, String);
 
 struct State {
     table: Table,
@@ -121,6 +120,8 @@ pub struct Handoff {
     pace_pct: std::sync::atomic::AtomicU32,
     /// Sends what this node serves to its replicas.
     replicator: Arc<Replicator>,
+    /// Calls on other nodes' hand-off (surveys, pulls, releases).
+    link: Arc<dyn PeerLink>,
     /// Replicas this node keeps for other owners (in memory).
     replicas: std::sync::Mutex<ReplicaStore>,
     /// The heartbeats the quorum task reads, and its lease: a node heard within the
@@ -133,7 +134,7 @@ pub struct Handoff {
     pulling: std::sync::Mutex<HashMap<u16, u64>>,
     /// The quorum base: members this node knew on the ring, left only by leaving
     /// gracefully (store meta `quorum_base`). See `ownership::has_quorum`.
-    base: std::sync::Mutex<Vec<SocketAddr>>,
+    base: std::sync::Mutex<QuorumBase>,
     /// The lease holds (a majority agreeing on the ring heard within it). The node
     /// serves again (`Cluster::has_quorum`) only after a round with it, so copies taken
     /// over meanwhile stand down first.
@@ -175,20 +176,14 @@ impl Handoff {
         ready: Arc<AtomicBool>,
         trail_cap: usize,
         replicator: Arc<Replicator>,
+        link: Arc<dyn PeerLink>,
     ) -> Result<Arc<Handoff>, RecordError> {
         let table_records = store.records("partitions")?;
-        let mut base: Vec<SocketAddr> = store
-            .meta("quorum_base")?
-            .and_then(|v| String::from_utf8(v.to_vec()).ok())
-            .map(|s| s.split(',').filter_map(|a| a.parse().ok()).collect())
-            .unwrap_or_default();
-        if !base.contains(&me) {
-            // Stored under another gossip address: this is a new member now (the others
-            // do not know it by that address either); it learns its base from the ring.
-            base.clear();
-        }
+        // Stored under another gossip address: this is a new member now (the others do
+        // not know it by that address either); it learns its base from the ring.
+        let base = QuorumBase::new(me, store.meta("quorum_base")?.map(|v| QuorumBase::decode(&v)).unwrap_or_default());
         // A member of a larger cluster starts without a quorum until it hears from one.
-        cluster.set_quorum(base.iter().all(|a| *a == me));
+        cluster.set_quorum(base.alone());
         let lease_ok = AtomicBool::new(cluster.has_quorum());
         let mut table = load_table(&*table_records)?;
         let mut parked: HashMap<u16, Vec<Snapshot>> = HashMap::new();
@@ -226,6 +221,7 @@ impl Handoff {
             trail_cap,
             pace_pct: std::sync::atomic::AtomicU32::new(0),
             replicator,
+            link,
             replicas: std::sync::Mutex::new(ReplicaStore::new(trail_cap)),
             pulling: std::sync::Mutex::new(HashMap::new()),
             heard: std::sync::OnceLock::new(),
@@ -422,45 +418,33 @@ impl Handoff {
             }
             let part = st.table.get(p);
             let replica = self.replica_store().synced_epoch(p);
-            if ring.partition_owner(p as usize) != Some(requester) {
-                let owner = ring.partition_owner(p as usize).map_or("nobody".into(), |a| view.name_of(&a));
-                refused.push((
-                    p,
-                    format!("{} is not its owner by this node's ring ({owner} is)", view.name_of(&requester)),
-                ));
-                continue;
-            }
-            let ok = match part.holding {
-                // A replica (its owner is lost): handed over as it is, nothing to freeze.
-                None if replica.is_some_and(|e| e < epoch) => {
-                    from_replica.push(p);
-                    continue;
-                }
-                None => Err("not held here".to_string()),
-                Some(Holding::Lent { to, .. }) if to != requester && alive(&to) => {
-                    Err(format!("lent to {} already", view.name_of(&to)))
-                }
-                Some(_) if epoch <= part.epoch => {
-                    metrics::counter!("locus_epoch_refused_total").increment(1);
-                    Err(format!("stale epoch {epoch}: held here at epoch {}", part.epoch))
-                }
-                Some(h) => Ok(h),
-            };
-            match ok {
-                Err(why) => refused.push((p, why)),
-                Ok(h) => {
-                    // Active, or lent (to the requester, or to a node that is gone: the
-                    // frozen state here is current): from the shards.
-                    if h == Holding::Parked {
+            let owner = ring.partition_owner(p as usize);
+            match crate::ownership::lend(requester, owner, part, replica, epoch, alive) {
+                Ok(LendFrom::Replica) => from_replica.push(p),
+                Ok(from) => {
+                    if from == LendFrom::Parked {
                         from_parked.push((p, epoch));
                     } else {
                         from_shards.insert(p);
                     }
-                    self.set(
-                        &mut st,
-                        p,
-                        Part { epoch: part.epoch, holding: Some(Holding::Lent { to: requester, to_epoch: epoch }) },
-                    );
+                    let lent = Holding::Lent { to: requester, to_epoch: epoch };
+                    self.set(&mut st, p, Part { epoch: part.epoch, holding: Some(lent) });
+                }
+                Err(why) => {
+                    let why = match why {
+                        LendRefusal::NotOwner { owner } => format!(
+                            "{} is not its owner by this node's ring ({} is)",
+                            view.name_of(&requester),
+                            owner.map_or("nobody".into(), |a| view.name_of(&a))
+                        ),
+                        LendRefusal::NotHeld => "not held here".to_string(),
+                        LendRefusal::LentTo(to) => format!("lent to {} already", view.name_of(&to)),
+                        LendRefusal::StaleEpoch { wanted, held } => {
+                            metrics::counter!("locus_epoch_refused_total").increment(1);
+                            format!("stale epoch {wanted}: held here at epoch {held}")
+                        }
+                    };
+                    refused.push((p, why));
                 }
             }
         }
@@ -715,30 +699,18 @@ impl Handoff {
                 survey.missing.push(m.addr);
                 continue;
             };
-            let mut c = self.client(meta.grpc);
-            let (addr, me) = (m.addr, self.me);
-            calls.spawn(async move {
-                let mut r = tonic::Request::new(pb::HoldingsRequest { requester: me.to_string() });
-                r.set_timeout(SURVEY_TIMEOUT);
-                (addr, tokio::time::timeout(SURVEY_TIMEOUT, c.holdings(r)).await)
-            });
+            let (link, grpc, addr, me) = (self.link.clone(), meta.grpc, m.addr, self.me);
+            calls.spawn(async move { (addr, link.holdings(grpc, me, SURVEY_TIMEOUT).await) });
         }
         while let Some(Ok((addr, r))) = calls.join_next().await {
             match r {
-                Ok(Ok(resp)) => {
-                    let hs = resp.into_inner().holdings.into_iter().filter_map(peer_holding).collect();
+                Ok(hs) => {
                     survey.answered.insert(addr, hs);
                 }
-                _ => survey.missing.push(addr),
+                Err(_) => survey.missing.push(addr),
             }
         }
         survey
-    }
-
-    fn client(&self, grpc: SocketAddr) -> HandoffClient<tonic::transport::Channel> {
-        HandoffClient::new(self.cluster.peers().channel(grpc))
-            .max_decoding_message_size(MAX_HANDOFF_BYTES)
-            .max_encoding_message_size(MAX_HANDOFF_BYTES)
     }
 
     /// One round: survey, plan, act. Returns whether anything is left to do. The node
@@ -888,34 +860,25 @@ impl Handoff {
             for chunk in wanted.chunks(PULL_CHUNK) {
                 let t0 = Instant::now();
                 let epochs: HashMap<u16, u64> = chunk.iter().copied().collect();
-                let req = pb::PullRequest {
-                    requester: self.me.to_string(),
-                    partitions: chunk.iter().map(|(p, _)| *p as u32).collect(),
-                    epochs: chunk.iter().map(|(_, e)| *e).collect(),
-                };
-                let mut c = self.client(meta.grpc);
-                let mut r = tonic::Request::new(req);
-                r.set_timeout(RPC_TIMEOUT);
                 metrics::gauge!("locus_handoffs_in_flight").increment(chunk.len() as f64);
                 self.pulling.lock().expect("pulling lock").extend(chunk.iter().copied());
-                let resp = c.pull(r).await;
+                let resp = self.link.pull(meta.grpc, self.me, chunk.to_vec(), RPC_TIMEOUT).await;
                 metrics::gauge!("locus_handoffs_in_flight").decrement(chunk.len() as f64);
                 let resp = match resp {
-                    Ok(r) => r.into_inner(),
+                    Ok(r) => r,
                     Err(e) => {
                         self.pulling.lock().expect("pulling lock").retain(|p, _| !epochs.contains_key(p));
                         warn!(from = %name, error = %e, "pulling partitions failed; retrying next round");
                         break;
                     }
                 };
-                for f in &resp.refused {
-                    debug!(from = %name, partition = f.partition, reason = %f.reason, "pull refused");
+                for (p, why) in &resp.refused {
+                    debug!(from = %name, partition = p, reason = %why, "pull refused");
                 }
                 let bytes: usize = resp.partitions.iter().map(|d| d.drivers.len()).sum();
                 let data = resp
                     .partitions
                     .into_iter()
-                    .filter_map(partition_data)
                     .filter_map(|d| {
                         let p = d.partition;
                         Arriving::decode(d, self.trail_cap)
@@ -926,13 +889,8 @@ impl Handoff {
                 let done = self.install(&table, data, &epochs, crate::routing::INSTALL_SLICE).await;
                 self.pulling.lock().expect("pulling lock").retain(|p, _| !epochs.contains_key(p));
                 if !done.is_empty() {
-                    let mut c = self.client(meta.grpc);
-                    let mut r = tonic::Request::new(pb::ReleaseRequest {
-                        requester: self.me.to_string(),
-                        partitions: done.iter().map(|p| *p as u32).collect(),
-                    });
-                    r.set_timeout(RPC_TIMEOUT);
-                    if let Err(e) = c.release(r).await {
+                    let release = self.link.release(meta.grpc, self.me, done.clone(), RPC_TIMEOUT).await;
+                    if let Err(e) = release {
                         // The holder forgets its copy once it sees this node serve it.
                         warn!(from = %name, error = %e, "release not acknowledged");
                     }
@@ -986,59 +944,27 @@ impl Handoff {
         }
     }
 
-    /// Follows the view into the quorum base: ring members join it; members that leave
-    /// gracefully (say "leaving") drop out of it. A crashed member leaves it once it has
-    /// been out of the ring for [`BASE_FORGET`] and this node held its lease on a ring
-    /// without it at least once meanwhile (a majority of the base confirmed it gone): so
-    /// a node lost for good and replaced does not count against the next failure's
-    /// majority. A node cut off on a minority side cannot confirm, so it never shrinks
-    /// its base below the majority that excluded it.
+    /// Follows the view into the quorum base (see `ownership::QuorumBase`), persists it
+    /// when it changed, and adds the members that joined within the lease to `heard`.
     fn update_base(
         &self,
         view: &ClusterView,
-        joined: &mut HashMap<SocketAddr, Instant>,
-        gone: &mut HashMap<SocketAddr, (Instant, bool)>,
+        heard: &mut HashMap<SocketAddr, Instant>,
         lease_for: Duration,
     ) -> Vec<SocketAddr> {
         let mut base = self.base.lock().expect("base lock");
-        let before = base.clone();
-        for m in view.ring.members() {
-            if !base.contains(m) {
-                base.push(*m);
-                // A new member is not a failure: it counts as heard as it joins.
-                joined.insert(*m, Instant::now());
-            }
-        }
         let now = Instant::now();
-        let holds = self.cluster.has_quorum();
-        // Agreement may still be on the previous ring (with the member) for the ring
-        // change grace, and the lease lasts `lease_for` after it: only a lease held past
-        // both confirms that a majority agreed on a ring without the member.
+        let leaving = |a: &SocketAddr| view.meta(a).is_some_and(|m| m.state == NodeState::Leaving);
         let confirm_after = crate::membership::transport::RING_CHANGE_GRACE + lease_for;
-        gone.retain(|a, _| base.contains(a) && !view.ring.members().contains(a));
-        for a in base.iter() {
-            if *a != self.me && !view.ring.members().contains(a) {
-                let (since, confirmed) = gone.entry(*a).or_insert((now, false));
-                if holds && now.saturating_duration_since(*since) >= confirm_after {
-                    *confirmed = true;
-                }
-            }
-        }
-        base.retain(|a| {
-            let forgotten = gone
-                .get(a)
-                .is_some_and(|(t, confirmed)| *confirmed && now.saturating_duration_since(*t) >= BASE_FORGET);
-            *a == self.me || (!forgotten && view.meta(a).is_none_or(|m| m.state != NodeState::Leaving))
-        });
-        base.sort();
-        if *base != before {
-            let v: Vec<String> = base.iter().map(|a| a.to_string()).collect();
-            if let Err(e) = self.store.set_meta("quorum_base", v.join(",").as_bytes()) {
+        if base.update(now, view.ring.members(), leaving, self.cluster.has_quorum(), confirm_after) {
+            if let Err(e) = self.store.set_meta("quorum_base", &base.encode()) {
                 warn!(error = %e, "cannot persist the quorum base");
             }
-            info!(members = base.len(), "quorum base changed");
+            let names: Vec<String> = base.members().iter().map(|a| view.name_of(a)).collect();
+            info!(members = base.members().len(), base = ?names, "quorum base changed");
         }
-        base.clone()
+        base.count_joins(now, lease_for, heard);
+        base.members().to_vec()
     }
 
     /// The quorum task: heartbeats (with this node's ring checksum) to every member
@@ -1057,20 +983,13 @@ impl Handoff {
         let mut tick = tokio::time::interval(lease_for / 5);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         metrics::gauge!("locus_quorum").set(if self.cluster.has_quorum() { 1.0 } else { 0.0 });
-        let mut joined: HashMap<SocketAddr, Instant> = HashMap::new();
-        let mut gone: HashMap<SocketAddr, (Instant, bool)> = HashMap::new();
         loop {
             tick.tick().await;
             let view = view_rx.borrow().clone();
             let leaving = view.meta(&self.me).is_some_and(|m| m.state == NodeState::Leaving);
             beats.set_ring(view.ring.checksum());
-            let base = self.update_base(&view, &mut joined, &mut gone, lease_for);
-            joined.retain(|_, t| t.elapsed() < lease_for);
             let mut heard = beats.heard.snapshot();
-            for (m, t) in &joined {
-                let e = heard.entry(*m).or_insert(*t);
-                *e = (*e).max(*t);
-            }
+            let base = self.update_base(&view, &mut heard, lease_for);
             let mut to: HashSet<SocketAddr> = view.members.iter().map(|m| m.addr).collect();
             to.extend(base.iter().copied());
             to.remove(&self.me);
@@ -1167,53 +1086,5 @@ impl Action {
             | Action::DropReplica { p, .. }
             | Action::StandDown { p } => p,
         }
-    }
-}
-
-fn peer_holding(h: pb::Holding) -> Option<PeerHolding> {
-    let holding = match pb::HoldingKind::try_from(h.kind).ok()? {
-        pb::HoldingKind::HoldingActive => Holding::Active,
-        pb::HoldingKind::HoldingLent => Holding::Lent { to: h.lent_to.parse().ok()?, to_epoch: h.lent_epoch },
-        pb::HoldingKind::HoldingParked => Holding::Parked,
-        pb::HoldingKind::HoldingReplica => Holding::Replica,
-        pb::HoldingKind::HoldingPulling => Holding::Pulling,
-        pb::HoldingKind::Unspecified => return None,
-    };
-    let partition = u16::try_from(h.partition).ok().filter(|p| *p < PARTITIONS)?;
-    Some(PeerHolding { partition, epoch: h.epoch, holding })
-}
-
-/// A holding as `Holdings` reports it.
-pub fn holding_proto(h: &PeerHolding) -> pb::Holding {
-    let (kind, lent_to, lent_epoch) = match h.holding {
-        Holding::Active => (pb::HoldingKind::HoldingActive, String::new(), 0),
-        Holding::Lent { to, to_epoch } => (pb::HoldingKind::HoldingLent, to.to_string(), to_epoch),
-        Holding::Parked => (pb::HoldingKind::HoldingParked, String::new(), 0),
-        Holding::Replica => (pb::HoldingKind::HoldingReplica, String::new(), 0),
-        Holding::Pulling => (pb::HoldingKind::HoldingPulling, String::new(), 0),
-    };
-    pb::Holding { partition: h.partition as u32, epoch: h.epoch, kind: kind as i32, lent_to, lent_epoch }
-}
-
-fn partition_data(d: pb::PartitionState) -> Option<PartitionData> {
-    let pairs = |kv: Vec<pb::KeyValue>| kv.into_iter().map(|x| (x.key, x.value)).collect();
-    Some(PartitionData {
-        partition: u16::try_from(d.partition).ok().filter(|p| *p < PARTITIONS)?,
-        epoch: d.epoch,
-        drivers: d.drivers,
-        claims: pairs(d.claims),
-        trips: pairs(d.trips),
-    })
-}
-
-/// A partition's state as `Pull` returns it.
-pub fn partition_proto(d: PartitionData) -> pb::PartitionState {
-    let kv = |v: Vec<(Vec<u8>, Vec<u8>)>| v.into_iter().map(|(key, value)| pb::KeyValue { key, value }).collect();
-    pb::PartitionState {
-        partition: d.partition as u32,
-        epoch: d.epoch,
-        drivers: d.drivers,
-        claims: kv(d.claims),
-        trips: kv(d.trips),
     }
 }

@@ -24,7 +24,11 @@
 //! *quorum base*: members leave it only by leaving gracefully). The lease is shorter
 //! than failure detection, so a node cut off from the majority (or frozen, then thawed)
 //! stands down before the majority declares it down and promotes its replicas.
+//! [`QuorumBase`] keeps the base as the view changes; [`lend`] is the holder's side of
+//! a pull. All of it is pure: the `handoff` shell feeds it the view, the survey, the
+//! lease and `now`, and performs what comes out.
 
+mod base;
 mod lease;
 
 use std::collections::HashMap;
@@ -32,6 +36,7 @@ use std::net::SocketAddr;
 
 use crate::keys::{PARTITIONS, partition_of};
 use crate::ring::Ring;
+pub use base::{BASE_FORGET, QuorumBase};
 pub use lease::Lease;
 
 /// How this node holds a partition.
@@ -208,6 +213,61 @@ pub fn has_quorum(
 ) -> bool {
     let far = now + std::time::Duration::from_secs(3600);
     quorum_until(me, base, heard, lease, far).is_some_and(|t| t > now)
+}
+
+/// Where the state of a partition being lent comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LendFrom {
+    /// Served here (or lent already, to the requester or to a node that is gone: the
+    /// frozen state here is current): exported from the shards and trip actors.
+    Shards,
+    /// The parked copy found on disk at startup.
+    Parked,
+    /// An in-sync replica of a lost owner, as it is (nothing to freeze).
+    Replica,
+}
+
+/// Why a holder refuses to lend a partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LendRefusal {
+    /// The requester is not the partition's owner by the holder's ring (a node whose
+    /// view is still partial would pull partitions that move again moments later).
+    NotOwner {
+        owner: Option<SocketAddr>,
+    },
+    NotHeld,
+    /// Lent to another live node already.
+    LentTo(SocketAddr),
+    /// The requester's epoch is not above the holder's.
+    StaleEpoch {
+        wanted: u64,
+        held: u64,
+    },
+}
+
+/// Holder side of a pull: whether this node lends partition `p`, held as `part` (with
+/// an in-sync replica at epoch `replica`, if any), to `requester`, which will own it at
+/// `epoch`. `ring_owner` is the partition's owner by this node's ring; `alive(a)` says
+/// whether member `a` is not down. On `Ok` the holder marks it lent to the requester.
+pub fn lend(
+    requester: SocketAddr,
+    ring_owner: Option<SocketAddr>,
+    part: Part,
+    replica: Option<u64>,
+    epoch: u64,
+    alive: impl Fn(&SocketAddr) -> bool,
+) -> Result<LendFrom, LendRefusal> {
+    if ring_owner != Some(requester) {
+        return Err(LendRefusal::NotOwner { owner: ring_owner });
+    }
+    match part.holding {
+        None if replica.is_some_and(|e| e < epoch) => Ok(LendFrom::Replica),
+        None => Err(LendRefusal::NotHeld),
+        Some(Holding::Lent { to, .. }) if to != requester && alive(&to) => Err(LendRefusal::LentTo(to)),
+        Some(_) if epoch <= part.epoch => Err(LendRefusal::StaleEpoch { wanted: epoch, held: part.epoch }),
+        Some(Holding::Parked) => Ok(LendFrom::Parked),
+        Some(_) => Ok(LendFrom::Shards),
+    }
 }
 
 /// One step of a hand-off plan, for the shell to perform.

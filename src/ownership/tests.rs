@@ -353,3 +353,108 @@ fn the_quorum_lease_runs_out_a_lease_after_the_majoritys_last_agreement() {
     assert_eq!(quorum_until(addr(0), &five, &HashMap::new(), lease, far), None);
     assert_eq!(quorum_until(addr(0), &[addr(0)], &HashMap::new(), lease, far), Some(far));
 }
+
+#[test]
+fn a_holder_lends_only_to_the_rings_owner_above_its_epoch_from_where_the_state_is() {
+    let (me, req, other) = (addr(1), addr(2), addr(3));
+    let _ = me;
+    let held = |h| Part { epoch: 4, holding: Some(h) };
+    let alive = |_: &SocketAddr| true;
+    let dead = |a: &SocketAddr| *a != other;
+    assert_eq!(
+        lend(req, Some(other), held(Holding::Active), None, 5, alive),
+        Err(LendRefusal::NotOwner { owner: Some(other) })
+    );
+    assert_eq!(lend(req, None, held(Holding::Active), None, 5, alive), Err(LendRefusal::NotOwner { owner: None }));
+    assert_eq!(lend(req, Some(req), held(Holding::Active), None, 5, alive), Ok(LendFrom::Shards));
+    assert_eq!(lend(req, Some(req), held(Holding::Parked), None, 5, alive), Ok(LendFrom::Parked));
+    assert_eq!(
+        lend(req, Some(req), held(Holding::Active), None, 4, alive),
+        Err(LendRefusal::StaleEpoch { wanted: 4, held: 4 })
+    );
+    // Lent already: again to the same borrower (its pull was lost), or anew once the
+    // other borrower is gone; never to two live borrowers.
+    let lent = |to| held(Holding::Lent { to, to_epoch: 5 });
+    assert_eq!(lend(req, Some(req), lent(req), None, 6, alive), Ok(LendFrom::Shards));
+    assert_eq!(lend(req, Some(req), lent(other), None, 6, alive), Err(LendRefusal::LentTo(other)));
+    assert_eq!(lend(req, Some(req), lent(other), None, 6, dead), Ok(LendFrom::Shards));
+    // Not held: only an in-sync replica older than the requester's epoch is handed over.
+    let none = Part { epoch: 0, holding: None };
+    assert_eq!(lend(req, Some(req), none, Some(3), 5, alive), Ok(LendFrom::Replica));
+    assert_eq!(lend(req, Some(req), none, Some(5), 5, alive), Err(LendRefusal::NotHeld));
+    assert_eq!(lend(req, Some(req), none, None, 5, alive), Err(LendRefusal::NotHeld));
+}
+
+#[test]
+fn the_quorum_base_grows_with_the_ring_and_forgets_a_crashed_member_only_once_confirmed() {
+    use std::time::Duration;
+    let t0 = tokio::time::Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let confirm = Duration::from_secs(3);
+    let none = |_: &SocketAddr| false;
+    let (a, b, c, d) = (addr(1), addr(2), addr(3), addr(4));
+    // Stored under another address: a new member, alone until it sees the ring.
+    let mut base = QuorumBase::new(a, vec![b, c]);
+    assert!(base.alone());
+    assert!(base.update(at(0), &[a, b, c], none, true, confirm));
+    assert_eq!(base.members(), &[a, b, c]);
+    assert!(!base.alone());
+    // Members that just joined count as heard for a lease.
+    let mut heard = HashMap::new();
+    base.count_joins(at(1), Duration::from_secs(2), &mut heard);
+    assert_eq!(heard.keys().copied().collect::<std::collections::BTreeSet<_>>(), [b, c].into());
+    let mut heard = HashMap::new();
+    base.count_joins(at(5), Duration::from_secs(2), &mut heard);
+    assert!(heard.is_empty());
+    // c crashes: out of the ring. Without a held lease nothing is confirmed, however long.
+    for s in [10, 20, 100] {
+        assert!(!base.update(at(s), &[a, b], none, false, confirm));
+    }
+    assert_eq!(base.members(), &[a, b, c]);
+    // A lease held on the ring without c, past the grace, confirms it; it is forgotten
+    // BASE_FORGET after it left the ring (at once, here: that was long ago).
+    assert!(base.update(at(101), &[a, b], none, true, confirm));
+    assert_eq!(base.members(), &[a, b]);
+    // Again, with the lease held all along: not before BASE_FORGET.
+    base.update(at(110), &[a, b, c], none, true, confirm);
+    base.update(at(120), &[a, b], none, true, confirm);
+    assert!(!base.update(at(120 + BASE_FORGET.as_secs() - 1), &[a, b], none, true, confirm));
+    assert!(base.update(at(120 + BASE_FORGET.as_secs()), &[a, b], none, true, confirm));
+    assert_eq!(base.members(), &[a, b]);
+    // d joins, then leaves gracefully: gone at once.
+    assert!(base.update(at(200), &[a, b, d], none, true, confirm));
+    assert!(base.update(at(201), &[a, b], |x: &SocketAddr| *x == d, true, confirm));
+    assert_eq!(base.members(), &[a, b]);
+    // A member back in the ring before it was forgotten stays.
+    assert!(base.update(at(300), &[a, b, c], none, true, confirm));
+    base.update(at(301), &[a, b], none, true, confirm);
+    base.update(at(302), &[a, b, c], none, true, confirm);
+    base.update(at(400), &[a, b, c], none, true, confirm);
+    assert_eq!(base.members(), &[a, b, c]);
+    // Stored and read back.
+    assert_eq!(QuorumBase::decode(&base.encode()), vec![a, b, c]);
+    assert_eq!(QuorumBase::new(a, QuorumBase::decode(&base.encode())).members(), &[a, b, c]);
+}
+
+#[test]
+fn a_member_that_just_went_down_stays_in_the_base() {
+    use std::time::Duration;
+    let t0 = tokio::time::Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let none = |_: &SocketAddr| false;
+    let (a, b, c, d) = (addr(1), addr(2), addr(3), addr(4));
+    let mut base = QuorumBase::new(a, vec![]);
+    base.update(at(0), &[a], none, true, Duration::from_secs(2));
+    base.update(at(100), &[a, b, c], none, true, Duration::from_secs(2));
+    for ms in (200..20_000).step_by(200) {
+        base.update(at(ms), &[a, b, c], none, true, Duration::from_secs(2));
+    }
+    base.update(at(20_000), &[a, b, c, d], none, true, Duration::from_secs(2));
+    for ms in (20_200..40_000).step_by(200) {
+        base.update(at(ms), &[a, b, c, d], none, true, Duration::from_secs(2));
+    }
+    for ms in (40_000..45_000).step_by(200) {
+        base.update(at(ms), &[a, b, d], none, true, Duration::from_secs(2));
+    }
+    assert_eq!(base.members(), &[a, b, c, d]);
+}

@@ -53,13 +53,13 @@ use crate::clock::wall_ms;
 use crate::drivers::PersistBatch;
 use crate::keys::{PARTITIONS, partition_of};
 use crate::membership::ClusterView;
-use crate::pb;
-use crate::pb::handoff_client::HandoffClient;
+use crate::peer::PeerLink;
 use crate::ring::Ring;
 use crate::routing::Router;
 use crate::routing::cluster::Cluster;
 use crate::storage::Records;
-pub use store::{KvChange, Refused, ReplicaInfo, ReplicaPart, ReplicaStore};
+pub use crate::storage::{KvChange, ReplicaPart};
+pub use store::{Refused, ReplicaInfo, ReplicaStore};
 
 /// Items a link may queue before it gives up and re-sends in full later.
 const LINK_QUEUE: usize = 4096;
@@ -185,6 +185,8 @@ pub struct Replicator {
     trips: Arc<dyn Records>,
     router: Arc<Router>,
     cluster: Arc<Cluster>,
+    /// Calls on the replicas' nodes.
+    link: Arc<dyn PeerLink>,
     inner: Mutex<Inner>,
     wake: Notify,
     /// Set by the persister when a batch could not be teed here.
@@ -213,6 +215,7 @@ impl Replicator {
         trips: Arc<dyn Records>,
         router: Arc<Router>,
         cluster: Arc<Cluster>,
+        link: Arc<dyn PeerLink>,
         tee_dropped: Arc<AtomicBool>,
     ) -> Arc<Replicator> {
         Arc::new(Replicator {
@@ -223,6 +226,7 @@ impl Replicator {
             trips,
             router,
             cluster,
+            link,
             inner: Mutex::new(Inner {
                 placement: Arc::new(vec![None; PARTITIONS as usize]),
                 links: HashMap::new(),
@@ -391,14 +395,9 @@ impl Replicator {
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let state = Arc::new(LinkState::default());
         state.healthy.store(true, Ordering::Relaxed);
-        let client = HandoffClient::new(self.cluster.peers().channel(grpc))
-            .max_encoding_message_size(crate::routing::cluster::MAX_HANDOFF_BYTES)
-            .max_decoding_message_size(crate::routing::cluster::MAX_HANDOFF_BYTES);
         let name = self.cluster.view().name_of(&target);
-        let task = crate::tasks::spawn(
-            "replica_link",
-            link_task(self.me.to_string(), name, client, rx, state.clone(), self.timeout),
-        );
+        let to = (self.link.clone(), grpc);
+        let task = crate::tasks::spawn("replica_link", link_task(self.me, name, to, rx, state.clone(), self.timeout));
         Link { grpc, tx, state, task }
     }
 
@@ -571,9 +570,9 @@ impl Replicator {
 
 /// One link's sender: batches what is queued into one call at a time, in order.
 async fn link_task(
-    me: String,
+    me: SocketAddr,
     peer: String,
-    mut client: HandoffClient<tonic::transport::Channel>,
+    (link, grpc): (Arc<dyn PeerLink>, SocketAddr),
     mut rx: mpsc::Receiver<Item>,
     state: Arc<LinkState>,
     timeout: Duration,
@@ -602,30 +601,26 @@ async fn link_task(
             .iter()
             .map(|i| if i.ack.is_some() { i.parts.iter().map(|p| p.partition).collect() } else { Vec::new() })
             .collect();
-        let parts = items.iter_mut().flat_map(|i| std::mem::take(&mut i.parts)).map(part_proto).collect();
-        let mut req = tonic::Request::new(pb::ReplicaBatch { from: me.clone(), session, parts });
-        req.set_timeout(timeout.max(Duration::from_secs(2)));
-        let r = tokio::time::timeout(timeout.max(Duration::from_secs(2)), client.replicate(req)).await;
+        let parts = items.iter_mut().flat_map(|i| std::mem::take(&mut i.parts)).collect();
+        let r = link.replicate(grpc, me, session, parts, timeout.max(Duration::from_secs(2))).await;
         let mut stale_parts: HashSet<u16> = HashSet::new();
         let ok = match r {
-            Ok(Ok(resp)) => {
+            Ok(refused) => {
                 // One line per answer, not per partition: after a heal a whole node's
                 // partitions can be refused at once.
-                let refused = resp.into_inner().refused;
-                let (stale, moving): (Vec<_>, Vec<_>) =
-                    refused.iter().partition(|f| f.reason.starts_with("stale epoch"));
-                stale_parts.extend(stale.iter().map(|f| f.partition as u16));
+                let (stale, moving): (Vec<_>, Vec<_>) = refused.iter().partition(|f| f.1.starts_with("stale epoch"));
+                stale_parts.extend(stale.iter().map(|f| f.0));
                 if let Some(first) = stale.first() {
-                    let ps: Vec<u32> = stale.iter().map(|f| f.partition).collect();
+                    let ps: Vec<u16> = stale.iter().map(|f| f.0).collect();
                     metrics::counter!("locus_replica_refused_total", "reason" => "stale_epoch")
                         .increment(ps.len() as u64);
-                    warn!(peer = %peer, count = ps.len(), partitions = ?ps, first_reason = %first.reason,
+                    warn!(peer = %peer, count = ps.len(), partitions = ?ps, first_reason = %first.1,
                         "replica refused partitions at an older epoch (this node's copies are stale; it stands down)");
                 }
                 if let Some(first) = moving.first() {
                     // The peer took the partitions over (a move in progress).
-                    let ps: Vec<u32> = moving.iter().map(|f| f.partition).collect();
-                    debug!(peer = %peer, count = ps.len(), partitions = ?ps, first_reason = %first.reason,
+                    let ps: Vec<u16> = moving.iter().map(|f| f.0).collect();
+                    debug!(peer = %peer, count = ps.len(), partitions = ?ps, first_reason = %first.1,
                         "replica refused partitions it serves");
                 }
                 if let Some(t0) = first_failure.take() {
@@ -640,12 +635,8 @@ async fn link_task(
                 metrics::counter!("locus_replica_bytes_total").increment(bytes as u64);
                 true
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 fail(&peer, &state, &mut session, &mut first_failure, &e.to_string());
-                false
-            }
-            Err(_) => {
-                fail(&peer, &state, &mut session, &mut first_failure, "timed out");
                 false
             }
         };
@@ -675,39 +666,4 @@ fn fail(peer: &str, state: &LinkState, session: &mut u64, first: &mut Option<Ins
     state.need_resync.store(true, Ordering::Release);
     *session = session_id();
     metrics::counter!("locus_replica_link_failures_total").increment(1);
-}
-
-fn kv_proto(c: KvChange) -> pb::KvChange {
-    match c.value {
-        Some(value) => pb::KvChange { key: c.id, value, deleted: false },
-        None => pb::KvChange { key: c.id, value: Vec::new(), deleted: true },
-    }
-}
-
-fn part_proto(p: ReplicaPart) -> pb::ReplicaPart {
-    pb::ReplicaPart {
-        partition: p.partition as u32,
-        epoch: p.epoch,
-        drivers_reset: p.drivers_reset,
-        drivers: p.drivers,
-        kv_reset: p.kv_reset,
-        claims: p.claims.into_iter().map(kv_proto).collect(),
-        trips: p.trips.into_iter().map(kv_proto).collect(),
-    }
-}
-
-/// A replication part as a peer sent it; `None` for a partition that does not exist.
-pub fn part_from_proto(p: pb::ReplicaPart) -> Option<ReplicaPart> {
-    let kv = |v: Vec<pb::KvChange>| {
-        v.into_iter().map(|c| KvChange { id: c.key, value: (!c.deleted).then_some(c.value) }).collect()
-    };
-    Some(ReplicaPart {
-        partition: u16::try_from(p.partition).ok().filter(|p| *p < PARTITIONS)?,
-        epoch: p.epoch,
-        drivers_reset: p.drivers_reset,
-        drivers: p.drivers,
-        kv_reset: p.kv_reset,
-        claims: kv(p.claims),
-        trips: kv(p.trips),
-    })
 }

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use crate::drivers::snapshot_ref;
 use crate::drivers::{Snapshot, decode_records, encode_upsert};
 use crate::storage::apply_record;
-use crate::storage::{Arriving, PartitionData};
+use crate::storage::{Arriving, KvChange, PartitionData, ReplicaPart};
 
 /// Why a replica refused a part.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,26 +36,6 @@ impl std::fmt::Display for Refused {
             Refused::ServedHere => write!(f, "the partition is served by this node, not replicated here"),
         }
     }
-}
-
-/// A change to one claim or trip record.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KvChange {
-    pub id: Vec<u8>,
-    /// `None`: deleted.
-    pub value: Option<Vec<u8>>,
-}
-
-/// One partition's changes in a replication batch.
-#[derive(Clone, Debug, Default)]
-pub struct ReplicaPart {
-    pub partition: u16,
-    pub epoch: u64,
-    pub drivers_reset: bool,
-    pub drivers: Vec<u8>,
-    pub kv_reset: bool,
-    pub claims: Vec<KvChange>,
-    pub trips: Vec<KvChange>,
 }
 
 struct Copy {

@@ -34,7 +34,7 @@ mod durable;
 mod partitioned;
 mod records;
 pub use durable::Durable;
-pub use partitioned::{Arriving, PartitionData};
+pub use partitioned::{Arriving, KvChange, PartitionData, ReplicaPart};
 pub use records::{MemStore, Pair, RecordError, RecordStore, Records, SledStore, StoreFuture};
 
 use std::collections::HashMap;

@@ -1,4 +1,5 @@
-//! A partition's state in transit: what a hand-off carries and what arrives.
+//! A partition's state in transit: what a hand-off carries and what arrives, and what a
+//! replication batch carries of it.
 
 use std::collections::HashMap;
 
@@ -35,4 +36,24 @@ impl Arriving {
             None => Ok(Arriving { partition: d.partition, drivers, claims: d.claims, trips: d.trips }),
         }
     }
+}
+
+/// A change to one claim or trip record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvChange {
+    pub id: Vec<u8>,
+    /// `None`: deleted.
+    pub value: Option<Vec<u8>>,
+}
+
+/// One partition's changes in a replication batch.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicaPart {
+    pub partition: u16,
+    pub epoch: u64,
+    pub drivers_reset: bool,
+    pub drivers: Vec<u8>,
+    pub kv_reset: bool,
+    pub claims: Vec<KvChange>,
+    pub trips: Vec<KvChange>,
 }

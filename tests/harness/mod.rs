@@ -141,10 +141,18 @@ impl Sim {
             slots,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             model: Model::new(),
-            rng: seed | 1,
+            // splitmix64 of the seed: neighbouring seeds start far apart (never 0).
+            rng: splitmix(seed) | 1,
             last_kill: None,
             _client_inbox: inbox,
         }
+    }
+
+    /// Hand-off and replication calls go straight to the peer's `Handoff`
+    /// (`handoff::MemPeerLink`) instead of over gRPC.
+    pub fn direct_links(self) -> Sim {
+        self.net.set_direct_links(true);
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -511,4 +519,11 @@ fn init_logs() {
     if let Ok(f) = std::env::var("LOCUS_TEST_LOG") {
         let _ = tracing_subscriber::fmt().with_env_filter(f).with_test_writer().try_init();
     }
+}
+
+fn splitmix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
