@@ -48,11 +48,14 @@
 //!   (gossip and gRPC, links that can be cut) a whole cluster runs on in one process.
 //! - [`ring`]: pure consistent-hash ring of virtual nodes over partitions.
 //! - [`ownership`]: pure: the per-partition holding table with epochs, the hand-off
-//!   planner, the routes every request reads, and the quorum lease that requests and
-//!   timers check; [`handoff`]: the shell that moves a
-//!   partition's drivers, claims and trips (with their timers) to its new owner;
-//!   [`replica`]: copies of every served partition on its ring successors (the owner's
-//!   links and the in-memory replica store), promoted when the owner is lost.
+//!   planner, the holder's side of a pull, the routes every request reads, the quorum
+//!   base and the quorum lease that requests and timers check; [`handoff`]: the shell
+//!   that feeds it the view, surveys and `now` and moves a partition's drivers, claims
+//!   and trips (with their timers) to its new owner; [`replica`]: copies of every
+//!   served partition on its ring successors (the owner's links and the in-memory
+//!   replica store), promoted when the owner is lost; [`peer`]: the protocol's calls on
+//!   other nodes behind one trait (`api::GrpcPeerLink` over gRPC,
+//!   `handoff::MemPeerLink` in memory).
 //! - [`routing`]: key → owner node (`routing::cluster`, peers, hops) and → local shard.
 //! - [`actors`]: shard worker tasks, mailboxes, watchers, persistence hand-off.
 //! - [`drivers`]: pure driver state machines, validation, trail, snapshot codec.
