@@ -682,6 +682,24 @@ impl DriverShard {
         }
     }
 
+    /// Orphaned claims whose offer is due lapse too, driver or not (there are few: the
+    /// claims a promoted replica brought for drivers whose record it lacked).
+    fn lapse_orphan_offers(&mut self, now_ms: i64) {
+        let due: Vec<Box<str>> = self
+            .orphans
+            .iter()
+            .filter(|(id, c)| {
+                c.offer_due_ms.is_some_and(|d| d <= now_ms) && !self.frozen.contains(&partition_of(id.as_bytes()))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            if let Some(c) = self.orphans.remove(&id) {
+                self.events.push(Event::ClaimEnded { driver_id: id, trip_id: c.trip_id, why: ClaimEnd::OfferTimeout });
+            }
+        }
+    }
+
     /// Attaches the orphaned claim of the driver just created in `slot`, if any (before
     /// it is indexed: the claim decides its index key).
     fn adopt_orphan(&mut self, slot: u32) {
@@ -950,6 +968,9 @@ impl DriverShard {
             if live && self.claims.get(&slot).is_some_and(|c| c.offer_due_ms == Some(due)) {
                 self.end_claim(slot, ClaimEnd::OfferTimeout);
             }
+        }
+        if !self.orphans.is_empty() {
+            self.lapse_orphan_offers(now_ms);
         }
         while let Some(&Reverse((due, slot, generation))) = self.timers.peek() {
             if due > now_ms {

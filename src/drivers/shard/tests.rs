@@ -445,3 +445,24 @@ fn a_claim_whose_driver_was_lost_waits_for_it_and_is_never_given_twice() {
     sh.apply(fix("d2", 52.5, 13.4, T0), T0).unwrap();
     assert_eq!(sh.get(&id("d2"), false).unwrap().status, Status::Available);
 }
+
+#[test]
+fn an_orphaned_offer_lapses_on_time_without_its_driver() {
+    let mut sh = DriverShard::new(cfg());
+    assert!(!sh.restore_claim("d1", Claim { trip_id: "t1".into(), offer_due_ms: Some(T0 + 15_000) }));
+    assert!(!sh.restore_claim("d2", Claim { trip_id: "t2".into(), offer_due_ms: None }));
+    sh.drain_events();
+    sh.fire_timers(T0 + 14_999);
+    assert_eq!(sh.drain_events().count(), 0);
+    sh.fire_timers(T0 + 15_000);
+    let ended: Vec<Event> = sh.drain_events().collect();
+    assert!(
+        matches!(ended.as_slice(), [Event::ClaimEnded { driver_id, why: ClaimEnd::OfferTimeout, .. }] if &**driver_id == "d1"),
+        "{ended:?}"
+    );
+    // The driver comes back later: free. The confirmed orphan still waits for its driver.
+    sh.apply(fix("d1", 52.5, 13.4, T0 + 20_000), T0 + 20_000).unwrap();
+    assert_eq!(sh.get(&id("d1"), false).unwrap().status, Status::Available);
+    sh.apply(fix("d2", 52.5, 13.4, T0 + 20_000), T0 + 20_000).unwrap();
+    assert_eq!(sh.get(&id("d2"), false).unwrap().status, Status::OnTrip);
+}
