@@ -137,9 +137,11 @@ pub enum ShardMsg {
         reply: oneshot::Sender<HashMap<u16, u32>>,
     },
     /// Hand-off, holder side: the new owner has them; drop them here (watchers end moved).
+    /// Drop at most `limit` of these partitions' drivers; answers (dropped, all gone).
     Forget {
         partitions: Arc<HashSet<u16>>,
-        reply: oneshot::Sender<usize>,
+        limit: usize,
+        reply: oneshot::Sender<(usize, bool)>,
     },
     /// Hand-off undone: serve these frozen partitions again.
     Thaw {
@@ -380,8 +382,8 @@ impl Worker {
             ShardMsg::Counts { reply } => {
                 let _ = reply.send(self.core.partition_counts());
             }
-            ShardMsg::Forget { partitions, reply } => {
-                let n = self.core.forget(&partitions);
+            ShardMsg::Forget { partitions, limit, reply } => {
+                let n = self.core.forget_some(&partitions, limit);
                 self.perform_events();
                 let _ = reply.send(n);
             }

@@ -221,7 +221,11 @@ impl PersistBatch {
     }
 
     fn tag(&mut self, id: &str) {
-        self.parts.push((partition_of(id.as_bytes()), self.buf.len() as u32));
+        self.tag_in(partition_of(id.as_bytes()));
+    }
+
+    fn tag_in(&mut self, p: u16) {
+        self.parts.push((p, self.buf.len() as u32));
     }
 }
 
@@ -248,6 +252,8 @@ const ASSIGNED: u8 = 16;
 
 struct Rec {
     id: Box<str>,
+    /// `partition_of(id)`, kept: hand-off scans and persistence tags read it per driver.
+    partition: u16,
     generation: u32,
     flags: u8,
     /// Trail fixes added since the driver's last record (for delta records).
@@ -733,6 +739,7 @@ impl DriverShard {
         self.next_gen = self.next_gen.wrapping_add(1);
         let due = now_ms + self.cfg.ttl_ms;
         let rec = Rec {
+            partition: partition_of(fix.driver_id.as_bytes()),
             id: fix.driver_id.into_boxed_str(),
             generation: self.next_gen,
             flags: FULL,
@@ -824,14 +831,18 @@ impl DriverShard {
 
     fn slot_frozen(&self, slot: u32) -> bool {
         !self.frozen.is_empty()
-            && self.slots[slot as usize].as_ref().is_some_and(|r| self.frozen.contains(&partition_of(r.id.as_bytes())))
+            && self.slots[slot as usize].as_ref().is_some_and(|r| self.frozen.contains(&r.partition))
     }
 
+    /// The slots of `parts`' drivers: one pass over the slots, a bit test each.
     fn slots_in(&self, parts: &HashSet<u16>) -> Vec<u32> {
+        let mut bits = [0u64; crate::keys::PARTITIONS as usize / 64];
+        for p in parts.iter().filter(|p| **p < crate::keys::PARTITIONS) {
+            bits[*p as usize / 64] |= 1 << (p % 64);
+        }
+        let set = |p: u16| bits[p as usize / 64] >> (p % 64) & 1 == 1;
         (0..self.slots.len() as u32)
-            .filter(|&s| {
-                self.slots[s as usize].as_ref().is_some_and(|r| parts.contains(&partition_of(r.id.as_bytes())))
-            })
+            .filter(|&s| self.slots[s as usize].as_ref().is_some_and(|r| set(r.partition)))
             .collect()
     }
 
@@ -843,7 +854,7 @@ impl DriverShard {
         for slot in self.slots_in(parts) {
             let r = self.rec(slot);
             let snap = r.snapshot(&self.vtypes);
-            let e = out.entry(partition_of(r.id.as_bytes())).or_default();
+            let e = out.entry(r.partition).or_default();
             encode_upsert(&mut e.0, &r.id, &snap, None);
             e.1 += 1;
         }
@@ -854,16 +865,27 @@ impl DriverShard {
     /// without status or claim events (they live on there), end their watchers as moved,
     /// log their deletion, and drop their held timers.
     pub fn forget(&mut self, parts: &HashSet<u16>) -> usize {
+        self.forget_some(parts, usize::MAX).0
+    }
+
+    /// [`forget`](Self::forget) in slices: drops at most `limit` of the partitions'
+    /// drivers (each removal is an R-tree update; queries queued behind a slice wait for
+    /// it alone). Returns how many it dropped and whether the partitions are gone.
+    pub fn forget_some(&mut self, parts: &HashSet<u16>, limit: usize) -> (usize, bool) {
         let gone = self.slots_in(parts);
-        for &slot in &gone {
+        let n = gone.len().min(limit);
+        for &slot in &gone[..n] {
             self.drop_driver(slot, GoneReason::Moved);
+        }
+        if n < gone.len() {
+            return (n, false);
         }
         self.frozen.retain(|p| !parts.contains(p));
         self.orphans.retain(|id, _| !parts.contains(&partition_of(id.as_bytes())));
         let slots = &self.slots;
         self.held
             .retain(|&(_, _, s, g)| slots.get(s as usize).and_then(Option::as_ref).is_some_and(|r| r.generation == g));
-        gone.len()
+        (n, true)
     }
 
     /// Hand-off undone (the borrower is gone): serve the partitions again, with their
@@ -1130,7 +1152,7 @@ impl DriverShard {
             r.unpersisted = 0;
             let snap = r.snapshot(&self.vtypes);
             encode_upsert(&mut out.buf, &r.id, &snap, delta);
-            out.tag(&r.id);
+            out.tag_in(r.partition);
             out.records += 1;
         }
     }
@@ -1145,7 +1167,7 @@ impl DriverShard {
     pub fn partition_counts(&self) -> HashMap<u16, u32> {
         let mut m = HashMap::new();
         for r in self.slots.iter().flatten() {
-            *m.entry(partition_of(r.id.as_bytes())).or_insert(0) += 1;
+            *m.entry(r.partition).or_insert(0) += 1;
         }
         m
     }
@@ -1170,6 +1192,7 @@ impl DriverShard {
         let vtype = self.intern_vtype(&s.vehicle_type, false).unwrap_or(0);
         self.next_gen = self.next_gen.wrapping_add(1);
         let rec = Rec {
+            partition: partition_of(s.driver_id.as_bytes()),
             id: s.driver_id.into_boxed_str(),
             generation: self.next_gen,
             flags: 0,

@@ -60,6 +60,10 @@ type ShardInstall = (Vec<Snapshot>, Vec<(String, Claim)>);
 /// milliseconds of work).
 pub const INSTALL_SLICE: usize = 2_048;
 
+/// Most drivers one message drops from a shard when partitions move away: queries
+/// queued behind it wait for one slice of R-tree removals, not a whole chunk's.
+pub const FORGET_SLICE: usize = 1_024;
+
 /// The outcome of a dispatched batch: every rejected fix with its index, in index order.
 pub type BatchResult = Vec<(u32, Reject)>;
 
@@ -299,9 +303,17 @@ impl Router {
     pub async fn forget(&self, parts: Arc<HashSet<u16>>) -> usize {
         let mut n = 0;
         for tx in &self.shards {
-            let (reply, rx) = oneshot::channel();
-            if tx.send(ShardMsg::Forget { partitions: parts.clone(), reply }).await.is_ok() {
-                n += rx.await.unwrap_or(0);
+            loop {
+                let (reply, rx) = oneshot::channel();
+                let msg = ShardMsg::Forget { partitions: parts.clone(), limit: FORGET_SLICE, reply };
+                if tx.send(msg).await.is_err() {
+                    break;
+                }
+                let Ok((dropped, done)) = rx.await else { break };
+                n += dropped;
+                if done {
+                    break;
+                }
             }
         }
         n

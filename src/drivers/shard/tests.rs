@@ -466,3 +466,35 @@ fn an_orphaned_offer_lapses_on_time_without_its_driver() {
     sh.apply(fix("d2", 52.5, 13.4, T0 + 20_000), T0 + 20_000).unwrap();
     assert_eq!(sh.get(&id("d2"), false).unwrap().status, Status::OnTrip);
 }
+
+#[test]
+fn moved_partitions_are_forgotten_in_slices_and_only_theirs() {
+    let mut sh = DriverShard::new(cfg());
+    let ids: Vec<String> = (0..400).map(|i| format!("d{i}")).collect();
+    for (i, d) in ids.iter().enumerate() {
+        sh.apply(fix(d, 52.5 + i as f64 * 1e-4, 13.4, T0), T0).unwrap();
+    }
+    let moving: HashSet<u16> = ids.iter().take(200).map(|d| partition_of(d.as_bytes())).collect();
+    let leaving: Vec<&String> = ids.iter().filter(|d| moving.contains(&partition_of(d.as_bytes()))).collect();
+    sh.export(&moving);
+    let mut dropped = 0;
+    let mut calls = 0;
+    loop {
+        let (n, done) = sh.forget_some(&moving, 64);
+        assert!(n <= 64);
+        dropped += n;
+        calls += 1;
+        if done {
+            break;
+        }
+        // Between slices the partitions stay frozen: their keyed writes are refused.
+        assert!(sh.is_frozen(leaving[0]));
+    }
+    assert_eq!(dropped, leaving.len());
+    assert_eq!(calls, leaving.len().div_ceil(64));
+    assert!(!sh.is_frozen(leaving[0]));
+    for d in &ids {
+        let here = sh.get(&id(d), false).is_some();
+        assert_eq!(here, !moving.contains(&partition_of(d.as_bytes())), "{d}");
+    }
+}
