@@ -1117,6 +1117,14 @@ impl DriverShard {
 
     /// Appends every pending write to `out`, and marks the next chunk of a sweep.
     pub fn take_writes(&mut self, out: &mut PersistBatch) {
+        self.take_writes_some(out, usize::MAX);
+    }
+
+    /// [`take_writes`](Self::take_writes), encoding at most `limit` changed drivers; the
+    /// rest stay pending, oldest first. A resync or an install marks tens of thousands of
+    /// drivers at once: encoded in one go they would hold the shard (and every query
+    /// queued on it) for tens of milliseconds.
+    pub fn take_writes_some(&mut self, out: &mut PersistBatch, limit: usize) {
         out.resync.append(&mut self.resync);
         for id in self.deleted.drain(..) {
             encode_delete(&mut out.buf, &id);
@@ -1141,7 +1149,8 @@ impl DriverShard {
                 self.sweep = Some((epoch, to));
             }
         }
-        for slot in self.dirty.drain(..) {
+        let take = self.dirty.len().min(limit);
+        for slot in self.dirty.drain(..take) {
             let Some(r) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else { continue };
             if r.flags & DIRTY == 0 {
                 continue;

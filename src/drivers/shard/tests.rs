@@ -498,3 +498,26 @@ fn moved_partitions_are_forgotten_in_slices_and_only_theirs() {
         assert_eq!(here, !moving.contains(&partition_of(d.as_bytes())), "{d}");
     }
 }
+
+#[test]
+fn writes_are_taken_in_slices_oldest_first_and_none_is_lost() {
+    let mut sh = DriverShard::new(cfg());
+    for i in 0..100 {
+        sh.apply(fix(&format!("d{i}"), 52.5, 13.4, T0), T0).unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut rounds = 0;
+    while sh.has_pending_writes() {
+        let mut b = PersistBatch::default();
+        sh.take_writes_some(&mut b, 30);
+        assert!(b.records <= 30);
+        decode_records(&b.buf, |r| {
+            if let Record::Upsert { snap, .. } = r {
+                seen.push(snap.driver_id);
+            }
+        });
+        rounds += 1;
+    }
+    assert_eq!(rounds, 4);
+    assert_eq!(seen, (0..100).map(|i| format!("d{i}")).collect::<Vec<_>>());
+}
