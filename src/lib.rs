@@ -31,7 +31,7 @@
 //!    Match ──► Nearby(AVAILABLE) ──► dispatch::Dispatcher ──► ClaimLink ──► driver's owner
 //!    Apply ──► trips::Trips ──► one actor task per trip ──► records `trips` (TTL in the record)
 //!    shards ──► records `claims` · fixes of assigned drivers ──► trip feed · events::Bus
-//!    storage::RecordStore (sled; memory in tests): claims, trips, ownership table by partition
+//!    storage::RecordStore (sled; an in-memory twin): claims, trips, ownership table by partition
 //!    http: GET /share/{token} ──► owner's trips::share::ShareTable (pre-rendered JSON)
 //! ```
 //!
