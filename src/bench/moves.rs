@@ -230,10 +230,12 @@ async fn gateway(target: String, w: Arc<Workload>, s: usize, seen: Arc<Mutex<See
                 }
             }
         });
-        // One round a second; a round that could not go out on time is skipped, not
-        // sent late in a burst (fixes 8 m apart a few ms apart would be implausible).
+        // One round a second, and never two less than a second apart: after a round that
+        // went out late (a stalled stream), the next waits a full second (`Skip` would
+        // send it at once, and a driver's two fixes 8 m and a few ms apart are rightly
+        // refused as implausible).
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'rounds: while !stop.load(Ordering::Acquire) && !reader.is_finished() {
             tick.tick().await;
             let ts = wall_ms();
