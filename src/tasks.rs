@@ -94,7 +94,11 @@ impl Gate {
         if !self.frozen.load(Ordering::Acquire) {
             return true;
         }
-        parked.push(cx.waker().clone());
+        // Once per task: a frozen task woken again and again (a socket it reads) would
+        // otherwise park a waker per wake-up.
+        if !parked.iter().any(|w| w.will_wake(cx.waker())) {
+            parked.push(cx.waker().clone());
+        }
         false
     }
 
