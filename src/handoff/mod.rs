@@ -27,9 +27,10 @@
 //! de-duplicate the overlap).
 //!
 //! Epochs: each partition's epoch is persisted with its holding (record set
-//! `partitions` of the node's `storage::RecordStore`). A pull names the epoch the puller will own it at, which must be above
-//! the holder's; after a restart every holding becomes `Parked` and is only served again
-//! through this protocol, so a pre-crash copy never answers.
+//! `partitions` of the node's `storage::RecordStore`). A pull names the epoch the
+//! puller will own it at, which must be above the holder's; after a restart every
+//! holding becomes `Parked` and is only served again through this protocol, so a
+//! pre-crash copy never answers.
 //!
 //! The minority rule (`run_quorum`): heartbeats over the gossip socket keep a quorum
 //! lease against the persisted quorum base (`ownership::quorum_until`). Without it the
@@ -57,6 +58,7 @@ use crate::membership::{ClusterView, Liveness, NodeState};
 use crate::ownership::{
     Action, Holding, LendFrom, LendRefusal, Part, PeerHolding, QuorumBase, Routes, Survey, Table, plan, routes,
 };
+use crate::peer::{PeerLink, Refusal};
 use crate::replica::{ReplicaPart, ReplicaStore, Replicator};
 use crate::ring::Ring;
 use crate::routing::Router;
@@ -64,18 +66,17 @@ use crate::routing::cluster::Cluster;
 use crate::storage::{RecordError, RecordStore, Records};
 use crate::trips::Trips;
 
-/// Partitions per `Pull` call: bounds one message and how much is frozen at once.
-const PULL_CHUNK: usize = 8;
+mod link;
+pub use crate::ownership::BASE_FORGET;
 pub use crate::routing::cluster::MAX_HANDOFF_BYTES;
 pub use crate::storage::{Arriving, PartitionData};
-
-mod link;
-use crate::peer::{PeerLink, Refusal};
 pub use link::MemPeerLink;
+
+/// Partitions per `Pull` call: bounds one message and how much is frozen at once.
+const PULL_CHUNK: usize = 8;
 /// How long one survey answer or pull may take.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 const SURVEY_TIMEOUT: Duration = Duration::from_secs(1);
-pub use crate::ownership::BASE_FORGET;
 
 /// One partition as `admin partitions` shows it (see `Cluster.Partitions`).
 #[derive(Clone, Debug)]
@@ -149,14 +150,6 @@ fn load_table(records: &dyn Records) -> Result<Table, RecordError> {
         }
     }
     Ok(t)
-}
-
-/// Every record of partition `p` in `set` (none, logged, if the store fails).
-fn scan(set: &dyn Records, p: u16) -> Vec<crate::storage::Pair> {
-    set.scan(p).unwrap_or_else(|e| {
-        warn!(partition = p, error = %e, "cannot read a partition's records");
-        Vec::new()
-    })
 }
 
 impl Handoff {
@@ -334,7 +327,6 @@ impl Handoff {
         let ring = self.ring(&view);
         let drivers = self.router.partition_counts().await;
         let trips = self.trips.counts();
-
         let st = self.state.lock().await;
         let routes = self.routes.borrow().clone();
         let mut out = Vec::new();
@@ -468,7 +460,7 @@ impl Handoff {
                     partition: *p,
                     epoch: st.table.get(*p).epoch,
                     drivers: drivers.get(p).map(|d| d.0.clone()).unwrap_or_default(),
-                    claims: scan(&*self.claims, *p),
+                    claims: self.claims.scan_or_log(*p),
                     trips: trips.remove(p).unwrap_or_default(),
                 });
             }
@@ -482,8 +474,8 @@ impl Handoff {
                 partition: p,
                 epoch: st.table.get(p).epoch,
                 drivers: buf,
-                claims: scan(&*self.claims, p),
-                trips: scan(&*self.trips.records, p),
+                claims: self.claims.scan_or_log(p),
+                trips: self.trips.records.scan_or_log(p),
             });
         }
         {
@@ -630,7 +622,7 @@ impl Handoff {
     /// Serves a partition nobody else holds: this node's parked copy, or nothing.
     async fn adopt(&self, st: &mut State, p: u16, epoch: u64) {
         let drivers = st.parked.remove(&p).unwrap_or_default();
-        let claims = decode_claims(scan(&*self.claims, p));
+        let claims = decode_claims(self.claims.scan_or_log(p));
         self.set(st, p, Part { epoch, holding: Some(Holding::Active) });
         if !drivers.is_empty() || !claims.is_empty() {
             self.router.install(drivers, claims, usize::MAX).await;

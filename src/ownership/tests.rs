@@ -356,8 +356,7 @@ fn the_quorum_lease_runs_out_a_lease_after_the_majoritys_last_agreement() {
 
 #[test]
 fn a_holder_lends_only_to_the_rings_owner_above_its_epoch_from_where_the_state_is() {
-    let (me, req, other) = (addr(1), addr(2), addr(3));
-    let _ = me;
+    let (req, other) = (addr(2), addr(3));
     let held = |h| Part { epoch: 4, holding: Some(h) };
     let alive = |_: &SocketAddr| true;
     let dead = |a: &SocketAddr| *a != other;

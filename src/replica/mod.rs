@@ -198,11 +198,7 @@ fn session_id() -> u64 {
 }
 
 fn kv_changes(set: &dyn Records, p: u16) -> Vec<KvChange> {
-    let pairs = set.scan(p).unwrap_or_else(|e| {
-        warn!(partition = p, error = %e, "cannot read a partition's records to replicate");
-        Vec::new()
-    });
-    pairs.into_iter().map(|(id, v)| KvChange { id, value: Some(v) }).collect()
+    set.scan_or_log(p).into_iter().map(|(id, v)| KvChange { id, value: Some(v) }).collect()
 }
 
 impl Replicator {
@@ -408,23 +404,27 @@ impl Replicator {
     /// may no longer own the partition (see the module docs).
     pub async fn sync_kv(&self, tree: KvTree, id: &[u8]) -> Result<(), Unconfirmed> {
         let p = partition_of(id);
-        let stale = self.send_kv(tree, id, p).await;
-        if stale || !self.cluster.has_quorum() {
-            metrics::counter!("locus_replica_writes_total", "result" => "unconfirmed").increment(1);
-            return Err(Unconfirmed(p));
-        }
-        Ok(())
+        let sent = self.send_kv(tree, id, p).await;
+        let confirmed = sent != Some(Acked::Stale) && self.cluster.has_quorum();
+        // One result per write.
+        let result = match (confirmed, sent) {
+            (false, _) => "unconfirmed",
+            (true, None) => return Ok(()),
+            (true, Some(Acked::Stored)) => "acked",
+            (true, Some(_)) => "degraded",
+        };
+        metrics::counter!("locus_replica_writes_total", "result" => result).increment(1);
+        if confirmed { Ok(()) } else { Err(Unconfirmed(p)) }
     }
 
-    /// [`Replicator::sync_kv`]'s sending: true if a replica knows a newer epoch.
-    async fn send_kv(&self, tree: KvTree, id: &[u8], p: u16) -> bool {
+    /// [`Replicator::sync_kv`]'s sending: `None` without replicas, else the worst answer
+    /// (`Stale` if a replica knows a newer epoch, `Failed` if one did not answer in time).
+    async fn send_kv(&self, tree: KvTree, id: &[u8], p: u16) -> Option<Acked> {
         let waits = {
             let inner = self.inner.lock().expect("replicator lock");
-            let Some((epoch, targets)) = inner.placement[p as usize].clone() else {
-                return false;
-            };
+            let (epoch, targets) = inner.placement[p as usize].clone()?;
             if targets.is_empty() {
-                return false;
+                return None;
             }
             let store = match tree {
                 KvTree::Claims => &self.claims,
@@ -464,9 +464,13 @@ impl Replicator {
                 _ => {}
             }
         }
-        let result = if acked == wanted { "acked" } else { "degraded" };
-        metrics::counter!("locus_replica_writes_total", "result" => result).increment(1);
-        stale
+        Some(if stale {
+            Acked::Stale
+        } else if acked == wanted {
+            Acked::Stored
+        } else {
+            Acked::Failed
+        })
     }
 
     /// Splits a teed driver-log batch by partition and queues each part to its replicas.

@@ -57,6 +57,15 @@ pub trait Records: Send + Sync {
     fn delete_keyed(&self, id: &[u8]) -> Result<(), RecordError> {
         self.delete(partition_of(id), id)
     }
+
+    /// [`Records::scan`] for callers that carry on without the records: a failure is
+    /// logged and reads as none.
+    fn scan_or_log(&self, p: u16) -> Vec<Pair> {
+        self.scan(p).unwrap_or_else(|e| {
+            tracing::warn!(partition = p, error = %e, "cannot read a partition's records");
+            Vec::new()
+        })
+    }
 }
 
 /// A future of the store.

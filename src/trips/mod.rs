@@ -182,11 +182,7 @@ impl Trips {
     /// at once). Its records must be in the store already.
     pub fn start(self: &Arc<Self>, p: u16) -> usize {
         let mut n = 0;
-        let stored = self.records.scan(p).unwrap_or_else(|e| {
-            warn!(partition = p, error = %e, "cannot read a partition's trips");
-            Vec::new()
-        });
-        for (_, v) in stored {
+        for (_, v) in self.records.scan_or_log(p) {
             let trip = match postcard::from_bytes::<Trip>(&v) {
                 Ok(t) => t,
                 Err(e) => {
@@ -222,13 +218,7 @@ impl Trips {
                 let _ = rx.await;
             }
         }
-        let scan = |p: u16| {
-            self.records.scan(p).unwrap_or_else(|e| {
-                warn!(partition = p, error = %e, "cannot read a partition's trips");
-                Vec::new()
-            })
-        };
-        parts.iter().map(|p| (*p, scan(*p))).collect()
+        parts.iter().map(|p| (*p, self.records.scan_or_log(*p))).collect()
     }
 
     /// Hand-off, holder side: the new owner has the partitions: delete them here.
