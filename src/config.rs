@@ -65,6 +65,10 @@ pub struct NodeConfig {
     /// How long a suspected member has to refute before it is declared down.
     #[arg(long, env = "LOCUS_SUSPECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub suspect_timeout: Duration,
+    /// How often a node probes one other member (failure detection). A probe not
+    /// answered within half of it is retried through other members.
+    #[arg(long, env = "LOCUS_PROBE_PERIOD", default_value = "500ms", value_parser = parse_duration)]
+    pub probe_period: Duration,
     /// Quiet time before a changed member set becomes a new ring.
     #[arg(long, env = "LOCUS_RING_DEBOUNCE", default_value = "200ms", value_parser = parse_duration)]
     pub ring_debounce: Duration,
@@ -238,6 +242,9 @@ impl NodeConfig {
         }
         if self.suspect_timeout < Duration::from_millis(500) {
             return Err("--suspect-timeout must be at least 500ms".into());
+        }
+        if self.probe_period < Duration::from_millis(100) || self.probe_period > Duration::from_secs(10) {
+            return Err("--probe-period must be between 100ms and 10s".into());
         }
         Ok(())
     }

@@ -17,7 +17,8 @@
 //!    acked before the answer; driver-log batches teed once on disk)
 //!                                              │
 //!  gRPC (api) ──► routing::cluster: routes(key) ┴─ another node ──► forward (hop ≤ 3)
-//!                     │ this node (incoming: wait)  geo, cab lookups ──► scatter, merge
+//!                     │ this node (incoming: via   geo, cab lookups ──► scatter, merge
+//!                     │ its holder, or wait)
 //!                     ▼
 //!                 routing::Router ──► actors (shard workers, tokio tasks)
 //!                     │   keyed: to the key's shard      │ owns drivers::DriverShard

@@ -248,6 +248,7 @@ pub async fn run_on(
         ring_debounce: cfg.ring_debounce,
         leave_wait: cfg.leave_wait,
         suspect_to_down: cfg.suspect_timeout,
+        probe_period: cfg.probe_period,
         rebroadcast_every: Duration::from_secs(5),
     };
     let members = membership::spawn(mcfg, transport, inbox);

@@ -16,7 +16,33 @@ use crate::ownership::PeerHolding;
 use crate::storage::{PartitionData, ReplicaPart};
 
 /// A partition refused, with the reason.
-pub type Refusal = (u16, String);
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub partition: u16,
+    pub kind: RefusalKind,
+    /// For people (logs): what the peer said.
+    pub reason: String,
+}
+
+/// What the sender of a refused request should make of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// The request's epoch is below the one the peer holds the partition at: the
+    /// sender's copy is stale (another node owns the partition now).
+    StaleEpoch,
+    /// Anything else (not held there, lent elsewhere, served there, no such partition).
+    Other,
+}
+
+impl Refusal {
+    pub fn stale(partition: u16, reason: String) -> Refusal {
+        Refusal { partition, kind: RefusalKind::StaleEpoch, reason }
+    }
+
+    pub fn other(partition: u16, reason: String) -> Refusal {
+        Refusal { partition, kind: RefusalKind::Other, reason }
+    }
+}
 
 /// A call that failed: the peer did not answer in time, refused the request, or is
 /// out of reach.

@@ -14,7 +14,7 @@ use crate::keys::PARTITIONS;
 use crate::ownership::{Holding, PeerHolding};
 use crate::pb;
 use crate::pb::handoff_client::HandoffClient;
-use crate::peer::{LinkError, LinkFuture, PeerLink, Pulled, Refusal};
+use crate::peer::{LinkError, LinkFuture, PeerLink, Pulled, Refusal, RefusalKind};
 use crate::replica::{KvChange, ReplicaPart};
 use crate::routing::cluster::{Cluster, MAX_HANDOFF_BYTES};
 use crate::storage::PartitionData;
@@ -71,7 +71,7 @@ impl pb::handoff_server::Handoff for HandoffApi {
         let (data, refused) = self.handoff.lend(who, &wanted).await;
         Ok(Response::new(pb::PullResponse {
             partitions: data.into_iter().map(partition_proto).collect(),
-            refused: refused.into_iter().map(|(p, reason)| pb::Refused { partition: p as u32, reason }).collect(),
+            refused: refused.into_iter().map(refused_proto).collect(),
         }))
     }
 
@@ -94,9 +94,7 @@ impl pb::handoff_server::Handoff for HandoffApi {
             );
         }
         let refused = self.handoff.replicate(who, r.session, parts);
-        Ok(Response::new(pb::ReplicaAck {
-            refused: refused.into_iter().map(|(p, reason)| pb::Refused { partition: p as u32, reason }).collect(),
-        }))
+        Ok(Response::new(pb::ReplicaAck { refused: refused.into_iter().map(refused_proto).collect() }))
     }
 }
 
@@ -136,8 +134,27 @@ async fn within<T>(
     }
 }
 
+fn refused_proto(r: Refusal) -> pb::Refused {
+    let kind = match r.kind {
+        RefusalKind::StaleEpoch => pb::RefusalKind::StaleEpoch,
+        RefusalKind::Other => pb::RefusalKind::Other,
+    };
+    pb::Refused { partition: r.partition as u32, reason: r.reason, kind: kind as i32 }
+}
+
+/// A peer's refusals; a kind this build does not know reads as `Other`.
 fn refusals(refused: Vec<pb::Refused>) -> Vec<Refusal> {
-    refused.into_iter().map(|f| (f.partition as u16, f.reason)).collect()
+    refused
+        .into_iter()
+        .filter_map(|f| {
+            let partition = u16::try_from(f.partition).ok()?;
+            let kind = match pb::RefusalKind::try_from(f.kind) {
+                Ok(pb::RefusalKind::StaleEpoch) => RefusalKind::StaleEpoch,
+                _ => RefusalKind::Other,
+            };
+            Some(Refusal { partition, kind, reason: f.reason })
+        })
+        .collect()
 }
 
 impl PeerLink for GrpcPeerLink {
@@ -280,4 +297,25 @@ fn part_from_proto(p: pb::ReplicaPart) -> Option<ReplicaPart> {
         claims: kv(p.claims),
         trips: kv(p.trips),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_keep_their_kind_across_the_wire() {
+        let sent = vec![
+            Refusal::stale(7, "stale epoch 3: held here at epoch 5".into()),
+            Refusal::other(1023, "not held here".into()),
+        ];
+        let wire: Vec<pb::Refused> = sent.iter().cloned().map(refused_proto).collect();
+        assert_eq!(refusals(wire), sent);
+        // A kind from a newer peer reads as `Other`; a partition out of range is dropped.
+        let odd = vec![
+            pb::Refused { partition: 3, reason: "why".into(), kind: 99 },
+            pb::Refused { partition: 70_000, reason: "x".into(), kind: 1 },
+        ];
+        assert_eq!(refusals(odd), vec![Refusal::other(3, "why".into())]);
+    }
 }

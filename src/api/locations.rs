@@ -563,7 +563,8 @@ mod tests {
                 table.set(p, crate::ownership::Part { epoch: 1, holding: Some(crate::ownership::Holding::Active) });
             }
         }
-        let (_rtx, routes) = watch::channel(Arc::new(crate::ownership::routes(a, &ring, &table)));
+        let (_rtx, routes) =
+            watch::channel(Arc::new(crate::ownership::routes(a, &ring, &table, &std::collections::HashMap::new())));
         let cluster = Cluster::new(rx, routes, Duration::from_millis(200), Default::default());
         let key_of = |owner: SocketAddr| {
             (0..1000).map(|i| format!("k{i}")).find(|k| ring.owner(k.as_bytes()) == Some(owner)).expect("a key")

@@ -135,7 +135,7 @@ pub(super) fn start(
             // limit (rings disagree for a moment while they change).
             let blocked = |r: Route| match r {
                 Route::Local => false,
-                Route::Remote(_) => hop >= MAX_HOPS,
+                Route::Remote(_) | Route::Via(_) => hop >= MAX_HOPS,
                 Route::Incoming | Route::Unknown => true,
             };
             let deadline = Instant::now() + INCOMING_WAIT;
@@ -157,14 +157,14 @@ pub(super) fn start(
             for (i, p, f) in fixes {
                 match routes.of(p) {
                     Route::Local => local.push((i, f)),
-                    Route::Remote(a) if hop < MAX_HOPS => match parts.iter_mut().find(|p| p.0 == a) {
+                    Route::Remote(a) | Route::Via(a) if hop < MAX_HOPS => match parts.iter_mut().find(|p| p.0 == a) {
                         Some(p) => {
                             p.1.push(i);
                             p.2.push(fix_to_proto(f));
                         }
                         None => parts.push((a, vec![i], vec![fix_to_proto(f)])),
                     },
-                    Route::Remote(_) => early.push((i, Reject::Unavailable)),
+                    Route::Remote(_) | Route::Via(_) => early.push((i, Reject::Unavailable)),
                     Route::Incoming | Route::Unknown => early.push((i, Reject::Moving)),
                 }
             }

@@ -722,7 +722,7 @@ pub async fn run_feed(mut rx: mpsc::Receiver<TripFix>, trips: Arc<Trips>, cluste
         for f in buf.drain(..) {
             match routes.of_key(f.trip_id.as_bytes()) {
                 Route::Local => trips.feed(f),
-                Route::Remote(a) => remote.entry(a).or_default().push(pb::TripFix {
+                Route::Remote(a) | Route::Via(a) => remote.entry(a).or_default().push(pb::TripFix {
                     trip_id: f.trip_id.into(),
                     driver_id: f.driver_id.into(),
                     fix: Some(super::fix_proto(&f.pos)),

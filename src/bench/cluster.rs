@@ -375,6 +375,6 @@ pub fn report(cfg: &BenchConfig, f: &ClusterFigures, out: &mut String) -> std::f
     )?;
     writeln!(
         out,
-        "- Failure detection uses foca's LAN settings with a 2 s suspicion timeout (`--suspect-timeout`) and a 200 ms ring debounce; the figure includes the survivors' debounce and gossip of their new checksums."
+        "- Failure detection uses foca's LAN settings with a probe every 500 ms (`--probe-period`), a 2 s suspicion timeout (`--suspect-timeout`) and a 200 ms ring debounce; the figure includes the survivors' debounce and gossip of their new checksums."
     )
 }

@@ -58,7 +58,7 @@ use crate::membership::{ClusterView, Liveness, NodeState};
 use crate::ownership::{
     Action, Holding, LendFrom, LendRefusal, Part, PeerHolding, QuorumBase, Routes, Survey, Table, plan, routes,
 };
-use crate::peer::{PeerLink, Refusal};
+use crate::peer::{PeerLink, Refusal, RefusalKind};
 use crate::replica::{ReplicaPart, ReplicaStore, Replicator};
 use crate::ring::Ring;
 use crate::routing::Router;
@@ -133,6 +133,10 @@ pub struct Handoff {
     /// Partitions being pulled right now (reported as such in surveys).
     /// (partition → the epoch it will be served at).
     pulling: std::sync::Mutex<HashMap<u16, u64>>,
+    /// Who the last survey saw serve each partition (active there). Partitions this node
+    /// owns by the ring but has not pulled yet are forwarded to their holder meanwhile
+    /// (`Route::Via`), so requests need not wait for the whole move.
+    holders: std::sync::Mutex<HashMap<u16, SocketAddr>>,
     /// The quorum base: members this node knew on the ring, left only by leaving
     /// gracefully (store meta `quorum_base`). See `ownership::has_quorum`.
     base: std::sync::Mutex<QuorumBase>,
@@ -217,6 +221,7 @@ impl Handoff {
             link,
             replicas: std::sync::Mutex::new(ReplicaStore::new(trail_cap)),
             pulling: std::sync::Mutex::new(HashMap::new()),
+            holders: std::sync::Mutex::default(),
             heard: std::sync::OnceLock::new(),
             seen_empty: std::sync::Mutex::default(),
             lease_ok,
@@ -234,11 +239,18 @@ impl Handoff {
         let refused = self
             .replica_store()
             .apply(from, session, parts, |p| routes.of(p as usize) == crate::ownership::Route::Local);
-        let stale = refused.iter().filter(|(_, why)| matches!(why, crate::replica::Refused::StaleEpoch { .. })).count();
+        let refused: Vec<Refusal> = refused
+            .into_iter()
+            .map(|(p, why)| match why {
+                crate::replica::Refused::StaleEpoch { .. } => Refusal::stale(p, why.to_string()),
+                crate::replica::Refused::ServedHere => Refusal::other(p, why.to_string()),
+            })
+            .collect();
+        let stale = refused.iter().filter(|r| r.kind == RefusalKind::StaleEpoch).count();
         if stale > 0 {
             metrics::counter!("locus_epoch_refused_total", "what" => "replica").increment(stale as u64);
         }
-        refused.into_iter().map(|(p, why)| (p, why.to_string())).collect()
+        refused
     }
 
     /// Replicas kept here, for `admin` and tests.
@@ -277,7 +289,13 @@ impl Handoff {
 
     fn publish(&self, view: &ClusterView, st: &State) {
         let ring = self.ring(view);
-        let r = routes(self.me, &ring, &st.table);
+        let via = {
+            let pulling = self.pulling.lock().expect("pulling lock");
+            let holders = self.holders.lock().expect("holders lock");
+            let live = |a: &SocketAddr| view.member(a).is_some_and(|m| m.liveness != Liveness::Down);
+            holders.iter().filter(|(p, a)| !pulling.contains_key(p) && live(a)).map(|(p, a)| (*p, *a)).collect()
+        };
+        let r = routes(self.me, &ring, &st.table, &via);
         let incoming = r.incoming();
         let on_ring = ring.contains(&self.me);
         self.ready.store(on_ring && incoming == 0, Ordering::Relaxed);
@@ -357,7 +375,7 @@ impl Handoff {
                     ..row("parked", part.epoch, Vec::new())
                 }),
                 Some(Holding::Replica) | Some(Holding::Pulling) | None => {
-                    if routes.of(p as usize) == crate::ownership::Route::Incoming {
+                    if routes.of(p as usize).is_incoming() {
                         out.push(row("incoming", part.epoch, Vec::new()));
                     }
                 }
@@ -405,7 +423,7 @@ impl Handoff {
         let (mut from_shards, mut from_parked, mut from_replica) = (HashSet::new(), Vec::new(), Vec::new());
         for &(p, epoch) in wanted {
             if p >= PARTITIONS {
-                refused.push((p, format!("partition {p} does not exist (0..{PARTITIONS})")));
+                refused.push(Refusal::other(p, format!("partition {p} does not exist (0..{PARTITIONS})")));
                 continue;
             }
             let part = st.table.get(p);
@@ -423,20 +441,22 @@ impl Handoff {
                     self.set(&mut st, p, Part { epoch: part.epoch, holding: Some(lent) });
                 }
                 Err(why) => {
-                    let why = match why {
-                        LendRefusal::NotOwner { owner } => format!(
-                            "{} is not its owner by this node's ring ({} is)",
-                            view.name_of(&requester),
-                            owner.map_or("nobody".into(), |a| view.name_of(&a))
+                    refused.push(match why {
+                        LendRefusal::NotOwner { owner } => Refusal::other(
+                            p,
+                            format!(
+                                "{} is not its owner by this node's ring ({} is)",
+                                view.name_of(&requester),
+                                owner.map_or("nobody".into(), |a| view.name_of(&a))
+                            ),
                         ),
-                        LendRefusal::NotHeld => "not held here".to_string(),
-                        LendRefusal::LentTo(to) => format!("lent to {} already", view.name_of(&to)),
+                        LendRefusal::NotHeld => Refusal::other(p, "not held here".to_string()),
+                        LendRefusal::LentTo(to) => Refusal::other(p, format!("lent to {} already", view.name_of(&to))),
                         LendRefusal::StaleEpoch { wanted, held } => {
-                            metrics::counter!("locus_epoch_refused_total").increment(1);
-                            format!("stale epoch {wanted}: held here at epoch {held}")
+                            metrics::counter!("locus_epoch_refused_total", "what" => "pull").increment(1);
+                            Refusal::stale(p, format!("stale epoch {wanted}: held here at epoch {held}"))
                         }
-                    };
-                    refused.push((p, why));
+                    });
                 }
             }
         }
@@ -719,6 +739,19 @@ impl Handoff {
             return true;
         }
         let survey = self.survey(view).await;
+        {
+            // Two served copies (a stale one not stood down yet): the newer epoch's.
+            let mut best: HashMap<u16, (u64, SocketAddr)> = HashMap::new();
+            for (a, hs) in &survey.answered {
+                for h in hs.iter().filter(|h| h.holding == Holding::Active) {
+                    let e = best.entry(h.partition).or_insert((h.epoch, *a));
+                    if h.epoch > e.0 {
+                        *e = (h.epoch, *a);
+                    }
+                }
+            }
+            *self.holders.lock().expect("holders lock") = best.into_iter().map(|(p, (_, a))| (p, a)).collect();
+        }
         self.cluster.set_empty(
             survey
                 .answered
@@ -854,6 +887,11 @@ impl Handoff {
                 let epochs: HashMap<u16, u64> = chunk.iter().copied().collect();
                 metrics::gauge!("locus_handoffs_in_flight").increment(chunk.len() as f64);
                 self.pulling.lock().expect("pulling lock").extend(chunk.iter().copied());
+                // Requests for these wait here from now on, no longer forwarded to the holder.
+                {
+                    let st = self.state.lock().await;
+                    self.publish(view, &st);
+                }
                 let resp = self.link.pull(meta.grpc, self.me, chunk.to_vec(), RPC_TIMEOUT).await;
                 metrics::gauge!("locus_handoffs_in_flight").decrement(chunk.len() as f64);
                 let resp = match resp {
@@ -864,8 +902,8 @@ impl Handoff {
                         break;
                     }
                 };
-                for (p, why) in &resp.refused {
-                    debug!(from = %name, partition = p, reason = %why, "pull refused");
+                for r in &resp.refused {
+                    debug!(from = %name, partition = r.partition, kind = ?r.kind, reason = %r.reason, "pull refused");
                 }
                 let bytes: usize = resp.partitions.iter().map(|d| d.drivers.len()).sum();
                 let data = resp

@@ -19,6 +19,7 @@ fn config(i: usize, seeds: Vec<SocketAddr>) -> MembershipConfig {
         ring_debounce: Duration::from_millis(300),
         leave_wait: Duration::from_secs(5),
         suspect_to_down: Duration::from_secs(2),
+        probe_period: Duration::from_millis(500),
         rebroadcast_every: Duration::from_secs(5),
     }
 }

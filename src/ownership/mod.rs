@@ -427,6 +427,10 @@ pub enum Route {
     Local,
     /// This node owns it by the ring but has not got its state yet: wait.
     Incoming,
+    /// This node owns it by the ring and will pull it, but that node still serves it
+    /// (this node's last survey saw it active there): forward there until the pull
+    /// starts, instead of holding requests for the whole move.
+    Via(SocketAddr),
     /// Served (or about to be) by that node (its gossip address).
     Remote(SocketAddr),
     /// Nobody owns it yet (the cluster is forming).
@@ -463,18 +467,39 @@ impl Routes {
 
     /// Partitions this node owns by the ring but has not installed yet.
     pub fn incoming(&self) -> usize {
-        self.routes.iter().filter(|r| **r == Route::Incoming).count()
+        self.routes.iter().filter(|r| r.is_incoming()).count()
+    }
+}
+
+impl Route {
+    /// Owned here by the ring, not installed yet (waiting, or forwarded to its holder).
+    pub fn is_incoming(self) -> bool {
+        matches!(self, Route::Incoming | Route::Via(_))
+    }
+
+    /// The node a request is forwarded to, if it is served elsewhere.
+    pub fn forward_to(self) -> Option<SocketAddr> {
+        match self {
+            Route::Remote(a) | Route::Via(a) => Some(a),
+            Route::Local | Route::Incoming | Route::Unknown => None,
+        }
     }
 }
 
 /// The routes for this node (`me`) by the ring and its table.
-pub fn routes(me: SocketAddr, ring: &Ring, table: &Table) -> Routes {
+///
+/// `via`: partitions this node owns by the ring and will pull, with the node that still
+/// serves them (from the last survey; not those being pulled now, which wait).
+pub fn routes(me: SocketAddr, ring: &Ring, table: &Table, via: &HashMap<u16, SocketAddr>) -> Routes {
     let routes = (0..PARTITIONS)
         .map(|p| match table.get(p).holding {
             Some(Holding::Active) => Route::Local,
             Some(Holding::Lent { to, .. }) => Route::Remote(to),
             _ => match ring.partition_owner(p as usize) {
-                Some(a) if a == me => Route::Incoming,
+                Some(a) if a == me => match via.get(&p) {
+                    Some(holder) if *holder != me => Route::Via(*holder),
+                    _ => Route::Incoming,
+                },
                 Some(a) => Route::Remote(a),
                 None => Route::Unknown,
             },

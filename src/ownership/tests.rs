@@ -149,13 +149,44 @@ fn routes_follow_the_table_first_and_the_ring_for_the_rest() {
     let theirs = (0..PARTITIONS).find(|p| r.partition_owner(*p as usize) == Some(addr(1))).unwrap();
     let mut t = Table::default();
     t.set(theirs, Part { epoch: 2, holding: Some(Holding::Active) });
-    let routes = routes(addr(0), &r, &t);
+    let none = HashMap::new();
+    let routes = routes(addr(0), &r, &t, &none);
     assert_eq!(routes.of(theirs as usize), Route::Local, "held here: served here until handed over");
     assert_eq!(routes.of(mine as usize), Route::Incoming, "owned by the ring, not installed yet");
     assert!(routes.incoming() > 0 && routes.serves_any());
     let mut t2 = Table::default();
     t2.set(mine, Part { epoch: 2, holding: Some(Holding::Lent { to: addr(1), to_epoch: 3 }) });
-    assert_eq!(super::routes(addr(0), &r, &t2).of(mine as usize), Route::Remote(addr(1)));
+    assert_eq!(super::routes(addr(0), &r, &t2, &none).of(mine as usize), Route::Remote(addr(1)));
+}
+
+#[test]
+fn an_owned_partition_still_served_elsewhere_is_forwarded_there_until_pulled() {
+    let r = ring(&[0, 1]);
+    let mine = (0..PARTITIONS).find(|p| r.partition_owner(*p as usize) == Some(addr(0))).unwrap();
+    let other_mine = (0..PARTITIONS).filter(|p| r.partition_owner(*p as usize) == Some(addr(0))).nth(1).unwrap();
+    let theirs = (0..PARTITIONS).find(|p| r.partition_owner(*p as usize) == Some(addr(1))).unwrap();
+    let mut t = Table::default();
+    t.set(other_mine, Part { epoch: 4, holding: Some(Holding::Active) });
+    // The survey saw node 2 serve `mine` (and, stale, `other_mine` and `theirs`).
+    let via: HashMap<u16, SocketAddr> = [(mine, addr(2)), (other_mine, addr(2)), (theirs, addr(2))].into();
+    let routes = routes(addr(0), &r, &t, &via);
+    assert_eq!(routes.of(mine as usize), Route::Via(addr(2)), "still served by its holder: forwarded there");
+    assert!(routes.of(mine as usize).is_incoming(), "and counted as incoming (not ready)");
+    assert_eq!(routes.of(mine as usize).forward_to(), Some(addr(2)));
+    assert_eq!(routes.of(other_mine as usize), Route::Local, "installed here: the table wins");
+    assert_eq!(routes.of(theirs as usize), Route::Remote(addr(1)), "not owned here: the ring owner");
+    assert_eq!(routes.incoming(), routes_without_via_incoming(&r, &t));
+    // A holder that is this node itself (a stale survey) never makes a loop.
+    let selfish: HashMap<u16, SocketAddr> = [(mine, addr(0))].into();
+    assert_eq!(super::routes(addr(0), &r, &t, &selfish).of(mine as usize), Route::Incoming);
+}
+
+fn routes_without_via_incoming(r: &Ring, t: &Table) -> usize {
+    super::routes(addr(0), r, t, &HashMap::new()).incoming()
+}
+
+#[test]
+fn empty_routes_know_nobody() {
     assert_eq!(Routes::empty(addr(0)).of(5), Route::Unknown);
 }
 

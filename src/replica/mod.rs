@@ -612,19 +612,20 @@ async fn link_task(
             Ok(refused) => {
                 // One line per answer, not per partition: after a heal a whole node's
                 // partitions can be refused at once.
-                let (stale, moving): (Vec<_>, Vec<_>) = refused.iter().partition(|f| f.1.starts_with("stale epoch"));
-                stale_parts.extend(stale.iter().map(|f| f.0));
+                let (stale, moving): (Vec<_>, Vec<_>) =
+                    refused.iter().partition(|f| f.kind == crate::peer::RefusalKind::StaleEpoch);
+                stale_parts.extend(stale.iter().map(|f| f.partition));
                 if let Some(first) = stale.first() {
-                    let ps: Vec<u16> = stale.iter().map(|f| f.0).collect();
+                    let ps: Vec<u16> = stale.iter().map(|f| f.partition).collect();
                     metrics::counter!("locus_replica_refused_total", "reason" => "stale_epoch")
                         .increment(ps.len() as u64);
-                    warn!(peer = %peer, count = ps.len(), partitions = ?ps, first_reason = %first.1,
+                    warn!(peer = %peer, count = ps.len(), partitions = ?ps, first_reason = %first.reason,
                         "replica refused partitions at an older epoch (this node's copies are stale; it stands down)");
                 }
                 if let Some(first) = moving.first() {
                     // The peer took the partitions over (a move in progress).
-                    let ps: Vec<u16> = moving.iter().map(|f| f.0).collect();
-                    debug!(peer = %peer, count = ps.len(), partitions = ?ps, first_reason = %first.1,
+                    let ps: Vec<u16> = moving.iter().map(|f| f.partition).collect();
+                    debug!(peer = %peer, count = ps.len(), partitions = ?ps, first_reason = %first.reason,
                         "replica refused partitions it serves");
                 }
                 if let Some(t0) = first_failure.take() {

@@ -202,6 +202,7 @@ impl Cluster {
         loop {
             let r = rx.borrow_and_update().of(p);
             if r != Route::Incoming && r != Route::Unknown {
+                // Local, elsewhere, or still served by its holder (`Via`): answerable now.
                 return self.partition_owner(p);
             }
             if !matches!(tokio::time::timeout_at(deadline, rx.changed()).await, Ok(Ok(()))) {
@@ -235,7 +236,7 @@ impl Cluster {
             Route::Local => Owner::Local,
             Route::Incoming => Owner::Incoming,
             Route::Unknown => Owner::Unknown,
-            Route::Remote(a) => {
+            Route::Remote(a) | Route::Via(a) => {
                 let v = self.view();
                 self.peer(&v, a).map_or(Owner::Unknown, |p| Owner::Remote(Box::new(p)))
             }
