@@ -52,9 +52,88 @@ pub fn partition_prefix(p: u16) -> [u8; 2] {
     p.to_be_bytes()
 }
 
+/// A set of partitions as a bitmap: a test is a shift and a mask (the hot paths ask
+/// "is this driver's partition frozen?" once per fix while a move runs).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct PartitionSet {
+    bits: [u64; PARTITIONS as usize / 64],
+    len: u16,
+}
+
+impl PartitionSet {
+    #[inline]
+    pub fn contains(&self, p: u16) -> bool {
+        p < PARTITIONS && self.bits[p as usize / 64] >> (p % 64) & 1 == 1
+    }
+
+    pub fn insert(&mut self, p: u16) -> bool {
+        if p >= PARTITIONS || self.contains(p) {
+            return false;
+        }
+        self.bits[p as usize / 64] |= 1 << (p % 64);
+        self.len += 1;
+        true
+    }
+
+    pub fn remove(&mut self, p: u16) -> bool {
+        if !self.contains(p) {
+            return false;
+        }
+        self.bits[p as usize / 64] &= !(1 << (p % 64));
+        self.len -= 1;
+        true
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+}
+
+impl<'a> FromIterator<&'a u16> for PartitionSet {
+    fn from_iter<I: IntoIterator<Item = &'a u16>>(iter: I) -> Self {
+        let mut s = PartitionSet::default();
+        s.extend(iter);
+        s
+    }
+}
+
+impl<'a> Extend<&'a u16> for PartitionSet {
+    fn extend<I: IntoIterator<Item = &'a u16>>(&mut self, iter: I) {
+        for p in iter {
+            self.insert(*p);
+        }
+    }
+}
+
+impl std::fmt::Debug for PartitionSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries((0..PARTITIONS).filter(|p| self.contains(*p))).finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partition_set_holds_what_was_put_in_and_ignores_what_does_not_exist() {
+        let mut s = PartitionSet::default();
+        assert!(s.is_empty() && !s.contains(0));
+        assert!(s.insert(0) && s.insert(63) && s.insert(64) && s.insert(PARTITIONS - 1));
+        assert!(!s.insert(63), "already in");
+        assert!(!s.insert(PARTITIONS), "no such partition");
+        assert_eq!(s.len(), 4);
+        assert!(s.contains(63) && s.contains(64) && !s.contains(65) && !s.contains(PARTITIONS));
+        assert!(s.remove(63) && !s.remove(63) && !s.remove(PARTITIONS));
+        assert_eq!(format!("{s:?}"), format!("{{0, 64, {}}}", PARTITIONS - 1));
+        let t: PartitionSet = [5u16, 6, 5].iter().collect();
+        assert_eq!(t.len(), 2);
+    }
 
     #[test]
     fn stable_and_spread() {

@@ -344,6 +344,9 @@ impl Worker {
                         rejected.push((i, e));
                     }
                 }
+                if rejected.iter().any(|(_, r)| *r == Reject::Moving) {
+                    debug!(shard = self.id, "fixes refused: their partition is frozen (lent or held)");
+                }
                 // Index changes land before the ack, so a caller's next lookup sees them.
                 self.perform_events();
                 let _ = reply.send(rejected);

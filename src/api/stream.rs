@@ -168,6 +168,14 @@ pub(super) fn start(
                     Route::Incoming | Route::Unknown => early.push((i, Reject::Moving)),
                 }
             }
+            let stuck = early.iter().filter(|(_, r)| matches!(r, Reject::Unavailable | Reject::Moving)).count();
+            if stuck > 0 {
+                tracing::debug!(
+                    hop,
+                    refused = stuck,
+                    "fixes refused: hop limit, or a partition still incoming after the wait"
+                );
+            }
             let pending = Box::pin(router.dispatch_batch(local).await);
             drop(gate);
             let mut remote = Vec::with_capacity(parts.len());
@@ -209,6 +217,7 @@ pub(super) fn start(
                             backoff.remove(&peer);
                         }
                         None => {
+                            tracing::debug!(peer = %peer, refused = idx.len(), "fixes refused: no forwarding stream to their owner");
                             backoff.insert(peer, Instant::now() + REOPEN_BACKOFF);
                             early.extend(idx.into_iter().map(|i| (i, Reject::Unavailable)));
                             continue;
@@ -220,6 +229,7 @@ pub(super) fn start(
                 match link.tx.send(pb::LocationBatch { updates, batch_id: sub_id }).await {
                     Ok(()) => remote.push(RemotePart { peer, generation: link.generation, idx }),
                     Err(_) => {
+                        tracing::debug!(peer = %peer, refused = idx.len(), "fixes refused: the forwarding stream closed");
                         links.remove(&peer);
                         early.extend(idx.into_iter().map(|i| (i, Reject::Unavailable)));
                     }
@@ -277,6 +287,7 @@ async fn write_acks(
                     Some(r)
                 })),
                 None => {
+                    tracing::debug!(peer = %part.peer, refused = part.idx.len(), "fixes refused: no ack from their owner in time");
                     if links.get(&part.peer).is_some_and(|(g, _)| *g == part.generation) {
                         links.remove(&part.peer);
                         broken.lock().expect("broken lock").insert((part.peer, part.generation));

@@ -63,7 +63,9 @@ fn start(cfg: &BenchConfig, dir: &std::path::Path, i: usize) -> anyhow::Result<P
     }
     let child = cmd
         .args(&cfg.node_args)
-        .env("RUST_LOG", "warn,locus::handoff=debug")
+        // `LOCUS_BENCH_NODE_LOG` overrides the nodes' filter (their logs are kept in
+        // locus-bench-moves-logs under the temp dir).
+        .env("RUST_LOG", std::env::var("LOCUS_BENCH_NODE_LOG").unwrap_or_else(|_| "warn,locus::handoff=debug".into()))
         .stdout(log)
         .stderr(Stdio::null())
         .spawn()
@@ -230,17 +232,19 @@ async fn gateway(target: String, w: Arc<Workload>, s: usize, seen: Arc<Mutex<See
                 }
             }
         });
-        // One round a second, and never two less than a second apart: after a round that
-        // went out late (a stalled stream), the next waits a full second (`Skip` would
-        // send it at once, and a driver's two fixes 8 m and a few ms apart are rightly
-        // refused as implausible).
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // One round a second, its batches spread over the second as drivers' phones send
+        // them (not one burst a second), and a driver's fixes never less than a second
+        // apart: after a batch that went out late (a stalled stream), the next waits a
+        // full tick (`Skip` would send it at once, and a driver's two fixes 8 m and a few
+        // ms apart are rightly refused as implausible).
+        let ids: Vec<usize> = (s..MOVING).step_by(GATEWAY_STREAMS).collect();
+        let per_round = ids.len().div_ceil(1_000);
+        let mut tick = tokio::time::interval(Duration::from_secs(1) / per_round as u32);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'rounds: while !stop.load(Ordering::Acquire) && !reader.is_finished() {
-            tick.tick().await;
-            let ts = wall_ms();
-            let ids: Vec<usize> = (s..MOVING).step_by(GATEWAY_STREAMS).collect();
             for chunk in ids.chunks(1_000) {
+                tick.tick().await;
+                let ts = wall_ms();
                 let updates = chunk
                     .iter()
                     .map(|&i| {
@@ -504,7 +508,7 @@ pub fn report(f: &MovesFigures, out: &mut String) -> std::fmt::Result {
     )?;
     writeln!(
         out,
-        "- Throughout, a gateway streams a round of fixes of {MOVING} drivers per second through n0 ({GATEWAY_STREAMS} streams) and a client asks n0 for Nearby k=10 every ~5 ms. \"Took its share\": every partition served by its ring owner, nothing incoming or outgoing, one ring. Drain: until `Cluster.Drain` answers that the node is safe to stop. Failover: until 50 sampled drivers of the victim all answer through n0 (failure detection included: a 2 s suspicion, then the ring debounce)."
+        "- Throughout, a gateway streams a round of fixes of {MOVING} drivers per second through n0 ({GATEWAY_STREAMS} streams, batches of 1000 spread evenly over the second) and a client asks n0 for Nearby k=10 every ~5 ms. \"Took its share\": every partition served by its ring owner, nothing incoming or outgoing, one ring. Drain: until `Cluster.Drain` answers that the node is safe to stop. Failover: until 50 sampled drivers of the victim all answer through n0 (failure detection included: a probe every 500 ms, a 2 s suspicion, then the ring debounce)."
     )?;
     writeln!(
         out,

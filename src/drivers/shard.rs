@@ -10,7 +10,7 @@ use super::codec::{Snapshot, SnapshotRef, encode_delete, encode_upsert};
 use super::trail::Trail;
 use super::{DriverView, FieldError, FixInput, NearbyHit, Position, Reject, Status};
 use crate::geo::{Candidate, GeoIndex, IndexKey, LatLonBox, QueryFilter, haversine_m, index::index_point};
-use crate::keys::partition_of;
+use crate::keys::{PartitionSet, partition_of};
 
 /// Behaviour knobs of a shard, from the node configuration.
 #[derive(Clone, Debug)]
@@ -339,7 +339,10 @@ pub struct DriverShard {
     offers: BinaryHeap<Reverse<(i64, u32, u32)>>,
     /// Partitions being handed to another node: their keyed writes are refused and their
     /// timers held (in `held`) until they are forgotten or thawed.
-    frozen: HashSet<u16>,
+    frozen: PartitionSet,
+    /// Live drivers per partition, kept as slots are taken and freed (`admin
+    /// partitions` asks often; counting by a pass over every slot stalled the shard).
+    per_partition: Vec<u32>,
     /// Timers that came due in a frozen partition: (is offer, due, slot, generation).
     held: Vec<(bool, i64, u32, u32)>,
     pub counters: ShardCounters,
@@ -368,7 +371,8 @@ impl DriverShard {
             claims: HashMap::new(),
             orphans: HashMap::new(),
             offers: BinaryHeap::new(),
-            frozen: HashSet::new(),
+            frozen: PartitionSet::default(),
+            per_partition: vec![0; crate::keys::PARTITIONS as usize],
             held: Vec::new(),
             counters: ShardCounters::default(),
         }
@@ -695,7 +699,7 @@ impl DriverShard {
             .orphans
             .iter()
             .filter(|(id, c)| {
-                c.offer_due_ms.is_some_and(|d| d <= now_ms) && !self.frozen.contains(&partition_of(id.as_bytes()))
+                c.offer_due_ms.is_some_and(|d| d <= now_ms) && !self.frozen.contains(partition_of(id.as_bytes()))
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -719,6 +723,7 @@ impl DriverShard {
     }
 
     fn alloc_slot(&mut self, rec: Rec) -> u32 {
+        self.per_partition[rec.partition as usize] += 1;
         let slot = match self.free.pop() {
             Some(s) => {
                 self.slots[s as usize] = Some(rec);
@@ -826,12 +831,11 @@ impl DriverShard {
 
     /// Whether keyed writes to this driver are refused (its partition is moving).
     pub fn is_frozen(&self, driver_id: &str) -> bool {
-        !self.frozen.is_empty() && self.frozen.contains(&partition_of(driver_id.as_bytes()))
+        !self.frozen.is_empty() && self.frozen.contains(partition_of(driver_id.as_bytes()))
     }
 
     fn slot_frozen(&self, slot: u32) -> bool {
-        !self.frozen.is_empty()
-            && self.slots[slot as usize].as_ref().is_some_and(|r| self.frozen.contains(&r.partition))
+        !self.frozen.is_empty() && self.slots[slot as usize].as_ref().is_some_and(|r| self.frozen.contains(r.partition))
     }
 
     /// The slots of `parts`' drivers: one pass over the slots, a bit test each.
@@ -849,7 +853,7 @@ impl DriverShard {
     /// Hand-off, holder side: freezes `parts` and returns their drivers as full log
     /// records, per partition (records, count). Reads still answer from them.
     pub fn export(&mut self, parts: &HashSet<u16>) -> HashMap<u16, (Vec<u8>, u32)> {
-        self.frozen.extend(parts.iter().copied());
+        self.frozen.extend(parts.iter());
         let mut out: HashMap<u16, (Vec<u8>, u32)> = HashMap::new();
         for slot in self.slots_in(parts) {
             let r = self.rec(slot);
@@ -880,7 +884,9 @@ impl DriverShard {
         if n < gone.len() {
             return (n, false);
         }
-        self.frozen.retain(|p| !parts.contains(p));
+        for p in parts {
+            self.frozen.remove(*p);
+        }
         self.orphans.retain(|id, _| !parts.contains(&partition_of(id.as_bytes())));
         let slots = &self.slots;
         self.held
@@ -891,7 +897,9 @@ impl DriverShard {
     /// Hand-off undone (the borrower is gone): serve the partitions again, with their
     /// held timers (overdue ones fire on the next `fire_timers`).
     pub fn thaw(&mut self, parts: &HashSet<u16>) {
-        self.frozen.retain(|p| !parts.contains(p));
+        for p in parts {
+            self.frozen.remove(*p);
+        }
         for (offer, due, slot, g) in std::mem::take(&mut self.held) {
             if offer {
                 self.offers.push(Reverse((due, slot, g)));
@@ -946,6 +954,7 @@ impl DriverShard {
             self.events.push(ev);
         }
         let rec = self.slots[slot as usize].take().expect("live slot");
+        self.per_partition[rec.partition as usize] -= 1;
         let h = self.hasher.hash_one(&*rec.id);
         if let Ok(e) = self.by_id.find_entry(h, |&s| s == slot) {
             e.remove();
@@ -1169,16 +1178,12 @@ impl DriverShard {
     /// Refuses keyed writes to `parts` and holds their timers (as while they move), until
     /// [`thaw`](Self::thaw) or [`forget`](Self::forget).
     pub fn hold(&mut self, parts: &HashSet<u16>) {
-        self.frozen.extend(parts.iter().copied());
+        self.frozen.extend(parts.iter());
     }
 
     /// Live drivers per partition (for `admin partitions`).
     pub fn partition_counts(&self) -> HashMap<u16, u32> {
-        let mut m = HashMap::new();
-        for r in self.slots.iter().flatten() {
-            *m.entry(r.partition).or_insert(0) += 1;
-        }
-        m
+        (0..crate::keys::PARTITIONS).zip(self.per_partition.iter().copied()).filter(|(_, n)| *n > 0).collect()
     }
 
     /// Re-sends `parts` to their replicas: every driver of them gets a full record in the

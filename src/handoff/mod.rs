@@ -738,6 +738,13 @@ impl Handoff {
             // Cut off from the majority: take nothing, give nothing back, wait.
             return true;
         }
+        // The table as it was before the survey asked anyone: every action below is
+        // skipped for a partition whose holding changed since. Taken after the survey, a
+        // lend to a node whose answer predates its pull would read as "lent to a node
+        // that holds nothing" and be reclaimed while the borrower installs it: two
+        // copies served at once (seen under load: a joining node served six partitions
+        // at the old epoch for seven seconds until it stood down).
+        let table = self.state.lock().await.table.clone();
         let survey = self.survey(view).await;
         {
             // Two served copies (a stale one not stood down yet): the newer epoch's.
@@ -751,6 +758,9 @@ impl Handoff {
                 }
             }
             *self.holders.lock().expect("holders lock") = best.into_iter().map(|(p, (_, a))| (p, a)).collect();
+            // Requests waiting for partitions still served elsewhere go there now.
+            let st = self.state.lock().await;
+            self.publish(view, &st);
         }
         self.cluster.set_empty(
             survey
@@ -760,7 +770,6 @@ impl Handoff {
                 .map(|(a, _)| *a)
                 .collect(),
         );
-        let table = self.state.lock().await.table.clone();
         let replicas: HashMap<u16, u64> = self.replica_store().synced().collect();
         // The serving flag, not the clock: a lease that ran out a moment ago under load
         // (this round runs only while the quorum task says it holds) is not a node
@@ -1052,8 +1061,24 @@ impl Handoff {
             let st = self.state.lock().await;
             let active: HashSet<u16> =
                 st.table.held().filter(|(_, x)| x.holding == Some(Holding::Active)).map(|(p, _)| p).collect();
+            // For whoever reads this at 3 a.m.: each base member, and how long ago it last
+            // agreed with this node (on the ring, and that this node is alive) or at all.
+            let any = self.heard.get().map(|(h, _)| h.heard_within(lease_for * 4)).unwrap_or_default();
+            let members: Vec<String> = base
+                .iter()
+                .filter(|a| **a != self.me)
+                .map(|a| {
+                    let agreed =
+                        heard.get(a).map_or("never".to_string(), |t| format!("{} ms ago", (now - *t).as_millis()));
+                    let state = view.member(a).map_or("unknown", |m| m.liveness.as_str());
+                    let beats = if any.contains(a) { "beating" } else { "silent" };
+                    format!("{} ({state}, {beats}, agreed {agreed})", view.name_of(a))
+                })
+                .collect();
             warn!(
                 base = base.len(),
+                ?members,
+                ring = view.ring.checksum(),
                 partitions = active.len(),
                 "quorum lost: a majority of the cluster is out of reach; refusing writes and claims, timers held"
             );

@@ -546,8 +546,18 @@ impl Core {
             self.ring = Arc::new(ring);
             if !self.left {
                 self.broadcast_meta();
+                // Pushed out at once to a few members (every member of a small cluster),
+                // not left to ride on the next probes: peers compare ring checksums for
+                // their quorum lease, and a broadcast whose few transmissions went to a
+                // member on its way out reached the others only with the next
+                // rebroadcast, seconds later (a drain under load lost a node its quorum
+                // for 5 s that way).
+                if let Err(e) = self.foca.gossip(&mut self.rt) {
+                    debug!(error = %e, "gossip");
+                }
             }
             self.refresh(now);
+            self.after_call(now);
         }
     }
 

@@ -521,3 +521,42 @@ fn writes_are_taken_in_slices_oldest_first_and_none_is_lost() {
     assert_eq!(rounds, 4);
     assert_eq!(seen, (0..100).map(|i| format!("d{i}")).collect::<Vec<_>>());
 }
+
+#[test]
+fn per_partition_counts_follow_creates_removals_expiry_and_moves() {
+    let mut sh = DriverShard::new(cfg());
+    let ids: Vec<String> = (0..400).map(|i| format!("d{i}")).collect();
+    for (i, d) in ids.iter().enumerate() {
+        sh.apply(fix(d, 10.0 + i as f64 * 1e-3, 10.0, T0), T0).unwrap();
+    }
+    let brute = |sh: &DriverShard, live: &[&String]| {
+        let mut m: HashMap<u16, u32> = HashMap::new();
+        for d in live {
+            assert!(sh.get(&id(d), false).is_some(), "{d} is live");
+            *m.entry(partition_of(d.as_bytes())).or_default() += 1;
+        }
+        m
+    };
+    let mut live: Vec<&String> = ids.iter().collect();
+    assert_eq!(sh.partition_counts(), brute(&sh, &live));
+    // Removed drivers, and a re-created one.
+    for d in &ids[..50] {
+        sh.remove(&id(d));
+    }
+    sh.apply(fix(&ids[0], 10.0, 10.0, T0 + 1_000), T0 + 1_000).unwrap();
+    live.retain(|d| !ids[1..50].contains(d));
+    assert_eq!(sh.partition_counts(), brute(&sh, &live));
+    // Two partitions handed over and forgotten.
+    let gone: HashSet<u16> = live.iter().take(2).map(|d| partition_of(d.as_bytes())).collect();
+    sh.export(&gone);
+    sh.forget(&gone);
+    live.retain(|d| !gone.contains(&partition_of(d.as_bytes())));
+    assert_eq!(sh.partition_counts(), brute(&sh, &live));
+    // Everything expires but the one refreshed after the others' TTL ran out.
+    sh.apply(fix(&ids[60], 10.06, 10.0, T0 + 600_000), T0 + 600_000).ok();
+    sh.fire_timers(T0 + 900_001);
+    live.retain(|d| *d == &ids[0] || *d == &ids[60]);
+    live.retain(|d| !gone.contains(&partition_of(d.as_bytes())));
+    assert_eq!(sh.partition_counts(), brute(&sh, &live));
+    assert_eq!(sh.partition_counts().values().sum::<u32>() as usize, sh.len());
+}
