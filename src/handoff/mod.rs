@@ -888,10 +888,18 @@ impl Handoff {
         let mut pulled_any = false;
         let (t_pull, mut pulled_total, mut pulled_bytes) = (Instant::now(), 0, 0);
         let sources = pulls.len();
-        for (from, wanted) in pulls {
+        'sources: for (from, wanted) in pulls {
             let Some(meta) = view.meta(&from) else { continue };
             let name = meta.name.clone();
             for chunk in wanted.chunks(PULL_CHUNK) {
+                // The ring moved on since this round's plan (a joining node's first
+                // view is partial): stop pulling by the old one; the next round plans
+                // by the new ring at once (the view change wakes it).
+                if self.cluster.view().ring.checksum() != view.ring.checksum() {
+                    debug!("the ring changed during the round; pulling by the new one");
+                    pulled_any = true;
+                    break 'sources;
+                }
                 let t0 = Instant::now();
                 let epochs: HashMap<u16, u64> = chunk.iter().copied().collect();
                 metrics::gauge!("locus_handoffs_in_flight").increment(chunk.len() as f64);

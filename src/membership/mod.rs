@@ -21,7 +21,7 @@ pub mod transport;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU8, NonZeroU32};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -227,12 +227,22 @@ pub struct MembershipConfig {
     pub rebroadcast_every: Duration,
 }
 
+/// Times each membership update and metadata broadcast is sent (foca's
+/// `max_transmissions`).
+pub const MAX_TRANSMISSIONS: u8 = 6;
+
 impl MembershipConfig {
     /// foca's LAN settings with a shorter probe period and suspicion (a dead member is
     /// declared down within about `probe_period` × 1.5 + `suspect_to_down`, 2.75 s by
     /// default) and frequent announces to down members (partitions heal by themselves).
     pub fn foca_config(&self) -> Config {
         let mut c = Config::new_lan(NonZeroU32::new(3).expect("nonzero"));
+        // foca sizes transmissions for a 3-node cluster at 2 per update or broadcast: a
+        // metadata broadcast pushed to three peers reached only two of them, and the
+        // third learned it from the next rebroadcast, 5 s later (its ring lagged the
+        // others' and it lost its quorum lease). Six reach every member of clusters of
+        // the size Locus runs, with relays to spare.
+        c.max_transmissions = NonZeroU8::new(MAX_TRANSMISSIONS).expect("nonzero");
         c.probe_period = self.probe_period;
         c.probe_rtt = self.probe_period / 2;
         c.suspect_to_down_after = self.suspect_to_down;
@@ -501,6 +511,13 @@ impl Core {
         }
         if rebroadcast && !self.left {
             self.broadcast_meta();
+            // Pushed to a few members at once (every member of a small cluster): a
+            // joiner's metadata left to ride on probes reached one member only with the
+            // next rebroadcast, 5 s later; that member's ring lagged the others' past
+            // the agreement grace and it lost its quorum lease meanwhile.
+            if let Err(e) = self.foca.gossip(&mut self.rt) {
+                debug!(error = %e, "gossip");
+            }
         }
         while let Some((dst, bytes)) = self.rt.to_send() {
             self.outbox.push((dst.addr, bytes.to_vec()));

@@ -199,3 +199,19 @@ async fn a_leaving_node_is_dropped_before_it_exits() {
     ])
     .await;
 }
+
+/// A joiner's metadata reaches every member well before the periodic rebroadcast (5 s),
+/// whatever the random choices of gossip targets: members compare ring checksums for
+/// their quorum lease and must not lag each other by seconds.
+#[tokio::test(start_paused = true)]
+async fn every_member_learns_a_joiner_within_a_second() {
+    for trial in 0..12u64 {
+        let mut h = Harness::new(4);
+        h.boots = 7_000 + trial * 131;
+        h.run(three_nodes()).await;
+        // Past the first broadcasts' circulation: only the join's own messages count.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        h.run(vec![Op::Start(3, vec![trial as usize % 3]), Op::Converge(vec![0, 1, 2, 3], Duration::from_secs(1))])
+            .await;
+    }
+}
