@@ -165,11 +165,11 @@ pub enum ShardMsg {
 }
 
 /// How often a worker encodes its changes into the pending batch.
-const ENCODE_EVERY: Duration = Duration::from_millis(50);
+const ENCODE_EVERY: Duration = Duration::from_millis(25);
 /// Most changed drivers encoded at once (about 2 ms of work): a backlog (an install, a
 /// replica resync) drains over a few encodes, 160,000 drivers a second per shard,
 /// instead of stalling the shard's queries for one long encode.
-const ENCODE_SLICE: usize = 8_192;
+const ENCODE_SLICE: usize = 4_096;
 /// A pending batch this large is not grown further until it has been handed over.
 const MAX_PENDING_BYTES: usize = 32 << 20;
 

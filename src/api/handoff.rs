@@ -93,7 +93,7 @@ impl pb::handoff_server::Handoff for HandoffApi {
                 part_from_proto(p).ok_or_else(|| Status::invalid_argument(format!("parts: {n} is not a partition")))?,
             );
         }
-        let refused = self.handoff.replicate(who, r.session, parts);
+        let refused = self.handoff.replicate(who, r.session, parts).await;
         Ok(Response::new(pb::ReplicaAck { refused: refused.into_iter().map(refused_proto).collect() }))
     }
 }

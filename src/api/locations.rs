@@ -167,8 +167,15 @@ where
         let fut = call(p.client.clone(), r);
         let name = p.name.clone();
         set.spawn(async move {
+            let t0 = tokio::time::Instant::now();
             match tokio::time::timeout(deadline, fut).await {
-                Ok(Ok(resp)) => Ok(resp.into_inner()),
+                Ok(Ok(resp)) => {
+                    // Which node slows a query down (an SRE's first question, and the
+                    // moves benchmark's breakdown).
+                    metrics::histogram!("locus_scatter_part_seconds", "peer" => name)
+                        .record(t0.elapsed().as_secs_f64());
+                    Ok(resp.into_inner())
+                }
                 Ok(Err(s)) => {
                     tracing::debug!(peer = %name, error = %s, "scatter part failed");
                     Err((name, s))
@@ -382,7 +389,15 @@ impl pb::locations_server::Locations for LocationsApi {
         let limit = q.limit;
         let (local, peers) = self.cluster.scatter_targets();
         let remote = scatter(peers, r, deadline, |mut c, r| async move { c.nearby(r).await });
-        let here = async { if local { Some(self.router.nearby(q).await) } else { None } };
+        let here = async {
+            if !local {
+                return None;
+            }
+            let t0 = tokio::time::Instant::now();
+            let r = self.router.nearby(q).await;
+            metrics::histogram!("locus_scatter_part_seconds", "peer" => "local").record(t0.elapsed().as_secs_f64());
+            Some(r)
+        };
         let (here, remote) = tokio::join!(here, remote);
         let here = here.transpose().map_err(route_status)?.map(|hits| (hits, false));
         let remote = remote.into_iter().map(|p| p.map(|r| (r.drivers, false)));

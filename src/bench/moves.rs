@@ -155,6 +155,53 @@ async fn wait_settled(cfg: &BenchConfig, nodes: &[usize], within: Duration) -> a
     Ok(())
 }
 
+/// Per node, Nearby scatter parts as n0 saw them: (at most 10 ms, all), from n0's
+/// `locus_scatter_part_seconds{peer}` histogram (cumulative; phases take differences).
+type Parts = std::collections::BTreeMap<String, (u64, u64)>;
+
+async fn scatter_parts(cfg: &BenchConfig) -> Parts {
+    let mut out = Parts::new();
+    let Ok(text) = http_get(ports(cfg, 0).1, "/metrics").await else { return out };
+    let peer = |l: &str| l.split("peer=\"").nth(1).and_then(|r| r.split('"').next()).map(str::to_string);
+    let value = |l: &str| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64;
+    for l in text.lines() {
+        if l.starts_with("locus_scatter_part_seconds_bucket{") && l.contains("le=\"0.01\"") {
+            if let Some(p) = peer(l) {
+                out.entry(p).or_default().0 = value(l);
+            }
+        } else if l.starts_with("locus_scatter_part_seconds_count{")
+            && let Some(p) = peer(l)
+        {
+            out.entry(p).or_default().1 = value(l);
+        }
+    }
+    out
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1 (the nodes' metrics); the body.
+async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    Ok(text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// Parts slower than 10 ms between two scrapes, per node: "n3 12 of 767".
+fn slow_parts(before: &Parts, after: &Parts) -> Vec<(String, u64, u64)> {
+    after
+        .iter()
+        .map(|(p, (fast, all))| {
+            let (f0, a0) = before.get(p).copied().unwrap_or_default();
+            let all = all.saturating_sub(a0);
+            (p.clone(), all.saturating_sub(fast.saturating_sub(f0)), all)
+        })
+        .filter(|(_, _, all)| *all > 0)
+        .collect()
+}
+
 /// What the background clients saw since the last [`Load::take`].
 #[derive(Default)]
 struct Seen {
@@ -311,11 +358,14 @@ pub struct Phase {
     pub fixes_unavailable: u64,
     pub fixes_other_rejects: u64,
     pub gateway_errors: u64,
+    /// Per node: Nearby parts over 10 ms, of all (as n0 saw them).
+    pub slow_parts: Vec<(String, u64, u64)>,
 }
 
 impl Phase {
     fn new(name: &'static str, took: Duration, s: Seen, wall: Duration) -> Phase {
         Phase {
+            slow_parts: Vec::new(),
             name,
             secs: took.as_secs_f64(),
             nearby: Latency::from(s.nearby_us, wall.as_secs_f64()),
@@ -379,11 +429,21 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Mov
     let load = Load::start(url(cfg, 0), w.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _warmup = load.take();
-    let mut phases = Vec::new();
+    let mut parts = scatter_parts(cfg).await;
+    let mut phases: Vec<Phase> = Vec::new();
+    // Each phase's slow scatter parts, by node, since the previous scrape.
+    async fn close(cfg: &BenchConfig, phases: &mut [Phase], parts: &mut Parts) {
+        let now = scatter_parts(cfg).await;
+        if let Some(p) = phases.last_mut() {
+            p.slow_parts = slow_parts(parts, &now);
+        }
+        *parts = now;
+    }
     // The same load with nothing moving, for comparison.
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(4)).await;
     phases.push(Phase::new("steady, nothing moving (baseline)", t0.elapsed(), load.take(), t0.elapsed()));
+    close(cfg, &mut phases, &mut parts).await;
 
     // 1. A fourth node joins.
     let t0 = Instant::now();
@@ -392,6 +452,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Mov
     let took = t0.elapsed();
     eprintln!("[bench] moves: a fourth node took its share in {took:?}");
     phases.push(Phase::new("a 4th node joins and takes its share", took, load.take(), t0.elapsed()));
+    close(cfg, &mut phases, &mut parts).await;
     let restored_join = wait_replicated(cfg, &[0, 1, 2, 3], Duration::from_secs(120)).await?;
     let held_join = held_drivers(cfg, &[0, 1, 2, 3]).await?;
     eprintln!("[bench] moves: replicas restored {restored_join:?} later");
@@ -412,6 +473,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Mov
     procs[1] = None;
     wait_settled(cfg, &[0, 2, 3], Duration::from_secs(60)).await?;
     phases.push(Phase::new("drain one of the 4 (then stop it)", took, load.take(), t0.elapsed()));
+    close(cfg, &mut phases, &mut parts).await;
     // One failure at a time: the crash below comes once the replicas are back.
     let restored_drain = wait_replicated(cfg, &[0, 2, 3], Duration::from_secs(120)).await?;
     let held_drain = held_drivers(cfg, &[0, 2, 3]).await?;
@@ -427,6 +489,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Mov
         .collect();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let _ = load.take();
+    parts = scatter_parts(cfg).await;
     let t0 = Instant::now();
     if let Some(mut p) = procs[2].take() {
         p.0.kill().context("kill -9")?;
@@ -442,6 +505,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Mov
     wait_settled(cfg, &[0, 3], Duration::from_secs(60)).await.ok();
     let held_crash = held_drivers(cfg, &[0, 3]).await?;
     phases.push(Phase::new("kill -9 of one of the 3 left", took, load.take(), t0.elapsed()));
+    close(cfg, &mut phases, &mut parts).await;
     load.stop().await;
 
     let mut promote_ms = Vec::new();
@@ -500,6 +564,17 @@ pub fn report(f: &MovesFigures, out: &mut String) -> std::fmt::Result {
             p.nearby_partial,
             target
         )?;
+    }
+    writeln!(
+        out,
+        "\nWhich node a slow Nearby waited for: each node's part as n0 saw it, parts over 10 ms of all (`locus_scatter_part_seconds{{peer}}` on n0; `local`: n0's own shards).\n"
+    )?;
+    writeln!(out, "| phase | slow parts by node |")?;
+    writeln!(out, "|---|---|")?;
+    for p in &f.phases {
+        let parts: Vec<String> =
+            p.slow_parts.iter().map(|(node, slow, all)| format!("{node} {slow} of {all}")).collect();
+        writeln!(out, "| {} | {} |", p.name, if parts.is_empty() { "–".to_string() } else { parts.join(", ") })?;
     }
     writeln!(
         out,

@@ -100,6 +100,6 @@ impl PeerLink for MemPeerLink {
         parts: Vec<ReplicaPart>,
         timeout: std::time::Duration,
     ) -> LinkFuture<'_, Vec<Refusal>> {
-        Box::pin(self.call(peer, timeout, move |h| async move { h.replicate(me, session, parts) }))
+        Box::pin(self.call(peer, timeout, move |h| async move { h.replicate(me, session, parts).await }))
     }
 }

@@ -72,6 +72,8 @@ pub use crate::routing::cluster::MAX_HANDOFF_BYTES;
 pub use crate::storage::{Arriving, PartitionData};
 pub use link::MemPeerLink;
 
+/// Driver bytes of a replica batch applied between two yields (about a millisecond).
+const APPLY_STEP_BYTES: usize = 256 << 10;
 /// Partitions per `Pull` call: bounds one message and how much is frozen at once.
 const PULL_CHUNK: usize = 8;
 /// How long one survey answer or pull may take.
@@ -234,11 +236,29 @@ impl Handoff {
     }
 
     /// Replica side of `Replicate`: applies an owner's batch; returns what was refused.
-    pub fn replicate(&self, from: SocketAddr, session: u64, parts: Vec<ReplicaPart>) -> Vec<Refusal> {
-        let routes = self.routes.borrow().clone();
-        let refused = self
-            .replica_store()
-            .apply(from, session, parts, |p| routes.of(p as usize) == crate::ownership::Route::Local);
+    ///
+    /// A batch (up to 8 MiB: a resync sends whole partitions) is applied a few hundred
+    /// KiB at a time, yielding in between: applied at once it held a runtime thread
+    /// for tens of milliseconds, and every query part on that node waited.
+    pub async fn replicate(&self, from: SocketAddr, session: u64, parts: Vec<ReplicaPart>) -> Vec<Refusal> {
+        let mut refused = Vec::new();
+        let mut parts = parts.into_iter().peekable();
+        while parts.peek().is_some() {
+            let mut step = Vec::new();
+            let mut bytes = 0;
+            while let Some(p) = parts.next_if(|p| step.is_empty() || bytes + p.drivers.len() <= APPLY_STEP_BYTES) {
+                bytes += p.drivers.len();
+                step.push(p);
+            }
+            let routes = self.routes.borrow().clone();
+            refused.extend(
+                self.replica_store()
+                    .apply(from, session, step, |p| routes.of(p as usize) == crate::ownership::Route::Local),
+            );
+            if parts.peek().is_some() {
+                tokio::task::yield_now().await;
+            }
+        }
         let refused: Vec<Refusal> = refused
             .into_iter()
             .map(|(p, why)| match why {

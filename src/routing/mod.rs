@@ -58,7 +58,7 @@ type ShardInstall = (Vec<Snapshot>, Vec<(String, Claim)>);
 
 /// Most drivers one install message of a hand-off carries to a shard (a few
 /// milliseconds of work).
-pub const INSTALL_SLICE: usize = 2_048;
+pub const INSTALL_SLICE: usize = 512;
 
 /// Most drivers one message drops from a shard when partitions move away: queries
 /// queued behind it wait for one slice of R-tree removals, not a whole chunk's.
