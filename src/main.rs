@@ -10,6 +10,10 @@ use locus::config::{LogFormat, NodeConfig};
 
 /// mimalloc: with it, `locus bench` loaded 1M drivers at 612k fixes/s against 438k with
 /// glibc malloc (Nearby p99 0.65 ms against 1.05 ms); resident memory was about the same.
+/// Built without transparent huge pages (`no_thp`): memory it returned and took back was
+/// faulted in 2 MiB at a time, each zeroed whole, and while partitions moved that
+/// zeroing took a third of a new node's CPU (the moves bench: join Nearby p99 50–120 ms
+/// with huge pages, about 22–28 ms without; promotions 1.2–1.7 s, then 0.6–0.8 s).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use locus::sim::SimConfig;
