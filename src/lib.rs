@@ -67,7 +67,8 @@
 //! - [`clock`]: the wall clock (ms since the epoch; simulated in paused time);
 //!   [`tasks`]: every spawned task, counted by kind while it lives (`locus_tasks{kind}`),
 //!   and grouped by node (`Scope`: killed or frozen together) where one process runs several.
-//! - [`keys`]: deterministic key hashing; partitions, the unit shards and nodes own.
+//! - [`keys`]: deterministic key hashing; partitions, the unit shards and nodes own
+//!   (and `PartitionSet`, a bitmap of them).
 //! - [`config`], [`node`]: flags and wiring (over TCP/UDP, or `memnet`), startup (the log is parked until handed
 //!   over) and graceful shutdown (hand every partition over, then leave the gossip).
 //! - [`http`]: health, readiness, Prometheus metrics and the public share endpoints.
