@@ -677,12 +677,7 @@ impl Handoff {
     fn drop_stale_replicas(&self, view: &ClusterView, survey: &Survey, table: &Table) {
         let ring = self.ring(view);
         let n = self.replicator.replicas();
-        let mut served: HashMap<u16, (u64, SocketAddr)> = HashMap::new();
-        for (a, hs) in &survey.answered {
-            for h in hs.iter().filter(|h| matches!(h.holding, Holding::Active)) {
-                served.insert(h.partition, (h.epoch, *a));
-            }
-        }
+        let mut served = survey.serving();
         for (p, part) in table.held().filter(|(_, x)| x.holding == Some(Holding::Active)) {
             served.insert(p, (part.epoch, self.me));
         }
@@ -767,17 +762,8 @@ impl Handoff {
         let table = self.state.lock().await.table.clone();
         let survey = self.survey(view).await;
         {
-            // Two served copies (a stale one not stood down yet): the newer epoch's.
-            let mut best: HashMap<u16, (u64, SocketAddr)> = HashMap::new();
-            for (a, hs) in &survey.answered {
-                for h in hs.iter().filter(|h| h.holding == Holding::Active) {
-                    let e = best.entry(h.partition).or_insert((h.epoch, *a));
-                    if h.epoch > e.0 {
-                        *e = (h.epoch, *a);
-                    }
-                }
-            }
-            *self.holders.lock().expect("holders lock") = best.into_iter().map(|(p, (_, a))| (p, a)).collect();
+            *self.holders.lock().expect("holders lock") =
+                survey.serving().into_iter().map(|(p, (_, a))| (p, a)).collect();
             // Requests waiting for partitions still served elsewhere go there now.
             let st = self.state.lock().await;
             self.publish(view, &st);

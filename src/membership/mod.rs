@@ -337,7 +337,12 @@ impl Core {
         }
     }
 
-    /// Publishes this node's metadata (a new version) to the cluster.
+    /// Publishes this node's metadata (a new version) to the cluster, pushed at once to a
+    /// few members (every member of a small cluster) rather than left to ride on the
+    /// next probes: peers compare ring checksums for their quorum lease, and a joiner's
+    /// metadata or a changed ring that reached a member only with the next 5 s
+    /// rebroadcast cost that member its lease. The packets go out with the caller's
+    /// next [`Core::after_call`].
     fn broadcast_meta(&mut self) {
         self.seq += 1;
         let msg = MetaMsg { addr: self.cfg.gossip_addr, boot: self.boot, seq: self.seq, meta: self.meta() };
@@ -348,6 +353,9 @@ impl Core {
                 }
             }
             Err(e) => warn!(error = %e, "metadata encoding failed"),
+        }
+        if let Err(e) = self.foca.gossip(&mut self.rt) {
+            debug!(error = %e, "gossip");
         }
     }
 
@@ -384,10 +392,6 @@ impl Core {
             self.next_rebroadcast = now + self.cfg.rebroadcast_every;
             if !self.left {
                 self.broadcast_meta();
-                // Pushes the broadcast out now rather than with the next probe.
-                if let Err(e) = self.foca.gossip(&mut self.rt) {
-                    debug!(error = %e, "gossip");
-                }
                 self.after_call(now);
             }
         }
@@ -459,10 +463,6 @@ impl Core {
         info!(from = self.state.as_str(), to = s.as_str(), "node state");
         self.state = s;
         self.broadcast_meta();
-        self.refresh(now);
-        if let Err(e) = self.foca.gossip(&mut self.rt) {
-            debug!(error = %e, "gossip");
-        }
         self.after_call(now);
     }
 
@@ -511,13 +511,6 @@ impl Core {
         }
         if rebroadcast && !self.left {
             self.broadcast_meta();
-            // Pushed to a few members at once (every member of a small cluster): a
-            // joiner's metadata left to ride on probes reached one member only with the
-            // next rebroadcast, 5 s later; that member's ring lagged the others' past
-            // the agreement grace and it lost its quorum lease meanwhile.
-            if let Err(e) = self.foca.gossip(&mut self.rt) {
-                debug!(error = %e, "gossip");
-            }
         }
         while let Some((dst, bytes)) = self.rt.to_send() {
             self.outbox.push((dst.addr, bytes.to_vec()));
@@ -563,17 +556,7 @@ impl Core {
             self.ring = Arc::new(ring);
             if !self.left {
                 self.broadcast_meta();
-                // Pushed out at once to a few members (every member of a small cluster),
-                // not left to ride on the next probes: peers compare ring checksums for
-                // their quorum lease, and a broadcast whose few transmissions went to a
-                // member on its way out reached the others only with the next
-                // rebroadcast, seconds later (a drain under load lost a node its quorum
-                // for 5 s that way).
-                if let Err(e) = self.foca.gossip(&mut self.rt) {
-                    debug!(error = %e, "gossip");
-                }
             }
-            self.refresh(now);
             self.after_call(now);
         }
     }

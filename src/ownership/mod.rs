@@ -179,6 +179,21 @@ impl Survey {
     fn alive(&self, a: &SocketAddr) -> bool {
         self.answered.contains_key(a) || self.missing.contains(a)
     }
+
+    /// Per partition served (active) by a member that answered: its epoch and that
+    /// member. Two served copies (a stale one not stood down yet): the higher epoch's.
+    pub fn serving(&self) -> HashMap<u16, (u64, SocketAddr)> {
+        let mut out: HashMap<u16, (u64, SocketAddr)> = HashMap::new();
+        for (a, hs) in &self.answered {
+            for h in hs.iter().filter(|h| h.holding == Holding::Active) {
+                let e = out.entry(h.partition).or_insert((h.epoch, *a));
+                if h.epoch > e.0 {
+                    *e = (h.epoch, *a);
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Until when `me` holds a quorum of `base` (itself included) by the times members were

@@ -488,3 +488,20 @@ fn a_member_that_just_went_down_stays_in_the_base() {
     }
     assert_eq!(base.members(), &[a, b, c, d]);
 }
+
+#[test]
+fn the_survey_names_who_serves_each_partition_the_higher_epoch_winning() {
+    let (mut a, mut b) = (Table::default(), Table::default());
+    a.set(1, Part { epoch: 3, holding: Some(Holding::Active) });
+    b.set(1, Part { epoch: 5, holding: Some(Holding::Active) });
+    a.set(2, Part { epoch: 7, holding: Some(Holding::Active) });
+    b.set(2, Part { epoch: 4, holding: Some(Holding::Active) });
+    b.set(3, Part { epoch: 9, holding: Some(Holding::Lent { to: addr(0), to_epoch: 10 }) });
+    a.set(4, Part { epoch: 2, holding: Some(Holding::Parked) });
+    let served = survey(&[(1, &a), (2, &b)]).serving();
+    assert_eq!(served.get(&1), Some(&(5, addr(2))), "the stale copy at epoch 3 loses");
+    assert_eq!(served.get(&2), Some(&(7, addr(1))));
+    assert_eq!(served.get(&3), None, "lent: not served there");
+    assert_eq!(served.get(&4), None, "parked: not served");
+    assert_eq!(served.len(), 2);
+}

@@ -467,13 +467,19 @@ fn an_orphaned_offer_lapses_on_time_without_its_driver() {
     assert_eq!(sh.get(&id("d2"), false).unwrap().status, Status::OnTrip);
 }
 
-#[test]
-fn moved_partitions_are_forgotten_in_slices_and_only_theirs() {
+/// A shard holding `n` drivers `d0..`, a few metres apart, created at `T0`.
+fn fleet(n: usize) -> (DriverShard, Vec<String>) {
     let mut sh = DriverShard::new(cfg());
-    let ids: Vec<String> = (0..400).map(|i| format!("d{i}")).collect();
+    let ids: Vec<String> = (0..n).map(|i| format!("d{i}")).collect();
     for (i, d) in ids.iter().enumerate() {
         sh.apply(fix(d, 52.5 + i as f64 * 1e-4, 13.4, T0), T0).unwrap();
     }
+    (sh, ids)
+}
+
+#[test]
+fn moved_partitions_are_forgotten_in_slices_and_only_theirs() {
+    let (mut sh, ids) = fleet(400);
     let moving: HashSet<u16> = ids.iter().take(200).map(|d| partition_of(d.as_bytes())).collect();
     let leaving: Vec<&String> = ids.iter().filter(|d| moving.contains(&partition_of(d.as_bytes()))).collect();
     sh.export(&moving);
@@ -524,11 +530,7 @@ fn writes_are_taken_in_slices_oldest_first_and_none_is_lost() {
 
 #[test]
 fn per_partition_counts_follow_creates_removals_expiry_and_moves() {
-    let mut sh = DriverShard::new(cfg());
-    let ids: Vec<String> = (0..400).map(|i| format!("d{i}")).collect();
-    for (i, d) in ids.iter().enumerate() {
-        sh.apply(fix(d, 10.0 + i as f64 * 1e-3, 10.0, T0), T0).unwrap();
-    }
+    let (mut sh, ids) = fleet(400);
     let brute = |sh: &DriverShard, live: &[&String]| {
         let mut m: HashMap<u16, u32> = HashMap::new();
         for d in live {
@@ -553,7 +555,7 @@ fn per_partition_counts_follow_creates_removals_expiry_and_moves() {
     live.retain(|d| !gone.contains(&partition_of(d.as_bytes())));
     assert_eq!(sh.partition_counts(), brute(&sh, &live));
     // Everything expires but the one refreshed after the others' TTL ran out.
-    sh.apply(fix(&ids[60], 10.06, 10.0, T0 + 600_000), T0 + 600_000).ok();
+    sh.apply(fix(&ids[60], 52.506, 13.4, T0 + 600_000), T0 + 600_000).unwrap();
     sh.fire_timers(T0 + 900_001);
     live.retain(|d| *d == &ids[0] || *d == &ids[60]);
     live.retain(|d| !gone.contains(&partition_of(d.as_bytes())));
