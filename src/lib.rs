@@ -71,7 +71,8 @@
 //!   (and `PartitionSet`, a bitmap of them).
 //! - [`config`], [`node`]: flags and wiring (over TCP/UDP, or `memnet`), startup (the log is parked until handed
 //!   over) and graceful shutdown (hand every partition over, then leave the gossip).
-//! - [`http`]: health, readiness, Prometheus metrics and the public share endpoints.
+//! - [`http`]: health, readiness, Prometheus metrics and the public share endpoints;
+//!   [`health`]: readiness (one writer) and the `grpc.health.v1` and reflection services.
 //! - [`admin`]: the `locus admin` CLI; [`sim`]: the city simulator and load generator
 //!   (owner-aware or not); [`bench`]: the benchmarks.
 //! - [`pb`]: generated protobuf/gRPC code.
@@ -87,6 +88,7 @@ pub mod drivers;
 pub mod events;
 pub mod geo;
 pub mod handoff;
+pub mod health;
 pub mod http;
 pub mod keys;
 pub mod membership;

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -258,7 +258,7 @@ pub async fn run_on(
         cluster = cluster.with_connector(mem.connector(gossip_addr));
     }
     let cluster = Arc::new(cluster);
-    let ready = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(crate::health::Readiness::default());
     let member_metrics = crate::tasks::spawn("member_metrics", follow_members(members.view.clone(), cluster.clone()));
 
     // The hand-off protocol's calls on other nodes.
@@ -354,6 +354,8 @@ pub async fn run_on(
         .max_decoding_message_size(MAX_HANDOFF_BYTES)
         .max_encoding_message_size(MAX_HANDOFF_BYTES);
     let admin = ClusterServer::new(ClusterApi::new(cluster.clone(), leave.clone(), handoff.clone(), members.clone()));
+    let health = crate::health::serve_health(&ready, sd_rx.clone());
+    let (reflection_v1, reflection_v1alpha) = crate::health::reflection()?;
     let mut sd = sd_rx.clone();
     let grpc = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -366,7 +368,10 @@ pub async fn run_on(
         .add_service(dispatch_svc)
         .add_service(events_svc)
         .add_service(internal_svc)
-        .add_service(handoff_svc);
+        .add_service(handoff_svc)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     let stopping = async move {
         let _ = sd.wait_for(|s| *s).await;
     };
@@ -417,7 +422,7 @@ pub async fn run_on(
     replication.abort();
     member_metrics.abort();
     info!("shutting down: draining RPCs");
-    ready.store(false, Ordering::Relaxed);
+    ready.set(false);
     let _ = sd_tx.send(true);
     match tokio::time::timeout(cfg.shutdown_grace, grpc_task).await {
         Ok(Ok(Ok(()))) => {}

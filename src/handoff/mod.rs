@@ -115,7 +115,7 @@ pub struct Handoff {
     table_records: Arc<dyn Records>,
     state: Mutex<State>,
     routes: watch::Sender<Arc<Routes>>,
-    ready: Arc<AtomicBool>,
+    ready: Arc<crate::health::Readiness>,
     /// Trail fixes kept per driver besides the last (pulled records are cut to it).
     trail_cap: usize,
     /// After each chunk pulled, wait this many hundredths of the time it took
@@ -172,7 +172,7 @@ impl Handoff {
         trips: Arc<Trips>,
         claims: Arc<dyn Records>,
         routes: watch::Sender<Arc<Routes>>,
-        ready: Arc<AtomicBool>,
+        ready: Arc<crate::health::Readiness>,
         trail_cap: usize,
         replicator: Arc<Replicator>,
         link: Arc<dyn PeerLink>,
@@ -318,7 +318,7 @@ impl Handoff {
         let r = routes(self.me, &ring, &st.table, &via);
         let incoming = r.incoming();
         let on_ring = ring.contains(&self.me);
-        self.ready.store(on_ring && incoming == 0, Ordering::Relaxed);
+        self.ready.set(on_ring && incoming == 0);
         metrics::gauge!("locus_partitions", "state" => "incoming").set(incoming as f64);
         for kind in ["active", "lent", "parked"] {
             metrics::gauge!("locus_partitions", "state" => kind).set(st.table.count(kind) as f64);

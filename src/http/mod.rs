@@ -14,7 +14,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -56,7 +55,7 @@ pub struct Share {
 
 #[derive(Clone)]
 struct HttpState {
-    ready: Arc<AtomicBool>,
+    ready: Arc<crate::health::Readiness>,
     metrics: PrometheusHandle,
     share: Option<Arc<Share>>,
 }
@@ -66,11 +65,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(s): State<HttpState>) -> (StatusCode, &'static str) {
-    if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-    }
+    if s.ready.get() { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
 }
 
 async fn metrics(State(s): State<HttpState>) -> String {
@@ -179,7 +174,7 @@ async fn share_view(
 /// Binds the HTTP listener; the returned future serves until `shutdown` resolves.
 pub fn serve(
     listener: TcpListener,
-    ready: Arc<AtomicBool>,
+    ready: Arc<crate::health::Readiness>,
     share: Option<Arc<Share>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> impl std::future::Future<Output = std::io::Result<()>> {
