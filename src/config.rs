@@ -175,6 +175,20 @@ pub struct NodeConfig {
     /// `GET /share/{token}`: requests per second per token (bursts of twice that).
     #[arg(long, env = "LOCUS_SHARE_TOKEN_RATE", default_value_t = 10.0)]
     pub share_token_rate: f64,
+    /// Bearer tokens and their roles, one per line, hashed (`locus token new`). Without
+    /// it every RPC is open to anyone who reaches the port, so the node then listens only
+    /// on loopback addresses unless `--insecure` says otherwise. Reloaded on SIGHUP.
+    #[arg(long, env = "LOCUS_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// The secret every node of the cluster shares (a file; at least 16 bytes). Nodes
+    /// authenticate each other's gRPC calls and gossip packets with keys derived from
+    /// it; a node with another key cannot join. Required with `--auth-file`.
+    #[arg(long, env = "LOCUS_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Serve without `--auth-file` on addresses other than loopback (every RPC open,
+    /// gossip unauthenticated unless `--cluster-key-file`). Warned about at start.
+    #[arg(long, env = "LOCUS_INSECURE")]
+    pub insecure: bool,
     /// How long a graceful shutdown waits for in-flight RPCs.
     #[arg(long, env = "LOCUS_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -243,8 +257,31 @@ impl NodeConfig {
         if self.suspect_timeout < Duration::from_millis(500) {
             return Err("--suspect-timeout must be at least 500ms".into());
         }
+        if self.auth_file.is_some() && self.cluster_key_file.is_none() {
+            return Err("--auth-file needs --cluster-key-file (nodes prove themselves to each other with it)".into());
+        }
         if self.probe_period < Duration::from_millis(100) || self.probe_period > Duration::from_secs(10) {
             return Err("--probe-period must be between 100ms and 10s".into());
+        }
+        Ok(())
+    }
+
+    /// Refuses to serve open RPCs beyond loopback: without `--auth-file`, every
+    /// listening address must be loopback unless `--insecure` (checked for real sockets
+    /// only; the in-process network reaches no one).
+    pub fn check_exposure(&self) -> Result<(), String> {
+        if self.auth_file.is_some() || self.insecure {
+            return Ok(());
+        }
+        for (name, a) in
+            [("--grpc-addr", self.grpc_addr), ("--http-addr", self.http_addr), ("--gossip-addr", self.gossip_addr)]
+        {
+            if !a.ip().is_loopback() {
+                return Err(format!(
+                    "{name} {a} is not a loopback address and there is no --auth-file: every RPC would be open to \
+                     anyone who reaches it. Give --auth-file and --cluster-key-file, or --insecure to do it anyway"
+                ));
+            }
         }
         Ok(())
     }

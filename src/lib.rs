@@ -69,6 +69,9 @@
 //!   and grouped by node (`Scope`: killed or frozen together) where one process runs several.
 //! - [`keys`]: deterministic key hashing; partitions, the unit shards and nodes own
 //!   (and `PartitionSet`, a bitmap of them).
+//! - [`auth`]: bearer tokens with roles (hashed `--auth-file`, SIGHUP reload), the
+//!   method → role policy, the cluster key and what derives from it (the node
+//!   credential); the server layer and the client channel that carry them.
 //! - [`config`], [`node`]: flags and wiring (over TCP/UDP, or `memnet`), startup (the log is parked until handed
 //!   over) and graceful shutdown (hand every partition over, then leave the gossip).
 //! - [`http`]: health, readiness, Prometheus metrics and the public share endpoints;
@@ -80,6 +83,7 @@
 pub mod actors;
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod bench;
 pub mod clock;
 pub mod config;

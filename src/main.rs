@@ -21,6 +21,12 @@ use locus::sim::SimConfig;
 #[derive(Parser)]
 #[command(name = "locus", version, about = "Locus: real-time vehicle tracking")]
 struct Cli {
+    /// The bearer token `sim`, `admin` and `bench` send, from a file (its first line).
+    #[arg(long, global = true, env = "LOCUS_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
+    /// The bearer token itself (prefer --token-file: a command line is visible to others).
+    #[arg(long, global = true, env = "LOCUS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -35,6 +41,8 @@ enum Cmd {
     Admin(locus::admin::AdminConfig),
     /// Run a benchmark (see `make bench`).
     Bench(locus::bench::BenchConfig),
+    /// Make tokens for `--auth-file` (stored hashed) and cluster keys.
+    Token(locus::auth::cli::TokenCmd),
 }
 
 fn init_tracing(format: LogFormat) {
@@ -70,6 +78,11 @@ fn terminated() -> impl std::future::Future<Output = ()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let token = match (&cli.token_file, cli.token) {
+        (Some(f), _) => Some(locus::auth::cli::read_token(f)?),
+        (None, t) => t,
+    };
+    locus::auth::layer::set_client_token(token.as_deref())?;
     match cli.cmd {
         Cmd::Node(cfg) => {
             init_tracing(cfg.log_format);
@@ -84,5 +97,6 @@ async fn main() -> anyhow::Result<()> {
             init_tracing(LogFormat::Text);
             locus::bench::run(cfg).await
         }
+        Cmd::Token(cmd) => locus::auth::cli::run(cmd),
     }
 }

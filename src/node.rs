@@ -32,6 +32,8 @@ use crate::actors::{Hooks, ShardHandle, ShardMsg, WorkerConfig, spawn_shard};
 use crate::api::{
     ClaimForwarder, ClusterApi, DispatchApi, EventsApi, GrpcPeerLink, HandoffApi, InternalApi, LocationsApi, TripsApi,
 };
+use crate::auth::layer::{AuthLayer, bearer_value};
+use crate::auth::{Auth, ClusterKey};
 use crate::config::NodeConfig;
 use crate::dispatch::Dispatcher;
 use crate::drivers::{DriverShard, Limits, ShardConfig, Snapshot};
@@ -157,6 +159,23 @@ pub async fn run_on(
     on_ready: impl FnOnce(SocketAddr, SocketAddr),
 ) -> anyhow::Result<()> {
     cfg.validate().map_err(anyhow::Error::msg)?;
+    if matches!(net, Net::Os) {
+        cfg.check_exposure().map_err(anyhow::Error::msg)?;
+    }
+    let key = cfg.cluster_key_file.as_deref().map(ClusterKey::read).transpose().map_err(anyhow::Error::msg)?;
+    let auth = match (&cfg.auth_file, &key) {
+        (Some(f), Some(k)) => Some(Arc::new(Auth::open(f, k).map_err(anyhow::Error::msg)?)),
+        _ => None,
+    };
+    match &auth {
+        Some(a) => {
+            info!(tokens = a.tokens(), "authentication on: bearer tokens with roles, node credential between nodes")
+        }
+        None if cfg.insecure => warn!(
+            "INSECURE: no --auth-file; every RPC, the Internal and Handoff services included, is open to anyone who reaches the port"
+        ),
+        None => info!("no --auth-file: serving on loopback only, every RPC open"),
+    }
     let dir = cfg.data_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating data dir {}", dir.display()))?;
     let log_dir = dir.join("drivers");
@@ -256,6 +275,9 @@ pub async fn run_on(
     let mut cluster = Cluster::new(members.view.clone(), routes_rx, cfg.scatter_timeout, quorum.clone());
     if let Net::Mem(mem) = &net {
         cluster = cluster.with_connector(mem.connector(gossip_addr));
+    }
+    if let (Some(k), Some(_)) = (&key, &auth) {
+        cluster = cluster.with_credential(bearer_value(&k.node_credential())?);
     }
     let cluster = Arc::new(cluster);
     let ready = Arc::new(crate::health::Readiness::default());
@@ -362,6 +384,7 @@ pub async fn run_on(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .layer(crate::tasks::ScopeLayer(crate::tasks::Scope::current()))
+        .layer(AuthLayer::new(auth.clone(), &[crate::routing::cluster::HOP_KEY, crate::routing::cluster::SCOPE_KEY]))
         .add_service(svc)
         .add_service(admin)
         .add_service(trips_svc)
@@ -392,6 +415,7 @@ pub async fn run_on(
         let _ = sd.wait_for(|s| *s).await;
     });
     let http_task = crate::tasks::spawn("http", http);
+    let reload = auth.clone().map(|a| crate::tasks::spawn("auth_reload", reload_on_sighup(a)));
     info!(node = %cfg.node_name, grpc = %grpc_addr, http = %http_addr, gossip = %gossip_addr, shards = cfg.shards, data = %dir.display(), "locus node serving");
     on_ready(grpc_addr, http_addr);
 
@@ -421,6 +445,9 @@ pub async fn run_on(
     quorum_task.abort();
     replication.abort();
     member_metrics.abort();
+    if let Some(r) = reload {
+        r.abort();
+    }
     info!("shutting down: draining RPCs");
     ready.set(false);
     let _ = sd_tx.send(true);
@@ -451,6 +478,28 @@ pub async fn run_on(
     let live: Vec<String> = crate::tasks::live().into_iter().map(|(k, n)| format!("{k}={n}")).collect();
     info!(tasks = %live.join(" "), "stopped cleanly");
     Ok(())
+}
+
+/// Reads the auth file again on every SIGHUP; a file that does not parse leaves the
+/// tokens in force as they were.
+async fn reload_on_sighup(auth: Arc<Auth>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => return warn!(error = %e, "cannot install the SIGHUP handler: the auth file will not reload"),
+    };
+    while hup.recv().await.is_some() {
+        match auth.reload() {
+            Ok(n) => {
+                metrics::counter!("locus_auth_reloads_total", "result" => "ok").increment(1);
+                info!(tokens = n, "auth file reloaded")
+            }
+            Err(e) => {
+                metrics::counter!("locus_auth_reloads_total", "result" => "error").increment(1);
+                warn!(error = %e, "auth file not reloaded; the tokens in force stay")
+            }
+        }
+    }
 }
 
 /// Where the gRPC server accepts connections: TCP, or the in-process network.

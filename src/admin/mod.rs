@@ -8,6 +8,8 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use tonic::transport::Endpoint;
 
+use crate::auth::layer::AuthChannel;
+
 use crate::pb;
 use crate::pb::cluster_client::ClusterClient;
 
@@ -118,7 +120,7 @@ fn member_json(m: &pb::Member) -> serde_json::Value {
 /// Runs one admin command and prints its answer.
 pub async fn run(cfg: AdminConfig) -> anyhow::Result<()> {
     let ch = Endpoint::from_shared(cfg.addr.clone())?.connect_timeout(Duration::from_secs(3)).connect().await?;
-    let mut c = ClusterClient::new(ch);
+    let mut c = ClusterClient::new(AuthChannel::client(ch));
     match cfg.cmd {
         AdminCmd::Members => {
             let r = c.members(pb::MembersRequest {}).await?.into_inner();
@@ -253,17 +255,13 @@ pub async fn run(cfg: AdminConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(grpc: &str) -> anyhow::Result<ClusterClient<tonic::transport::Channel>> {
+async fn connect(grpc: &str) -> anyhow::Result<ClusterClient<AuthChannel>> {
     let ch = Endpoint::from_shared(format!("http://{grpc}"))?.connect_timeout(Duration::from_secs(3)).connect().await?;
-    Ok(ClusterClient::new(ch))
+    Ok(ClusterClient::new(AuthChannel::client(ch)))
 }
 
 /// `admin partitions`: asks every live member for its partitions and merges them.
-async fn partitions(
-    c: &mut ClusterClient<tonic::transport::Channel>,
-    as_json: bool,
-    only_summary: bool,
-) -> anyhow::Result<()> {
+async fn partitions(c: &mut ClusterClient<AuthChannel>, as_json: bool, only_summary: bool) -> anyhow::Result<()> {
     let members = c.members(pb::MembersRequest {}).await?.into_inner().members;
     let mut answers = Vec::new();
     let mut silent = Vec::new();

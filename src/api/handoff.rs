@@ -108,7 +108,7 @@ impl GrpcPeerLink {
         GrpcPeerLink { cluster }
     }
 
-    fn client(&self, peer: SocketAddr) -> HandoffClient<tonic::transport::Channel> {
+    fn client(&self, peer: SocketAddr) -> HandoffClient<crate::auth::layer::AuthChannel> {
         HandoffClient::new(self.cluster.peers().channel(peer))
             .max_decoding_message_size(MAX_HANDOFF_BYTES)
             .max_encoding_message_size(MAX_HANDOFF_BYTES)

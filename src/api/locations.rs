@@ -11,11 +11,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::layer::AuthChannel;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::follow::{Opening, Resume, follow};
@@ -147,7 +147,7 @@ async fn scatter<Req, Resp, F, Fut>(
 where
     Req: Clone + Send + 'static,
     Resp: Send + 'static,
-    F: Fn(LocationsClient<Channel>, Request<Req>) -> Fut,
+    F: Fn(LocationsClient<AuthChannel>, Request<Req>) -> Fut,
     Fut: Future<Output = Result<Response<Resp>, Status>> + Send + 'static,
 {
     let mut set = JoinSet::new();

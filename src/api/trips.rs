@@ -108,7 +108,7 @@ impl TripsApi {
         TripsApi { trips, cluster, shutdown }
     }
 
-    fn client(p: &crate::routing::cluster::Peer) -> TripsClient<tonic::transport::Channel> {
+    fn client(p: &crate::routing::cluster::Peer) -> TripsClient<crate::auth::layer::AuthChannel> {
         TripsClient::new(p.channel.clone())
     }
 }

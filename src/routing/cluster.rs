@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+use crate::auth::layer::AuthChannel;
 
 use crate::membership::{ClusterView, Liveness, NodeState};
 use crate::ownership::{Lease, Route, Routes};
@@ -66,9 +68,9 @@ pub struct Peer {
     /// Its ring key (gossip address).
     pub addr: SocketAddr,
     pub name: String,
-    pub client: LocationsClient<Channel>,
+    pub client: LocationsClient<AuthChannel>,
     /// The same connection, for the other services' clients.
-    pub channel: Channel,
+    pub channel: AuthChannel,
 }
 
 /// Where a key's requests run.
@@ -84,14 +86,16 @@ pub enum Owner {
 /// One lazily connected channel per peer (HTTP/2 multiplexes every request on it).
 #[derive(Default)]
 pub struct Peers {
-    clients: Mutex<HashMap<SocketAddr, Channel>>,
+    clients: Mutex<HashMap<SocketAddr, AuthChannel>>,
     /// Set when the node runs on the in-process network (the cluster harness).
     connector: Option<crate::memnet::MemConnector>,
+    /// The node credential every call to a peer carries (with `--auth-file`).
+    credential: Option<tonic::codegen::http::HeaderValue>,
 }
 
 impl Peers {
     /// The channel to a peer's gRPC address (created lazily, then shared).
-    pub fn channel(&self, grpc: SocketAddr) -> Channel {
+    pub fn channel(&self, grpc: SocketAddr) -> AuthChannel {
         let mut m = self.clients.lock().expect("peers lock");
         m.entry(grpc)
             .or_insert_with(|| {
@@ -101,15 +105,16 @@ impl Peers {
                     .connect_timeout(Duration::from_secs(1))
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5));
-                match &self.connector {
+                let ch = match &self.connector {
                     Some(c) => ep.connect_with_connector_lazy(c.clone()),
                     None => ep.connect_lazy(),
-                }
+                };
+                AuthChannel::new(ch, self.credential.clone())
             })
             .clone()
     }
 
-    pub fn client(&self, grpc: SocketAddr) -> LocationsClient<Channel> {
+    pub fn client(&self, grpc: SocketAddr) -> LocationsClient<AuthChannel> {
         LocationsClient::new(self.channel(grpc))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
@@ -160,6 +165,12 @@ impl Cluster {
     }
 
     /// Reaches peers over the in-process network instead of TCP.
+    /// Peer calls carry the node credential (`auth::ClusterKey::node_credential`).
+    pub fn with_credential(mut self, c: tonic::codegen::http::HeaderValue) -> Self {
+        self.peers.credential = Some(c);
+        self
+    }
+
     pub fn with_connector(mut self, c: crate::memnet::MemConnector) -> Self {
         self.peers.connector = Some(c);
         self

@@ -32,6 +32,8 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::auth::layer::AuthChannel;
+
 use crate::clock::wall_ms;
 use crate::config::parse_duration;
 use crate::geo::EARTH_RADIUS_M;
@@ -235,27 +237,29 @@ impl Outlets {
     }
 }
 
-/// Connects a client with the node's message limits.
-pub async fn connect(target: &str) -> anyhow::Result<LocationsClient<Channel>> {
+/// Connects a client with the node's message limits (and the process's client token).
+pub async fn connect(target: &str) -> anyhow::Result<LocationsClient<AuthChannel>> {
     Ok(LocationsClient::new(connect_channel(target).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
-/// A connected channel to one node (for any service's client).
-pub async fn connect_channel(target: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(target.to_string())?
+/// A connected channel to one node (for any service's client), sending the process's
+/// client token (`auth::layer::set_client_token`).
+pub async fn connect_channel(target: &str) -> anyhow::Result<AuthChannel> {
+    let ch = Endpoint::from_shared(target.to_string())?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_while_idle(true)
         .connect()
-        .await?)
+        .await?;
+    Ok(AuthChannel::client(ch))
 }
 
 /// A channel over every target, balanced: a node that does not answer drops out until
 /// it reconnects (what a client of a cluster with no load balancer in front does).
-pub fn balanced_channel(targets: &[String]) -> anyhow::Result<Channel> {
+pub fn balanced_channel(targets: &[String]) -> anyhow::Result<AuthChannel> {
     let mut eps = Vec::new();
     for t in targets {
         eps.push(
@@ -267,7 +271,7 @@ pub fn balanced_channel(targets: &[String]) -> anyhow::Result<Channel> {
                 .keep_alive_while_idle(true),
         );
     }
-    Ok(Channel::balance_list(eps.into_iter()))
+    Ok(AuthChannel::client(Channel::balance_list(eps.into_iter())))
 }
 
 /// A point at `d` metres on `bearing` radians from (lat, lon), flat-earth (city scale).

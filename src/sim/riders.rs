@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::auth::layer::AuthChannel;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use tokio::sync::{Mutex, mpsc};
-use tonic::transport::Channel;
 
 use super::{SimConfig, http_get, random_point};
 use crate::pb;
@@ -58,7 +58,7 @@ where
     call().await
 }
 
-async fn apply(trips: &TripsClient<Channel>, e: pb::TripEvent) -> Result<pb::Trip, tonic::Status> {
+async fn apply(trips: &TripsClient<AuthChannel>, e: pb::TripEvent) -> Result<pb::Trip, tonic::Status> {
     retrying(|| {
         let (mut t, e) = (trips.clone(), e.clone());
         async move { t.apply(e).await.map(|r| r.into_inner()) }
@@ -73,8 +73,8 @@ fn ev(trip: &str, n: u32, t: pb::TripEventType) -> pb::TripEvent {
 async fn ride(
     k: u64,
     cfg: SimConfig,
-    trips: TripsClient<Channel>,
-    dispatch: DispatchClient<Channel>,
+    trips: TripsClient<AuthChannel>,
+    dispatch: DispatchClient<AuthChannel>,
     steer: Steer,
     stats: Arc<RiderStats>,
 ) -> Result<(), tonic::Status> {
@@ -158,7 +158,7 @@ async fn ride(
 }
 
 /// Starts `cfg.riders_per_sec` riders a second, each on its own task.
-pub fn spawn(cfg: SimConfig, channel: Channel, steer: Steer, stats: Arc<RiderStats>) {
+pub fn spawn(cfg: SimConfig, channel: AuthChannel, steer: Steer, stats: Arc<RiderStats>) {
     if cfg.riders_per_sec == 0.0 {
         return;
     }

@@ -77,7 +77,10 @@ impl TestCluster {
         self.nodes[i].as_ref().expect("running")
     }
 
-    pub async fn client(&self, i: usize) -> locus::pb::locations_client::LocationsClient<Channel> {
+    pub async fn client(
+        &self,
+        i: usize,
+    ) -> locus::pb::locations_client::LocationsClient<locus::auth::layer::AuthChannel> {
         self.node(i).client().await
     }
 

@@ -7,9 +7,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use locus::auth::layer::AuthChannel;
 use locus::pb;
 use locus::pb::locations_client::LocationsClient;
-use tonic::transport::Channel;
 
 pub mod cluster;
 
@@ -25,6 +25,8 @@ pub struct NodeProc {
     pub dir: PathBuf,
     pub args: Vec<String>,
     exited: Option<ExitStatus>,
+    /// Every line the node logged so far (JSON).
+    pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
@@ -37,6 +39,12 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 impl NodeProc {
     /// Starts a node on ephemeral ports with its data in `dir`.
     pub fn start(dir: &Path, extra: &[&str]) -> NodeProc {
+        let filter = std::env::var("LOCUS_TEST_LOG").unwrap_or_else(|_| "info".into());
+        Self::start_logged(dir, extra, &filter)
+    }
+
+    /// [`start`](Self::start) with the node's log filter (`RUST_LOG`) given.
+    pub fn start_logged(dir: &Path, extra: &[&str], filter: &str) -> NodeProc {
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         // Ephemeral ports unless the test pins them (a restarted cluster node keeps its
         // gossip address: it is the node's identity on the ring).
@@ -57,7 +65,7 @@ impl NodeProc {
             .arg(dir)
             .args(&args)
             // LOCUS_TEST_LOG=info,locus::trips=debug (say) to see more of a failing test.
-            .env("RUST_LOG", std::env::var("LOCUS_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("RUST_LOG", filter)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -66,12 +74,15 @@ impl NodeProc {
         let (tx, rx) = mpsc::channel();
         let name = extra.iter().position(|a| *a == "--node-name").and_then(|i| extra.get(i + 1)).unwrap_or(&"node");
         let tag = format!("[{name}]");
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = logs.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
                 // Shown by the test runner when a test fails.
                 eprintln!("{tag} {line}");
+                kept.lock().unwrap().push(line.clone());
                 if !sent && line.contains("locus node serving") {
                     let g = field(&line, "grpc").map(str::to_string);
                     let h = field(&line, "http").map(str::to_string);
@@ -90,10 +101,11 @@ impl NodeProc {
             dir: dir.to_path_buf(),
             args,
             exited: None,
+            logs,
         }
     }
 
-    pub async fn client(&self) -> LocationsClient<Channel> {
+    pub async fn client(&self) -> LocationsClient<AuthChannel> {
         locus::sim::connect(&self.grpc).await.expect("connect")
     }
 
@@ -135,6 +147,7 @@ impl NodeProc {
             dir: self.dir.clone(),
             args: self.args.clone(),
             exited: None,
+            logs: self.logs.clone(),
         }
     }
 
