@@ -245,7 +245,7 @@ pub async fn run_on(
             let listener =
                 TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding {}", cfg.grpc_addr))?;
             let grpc_addr = listener.local_addr()?;
-            let (t, gossip_addr, inbox) = UdpTransport::bind(cfg.gossip_addr)
+            let (t, gossip_addr, inbox) = UdpTransport::bind(cfg.gossip_addr, key.as_ref().map(ClusterKey::gossip_key))
                 .await
                 .with_context(|| format!("binding gossip {}", cfg.gossip_addr))?;
             (Incoming::Tcp(listener), grpc_addr, Arc::new(t.clone()), t.heartbeats(), gossip_addr, inbox)

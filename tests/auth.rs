@@ -226,3 +226,98 @@ async fn without_an_auth_file_a_node_serves_only_loopback_unless_insecure() {
     let mut c = LocationsClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
     c.update(fix("d1", CENTRE.0, CENTRE.1, now_ms())).await.unwrap();
 }
+
+/// The members node `n` sees in its ring, by name, asked with `admin`.
+async fn ring_names(n: &NodeProc, admin: &str) -> Vec<String> {
+    let mut c = ClusterClient::connect(n.grpc.clone()).await.unwrap();
+    let m = c.members(req(pb::MembersRequest {}, Some(admin))).await.unwrap().into_inner();
+    let mut names: Vec<String> = m.members.iter().filter(|m| m.in_ring).map(|m| m.name.clone()).collect();
+    names.sort();
+    names
+}
+
+fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_is_authenticated_another_key_cannot_join_and_replays_are_dropped() {
+    let (sa, sb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ta, key_a) = write_secrets(sa.path());
+    let (tb, _) = write_secrets(sb.path());
+    std::fs::write(sb.path().join("cluster.key"), "another-cluster-entirely-0000").unwrap();
+    let flags = |d: &Path| {
+        vec![
+            "--auth-file".to_string(),
+            d.join("tokens").display().to_string(),
+            "--cluster-key-file".into(),
+            d.join("cluster.key").display().to_string(),
+        ]
+    };
+    let g0 = format!("127.0.0.1:{}", free_port());
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start = |i: usize, mut a: Vec<String>, join: bool| {
+        a.extend(["--node-name".into(), format!("n{i}"), "--shards".into(), "1".into()]);
+        if join {
+            a.extend(["--join".into(), g0.clone()]);
+        } else {
+            a.extend(["--gossip-addr".into(), g0.clone()]);
+        }
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        NodeProc::start_logged(dirs[i].path(), &a, "info,locus::membership=debug")
+    };
+    let n0 = start(0, flags(sa.path()), false);
+    let n1 = start(1, flags(sa.path()), true);
+    // n2 has another cluster's key; n3 has none at all.
+    let n2 = start(2, flags(sb.path()), true);
+    let n3 = start(3, vec![], true);
+
+    assert!(
+        eventually(Duration::from_secs(15), || async { ring_names(&n0, &ta.admin).await == ["n0", "n1"] }).await,
+        "n0 and n1 did not form a ring"
+    );
+    // Long enough for several join attempts and probe rounds.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(ring_names(&n0, &ta.admin).await, ["n0", "n1"]);
+    assert_eq!(ring_names(&n1, &ta.admin).await, ["n0", "n1"]);
+    // Neither learned of the cluster (a node told to join starts no ring of its own).
+    let mut c2 = ClusterClient::connect(n2.grpc.clone()).await.unwrap();
+    let m2 = c2.members(req(pb::MembersRequest {}, Some(&tb.admin))).await.unwrap().into_inner();
+    assert!(m2.members.iter().all(|m| m.name == "n2"), "{m2:?}");
+    let mut c3 = ClusterClient::connect(n3.grpc.clone()).await.unwrap();
+    let m3 = c3.members(pb::MembersRequest {}).await.unwrap().into_inner();
+    assert!(m3.members.iter().all(|m| m.name == "n3"), "{m3:?}");
+    // And the cluster never listed them, not even as down.
+    let mut c0 = ClusterClient::connect(n0.grpc.clone()).await.unwrap();
+    let m0 = c0.members(req(pb::MembersRequest {}, Some(&ta.admin))).await.unwrap().into_inner();
+    assert!(m0.members.iter().all(|m| m.name == "n0" || m.name == "n1"), "{m0:?}");
+
+    // Forged and replayed datagrams, sent straight to n0's gossip socket.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.send_to(b"not a sealed datagram", &g0).unwrap();
+    let sealer = locus::membership::seal::Sealer::new(ClusterKey::new(key_a.as_bytes()).unwrap().gossip_key());
+    let sealed = sealer.seal(b"LOCUS-HB and then some bytes", now_ms());
+    sock.send_to(&sealed, &g0).unwrap();
+    sock.send_to(&sealed, &g0).unwrap();
+    let mut tampered = sealed.clone();
+    *tampered.last_mut().unwrap() ^= 0x55;
+    sock.send_to(&tampered, &g0).unwrap();
+    let t0 = std::time::Instant::now();
+    let counts = loop {
+        let (_, m) = common::http_get(&n0.http, "/metrics").await;
+        let c = (
+            metric(&m, "locus_gossip_dropped_total{reason=\"bad_mac\"}"),
+            metric(&m, "locus_gossip_dropped_total{reason=\"unauthenticated\"}"),
+            metric(&m, "locus_gossip_dropped_total{reason=\"replayed\"}"),
+        );
+        if (c.0 >= 2.0 && c.1 >= 2.0 && c.2 >= 1.0) || t0.elapsed() > Duration::from_secs(5) {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // bad_mac: n2's packets and the tampered one; unauthenticated: n3's and the plain
+    // one; replayed: the second copy.
+    assert!(counts.0 >= 2.0 && counts.1 >= 2.0 && counts.2 >= 1.0, "bad_mac, unauthenticated, replayed = {counts:?}");
+    // The cluster is unharmed.
+    assert_eq!(ring_names(&n0, &ta.admin).await, ["n0", "n1"]);
+}

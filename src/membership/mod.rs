@@ -15,7 +15,10 @@
 //! - The ring holds this node when it is active, and every alive or suspect member whose
 //!   metadata says active. Ring changes are debounced: a burst of changes (a node
 //!   restarting, a partition healing) yields one new ring.
+//! - With a cluster key, the UDP transport seals every datagram and drops the
+//!   unauthentic, stale and replayed ones before foca sees them ([`seal`]).
 
+pub mod seal;
 pub mod transport;
 
 use std::cmp::Reverse;

@@ -21,6 +21,8 @@ use tokio::time::Instant;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
+use super::seal::{Opener, Sealer};
+
 /// Gossip packets waiting for the membership task. Small: SWIM tolerates drops.
 pub const INBOX: usize = 1024;
 
@@ -157,28 +159,50 @@ pub fn deliver(heard: &Heard, inbox: &mpsc::Sender<Vec<u8>>, from: SocketAddr, p
     }
 }
 
-/// Gossip over a UDP socket.
+/// Gossip over a UDP socket; with a key, every datagram is sealed and opened
+/// (`membership::seal`: HMAC, replay window).
 #[derive(Clone)]
 pub struct UdpTransport {
     socket: Arc<UdpSocket>,
     heard: Heard,
+    sealer: Option<Arc<Sealer>>,
 }
 
 impl UdpTransport {
-    /// Binds `addr` and starts a receive loop that feeds the returned channel.
-    pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpTransport, SocketAddr, mpsc::Receiver<Vec<u8>>)> {
+    /// Binds `addr` and starts a receive loop that feeds the returned channel. With
+    /// `key` (the cluster's gossip key) only authentic, fresh datagrams get through;
+    /// the others are counted in `locus_gossip_dropped_total{reason}`.
+    pub async fn bind(
+        addr: SocketAddr,
+        key: Option<ring::hmac::Key>,
+    ) -> std::io::Result<(UdpTransport, SocketAddr, mpsc::Receiver<Vec<u8>>)> {
         let socket = Arc::new(UdpSocket::bind(addr).await?);
         let local = socket.local_addr()?;
         let (tx, rx) = mpsc::channel(INBOX);
         let rsock = socket.clone();
         let heard = Heard::default();
         let noted = heard.clone();
+        let sealer = key.clone().map(|k| Arc::new(Sealer::new(k)));
+        // The receive loop owns the replay state.
+        let mut opener = key.map(Opener::new);
         crate::tasks::spawn("gossip_receive", async move {
             let mut buf = vec![0u8; 65_536];
             loop {
                 match rsock.recv_from(&mut buf).await {
                     Ok((n, from)) => {
-                        if !deliver(&noted, &tx, from, &buf[..n]) {
+                        let packet = match &mut opener {
+                            None => &buf[..n],
+                            Some(o) => match o.open(from, &buf[..n], crate::clock::wall_ms()) {
+                                Ok(p) => p,
+                                Err(why) => {
+                                    metrics::counter!("locus_gossip_dropped_total", "reason" => why.as_str())
+                                        .increment(1);
+                                    tracing::debug!(%from, reason = why.as_str(), "gossip datagram dropped");
+                                    continue;
+                                }
+                            },
+                        };
+                        if !deliver(&noted, &tx, from, packet) {
                             return;
                         }
                     }
@@ -187,7 +211,7 @@ impl UdpTransport {
                 }
             }
         });
-        Ok((UdpTransport { socket, heard }, local, rx))
+        Ok((UdpTransport { socket, heard, sealer }, local, rx))
     }
 
     /// The heartbeat side of this socket (for the quorum lease).
@@ -198,6 +222,14 @@ impl UdpTransport {
 
 impl Transport for UdpTransport {
     fn send(&self, to: SocketAddr, packet: &[u8]) {
+        let sealed;
+        let packet = match &self.sealer {
+            Some(s) => {
+                sealed = s.seal(packet, crate::clock::wall_ms());
+                &sealed[..]
+            }
+            None => packet,
+        };
         if let Err(e) = self.socket.try_send_to(packet, to) {
             tracing::debug!(error = %e, %to, "gossip send");
         }
