@@ -4,7 +4,11 @@ CARGO ?= cargo
 LOCUS := ./target/release/locus
 
 .DEFAULT_GOAL := help
-.PHONY: help build fmt lint test soak bench run
+.PHONY: help build fmt lint test soak bench run image up down
+
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+COMPOSE_FILE := docker/compose.yaml
+export COMPOSE_PROJECT_NAME ?= locus
 
 help: ## List the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
@@ -44,3 +48,20 @@ bench: build ## Run the benchmarks (Locus and redis-server side by side) and wri
 
 run: build ## Start a 3-node local cluster and the city simulator feeding it (Ctrl-C stops all)
 	./cluster/run-local.sh
+
+image: build ## Build the locus:latest image FROM scratch around the release binary (docker/)
+	./docker/build-image.sh
+
+up: image ## Start the 3-node compose cluster with auth on and the simulator feeding it
+	./docker/secrets.sh
+	$(COMPOSE) -f $(COMPOSE_FILE) up -d
+	./docker/wait-healthy.sh
+	$(LOCUS) --token-file docker/secrets/admin.token admin --addr http://127.0.0.1:7400 members
+	@echo
+	@echo "Simulator: $(COMPOSE) -f $(COMPOSE_FILE) logs -f sim"
+	@echo "Operator:  $(LOCUS) --token-file docker/secrets/admin.token admin --addr http://127.0.0.1:7400 partitions --summary"
+	@echo "Scale:     $(COMPOSE) -f $(COMPOSE_FILE) --profile scale up -d --scale locus-extra=2"
+	@echo "Stop:      make down"
+
+down: ## Stop the compose cluster (its data stays on named volumes; add -v to the compose command to wipe it)
+	$(COMPOSE) -f $(COMPOSE_FILE) --profile scale down

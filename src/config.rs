@@ -31,6 +31,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// The value of `--node-name` and `--gossip-host` that means this machine's hostname.
+pub const HOSTNAME: &str = "@hostname";
+
+/// This machine's hostname (a container's own).
+pub fn hostname() -> Option<String> {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").ok().or_else(|| std::env::var("HOSTNAME").ok())?;
+    let h = h.trim();
+    (!h.is_empty()).then(|| h.to_string())
+}
+
 fn default_shards() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
@@ -38,7 +48,8 @@ fn default_shards() -> usize {
 /// `locus node`: one Locus node.
 #[derive(Args, Clone, Debug)]
 pub struct NodeConfig {
-    /// Name of this node (logs, metrics, default data directory).
+    /// Name of this node (logs, metrics, default data directory). `@hostname`: this
+    /// machine's hostname (a container's own, for replicas started with `--scale`).
     #[arg(long, env = "LOCUS_NODE_NAME", default_value = "node-1")]
     pub node_name: String,
     /// gRPC listen address (the `locus.v1` API).
@@ -51,6 +62,11 @@ pub struct NodeConfig {
     /// stable across restarts. Must be an address peers can reach (not 0.0.0.0).
     #[arg(long, env = "LOCUS_GOSSIP_ADDR", default_value = "127.0.0.1:7946")]
     pub gossip_addr: SocketAddr,
+    /// Resolve this name at start for the gossip address's IP (its port stays
+    /// `--gossip-addr`'s): a service name in a container network, say. `@hostname`:
+    /// this machine's own hostname (each replica of a scaled service its own address).
+    #[arg(long, env = "LOCUS_GOSSIP_HOST")]
+    pub gossip_host: Option<String>,
     /// Gossip addresses of nodes to join (`host:port,host:port`); retried with backoff
     /// until one answers. Without it the node starts a cluster of its own.
     #[arg(long, env = "LOCUS_JOIN", value_delimiter = ',')]
@@ -264,6 +280,38 @@ impl NodeConfig {
             return Err("--probe-period must be between 100ms and 10s".into());
         }
         Ok(())
+    }
+
+    /// Expands `@hostname` in `--node-name` and resolves `--gossip-host` (real
+    /// networks only; retried for a while: a container's name may not resolve yet).
+    pub async fn resolve_names(mut self) -> Result<NodeConfig, String> {
+        let host = || hostname().ok_or_else(|| "cannot read this machine's hostname".to_string());
+        if self.node_name == HOSTNAME {
+            self.node_name = host()?;
+        }
+        if let Some(h) = self.gossip_host.clone() {
+            let name = if h == HOSTNAME { host()? } else { h };
+            let port = self.gossip_addr.port();
+            let mut last = String::new();
+            for _ in 0..50 {
+                match tokio::net::lookup_host((name.as_str(), port)).await {
+                    Ok(addrs) => {
+                        let addrs: Vec<SocketAddr> = addrs.collect();
+                        // An address peers can reach: not loopback when there is another.
+                        let pick = addrs.iter().find(|a| a.is_ipv4() && !a.ip().is_loopback()).or(addrs.first());
+                        if let Some(a) = pick {
+                            self.gossip_addr = *a;
+                            return Ok(self);
+                        }
+                        last = "no address".into();
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            return Err(format!("--gossip-host {name}: {last}"));
+        }
+        Ok(self)
     }
 
     /// Refuses to serve open RPCs beyond loopback: without `--auth-file`, every

@@ -43,6 +43,16 @@ enum Cmd {
     Bench(locus::bench::BenchConfig),
     /// Make tokens for `--auth-file` (stored hashed) and cluster keys.
     Token(locus::auth::cli::TokenCmd),
+    /// Exit 0 if a node's HTTP endpoint answers 200 (a container's healthcheck: the
+    /// image has no shell and no curl).
+    Probe {
+        /// The node's HTTP address.
+        #[arg(long, default_value = "127.0.0.1:7480")]
+        http: String,
+        /// `/readyz` (on the ring, nothing incoming) or `/healthz` (alive).
+        #[arg(long, default_value = "/readyz")]
+        path: String,
+    },
 }
 
 fn init_tracing(format: LogFormat) {
@@ -98,5 +108,14 @@ async fn main() -> anyhow::Result<()> {
             locus::bench::run(cfg).await
         }
         Cmd::Token(cmd) => locus::auth::cli::run(cmd),
+        Cmd::Probe { http, path } => {
+            let probe = locus::sim::http_get(&http, &path);
+            match tokio::time::timeout(std::time::Duration::from_secs(2), probe).await {
+                Ok(Ok((200, _))) => Ok(()),
+                Ok(Ok((code, body))) => anyhow::bail!("{http}{path}: {code} {}", body.trim()),
+                Ok(Err(e)) => anyhow::bail!("{http}{path}: {e}"),
+                Err(_) => anyhow::bail!("{http}{path}: no answer within 2s"),
+            }
+        }
     }
 }

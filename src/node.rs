@@ -84,17 +84,19 @@ fn restore(cfg: &NodeConfig, log_dir: &Path) -> anyhow::Result<(Vec<DriverShard>
     Ok((cores, drivers))
 }
 
-/// Resolves `--join` entries; one that does not resolve is skipped with a warning. When
-/// seeds were given but none resolves (DNS not up yet, say), it retries rather than
-/// starting a cluster of its own: a node told to join must never split off alone.
-async fn resolve_seeds(join: &[String]) -> Vec<SocketAddr> {
+/// Resolves `--join` entries, leaving out this node's own address (every node of a
+/// compose file may join the same list); one that does not resolve is skipped with a
+/// warning. When seeds were given but none but itself resolves (DNS not up yet, say),
+/// it retries rather than starting a cluster of its own: a node told to join must never
+/// split off alone.
+async fn resolve_seeds(join: &[String], me: SocketAddr) -> Vec<SocketAddr> {
     let wanted: Vec<&str> = join.iter().map(|j| j.trim()).filter(|j| !j.is_empty()).collect();
     let mut backoff = Duration::from_millis(200);
     loop {
         let mut out = Vec::new();
         for j in &wanted {
             match tokio::net::lookup_host(*j).await {
-                Ok(addrs) => out.extend(addrs),
+                Ok(addrs) => out.extend(addrs.filter(|a| *a != me)),
                 Err(e) => warn!(seed = j, error = %e, "cannot resolve a --join address"),
             }
         }
@@ -158,6 +160,10 @@ pub async fn run_on(
     stop: impl std::future::Future<Output = ()>,
     on_ready: impl FnOnce(SocketAddr, SocketAddr),
 ) -> anyhow::Result<()> {
+    let cfg = match net {
+        Net::Os => cfg.resolve_names().await.map_err(anyhow::Error::msg)?,
+        Net::Mem(_) => cfg,
+    };
     cfg.validate().map_err(anyhow::Error::msg)?;
     if matches!(net, Net::Os) {
         cfg.check_exposure().map_err(anyhow::Error::msg)?;
@@ -256,7 +262,7 @@ pub async fn run_on(
             (incoming, cfg.grpc_addr, Arc::new(t.clone()), t.heartbeats(), cfg.gossip_addr, inbox)
         }
     };
-    let seeds = resolve_seeds(&cfg.join).await;
+    let seeds = resolve_seeds(&cfg.join, gossip_addr).await;
     let mcfg = MembershipConfig {
         gossip_addr,
         seeds,
