@@ -105,10 +105,16 @@ pub struct NodeConfig {
     /// returns).
     #[arg(long, env = "LOCUS_REPLICAS", default_value_t = 1)]
     pub replicas: u32,
-    /// How long a claim or trip event waits for its replicas before it is answered
-    /// anyway (durable on the owner only; counted as degraded).
+    /// How long a claim or trip event waits for its in-sync replicas. One not stored
+    /// by them in time is answered UNAVAILABLE (the outcome is unknown: a retry with
+    /// the same event id applies it once), unless `--degraded-writes`.
     #[arg(long, env = "LOCUS_REPLICA_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub replica_timeout: Duration,
+    /// Answer a claim or trip event that no in-sync replica stored in time anyway
+    /// (counted as degraded): more available while a replica is down or syncing, but a
+    /// crash of the owner then loses it for good (the promoted replica lacks it).
+    #[arg(long, env = "LOCUS_DEGRADED_WRITES")]
+    pub degraded_writes: bool,
     /// Where the driver log lives. Default: ./data/<node-name>.
     #[arg(long, env = "LOCUS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,

@@ -305,6 +305,7 @@ pub async fn run_on(
         link.clone(),
         tee_dropped,
     );
+    replicator.set_degraded_writes(cfg.degraded_writes);
     let replication = crate::tasks::spawn("replication", replicator.clone().run(tee_rx));
     let dispatch = Arc::new(Dispatcher::new(router.clone(), store.clone(), replicator.clone(), cfg.offer_timeout));
     // Claims for drivers other nodes own go there over gRPC.

@@ -263,7 +263,9 @@ impl Handoff {
             .into_iter()
             .map(|(p, why)| match why {
                 crate::replica::Refused::StaleEpoch { .. } => Refusal::stale(p, why.to_string()),
-                crate::replica::Refused::ServedHere => Refusal::other(p, why.to_string()),
+                crate::replica::Refused::ServedHere | crate::replica::Refused::NotSynced => {
+                    Refusal::other(p, why.to_string())
+                }
             })
             .collect();
         let stale = refused.iter().filter(|r| r.kind == RefusalKind::StaleEpoch).count();

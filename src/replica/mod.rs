@@ -98,7 +98,7 @@ enum Acked {
 /// it is on this node's disk, but another node may serve the partition without it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "this node stopped being sure it owns partition {0} while writing (its quorum lease ran out, or a replica knows a newer owner); the outcome is unknown: retry"
+    "partition {0}: the write is on this node but not confirmed (no in-sync replica stored it in time, this node's quorum lease ran out, or a replica knows a newer owner); the outcome is unknown: retry"
 )]
 pub struct Unconfirmed(pub u16);
 
@@ -112,6 +112,9 @@ struct LinkState {
     healthy: AtomicBool,
     /// Age of the oldest change in the last acknowledged call, ms.
     lag_ms: AtomicU64,
+    /// Partitions the peer refused as not in sync or served there (a move): reset again
+    /// at the next link check (at most once a second), not at the next survey.
+    refused: Mutex<HashSet<u16>>,
 }
 
 /// One replication link as `admin partitions` shows it.
@@ -191,6 +194,9 @@ pub struct Replicator {
     wake: Notify,
     /// Set by the persister when a batch could not be teed here.
     tee_dropped: Arc<AtomicBool>,
+    /// `--degraded-writes`: answer a claim or trip event that no in-sync replica stored
+    /// in time anyway (it then lives on this node's disk only until a replica syncs).
+    degraded_writes: AtomicBool,
 }
 
 fn session_id() -> u64 {
@@ -231,7 +237,13 @@ impl Replicator {
             }),
             wake: Notify::new(),
             tee_dropped,
+            degraded_writes: AtomicBool::new(false),
         })
+    }
+
+    /// See `--degraded-writes`.
+    pub fn set_degraded_writes(&self, on: bool) {
+        self.degraded_writes.store(on, Ordering::Relaxed);
     }
 
     /// How many copies besides the owner's each partition keeps.
@@ -405,9 +417,14 @@ impl Replicator {
     pub async fn sync_kv(&self, tree: KvTree, id: &[u8]) -> Result<(), Unconfirmed> {
         let p = partition_of(id);
         let sent = self.send_kv(tree, id, p).await;
-        let confirmed = sent != Some(Acked::Stale) && self.cluster.has_quorum();
+        // Not stored by every in-sync replica in time: by default the outcome is unknown
+        // to the caller (a crash of this node now would lose it: the replica promoted
+        // would not have it); a retry with the same id applies it once.
+        let degraded_ok = sent != Some(Acked::Failed) || self.degraded_writes.load(Ordering::Relaxed);
+        let confirmed = sent != Some(Acked::Stale) && degraded_ok && self.cluster.has_quorum();
         // One result per write.
         let result = match (confirmed, sent) {
+            (false, Some(Acked::Failed)) if self.cluster.has_quorum() => "not_replicated",
             (false, _) => "unconfirmed",
             (true, None) => return Ok(()),
             (true, Some(Acked::Stored)) => "acked",
@@ -521,6 +538,7 @@ impl Replicator {
         let mut inner = self.inner.lock().expect("replicator lock");
         let placement = inner.placement.clone();
         let mut todo = Vec::new();
+        let mut refresh = Vec::new();
         for (a, l) in &inner.links {
             if dropped {
                 l.state.need_resync.store(true, Ordering::Release);
@@ -531,7 +549,21 @@ impl Replicator {
                     .enumerate()
                     .filter_map(|(p, s)| s.as_ref().filter(|(_, ts)| ts.contains(a)).map(|(e, _)| (p as u16, *e)))
                     .collect();
+                l.state.refused.lock().expect("refused lock").clear();
                 todo.push((*a, parts));
+            } else {
+                let refused = std::mem::take(&mut *l.state.refused.lock().expect("refused lock"));
+                let parts: Vec<(u16, u64)> = refused
+                    .into_iter()
+                    .filter_map(|p| {
+                        placement[p as usize].as_ref().filter(|(_, ts)| ts.contains(a)).map(|(e, _)| (p, *e))
+                    })
+                    .collect();
+                if !parts.is_empty() {
+                    debug!(peer = %a, partitions = parts.len(), "replicas refused as not in sync: re-sending them");
+                    metrics::counter!("locus_replica_resets_total", "why" => "refused").increment(parts.len() as u64);
+                    refresh.push((*a, parts));
+                }
             }
             let name = l.grpc.to_string();
             metrics::gauge!("locus_replica_lag_records", "peer" => name)
@@ -539,6 +571,9 @@ impl Replicator {
         }
         for (a, parts) in todo {
             info!(peer = %a, partitions = parts.len(), "re-sending replicas in full");
+            self.reset_kv(&mut inner, a, &parts);
+        }
+        for (a, parts) in refresh {
             self.reset_kv(&mut inner, a, &parts);
         }
     }
@@ -608,6 +643,7 @@ async fn link_task(
         let parts = items.iter_mut().flat_map(|i| std::mem::take(&mut i.parts)).collect();
         let r = link.replicate(grpc, me, session, parts, timeout.max(Duration::from_secs(2))).await;
         let mut stale_parts: HashSet<u16> = HashSet::new();
+        let mut refused_parts: HashSet<u16> = HashSet::new();
         let ok = match r {
             Ok(refused) => {
                 // One line per answer, not per partition: after a heal a whole node's
@@ -615,6 +651,8 @@ async fn link_task(
                 let (stale, moving): (Vec<_>, Vec<_>) =
                     refused.iter().partition(|f| f.kind == crate::peer::RefusalKind::StaleEpoch);
                 stale_parts.extend(stale.iter().map(|f| f.partition));
+                refused_parts.extend(moving.iter().map(|f| f.partition));
+                state.refused.lock().expect("refused lock").extend(moving.iter().map(|f| f.partition));
                 if let Some(first) = stale.first() {
                     let ps: Vec<u16> = stale.iter().map(|f| f.partition).collect();
                     metrics::counter!("locus_replica_refused_total", "reason" => "stale_epoch")
@@ -647,9 +685,12 @@ async fn link_task(
         };
         for (i, ps) in items.into_iter().zip(waiting) {
             if let Some(a) = i.ack {
+                // A change the peer refused (not in sync, or it serves the partition) is
+                // not a copy that could be promoted: it does not count as stored.
                 let answer = match ok {
                     false => Acked::Failed,
                     true if ps.iter().any(|p| stale_parts.contains(p)) => Acked::Stale,
+                    true if ps.iter().any(|p| refused_parts.contains(p)) => Acked::Failed,
                     true => Acked::Stored,
                 };
                 let _ = a.send(answer);

@@ -25,6 +25,9 @@ pub enum Refused {
     StaleEpoch { sent: u64, held: u64 },
     /// This node serves the partition itself (a move in progress).
     ServedHere,
+    /// Applied, but the copy is not in sync yet (no full reset of it in this session):
+    /// it could not be promoted, so the change does not count as replicated here.
+    NotSynced,
 }
 
 impl std::fmt::Display for Refused {
@@ -34,6 +37,7 @@ impl std::fmt::Display for Refused {
                 write!(f, "stale epoch {sent}: the partition is at epoch {held} here")
             }
             Refused::ServedHere => write!(f, "the partition is served by this node, not replicated here"),
+            Refused::NotSynced => write!(f, "the copy here is not in sync yet (waiting for a full reset)"),
         }
     }
 }
@@ -154,8 +158,12 @@ impl ReplicaStore {
             if part.kv_reset {
                 copy.kv_synced = true;
             }
+            let kv = !part.claims.is_empty() || !part.trips.is_empty();
             apply_kv(&mut copy.claims, part.kv_reset, part.claims);
             apply_kv(&mut copy.trips, part.kv_reset, part.trips);
+            if !copy.synced() && (kv || part.kv_reset || part.drivers_reset) {
+                refused.push((p, Refused::NotSynced));
+            }
         }
         refused
     }
@@ -282,6 +290,32 @@ mod tests {
         let d = s.data(3).expect("in sync");
         assert!(d.drivers.is_empty(), "the reset cleared d1, which was not in it");
         assert_eq!(d.claims, vec![(b"d1".to_vec(), b"c".to_vec())]);
+    }
+
+    #[test]
+    fn a_change_to_a_copy_not_in_sync_is_refused_so_it_does_not_count_as_stored() {
+        let mut s = ReplicaStore::new(8);
+        // A trip written before the copy was reset (a move, or the first seconds of a
+        // cluster): applied, but the copy could not be promoted, so it is refused.
+        let early = ReplicaPart { partition: 4, epoch: 1, trips: vec![kv("t1", Some("x"))], ..Default::default() };
+        let refused = s.apply(addr(1), 1, vec![early], |_| false);
+        assert_eq!(refused.len(), 1);
+        assert!(matches!(refused[0].1, Refused::NotSynced), "{}", refused[0].1);
+        // Half a reset is still not in sync.
+        let kv_only = ReplicaPart {
+            partition: 4,
+            epoch: 1,
+            kv_reset: true,
+            trips: vec![kv("t1", Some("x"))],
+            ..Default::default()
+        };
+        assert_eq!(s.apply(addr(1), 1, vec![kv_only], |_| false).len(), 1);
+        let drivers = ReplicaPart { partition: 4, epoch: 1, drivers_reset: true, ..Default::default() };
+        assert!(s.apply(addr(1), 1, vec![drivers], |_| false).is_empty());
+        // In sync: changes count.
+        let later = ReplicaPart { partition: 4, epoch: 1, trips: vec![kv("t2", Some("y"))], ..Default::default() };
+        assert!(s.apply(addr(1), 1, vec![later], |_| false).is_empty());
+        assert_eq!(s.data(4).expect("in sync").trips.len(), 2);
     }
 
     #[test]

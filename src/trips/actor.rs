@@ -209,7 +209,16 @@ impl Actor {
 
     async fn apply(&mut self, ev: &TripEvent) -> Result<TripView, TripError> {
         let from = match self.trip.check(ev).map_err(|e| apply_error(&e))? {
-            Applied::Duplicate => return Ok(self.view(false)),
+            Applied::Duplicate => {
+                // A retry of an event whose first answer was lost or unconfirmed: it is
+                // answered only once the replicas have the trip too.
+                self.trips
+                    .replicator
+                    .sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes())
+                    .await
+                    .map_err(TripError::Unconfirmed)?;
+                return Ok(self.view(false));
+            }
             Applied::Changed { from } => from,
         };
         if let EventKind::DriverAssigned { driver_id, .. } = &ev.kind {
