@@ -39,9 +39,21 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 
 /// A heartbeat datagram: these 8 bytes, the sender's ring checksum and its previous one
 /// (u64 BE each; the previous is 0 once the change is older than [`RING_CHANGE_GRACE`]),
-/// then 1 if the sender considers the receiver alive. No gossip packet is this short.
+/// 1 if the sender considers the receiver alive, then the sender's wall clock (ms, u64
+/// BE). No gossip packet is this short.
+///
+/// The send time keeps a paused process honest: heartbeats that waited in its socket
+/// buffer while it was stopped (SIGSTOP, a VM pause, a long GC-like stall) count as
+/// heard when they were sent, not when it reads them on waking, so they cannot renew a
+/// quorum lease it lost meanwhile. Clocks need not agree: a heartbeat's age is its
+/// (receive − send) time above the smallest seen from that peer lately (constant skew
+/// and the network's base delay cancel out).
 pub const HEARTBEAT: &[u8] = b"LOCUS-HB";
-const HEARTBEAT_LEN: usize = 25;
+const HEARTBEAT_LEN: usize = 33;
+/// The earlier format (no send time), still read during a rolling upgrade.
+const HEARTBEAT_V1_LEN: usize = 25;
+/// The window over which the smallest (receive − send) per peer is kept.
+const DELAY_WINDOW_MS: i64 = 10_000;
 /// How long after a ring change a node still agrees with peers on the ring before it
 /// (rings change on every node within a debounce and a gossip round of each other).
 pub const RING_CHANGE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
@@ -58,6 +70,16 @@ pub struct Heard {
     /// This node's ring checksums (current, previous while within the grace), as the
     /// quorum task last set them.
     mine: Arc<Mutex<Rings>>,
+    /// Per peer, the smallest (receive − send) wall time seen in this and the previous
+    /// window: the base a heartbeat's age is measured from.
+    delays: Arc<Mutex<HashMap<SocketAddr, Delays>>>,
+}
+
+#[derive(Clone, Copy)]
+struct Delays {
+    current: i64,
+    previous: i64,
+    since: i64,
 }
 
 #[derive(Default)]
@@ -77,16 +99,35 @@ impl Rings {
 }
 
 impl Heard {
+    /// How long ago a heartbeat from `from` sent at `sent_ms` (its clock) left, read at
+    /// `recv_ms` (this node's clock).
+    fn age(&self, from: SocketAddr, sent_ms: i64, recv_ms: i64) -> std::time::Duration {
+        let d = recv_ms.saturating_sub(sent_ms);
+        let mut m = self.delays.lock().expect("delays lock");
+        let e = m.entry(from).or_insert(Delays { current: d, previous: d, since: recv_ms });
+        if recv_ms - e.since > DELAY_WINDOW_MS {
+            e.previous = e.current;
+            e.current = d;
+            e.since = recv_ms;
+        } else {
+            e.current = e.current.min(d);
+        }
+        let base = e.current.min(e.previous);
+        std::time::Duration::from_millis(d.saturating_sub(base).max(0) as u64)
+    }
+
     fn note(&self, from: SocketAddr, theirs: [u64; 2], alive: bool, at: Instant) {
         let agree = {
             let r = self.mine.lock().expect("rings lock");
             let mine = [r.current, r.previous()];
             theirs.iter().any(|t| *t != 0 && mine.contains(t))
         };
+        // A late heartbeat (read after a newer one) never moves a time back.
+        let later = |t: &mut Instant| *t = (*t).max(at);
         if alive && agree {
-            self.agreed.lock().expect("heard lock").insert(from, at);
+            self.agreed.lock().expect("heard lock").entry(from).and_modify(later).or_insert(at);
         }
-        self.any.lock().expect("heard lock").insert(from, at);
+        self.any.lock().expect("heard lock").entry(from).and_modify(later).or_insert(at);
     }
 
     /// Peers that sent any heartbeat within `within` of now.
@@ -135,6 +176,7 @@ impl Heartbeats {
             b[16..24].copy_from_slice(&r.previous().to_be_bytes());
         }
         b[24] = u8::from(alive);
+        b[25..33].copy_from_slice(&(crate::clock::wall_ms().max(0) as u64).to_be_bytes());
         self.out.send(to, &b);
     }
 }
@@ -143,10 +185,19 @@ impl Heartbeats {
 /// in `heard`, anything else goes to the membership task's inbox. False once the inbox
 /// is closed (the node stopped).
 pub fn deliver(heard: &Heard, inbox: &mpsc::Sender<Vec<u8>>, from: SocketAddr, packet: &[u8]) -> bool {
-    if packet.len() == HEARTBEAT_LEN && packet.starts_with(HEARTBEAT) {
+    if (packet.len() == HEARTBEAT_LEN || packet.len() == HEARTBEAT_V1_LEN) && packet.starts_with(HEARTBEAT) {
         let cur = u64::from_be_bytes(packet[8..16].try_into().expect("8 bytes"));
         let prev = u64::from_be_bytes(packet[16..24].try_into().expect("8 bytes"));
-        heard.note(from, [cur, prev], packet[24] == 1, Instant::now());
+        let now = Instant::now();
+        let at = match packet.get(25..33) {
+            Some(t) => {
+                let sent = u64::from_be_bytes(t.try_into().expect("8 bytes")) as i64;
+                let age = heard.age(from, sent, crate::clock::wall_ms());
+                now.checked_sub(age).unwrap_or(now)
+            }
+            None => now,
+        };
+        heard.note(from, [cur, prev], packet[24] == 1, at);
         return true;
     }
     match inbox.try_send(packet.to_vec()) {
@@ -233,5 +284,54 @@ impl Transport for UdpTransport {
         if let Err(e) = self.socket.try_send_to(packet, to) {
             tracing::debug!(error = %e, %to, "gossip send");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeats_age_is_measured_from_the_peers_base_delay_whatever_the_skew() {
+        let h = Heard::default();
+        let a: SocketAddr = "10.0.0.1:7946".parse().unwrap();
+        // The peer's clock is 40 s behind; the network takes 2 to 5 ms.
+        let skew = 40_000;
+        for (i, delay) in [5, 3, 2, 4].into_iter().enumerate() {
+            let recv = 1_000_000 + i as i64 * 100;
+            assert!(h.age(a, recv - skew - delay, recv).as_millis() <= 3);
+        }
+        // Sent 6 s before it was read (it waited in a paused process's socket buffer).
+        let recv = 1_001_000;
+        assert_eq!(h.age(a, recv - skew - 2 - 6_000, recv).as_millis(), 6_000);
+        // Past the window, the base follows the peer (its clock was stepped by 1 s).
+        let later = recv + 2 * DELAY_WINDOW_MS + 10;
+        h.age(a, later - skew + 1_000 - 2, later);
+        let later = later + DELAY_WINDOW_MS + 10;
+        assert!(h.age(a, later - skew + 1_000 - 2, later).as_millis() <= 1);
+    }
+
+    #[tokio::test]
+    async fn heartbeats_read_late_do_not_count_as_heard_now() {
+        let h = Heard::default();
+        h.mine.lock().unwrap().current = 7;
+        let a: SocketAddr = "10.0.0.2:7946".parse().unwrap();
+        let (tx, _rx) = mpsc::channel(4);
+        let beat = |sent_ms: i64| {
+            let mut b = [0u8; HEARTBEAT_LEN];
+            b[..8].copy_from_slice(HEARTBEAT);
+            b[8..16].copy_from_slice(&7u64.to_be_bytes());
+            b[24] = 1;
+            b[25..33].copy_from_slice(&(sent_ms as u64).to_be_bytes());
+            b
+        };
+        let now = crate::clock::wall_ms();
+        assert!(deliver(&h, &tx, a, &beat(now - 1)));
+        let fresh = h.snapshot()[&a];
+        // A beat sent 6 s ago, read now: it does not renew the agreement.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(deliver(&h, &tx, a, &beat(crate::clock::wall_ms() - 6_000)));
+        assert_eq!(h.snapshot()[&a], fresh, "a stale beat moved the agreement time");
+        assert!(h.heard_within(std::time::Duration::from_secs(1)).contains(&a));
     }
 }
