@@ -4,7 +4,7 @@ CARGO ?= cargo
 LOCUS := ./target/release/locus
 
 .DEFAULT_GOAL := help
-.PHONY: help build fmt lint test soak bench run image up down
+.PHONY: help build fmt lint test soak bench run image up down chaos chaos-short
 
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 COMPOSE_FILE := docker/compose.yaml
@@ -65,3 +65,10 @@ up: image ## Start the 3-node compose cluster with auth on and the simulator fee
 
 down: ## Stop the compose cluster (its data stays on named volumes; add -v to the compose command to wipe it)
 	$(COMPOSE) -f $(COMPOSE_FILE) --profile scale down
+
+chaos: build ## Break a real cluster on purpose under load (kill, pause, partitions, rolling restart, scale, bad link) and check the history (root)
+	$(LOCUS) chaos --dir target/chaos
+
+chaos-short: ## The short chaos suite CI runs (kill, pause, partition, rolling restart), on the debug binary make test built (root)
+	$(CARGO) build
+	./target/debug/locus chaos --short --dir target/chaos

@@ -77,7 +77,8 @@
 //! - [`http`]: health, readiness, Prometheus metrics and the public share endpoints;
 //!   [`health`]: readiness (one writer) and the `grpc.health.v1` and reflection services.
 //! - [`admin`]: the `locus admin` CLI; [`sim`]: the city simulator and load generator
-//!   (owner-aware or not); [`bench`]: the benchmarks.
+//!   (owner-aware or not); [`bench`]: the benchmarks; [`chaos`]: the chaos suite (real
+//!   processes on network namespaces, faults, a recorded history and its checker).
 //! - [`pb`]: generated protobuf/gRPC code.
 
 pub mod actors;
@@ -85,6 +86,7 @@ pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod chaos;
 pub mod clock;
 pub mod config;
 pub mod dispatch;

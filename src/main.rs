@@ -41,6 +41,8 @@ enum Cmd {
     Admin(locus::admin::AdminConfig),
     /// Run a benchmark (see `make bench`).
     Bench(locus::bench::BenchConfig),
+    /// Break a real cluster on purpose under load and check it (needs root).
+    Chaos(locus::chaos::ChaosConfig),
     /// Make tokens for `--auth-file` (stored hashed) and cluster keys.
     Token(locus::auth::cli::TokenCmd),
     /// Exit 0 if a node's HTTP endpoint answers 200 (a container's healthcheck: the
@@ -107,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
             init_tracing(LogFormat::Text);
             locus::bench::run(cfg).await
         }
+        Cmd::Chaos(cfg) => locus::chaos::run(cfg).await,
         Cmd::Token(cmd) => locus::auth::cli::run(cmd),
         Cmd::Probe { http, path } => {
             let probe = locus::sim::http_get(&http, &path);
