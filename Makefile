@@ -70,5 +70,5 @@ chaos: build ## Break a real cluster on purpose under load (kill, pause, partiti
 	$(LOCUS) chaos --dir target/chaos
 
 chaos-short: ## The short chaos suite CI runs (kill, pause, partition, rolling restart), on the debug binary make test built (root)
-	$(CARGO) build
+	$(CARGO) test --no-run -q
 	./target/debug/locus chaos --short --dir target/chaos

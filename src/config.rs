@@ -194,6 +194,10 @@ pub struct NodeConfig {
     /// Share endpoints: requests per second per client address (bursts of twice that).
     #[arg(long, env = "LOCUS_SHARE_CLIENT_RATE", default_value_t = 20.0)]
     pub share_client_rate: f64,
+    /// Proxies (addresses or CIDR blocks, comma-separated) whose `X-Forwarded-For`
+    /// names the client for the share endpoints' per-client rate limit. Others' is ignored.
+    #[arg(long, env = "LOCUS_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
     /// `GET /share/{token}`: requests per second per token (bursts of twice that).
     #[arg(long, env = "LOCUS_SHARE_TOKEN_RATE", default_value_t = 10.0)]
     pub share_token_rate: f64,
@@ -211,6 +215,25 @@ pub struct NodeConfig {
     /// gossip unauthenticated unless `--cluster-key-file`). Warned about at start.
     #[arg(long, env = "LOCUS_INSECURE")]
     pub insecure: bool,
+    /// Watches (WatchDriver, WatchTrip) clients may hold open on this node at once; one
+    /// more is answered RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LOCUS_MAX_WATCHES", default_value_t = 100_000)]
+    pub max_watches: usize,
+    /// Event subscriptions (Events.Subscribe) clients may hold open on this node at once.
+    #[arg(long, env = "LOCUS_MAX_SUBSCRIPTIONS", default_value_t = 1_000)]
+    pub max_subscriptions: usize,
+    /// Concurrent gRPC streams (calls) per HTTP/2 connection (the SETTINGS a client must
+    /// respect; its extra calls wait). Nodes share one connection per peer, so keep it large.
+    #[arg(long, env = "LOCUS_GRPC_MAX_STREAMS", default_value_t = 4096)]
+    pub grpc_max_streams: u32,
+    /// Open HTTP connections (share links, health, metrics) at once; one more is closed
+    /// at once, unanswered.
+    #[arg(long, env = "LOCUS_HTTP_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub http_max_connections: usize,
+    /// An HTTP client must send a request's headers within this long (also while a
+    /// kept-alive connection waits for its next request), or the connection is closed.
+    #[arg(long, env = "LOCUS_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
     /// How long a graceful shutdown waits for in-flight RPCs.
     #[arg(long, env = "LOCUS_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -279,6 +302,13 @@ impl NodeConfig {
         if self.suspect_timeout < Duration::from_millis(500) {
             return Err("--suspect-timeout must be at least 500ms".into());
         }
+        if self.max_watches == 0 || self.max_subscriptions == 0 || self.grpc_max_streams == 0 {
+            return Err("--max-watches, --max-subscriptions and --grpc-max-streams must be > 0".into());
+        }
+        if self.http_max_connections == 0 || self.http_header_timeout.is_zero() {
+            return Err("--http-max-connections and --http-header-timeout must be > 0".into());
+        }
+        crate::http::proxies::Trusted::parse(&self.trusted_proxies)?;
         if self.auth_file.is_some() && self.cluster_key_file.is_none() {
             return Err("--auth-file needs --cluster-key-file (nodes prove themselves to each other with it)".into());
         }

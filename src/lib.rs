@@ -67,6 +67,7 @@
 //! - [`clock`]: the wall clock (ms since the epoch; simulated in paused time);
 //!   [`tasks`]: every spawned task, counted by kind while it lives (`locus_tasks{kind}`),
 //!   and grouped by node (`Scope`: killed or frozen together) where one process runs several.
+//! - [`limits`]: counted slots for what a client holds open (watches, subscriptions).
 //! - [`keys`]: deterministic key hashing; partitions, the unit shards and nodes own
 //!   (and `PartitionSet`, a bitmap of them).
 //! - [`auth`]: bearer tokens with roles (hashed `--auth-file`, SIGHUP reload), the
@@ -97,6 +98,7 @@ pub mod handoff;
 pub mod health;
 pub mod http;
 pub mod keys;
+pub mod limits;
 pub mod membership;
 pub mod memnet;
 pub mod node;

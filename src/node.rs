@@ -365,19 +365,25 @@ pub async fn run_on(
     let feed = crate::tasks::spawn("trip_feed", crate::api::run_feed(trip_fix_rx, trips.clone(), cluster.clone()));
 
     let leave = Arc::new(Notify::new());
-    let api = Arc::new(LocationsApi::new(router, cluster.clone(), limits, cfg.watch_queue, sd_rx.clone()));
+    let watches = crate::limits::Slots::new("watches", "--max-watches", cfg.max_watches);
+    let api = Arc::new(
+        LocationsApi::new(router, cluster.clone(), limits, cfg.watch_queue, sd_rx.clone())
+            .with_watch_slots(watches.clone()),
+    );
     let svc = LocationsServer::from_arc(api.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let trips_svc = TripsServer::new(TripsApi::new(trips.clone(), cluster.clone(), sd_rx.clone()));
+    let trips_svc =
+        TripsServer::new(TripsApi::new(trips.clone(), cluster.clone(), sd_rx.clone()).with_watch_slots(watches));
     let dispatch_svc = DispatchServer::new(DispatchApi::new(api.clone(), dispatch.clone()));
-    let events_svc = EventsServer::new(EventsApi::new(bus.clone(), cluster.clone()));
+    let events_svc = EventsServer::new(EventsApi::new(bus.clone(), cluster.clone(), cfg.max_subscriptions));
     let internal_svc = InternalServer::new(InternalApi::new(dispatch.clone(), trips.clone()));
     let share = Arc::new(crate::http::Share {
         trips: trips.clone(),
         cluster: cluster.clone(),
         per_client: RateLimiter::new(1 << 16, cfg.share_client_rate, 2.0 * cfg.share_client_rate),
         per_token: RateLimiter::new(1 << 16, cfg.share_token_rate, 2.0 * cfg.share_token_rate),
+        proxies: crate::http::proxies::Trusted::parse(&cfg.trusted_proxies).map_err(anyhow::Error::msg)?,
     });
     let handoff_svc = HandoffServer::new(HandoffApi::new(handoff.clone()))
         .max_decoding_message_size(MAX_HANDOFF_BYTES)
@@ -390,6 +396,7 @@ pub async fn run_on(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .max_concurrent_streams(Some(cfg.grpc_max_streams))
         .layer(crate::tasks::ScopeLayer(crate::tasks::Scope::current()))
         .layer(AuthLayer::new(auth.clone(), &[crate::routing::cluster::HOP_KEY, crate::routing::cluster::SCOPE_KEY]))
         .add_service(svc)
@@ -418,7 +425,9 @@ pub async fn run_on(
         Incoming::Mem(conns) => crate::tasks::spawn("grpc", grpc.serve_with_incoming_shutdown(conns, stopping)),
     };
     let mut sd = sd_rx.clone();
-    let http = crate::http::serve(http_listener, ready.clone(), Some(share), async move {
+    let http_limits =
+        crate::http::HttpLimits { max_connections: cfg.http_max_connections, header_timeout: cfg.http_header_timeout };
+    let http = crate::http::serve(http_listener, ready.clone(), Some(share), http_limits, async move {
         let _ = sd.wait_for(|s| *s).await;
     });
     let http_task = crate::tasks::spawn("http", http);

@@ -41,9 +41,17 @@ pub struct LocationsApi {
     pub(super) limits: Limits,
     watch_queue: usize,
     pub(super) shutdown: watch::Receiver<bool>,
+    /// Watches clients hold open on this node (`--max-watches`, shared with trips).
+    watches: Arc<crate::limits::Slots>,
 }
 
 impl LocationsApi {
+    /// Counts client watches against `slots`.
+    pub fn with_watch_slots(mut self, slots: Arc<crate::limits::Slots>) -> Self {
+        self.watches = slots;
+        self
+    }
+
     pub fn new(
         router: Arc<Router>,
         cluster: Arc<Cluster>,
@@ -51,7 +59,8 @@ impl LocationsApi {
         watch_queue: usize,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        LocationsApi { router, cluster, limits, watch_queue, shutdown }
+        let watches = crate::limits::Slots::new("watches", "--max-watches", usize::MAX);
+        LocationsApi { router, cluster, limits, watch_queue, shutdown, watches }
     }
 }
 
@@ -448,10 +457,11 @@ impl pb::locations_server::Locations for LocationsApi {
             return self.open_watch(r, hop).await.map(Response::new);
         }
         // The client's entry node follows the driver across moves (see `api::follow`).
+        let slot = self.watches.take()?;
         let skip_current = !r.include_current;
         let first = self.open_watch(pb::WatchDriverRequest { include_current: true, ..r.clone() }, 0).await?;
         let f = FollowDriver { api: self.clone(), driver_id: r.driver_id, last: None, skip_current };
-        Ok(Response::new(follow(f, first, self.shutdown.clone())))
+        Ok(Response::new(Box::pin(crate::limits::holding(follow(f, first, self.shutdown.clone()), slot))))
     }
 }
 

@@ -101,11 +101,20 @@ pub struct TripsApi {
     trips: Arc<Trips>,
     cluster: Arc<Cluster>,
     shutdown: watch::Receiver<bool>,
+    /// Watches clients hold open on this node (`--max-watches`, shared with drivers).
+    watches: Arc<crate::limits::Slots>,
 }
 
 impl TripsApi {
     pub fn new(trips: Arc<Trips>, cluster: Arc<Cluster>, shutdown: watch::Receiver<bool>) -> Self {
-        TripsApi { trips, cluster, shutdown }
+        let watches = crate::limits::Slots::new("watches", "--max-watches", usize::MAX);
+        TripsApi { trips, cluster, shutdown, watches }
+    }
+
+    /// Counts client watches against `slots`.
+    pub fn with_watch_slots(mut self, slots: Arc<crate::limits::Slots>) -> Self {
+        self.watches = slots;
+        self
     }
 
     fn client(p: &crate::routing::cluster::Peer) -> TripsClient<crate::auth::layer::AuthChannel> {
@@ -153,9 +162,10 @@ impl pb::trips_server::Trips for TripsApi {
             return self.open_watch(r.trip_id, hop).await.map(Response::new);
         }
         // The client's entry node follows the trip across moves (see `api::follow`).
+        let slot = self.watches.take()?;
         let first = self.open_watch(r.trip_id.clone(), 0).await?;
         let f = FollowTrip { api: self.clone(), trip_id: r.trip_id, version: r.after_version, state: None };
-        Ok(Response::new(follow(f, first, self.shutdown.clone())))
+        Ok(Response::new(Box::pin(crate::limits::holding(follow(f, first, self.shutdown.clone()), slot))))
     }
 
     async fn share_trip(&self, req: Request<pb::ShareTripRequest>) -> Result<Response<pb::ShareLink>, Status> {
@@ -332,11 +342,14 @@ impl pb::dispatch_server::Dispatch for DispatchApi {
 pub struct EventsApi {
     bus: Bus,
     cluster: Arc<Cluster>,
+    /// Subscriptions clients hold open on this node (`--max-subscriptions`).
+    subscriptions: Arc<crate::limits::Slots>,
 }
 
 impl EventsApi {
-    pub fn new(bus: Bus, cluster: Arc<Cluster>) -> Self {
-        EventsApi { bus, cluster }
+    pub fn new(bus: Bus, cluster: Arc<Cluster>, max_subscriptions: usize) -> Self {
+        let subscriptions = crate::limits::Slots::new("subscriptions", "--max-subscriptions", max_subscriptions);
+        EventsApi { bus, cluster, subscriptions }
     }
 }
 
@@ -458,13 +471,19 @@ impl pb::events_server::Events for EventsApi {
             Err(_) => return Err(invalid(&FieldError::new("entity", format!("unknown entity kind {}", r.entity)))),
         };
         let filter = Filter { entity, states: r.states.clone() };
+        // A client's subscription (a node's part of another's is counted there).
+        let slot = if local_only { None } else { Some(self.subscriptions.take()?) };
         let (tx, rx) = mpsc::channel(1024);
         // Subscribe before answering, so nothing published after this call is missed.
         crate::tasks::spawn("events_local", pump_local(self.bus.subscribe(), filter, tx.clone()));
         if !local_only {
             crate::tasks::spawn("events_cluster", pump_cluster(self.cluster.clone(), r, tx));
         }
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let events = ReceiverStream::new(rx);
+        Ok(Response::new(match slot {
+            Some(slot) => Box::pin(crate::limits::holding(events, slot)),
+            None => Box::pin(events),
+        }))
     }
 }
 

@@ -8,8 +8,10 @@
 //!   memory (`trips::share`).
 //! - `GET /share/{token}/view`: a self-contained live page.
 //!
-//! Both are rate-limited per client address, and the JSON also per token, answering
-//! `429`. A malformed token costs one length/hex check and never reaches a map or a peer.
+//! Both are rate-limited per client address (behind `--trusted-proxies`, the address
+//! their `X-Forwarded-For` names: [`proxies`]), and the JSON also per token, answering
+//! `429`. Connections are bounded in number and in how slowly they may send headers;
+//! no endpoint takes a body ([`serve`]). A malformed token costs one length/hex check and never reaches a map or a peer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +26,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
+
+pub mod proxies;
 
 use crate::clock::wall_ms;
 use crate::pb;
@@ -51,6 +55,8 @@ pub struct Share {
     pub cluster: Arc<Cluster>,
     pub per_client: RateLimiter,
     pub per_token: RateLimiter,
+    /// Whose `X-Forwarded-For` names the client (`--trusted-proxies`).
+    pub proxies: proxies::Trusted,
 }
 
 #[derive(Clone)]
@@ -87,8 +93,8 @@ fn not_found() -> Response {
     plain(StatusCode::NOT_FOUND, "not found\n")
 }
 
-fn client_key(addr: &SocketAddr) -> Vec<u8> {
-    match addr.ip() {
+fn client_key(ip: std::net::IpAddr) -> Vec<u8> {
+    match ip {
         std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
         std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
     }
@@ -96,9 +102,16 @@ fn client_key(addr: &SocketAddr) -> Vec<u8> {
 
 /// The share endpoints' common gate: the client's budget, then a well-formed token.
 /// Returns the share state and the token's partition, or the refusal to send.
-fn admit(s: HttpState, addr: &SocketAddr, token: &str) -> Result<(Arc<Share>, usize), StatusCode> {
+fn admit(
+    s: HttpState,
+    addr: &SocketAddr,
+    headers: &axum::http::HeaderMap,
+    token: &str,
+) -> Result<(Arc<Share>, usize), StatusCode> {
     let share = s.share.ok_or(StatusCode::NOT_FOUND)?;
-    if !share.per_client.allow(&client_key(addr)) {
+    let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let client = share.proxies.client(addr.ip(), xff);
+    if !share.per_client.allow(&client_key(client)) {
         return Err(StatusCode::TOO_MANY_REQUESTS);
     }
     let partition = token_partition(token).ok_or(StatusCode::NOT_FOUND)?;
@@ -115,9 +128,10 @@ fn refuse(code: StatusCode) -> Response {
 async fn share_json(
     State(s): State<HttpState>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
     Path(token): Path<String>,
 ) -> Response {
-    let (share, partition) = match admit(s, &addr, &token) {
+    let (share, partition) = match admit(s, &addr, &headers, &token) {
         Ok(v) => v,
         Err(code) => return refuse(code),
     };
@@ -158,9 +172,10 @@ async fn share_json(
 async fn share_view(
     State(s): State<HttpState>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
     Path(token): Path<String>,
 ) -> Response {
-    if let Err(code) = admit(s, &addr, &token) {
+    if let Err(code) = admit(s, &addr, &headers, &token) {
         return refuse(code);
     }
     (
@@ -171,11 +186,39 @@ async fn share_view(
         .into_response()
 }
 
-/// Binds the HTTP listener; the returned future serves until `shutdown` resolves.
+/// What one client can hold of the HTTP side.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpLimits {
+    /// Open connections at once; one more is closed at once, unanswered.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this long (also the idle time allowed
+    /// between requests of a kept-alive connection).
+    pub header_timeout: Duration,
+}
+
+/// No endpoint here takes a body: one announced is refused at once (413, and the
+/// connection closed), so a slowly sent body can hold nothing open.
+async fn no_bodies(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let h = req.headers();
+    let has_body = h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0");
+    if has_body {
+        metrics::counter!("locus_http_refused_total", "reason" => "body").increment(1);
+        return (StatusCode::PAYLOAD_TOO_LARGE, [(header::CONNECTION, "close")], "no endpoint here takes a body\n")
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// Serves HTTP/1.1 on `listener` until `shutdown` resolves: at most
+/// `limits.max_connections` connections (the next is closed at once and counted in
+/// `locus_http_refused_total{reason="connections"}`), each closed if a request's
+/// headers take longer than `limits.header_timeout` (slowloris), no request bodies.
 pub fn serve(
     listener: TcpListener,
     ready: Arc<crate::health::Readiness>,
     share: Option<Arc<Share>>,
+    limits: HttpLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> impl std::future::Future<Output = std::io::Result<()>> {
     let app = Router::new()
@@ -184,10 +227,52 @@ pub fn serve(
         .route("/metrics", get(metrics))
         .route("/share/{token}", get(share_json))
         .route("/share/{token}/view", get(share_view))
+        .layer(axum::middleware::from_fn(no_bodies))
         .with_state(HttpState { ready, metrics: metrics_handle(), share });
     async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown)
-            .await
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::pin!(shutdown);
+        loop {
+            let (sock, peer) = tokio::select! {
+                _ = &mut shutdown => break,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors, say: back off instead of spinning.
+                        tracing::warn!(error = %e, "accepting an HTTP connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                metrics::counter!("locus_http_refused_total", "reason" => "connections").increment(1);
+                drop(sock);
+                continue;
+            };
+            metrics::gauge!("locus_http_connections").increment(1.0);
+            let svc =
+                hyper_util::service::TowerToHyperService::new(app.clone().layer(axum::Extension(ConnectInfo(peer))));
+            let mut stop = stop_rx.clone();
+            crate::tasks::spawn("http_conn", async move {
+                let _permit = permit;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(limits.header_timeout)
+                    .serve_connection(hyper_util::rt::TokioIo::new(sock), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+                    }
+                }
+                metrics::gauge!("locus_http_connections").decrement(1.0);
+            });
+        }
+        let _ = stop_tx.send(true);
+        Ok(())
     }
 }
