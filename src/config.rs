@@ -211,6 +211,18 @@ pub struct NodeConfig {
     /// it; a node with another key cannot join. Required with `--auth-file`.
     #[arg(long, env = "LOCUS_CLUSTER_KEY_FILE")]
     pub cluster_key_file: Option<PathBuf>,
+    /// This node's TLS certificate (PEM, the chain): gRPC and HTTP then serve TLS only.
+    /// It must name the addresses peers and clients reach the node at.
+    #[arg(long, env = "LOCUS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, env = "LOCUS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signed every node's certificate: nodes verify each other with
+    /// it and present their own (mutual TLS); client certificates, when presented on the
+    /// gRPC port, must chain to it too.
+    #[arg(long, env = "LOCUS_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Serve without `--auth-file` on addresses other than loopback (every RPC open,
     /// gossip unauthenticated unless `--cluster-key-file`). Warned about at start.
     #[arg(long, env = "LOCUS_INSECURE")]

@@ -73,6 +73,7 @@
 //! - [`auth`]: bearer tokens with roles (hashed `--auth-file`, SIGHUP reload), the
 //!   method → role policy, the cluster key and what derives from it (the node
 //!   credential); the server layer and the client channel that carry them.
+//! - [`tls`]: TLS for gRPC and HTTP, and mutual TLS between nodes (rustls).
 //! - [`config`], [`node`]: flags and wiring (over TCP/UDP, or `memnet`), startup (the log is parked until handed
 //!   over) and graceful shutdown (hand every partition over, then leave the gossip).
 //! - [`http`]: health, readiness, Prometheus metrics and the public share endpoints;
@@ -111,4 +112,5 @@ pub mod routing;
 pub mod sim;
 pub mod storage;
 pub mod tasks;
+pub mod tls;
 pub mod trips;

@@ -169,6 +169,7 @@ pub async fn run_on(
         cfg.check_exposure().map_err(anyhow::Error::msg)?;
     }
     let key = cfg.cluster_key_file.as_deref().map(ClusterKey::read).transpose().map_err(anyhow::Error::msg)?;
+    let tls = crate::tls::files(&cfg.tls_cert, &cfg.tls_key, &cfg.tls_ca)?;
     let auth = match (&cfg.auth_file, &key) {
         (Some(f), Some(k)) => Some(Arc::new(Auth::open(f, k).map_err(anyhow::Error::msg)?)),
         _ => None,
@@ -285,6 +286,9 @@ pub async fn run_on(
     if let (Some(k), Some(_)) = (&key, &auth) {
         cluster = cluster.with_credential(bearer_value(&k.node_credential())?);
     }
+    if let Some(t) = &tls {
+        cluster = cluster.with_tls(t.peer_client());
+    }
     let cluster = Arc::new(cluster);
     let ready = Arc::new(crate::health::Readiness::default());
     let member_metrics = crate::tasks::spawn("member_metrics", follow_members(members.view.clone(), cluster.clone()));
@@ -320,7 +324,10 @@ pub async fn run_on(
     let public_url = cfg
         .public_url
         .clone()
-        .unwrap_or_else(|| format!("http://{}", advertised(http_addr, gossip_addr)))
+        .unwrap_or_else(|| {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{}", advertised(http_addr, gossip_addr))
+        })
         .trim_end_matches('/')
         .to_string();
     let trips = Trips::new(
@@ -392,13 +399,20 @@ pub async fn run_on(
     let health = crate::health::serve_health(&ready, sd_rx.clone());
     let (reflection_v1, reflection_v1alpha) = crate::health::reflection()?;
     let mut sd = sd_rx.clone();
-    let grpc = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(t) = &tls {
+        server = server.tls_config(t.grpc_server()).context("the gRPC TLS configuration")?;
+    }
+    let grpc = server
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .max_concurrent_streams(Some(cfg.grpc_max_streams))
         .layer(crate::tasks::ScopeLayer(crate::tasks::Scope::current()))
-        .layer(AuthLayer::new(auth.clone(), &[crate::routing::cluster::HOP_KEY, crate::routing::cluster::SCOPE_KEY]))
+        .layer(
+            AuthLayer::new(auth.clone(), &[crate::routing::cluster::HOP_KEY, crate::routing::cluster::SCOPE_KEY])
+                .with_node_certificates(tls.is_some()),
+        )
         .add_service(svc)
         .add_service(admin)
         .add_service(trips_svc)
@@ -427,12 +441,13 @@ pub async fn run_on(
     let mut sd = sd_rx.clone();
     let http_limits =
         crate::http::HttpLimits { max_connections: cfg.http_max_connections, header_timeout: cfg.http_header_timeout };
-    let http = crate::http::serve(http_listener, ready.clone(), Some(share), http_limits, async move {
+    let acceptor = tls.as_ref().map(|t| t.http_acceptor()).transpose()?;
+    let http = crate::http::serve(http_listener, ready.clone(), Some(share), http_limits, acceptor, async move {
         let _ = sd.wait_for(|s| *s).await;
     });
     let http_task = crate::tasks::spawn("http", http);
     let reload = auth.clone().map(|a| crate::tasks::spawn("auth_reload", reload_on_sighup(a)));
-    info!(node = %cfg.node_name, grpc = %grpc_addr, http = %http_addr, gossip = %gossip_addr, shards = cfg.shards, data = %dir.display(), "locus node serving");
+    info!(node = %cfg.node_name, tls = tls.is_some(), grpc = %grpc_addr, http = %http_addr, gossip = %gossip_addr, shards = cfg.shards, data = %dir.display(), "locus node serving");
     on_ready(grpc_addr, http_addr);
 
     tokio::select! {

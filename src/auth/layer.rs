@@ -28,12 +28,29 @@ pub struct AuthLayer {
     auth: Option<Arc<Auth>>,
     /// Metadata keys only nodes send (routing's hop count and scatter scope).
     node_keys: &'static [&'static str],
+    /// Mutual TLS between nodes (`--tls-ca`): node-to-node calls must come with a client
+    /// certificate (rustls has verified it against the cluster CA).
+    node_cert: bool,
 }
 
 impl AuthLayer {
     pub fn new(auth: Option<Arc<Auth>>, node_keys: &'static [&'static str]) -> AuthLayer {
-        AuthLayer { auth, node_keys }
+        AuthLayer { auth, node_keys, node_cert: false }
     }
+
+    /// Node-to-node calls need a verified client certificate.
+    pub fn with_node_certificates(mut self, on: bool) -> AuthLayer {
+        self.node_cert = on;
+        self
+    }
+}
+
+/// Whether the connection presented a client certificate (verified by rustls).
+fn has_client_cert<B>(req: &http::Request<B>) -> bool {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    req.extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .is_some_and(|t| t.peer_certs().is_some_and(|c| !c.is_empty()))
 }
 
 impl<S> tower_layer::Layer<S> for AuthLayer {
@@ -99,9 +116,17 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let forwarded = self.layer.node_keys.iter().any(|k| req.headers().contains_key(*k));
+        if self.layer.node_cert && super::need(req.uri().path(), forwarded) == Need::Node && !has_client_cert(&req) {
+            metrics::counter!("locus_auth_refused_total", "reason" => "no_client_certificate", "need" => "node")
+                .increment(1);
+            let status = tonic::Status::permission_denied(
+                "node-to-node method or forwarding metadata: only cluster members (a client certificate from the cluster CA) may call it",
+            );
+            return AuthFuture::Refused { response: Some(status.into_http()) };
+        }
         if let Some(auth) = &self.layer.auth {
             let h = req.headers();
-            let forwarded = self.layer.node_keys.iter().any(|k| h.contains_key(*k));
             if let Err((r, name)) = auth.check(req.uri().path(), forwarded, bearer(h)) {
                 let peer =
                     req.extensions().get::<tonic::transport::server::TcpConnectInfo>().and_then(|c| c.remote_addr());

@@ -210,6 +210,30 @@ async fn no_bodies(req: axum::extract::Request, next: axum::middleware::Next) ->
     next.run(req).await
 }
 
+/// Serves one connection (plain or TLS) until it ends or the server stops.
+async fn serve_conn<I, S>(io: I, svc: S, limits: HttpLimits, mut stop: tokio::sync::watch::Receiver<bool>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming> + Send,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as axum::body::HttpBody>::Data: Send,
+    <S::ResBody as axum::body::HttpBody>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+        }
+    }
+}
+
 /// Serves HTTP/1.1 on `listener` until `shutdown` resolves: at most
 /// `limits.max_connections` connections (the next is closed at once and counted in
 /// `locus_http_refused_total{reason="connections"}`), each closed if a request's
@@ -219,6 +243,7 @@ pub fn serve(
     ready: Arc<crate::health::Readiness>,
     share: Option<Arc<Share>>,
     limits: HttpLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> impl std::future::Future<Output = std::io::Result<()>> {
     let app = Router::new()
@@ -254,20 +279,19 @@ pub fn serve(
             metrics::gauge!("locus_http_connections").increment(1.0);
             let svc =
                 hyper_util::service::TowerToHyperService::new(app.clone().layer(axum::Extension(ConnectInfo(peer))));
-            let mut stop = stop_rx.clone();
+            let stop = stop_rx.clone();
+            let tls = tls.clone();
             crate::tasks::spawn("http_conn", async move {
                 let _permit = permit;
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(limits.header_timeout)
-                    .serve_connection(hyper_util::rt::TokioIo::new(sock), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => {}
-                    _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
-                    }
+                match tls {
+                    None => serve_conn(sock, svc, limits, stop).await,
+                    // The handshake is held to the header timeout too.
+                    Some(a) => match tokio::time::timeout(limits.header_timeout, a.accept(sock)).await {
+                        Ok(Ok(s)) => serve_conn(s, svc, limits, stop).await,
+                        Ok(Err(_)) | Err(_) => {
+                            metrics::counter!("locus_http_refused_total", "reason" => "tls_handshake").increment(1)
+                        }
+                    },
                 }
                 metrics::gauge!("locus_http_connections").decrement(1.0);
             });

@@ -91,6 +91,8 @@ pub struct Peers {
     connector: Option<crate::memnet::MemConnector>,
     /// The node credential every call to a peer carries (with `--auth-file`).
     credential: Option<tonic::codegen::http::HeaderValue>,
+    /// Mutual TLS to peers (with `--tls-cert`).
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Peers {
@@ -99,8 +101,13 @@ impl Peers {
         let mut m = self.clients.lock().expect("peers lock");
         m.entry(grpc)
             .or_insert_with(|| {
-                let ep = Endpoint::from_shared(format!("http://{grpc}"))
-                    .expect("a socket address is a valid URI")
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                let mut ep =
+                    Endpoint::from_shared(format!("{scheme}://{grpc}")).expect("a socket address is a valid URI");
+                if let Some(t) = &self.tls {
+                    ep = ep.tls_config(t.clone()).expect("a TLS configuration tonic accepted at start");
+                }
+                let ep = ep
                     .tcp_nodelay(true)
                     .connect_timeout(Duration::from_secs(1))
                     .http2_keep_alive_interval(Duration::from_secs(10))
@@ -165,6 +172,12 @@ impl Cluster {
     }
 
     /// Reaches peers over the in-process network instead of TCP.
+    /// Peer calls go over mutual TLS.
+    pub fn with_tls(mut self, t: tonic::transport::ClientTlsConfig) -> Self {
+        self.peers.tls = Some(t);
+        self
+    }
+
     /// Peer calls carry the node credential (`auth::ClusterKey::node_credential`).
     pub fn with_credential(mut self, c: tonic::codegen::http::HeaderValue) -> Self {
         self.peers.credential = Some(c);
