@@ -243,7 +243,8 @@ pub struct NodeConfig {
     #[arg(long, env = "LOCUS_HTTP_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub http_max_connections: usize,
     /// An HTTP client must send a request's headers within this long (also while a
-    /// kept-alive connection waits for its next request), or the connection is closed.
+    /// kept-alive connection waits for its next request), or the connection is closed;
+    /// a TLS handshake (HTTP or gRPC) must finish within it too.
     #[arg(long, env = "LOCUS_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub http_header_timeout: Duration,
     /// How long a graceful shutdown waits for in-flight RPCs.

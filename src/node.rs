@@ -401,7 +401,7 @@ pub async fn run_on(
     let mut sd = sd_rx.clone();
     let mut server = tonic::transport::Server::builder();
     if let Some(t) = &tls {
-        server = server.tls_config(t.grpc_server()).context("the gRPC TLS configuration")?;
+        server = server.tls_config(t.grpc_server(cfg.http_header_timeout)).context("the gRPC TLS configuration")?;
     }
     let grpc = server
         .tcp_nodelay(true)

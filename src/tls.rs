@@ -46,9 +46,10 @@ impl TlsFiles {
     }
 
     /// The gRPC server's: this node's identity; client certificates optional, verified
-    /// against the CA when presented.
-    pub fn grpc_server(&self) -> ServerTlsConfig {
+    /// against the CA when presented; a handshake must finish within `handshake`.
+    pub fn grpc_server(&self, handshake: std::time::Duration) -> ServerTlsConfig {
         ServerTlsConfig::new()
+            .timeout(handshake)
             .identity(Identity::from_pem(&self.cert, &self.key))
             .client_ca_root(Certificate::from_pem(&self.ca))
             .client_auth_optional(true)

@@ -128,8 +128,12 @@ where
         if let Some(auth) = &self.layer.auth {
             let h = req.headers();
             if let Err((r, name)) = auth.check(req.uri().path(), forwarded, bearer(h)) {
-                let peer =
-                    req.extensions().get::<tonic::transport::server::TcpConnectInfo>().and_then(|c| c.remote_addr());
+                use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+                let x = req.extensions();
+                let peer = x
+                    .get::<TcpConnectInfo>()
+                    .or_else(|| x.get::<TlsConnectInfo<TcpConnectInfo>>().map(|t| t.get_ref()))
+                    .and_then(|c| c.remote_addr());
                 let status = refusal(req.uri().path(), r, name.as_deref(), peer);
                 return AuthFuture::Refused { response: Some(status.into_http()) };
             }

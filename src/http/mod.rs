@@ -109,8 +109,8 @@ fn admit(
     token: &str,
 ) -> Result<(Arc<Share>, usize), StatusCode> {
     let share = s.share.ok_or(StatusCode::NOT_FOUND)?;
-    let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-    let client = share.proxies.client(addr.ip(), xff);
+    let xff: Vec<&str> = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+    let client = share.proxies.client(addr.ip(), &xff);
     if !share.per_client.allow(&client_key(client)) {
         return Err(StatusCode::TOO_MANY_REQUESTS);
     }

@@ -2,10 +2,11 @@
 //!
 //! `--trusted-proxies` lists addresses and CIDR blocks (`10.0.0.0/8`, `::1`) whose
 //! `X-Forwarded-For` is believed. The client is the connection's peer, unless that peer
-//! is trusted: then it is the right-most address of `X-Forwarded-For` that is not a
-//! trusted proxy (each proxy appends the address it got the request from, so anything
-//! left of the first untrusted hop may be forged by the client). A malformed header
-//! leaves the peer as the client. The share endpoints' per-client rate limit keys on it.
+//! is trusted: then the hops of every `X-Forwarded-For` line (joined in order) are walked
+//! from the right, past trusted proxies, to the first that is not one (each proxy
+//! appends the address it got the request from, so anything left of that hop may be
+//! forged by the client). A hop that does not parse stops the walk at the last trusted
+//! proxy. The share endpoints' per-client rate limit keys on the result.
 
 use std::net::IpAddr;
 
@@ -63,20 +64,22 @@ impl Trusted {
         })
     }
 
-    /// The client of a request from `peer` carrying `forwarded_for` (if any).
-    pub fn client(&self, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
+    /// The client of a request from `peer` carrying `forwarded_for`: every
+    /// `X-Forwarded-For` line's value, in order (empty: none).
+    pub fn client(&self, peer: IpAddr, forwarded_for: &[&str]) -> IpAddr {
+        let mut client = peer;
         if !self.contains(peer) {
-            return peer;
+            return client;
         }
-        let Some(h) = forwarded_for else { return peer };
-        let mut hops = Vec::new();
-        for part in h.split(',') {
-            match part.trim().parse::<IpAddr>() {
-                Ok(ip) => hops.push(ip),
-                Err(_) => return peer,
+        let hops = forwarded_for.iter().flat_map(|h| h.split(',')).collect::<Vec<_>>();
+        for hop in hops.into_iter().rev() {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) if self.contains(ip) => client = ip,
+                Ok(ip) => return ip,
+                Err(_) => return client,
             }
         }
-        hops.into_iter().rev().find(|ip| !self.contains(*ip)).unwrap_or(peer)
+        client
     }
 }
 
@@ -94,15 +97,19 @@ mod tests {
         assert!(t.contains(ip("10.20.30.40")) && t.contains(ip("::1")) && t.contains(ip("192.168.1.7")));
         assert!(!t.contains(ip("192.168.1.8")) && !t.contains(ip("11.0.0.1")));
         // Not from a trusted proxy: the header is ignored.
-        assert_eq!(t.client(ip("203.0.113.9"), Some("1.2.3.4")), ip("203.0.113.9"));
+        assert_eq!(t.client(ip("203.0.113.9"), &["1.2.3.4"]), ip("203.0.113.9"));
         // Through two trusted proxies: the client, whatever it put left of itself.
-        assert_eq!(t.client(ip("10.0.0.2"), Some("6.6.6.6, 198.51.100.4, 10.0.0.1")), ip("198.51.100.4"));
-        // No header, or a malformed one: the proxy itself.
-        assert_eq!(t.client(ip("10.0.0.2"), None), ip("10.0.0.2"));
-        assert_eq!(t.client(ip("10.0.0.2"), Some("nonsense")), ip("10.0.0.2"));
+        assert_eq!(t.client(ip("10.0.0.2"), &["6.6.6.6, 198.51.100.4, 10.0.0.1"]), ip("198.51.100.4"));
+        // A proxy that adds a line of its own: the client's forged line comes first.
+        assert_eq!(t.client(ip("10.0.0.2"), &["6.6.6.6", "198.51.100.4"]), ip("198.51.100.4"));
+        // No header: the proxy itself. Garbage left of the real hops changes nothing,
+        // and garbage right of them stops at the last trusted proxy.
+        assert_eq!(t.client(ip("10.0.0.2"), &[]), ip("10.0.0.2"));
+        assert_eq!(t.client(ip("10.0.0.2"), &["nonsense, 198.51.100.4"]), ip("198.51.100.4"));
+        assert_eq!(t.client(ip("10.0.0.2"), &["198.51.100.4, 10.0.0.1, nonsense"]), ip("10.0.0.2"));
         assert!(Trusted::parse(&["10.0.0.0/33".into()]).is_err());
         assert!(Trusted::parse(&["proxy.local".into()]).is_err());
         // No list: nobody is trusted.
-        assert_eq!(Trusted::default().client(ip("127.0.0.1"), Some("1.2.3.4")), ip("127.0.0.1"));
+        assert_eq!(Trusted::default().client(ip("127.0.0.1"), &["1.2.3.4"]), ip("127.0.0.1"));
     }
 }

@@ -45,9 +45,9 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 /// The send time keeps a paused process honest: heartbeats that waited in its socket
 /// buffer while it was stopped (SIGSTOP, a VM pause, a long GC-like stall) count as
 /// heard when they were sent, not when it reads them on waking, so they cannot renew a
-/// quorum lease it lost meanwhile. Clocks need not agree: a heartbeat's age is its
-/// (receive − send) time above the smallest seen from that peer lately (constant skew
-/// and the network's base delay cancel out).
+/// quorum lease it lost meanwhile. The lease needs no clock agreement: a heartbeat's age
+/// is its (receive − send) time above the smallest seen from that peer lately (the
+/// clocks' offset and the network's base delay cancel out; receive times are monotonic).
 pub const HEARTBEAT: &[u8] = b"LOCUS-HB";
 const HEARTBEAT_LEN: usize = 33;
 /// The earlier format (no send time), still read during a rolling upgrade.
@@ -61,8 +61,11 @@ pub const RING_CHANGE_GRACE: std::time::Duration = std::time::Duration::from_sec
 /// When each peer (by the address its packets come from: its gossip address) last sent
 /// a heartbeat naming the same ring as this node's and this node alive: a peer that
 /// agrees with this node on who is in the cluster.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Heard {
+    /// Receive times are read on this monotonic clock (ms since `base`): a step of this
+    /// node's wall clock does not age every heartbeat at once.
+    base: Instant,
     agreed: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
     /// When each peer last sent any heartbeat at all (agreeing or not): a peer heard
     /// lately may still hold its own lease, whatever this node's view says of it.
@@ -73,6 +76,18 @@ pub struct Heard {
     /// Per peer, the smallest (receive − send) wall time seen in this and the previous
     /// window: the base a heartbeat's age is measured from.
     delays: Arc<Mutex<HashMap<SocketAddr, Delays>>>,
+}
+
+impl Default for Heard {
+    fn default() -> Heard {
+        Heard {
+            base: Instant::now(),
+            agreed: Arc::default(),
+            any: Arc::default(),
+            mine: Arc::default(),
+            delays: Arc::default(),
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -99,11 +114,21 @@ impl Rings {
 }
 
 impl Heard {
-    /// How long ago a heartbeat from `from` sent at `sent_ms` (its clock) left, read at
-    /// `recv_ms` (this node's clock).
+    /// This node's monotonic clock, ms.
+    fn mono_ms(&self) -> i64 {
+        Instant::now().saturating_duration_since(self.base).as_millis() as i64
+    }
+
+    /// How long ago a heartbeat from `from` sent at `sent_ms` (its wall clock) left, read
+    /// at `recv_ms` (this node's monotonic clock): only differences of (receive − send)
+    /// count, so the clocks' offset cancels out.
     fn age(&self, from: SocketAddr, sent_ms: i64, recv_ms: i64) -> std::time::Duration {
         let d = recv_ms.saturating_sub(sent_ms);
         let mut m = self.delays.lock().expect("delays lock");
+        if m.len() > 1024 {
+            // Peers long gone (or, without a cluster key, forged sources).
+            m.retain(|_, e| recv_ms - e.since <= 3 * DELAY_WINDOW_MS);
+        }
         let e = m.entry(from).or_insert(Delays { current: d, previous: d, since: recv_ms });
         if recv_ms - e.since > DELAY_WINDOW_MS {
             e.previous = e.current;
@@ -192,7 +217,7 @@ pub fn deliver(heard: &Heard, inbox: &mpsc::Sender<Vec<u8>>, from: SocketAddr, p
         let at = match packet.get(25..33) {
             Some(t) => {
                 let sent = u64::from_be_bytes(t.try_into().expect("8 bytes")) as i64;
-                let age = heard.age(from, sent, crate::clock::wall_ms());
+                let age = heard.age(from, sent, heard.mono_ms());
                 now.checked_sub(age).unwrap_or(now)
             }
             None => now,
@@ -243,7 +268,7 @@ impl UdpTransport {
                     Ok((n, from)) => {
                         let packet = match &mut opener {
                             None => &buf[..n],
-                            Some(o) => match o.open(from, &buf[..n], crate::clock::wall_ms()) {
+                            Some(o) => match o.open(&buf[..n], crate::clock::wall_ms()) {
                                 Ok(p) => p,
                                 Err(why) => {
                                     metrics::counter!("locus_gossip_dropped_total", "reason" => why.as_str())

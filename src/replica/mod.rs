@@ -98,7 +98,7 @@ enum Acked {
 /// it is on this node's disk, but another node may serve the partition without it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "partition {0}: the write is on this node but not confirmed (no in-sync replica stored it in time, this node's quorum lease ran out, or a replica knows a newer owner); the outcome is unknown: retry"
+    "partition {0}: the write is on this node but not confirmed (not every replica stored it in time, this node's quorum lease ran out, or a replica knows a newer owner); the outcome is unknown: retry"
 )]
 pub struct Unconfirmed(pub u16);
 
@@ -543,7 +543,11 @@ impl Replicator {
             if dropped {
                 l.state.need_resync.store(true, Ordering::Release);
             }
-            if l.state.healthy.load(Ordering::Acquire) && l.state.need_resync.swap(false, Ordering::AcqRel) {
+            // A link that broke recovers only by a call: with nothing queued on it (no
+            // driver traffic to that peer), queue its reset, which is the call.
+            let idle = l.tx.capacity() == l.tx.max_capacity();
+            let healthy = l.state.healthy.load(Ordering::Acquire);
+            if (healthy || idle) && l.state.need_resync.swap(false, Ordering::AcqRel) {
                 let parts: Vec<(u16, u64)> = placement
                     .iter()
                     .enumerate()

@@ -158,10 +158,13 @@ impl ReplicaStore {
             if part.kv_reset {
                 copy.kv_synced = true;
             }
-            let kv = !part.claims.is_empty() || !part.trips.is_empty();
+            // A claim or trip change (what a write waits for) into a copy not in sync.
+            // Resets wait for nothing: half of one (claims and trips, then drivers, on
+            // their own paths) is the normal way to sync.
+            let change = !part.kv_reset && (!part.claims.is_empty() || !part.trips.is_empty());
             apply_kv(&mut copy.claims, part.kv_reset, part.claims);
             apply_kv(&mut copy.trips, part.kv_reset, part.trips);
-            if !copy.synced() && (kv || part.kv_reset || part.drivers_reset) {
+            if change && !copy.synced() {
                 refused.push((p, Refused::NotSynced));
             }
         }
@@ -301,7 +304,7 @@ mod tests {
         let refused = s.apply(addr(1), 1, vec![early], |_| false);
         assert_eq!(refused.len(), 1);
         assert!(matches!(refused[0].1, Refused::NotSynced), "{}", refused[0].1);
-        // Half a reset is still not in sync.
+        // Half a reset is not refused (nothing waits for it), but not in sync either.
         let kv_only = ReplicaPart {
             partition: 4,
             epoch: 1,
@@ -309,7 +312,9 @@ mod tests {
             trips: vec![kv("t1", Some("x"))],
             ..Default::default()
         };
-        assert_eq!(s.apply(addr(1), 1, vec![kv_only], |_| false).len(), 1);
+        assert!(s.apply(addr(1), 1, vec![kv_only], |_| false).is_empty());
+        let early = ReplicaPart { partition: 4, epoch: 1, trips: vec![kv("t1", Some("x2"))], ..Default::default() };
+        assert_eq!(s.apply(addr(1), 1, vec![early], |_| false).len(), 1);
         let drivers = ReplicaPart { partition: 4, epoch: 1, drivers_reset: true, ..Default::default() };
         assert!(s.apply(addr(1), 1, vec![drivers], |_| false).is_empty());
         // In sync: changes count.

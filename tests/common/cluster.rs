@@ -96,8 +96,39 @@ impl TestCluster {
         self.converge_on(&running, want, within).await
     }
 
+    /// Every partition a node owns has an in-sync replica (at its epoch) on each of its
+    /// replica targets: claims and trip events are acknowledged only then.
+    pub async fn replicas_in_sync(&self, running: &[usize]) -> Result<(), String> {
+        let mut rows = Vec::new();
+        for &i in running {
+            let mut a = ClusterClient::connect(self.node(i).grpc.clone()).await.map_err(|e| e.to_string())?;
+            let r = a.partitions(pb::PartitionsRequest {}).await.map_err(|e| e.to_string())?.into_inner();
+            rows.extend(r.rows.into_iter().map(|row| (r.node.clone(), row)));
+        }
+        let synced: std::collections::HashSet<(&str, u32, u64)> = rows
+            .iter()
+            .filter(|(_, r)| r.state == "replica" && r.in_sync)
+            .map(|(n, r)| (n.as_str(), r.partition, r.epoch))
+            .collect();
+        let mut missing = 0;
+        for (_, r) in rows.iter().filter(|(_, r)| r.state == "owned") {
+            missing += r.peers.iter().filter(|p| !synced.contains(&(p.as_str(), r.partition, r.epoch))).count();
+        }
+        if missing == 0 { Ok(()) } else { Err(format!("{missing} replicas not in sync")) }
+    }
+
     /// [`converge`](Self::converge) as seen by some of the running nodes only.
     pub async fn converge_on(&self, running: &[usize], want: &[&str], within: Duration) -> Duration {
+        self.converge_inner(running, want, within, true).await
+    }
+
+    /// One ring, every node ready; replicas not waited for (failure detection timing).
+    pub async fn converge_ring(&self, want: &[&str], within: Duration) -> Duration {
+        let running: Vec<usize> = (0..self.nodes.len()).filter(|i| self.nodes[*i].is_some()).collect();
+        self.converge_inner(&running, want, within, false).await
+    }
+
+    async fn converge_inner(&self, running: &[usize], want: &[&str], within: Duration, replicas: bool) -> Duration {
         let t0 = Instant::now();
         let running = running.to_vec();
         let mut last = String::new();
@@ -130,10 +161,16 @@ impl TestCluster {
                     let r = locus::sim::http_get(&self.node(i).http, "/readyz").await;
                     ready &= matches!(r, Ok((200, _)));
                 }
-                if ready {
+                if !ready {
+                    last += "not all ready";
+                } else if !replicas {
                     return t0.elapsed();
+                } else {
+                    match self.replicas_in_sync(&running).await {
+                        Ok(()) => return t0.elapsed(),
+                        Err(why) => last += &why,
+                    }
                 }
-                last += "not all ready";
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
