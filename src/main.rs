@@ -24,6 +24,10 @@ struct Cli {
     /// The bearer token `sim`, `admin` and `bench` send, from a file (its first line).
     #[arg(long, global = true, env = "LOCUS_TOKEN_FILE")]
     token_file: Option<std::path::PathBuf>,
+    /// For `https://` nodes: the CA their certificates chain to (also `locus probe`'s, which
+    /// then asks over HTTPS). A node reads the same variable as its own `--tls-ca`.
+    #[arg(long = "client-tls-ca", global = true, env = "LOCUS_TLS_CA")]
+    client_tls_ca: Option<std::path::PathBuf>,
     /// The bearer token itself (prefer --token-file: a command line is visible to others).
     #[arg(long, global = true, env = "LOCUS_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -95,6 +99,11 @@ async fn main() -> anyhow::Result<()> {
         (None, t) => t,
     };
     locus::auth::layer::set_client_token(token.as_deref())?;
+    let ca = match &cli.client_tls_ca {
+        Some(p) => Some(std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?),
+        None => None,
+    };
+    locus::auth::layer::set_client_tls(ca.as_deref());
     match cli.cmd {
         Cmd::Node(cfg) => {
             init_tracing(cfg.log_format);
@@ -112,7 +121,12 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Chaos(cfg) => locus::chaos::run(cfg).await,
         Cmd::Token(cmd) => locus::auth::cli::run(cmd),
         Cmd::Probe { http, path } => {
-            let probe = locus::sim::http_get(&http, &path);
+            let probe = async {
+                match &ca {
+                    Some(ca) => locus::tls::https_get(&http, &path, ca).await,
+                    None => locus::sim::http_get(&http, &path).await,
+                }
+            };
             match tokio::time::timeout(std::time::Duration::from_secs(2), probe).await {
                 Ok(Ok((200, _))) => Ok(()),
                 Ok(Ok((code, body))) => anyhow::bail!("{http}{path}: {code} {}", body.trim()),

@@ -131,6 +131,27 @@ async fn grpc_and_http_serve_tls_only_and_check_client_certificates() {
     };
     assert!(plain, "plaintext gRPC was served");
 
+    // The CLI tools and the container healthcheck, given the CA.
+    let ca_file = files.path().join("ca.crt");
+    let admin = std::process::Command::new(common::LOCUS)
+        .args(["--client-tls-ca", ca_file.to_str().unwrap(), "admin", "--addr", &https(&n), "members"])
+        .output()
+        .unwrap();
+    assert!(admin.status.success(), "{}", String::from_utf8_lossy(&admin.stderr));
+    let probe = |ca: bool| {
+        let mut c = std::process::Command::new(common::LOCUS);
+        if ca {
+            c.args(["--client-tls-ca", ca_file.to_str().unwrap()]);
+        }
+        c.args(["probe", "--http", &n.http, "--path", "/healthz"])
+            .env_remove("LOCUS_TLS_CA")
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(probe(true), "locus probe over TLS failed");
+    assert!(!probe(false), "a plaintext probe passed against a TLS node");
+
     // HTTP over TLS; plaintext HTTP gets no answer.
     assert_eq!(https_get(&n.http, "/healthz", &ca).await, "HTTP/1.1 200 OK");
     let mut s = tokio::net::TcpStream::connect(&n.http).await.unwrap();

@@ -4,11 +4,9 @@
 
 use std::time::Duration;
 
+use crate::auth::layer::{AuthChannel, client_endpoint, client_tls};
 use clap::{Args, Subcommand};
 use serde_json::json;
-use tonic::transport::Endpoint;
-
-use crate::auth::layer::AuthChannel;
 
 use crate::pb;
 use crate::pb::cluster_client::ClusterClient;
@@ -119,7 +117,7 @@ fn member_json(m: &pb::Member) -> serde_json::Value {
 
 /// Runs one admin command and prints its answer.
 pub async fn run(cfg: AdminConfig) -> anyhow::Result<()> {
-    let ch = Endpoint::from_shared(cfg.addr.clone())?.connect_timeout(Duration::from_secs(3)).connect().await?;
+    let ch = client_endpoint(&cfg.addr)?.connect_timeout(Duration::from_secs(3)).connect().await?;
     let mut c = ClusterClient::new(AuthChannel::client(ch));
     match cfg.cmd {
         AdminCmd::Members => {
@@ -256,7 +254,9 @@ pub async fn run(cfg: AdminConfig) -> anyhow::Result<()> {
 }
 
 async fn connect(grpc: &str) -> anyhow::Result<ClusterClient<AuthChannel>> {
-    let ch = Endpoint::from_shared(format!("http://{grpc}"))?.connect_timeout(Duration::from_secs(3)).connect().await?;
+    // The same scheme as the node first asked (TLS clusters are TLS throughout).
+    let scheme = if client_tls() { "https" } else { "http" };
+    let ch = client_endpoint(&format!("{scheme}://{grpc}"))?.connect_timeout(Duration::from_secs(3)).connect().await?;
     Ok(ClusterClient::new(AuthChannel::client(ch)))
 }
 

@@ -214,6 +214,34 @@ impl tonic::codegen::Service<http::Request<Body>> for AuthChannel {
     }
 }
 
+static CLIENT_TLS: OnceLock<Option<tonic::transport::ClientTlsConfig>> = OnceLock::new();
+
+/// Sets the CA the CLI tools verify `https://` nodes against (`--tls-ca`); once, first.
+pub fn set_client_tls(ca_pem: Option<&[u8]>) {
+    let cfg = ca_pem.map(|pem| {
+        tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem))
+    });
+    let _ = CLIENT_TLS.set(cfg);
+}
+
+/// Whether the CLI tools were given a CA (`--tls-ca`): the cluster speaks TLS.
+pub fn client_tls() -> bool {
+    CLIENT_TLS.get().is_some_and(Option::is_some)
+}
+
+/// An endpoint for a node's URL: `https://` ones over TLS, verified against the CA set
+/// by [`set_client_tls`].
+pub fn client_endpoint(url: &str) -> anyhow::Result<tonic::transport::Endpoint> {
+    let ep = tonic::transport::Endpoint::from_shared(url.to_string())?;
+    if !url.starts_with("https://") {
+        return Ok(ep);
+    }
+    match CLIENT_TLS.get().cloned().flatten() {
+        Some(tls) => Ok(ep.tls_config(tls)?),
+        None => anyhow::bail!("{url}: an https:// node needs --tls-ca (the CA its certificate chains to)"),
+    }
+}
+
 static CLIENT_TOKEN: OnceLock<Option<HeaderValue>> = OnceLock::new();
 
 /// Sets the token every client channel of this process sends (the CLI tools call it

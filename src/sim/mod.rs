@@ -30,7 +30,7 @@ use rand::{RngExt, SeedableRng};
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::auth::layer::AuthChannel;
 
@@ -103,7 +103,7 @@ impl ClientRing {
 
 /// Reads the ring from any node's `Cluster.RingInfo`.
 pub async fn fetch_ring(target: &str) -> anyhow::Result<ClientRing> {
-    let ch = Endpoint::from_shared(target.to_string())?.connect_timeout(Duration::from_secs(3)).connect().await?;
+    let ch = crate::auth::layer::client_endpoint(target)?.connect_timeout(Duration::from_secs(3)).connect().await?;
     let r = crate::pb::cluster_client::ClusterClient::new(ch).ring_info(pb::RingInfoRequest {}).await?.into_inner();
     let mut grpc = std::collections::HashMap::new();
     for m in &r.members {
@@ -247,7 +247,7 @@ pub async fn connect(target: &str) -> anyhow::Result<LocationsClient<AuthChannel
 /// A connected channel to one node (for any service's client), sending the process's
 /// client token (`auth::layer::set_client_token`).
 pub async fn connect_channel(target: &str) -> anyhow::Result<AuthChannel> {
-    let ch = Endpoint::from_shared(target.to_string())?
+    let ch = crate::auth::layer::client_endpoint(target)?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -263,7 +263,7 @@ pub fn balanced_channel(targets: &[String]) -> anyhow::Result<AuthChannel> {
     let mut eps = Vec::new();
     for t in targets {
         eps.push(
-            Endpoint::from_shared(t.clone())?
+            crate::auth::layer::client_endpoint(t)?
                 .connect_timeout(Duration::from_secs(1))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(2))
