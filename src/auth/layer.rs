@@ -116,6 +116,9 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if self.layer.auth.is_none() && !self.layer.node_cert {
+            return AuthFuture::Inner { fut: self.inner.call(req) };
+        }
         let forwarded = self.layer.node_keys.iter().any(|k| req.headers().contains_key(*k));
         if self.layer.node_cert && super::need(req.uri().path(), forwarded) == Need::Node && !has_client_cert(&req) {
             metrics::counter!("locus_auth_refused_total", "reason" => "no_client_certificate", "need" => "node")

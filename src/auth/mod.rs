@@ -22,7 +22,7 @@ pub mod layer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 
 use ring::{digest, hmac};
 
@@ -264,7 +264,7 @@ pub enum Refused {
 #[derive(Debug)]
 pub struct Auth {
     file: PathBuf,
-    table: RwLock<Arc<TokenTable>>,
+    table: RwLock<TokenTable>,
     node: [u8; 32],
 }
 
@@ -272,11 +272,7 @@ impl Auth {
     /// Reads `file` (the token table) and takes the node credential from `key`.
     pub fn open(file: &Path, key: &ClusterKey) -> Result<Auth, String> {
         let table = Self::read(file)?;
-        Ok(Auth {
-            file: file.to_path_buf(),
-            table: RwLock::new(Arc::new(table)),
-            node: hash_token(&key.node_credential()),
-        })
+        Ok(Auth { file: file.to_path_buf(), table: RwLock::new(table), node: hash_token(&key.node_credential()) })
     }
 
     fn read(file: &Path) -> Result<TokenTable, String> {
@@ -289,7 +285,7 @@ impl Auth {
     pub fn reload(&self) -> Result<usize, String> {
         let t = Self::read(&self.file)?;
         let n = t.len();
-        *self.table.write().expect("auth table lock") = Arc::new(t);
+        *self.table.write().expect("auth table lock") = t;
         Ok(n)
     }
 
@@ -313,7 +309,7 @@ impl Auth {
         if ct_eq(&h, &self.node) {
             return Ok(n);
         }
-        let table = self.table.read().expect("auth table lock").clone();
+        let table = self.table.read().expect("auth table lock");
         let Some(e) = table.by_hash.get(&h) else {
             return Err((Refused::Unauthenticated("unknown token"), None));
         };

@@ -71,6 +71,16 @@ where
     }
 }
 
+/// A trip through any node, patiently.
+async fn read_trip(targets: &Targets, id: &str) -> Result<pb::Trip, tonic::Status> {
+    patient(|| {
+        let mut c = TripsClient::new(targets.any());
+        let req = pb::GetTripRequest { trip_id: id.to_string(), include_route: false };
+        async move { c.get_trip(req).await }
+    })
+    .await
+}
+
 pub async fn check(h: &History, targets: &Targets) -> Verdict {
     let mut v = Verdict::default();
     let in_zone = |t: Instant| h.faults.iter().any(|(s, e)| t + LOSS_WINDOW >= *s && t <= *e + AFTER_FAULT);
@@ -127,13 +137,7 @@ pub async fn check(h: &History, targets: &Targets) -> Verdict {
                 continue;
             }
             v.timers += 1;
-            let r = patient(|| {
-                let mut c = TripsClient::new(targets.any());
-                let req = pb::GetTripRequest { trip_id: id.clone(), include_route: false };
-                async move { c.get_trip(req).await }
-            })
-            .await;
-            match r {
+            match read_trip(targets, id).await {
                 Err(s) if s.code() == Code::NotFound => {}
                 Ok(t) => v.lost(format!("trip {id}: due {:?} ago, still {}", now - due, t.state_name)),
                 Err(s) => v.lost(format!("trip {id}: read failed: {} {}", s.code(), s.message())),
@@ -148,13 +152,7 @@ pub async fn check(h: &History, targets: &Targets) -> Verdict {
         }
         let (Some((state, driver)), false) = (&rec.state, rec.uncertain) else { continue };
         v.trips += 1;
-        let r = patient(|| {
-            let mut c = TripsClient::new(targets.any());
-            let req = pb::GetTripRequest { trip_id: id.clone(), include_route: false };
-            async move { c.get_trip(req).await }
-        })
-        .await;
-        match r {
+        match read_trip(targets, id).await {
             Ok(t) if (&t.state_name, &t.driver_id) == (state, driver) => {}
             Ok(t) => v.lost(format!(
                 "trip {id}: reads {} / {:?}, acknowledged {state} / {driver:?}",

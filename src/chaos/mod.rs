@@ -230,8 +230,8 @@ impl Run {
                         last = format!("h{i}: {}", e.message());
                     }
                 }
-                let addr = SocketAddrText(host_ip(i));
-                if ok && !matches!(crate::sim::http_get(&addr.http(), "/readyz").await, Ok((200, _))) {
+                let http = format!("{}:7480", host_ip(i));
+                if ok && !matches!(crate::sim::http_get(&http, "/readyz").await, Ok((200, _))) {
                     ok = false;
                     last = format!("h{i}: not ready");
                 }
@@ -303,14 +303,6 @@ impl Run {
             secs: t0.elapsed().as_secs_f64(),
             log_problems,
         })
-    }
-}
-
-struct SocketAddrText(std::net::Ipv4Addr);
-
-impl SocketAddrText {
-    fn http(&self) -> String {
-        format!("{}:7480", self.0)
     }
 }
 

@@ -421,10 +421,11 @@ impl Replicator {
         // to the caller (a crash of this node now would lose it: the replica promoted
         // would not have it); a retry with the same id applies it once.
         let degraded_ok = sent != Some(Acked::Failed) || self.degraded_writes.load(Ordering::Relaxed);
-        let confirmed = sent != Some(Acked::Stale) && degraded_ok && self.cluster.has_quorum();
+        let quorum = self.cluster.has_quorum();
+        let confirmed = sent != Some(Acked::Stale) && degraded_ok && quorum;
         // One result per write.
         let result = match (confirmed, sent) {
-            (false, Some(Acked::Failed)) if self.cluster.has_quorum() => "not_replicated",
+            (false, Some(Acked::Failed)) if quorum => "not_replicated",
             (false, _) => "unconfirmed",
             (true, None) => return Ok(()),
             (true, Some(Acked::Stored)) => "acked",
