@@ -58,6 +58,7 @@ up: image ## Start the 3-node compose cluster with auth on and the simulator fee
 	./docker/wait-healthy.sh
 	$(LOCUS) --token-file docker/secrets/admin.token admin --addr http://127.0.0.1:7400 members
 	@echo
+	@echo "Live map:  http://127.0.0.1:7480/map#token=$$(cat docker/secrets/reader.token)"
 	@echo "Simulator: $(COMPOSE) -f $(COMPOSE_FILE) logs -f sim"
 	@echo "Operator:  $(LOCUS) --token-file docker/secrets/admin.token admin --addr http://127.0.0.1:7400 partitions --summary"
 	@echo "Scale:     $(COMPOSE) -f $(COMPOSE_FILE) --profile scale up -d --scale locus-extra=2"

@@ -21,6 +21,7 @@ echo
 "$LOCUS" admin ring
 echo
 TARGETS=$(for i in $(seq 1 "$NODES"); do printf 'http://127.0.0.1:%d,' $((7400 + 10 * (i - 1))); done)
+echo "Live map: http://127.0.0.1:7480/map (any node's HTTP port; no auth on this local cluster)"
 echo "Try in another terminal: $LOCUS admin lookup sim-42 | $LOCUS admin members | cluster/local.sh kill 3"
 echo "Simulator: 10,000 drivers in a 12 km city, one fix per second each, Nearby queries. Ctrl-C to stop."
 "$LOCUS" sim --target "${TARGETS%,}" "$@" || true

@@ -34,6 +34,8 @@
 //!    shards ──► records `claims` · fixes of assigned drivers ──► trip feed · events::Bus
 //!    storage::RecordStore (sled; an in-memory twin): claims, trips, ownership table by partition
 //!    http: GET /share/{token} ──► owner's trips::share::ShareTable (pre-rendered JSON)
+//!    http: GET /map/data ──► map::source ──► Internal.MapPart on every node ──► shards'
+//!          grid counts / points + trips::board (live trips' sketches), merged as JSON
 //! ```
 //!
 //! - [`api`]: `locus.v1.Locations` (keyed → owner, geo → scatter), `locus.v1.Cluster`,
@@ -41,7 +43,7 @@
 //!   errors → `Status`, in one place per service; watches that follow their key across
 //!   moves (`api::follow`); the claim link and the trip feed between nodes.
 //! - [`trips`]: trip actors on the trip's owner, the pure trip state machine, share
-//!   tokens, the share table and rate limiter; [`dispatch`]: driver claims, on the
+//!   tokens, the share table and rate limiter, the live trips' board; [`dispatch`]: driver claims, on the
 //!   driver's owner through a `ClaimLink`; [`events`]: the per-node state-change bus.
 //!   These three are domain code: their own types and errors, no gRPC.
 //! - [`membership`]: SWIM gossip (foca) core and shell, node metadata, UDP transport and
@@ -67,6 +69,8 @@
 //! - [`clock`]: the wall clock (ms since the epoch; simulated in paused time);
 //!   [`tasks`]: every spawned task, counted by kind while it lives (`locus_tasks{kind}`),
 //!   and grouped by node (`Scope`: killed or frozen together) where one process runs several.
+//! - [`map`]: the operator's live map: grid counts and points per shard, the gather
+//!   over every node (`map::source`); the endpoints and page are in `http::map`.
 //! - [`limits`]: counted slots for what a client holds open (watches, subscriptions).
 //! - [`keys`]: deterministic key hashing; partitions, the unit shards and nodes own
 //!   (and `PartitionSet`, a bitmap of them).
@@ -76,7 +80,7 @@
 //! - [`tls`]: TLS for gRPC and HTTP, and mutual TLS between nodes (rustls).
 //! - [`config`], [`node`]: flags and wiring (over TCP/UDP, or `memnet`), startup (the log is parked until handed
 //!   over) and graceful shutdown (hand every partition over, then leave the gossip).
-//! - [`http`]: health, readiness, Prometheus metrics and the public share endpoints;
+//! - [`http`]: health, readiness, Prometheus metrics and the public share endpoints, the live map;
 //!   [`health`]: readiness (one writer) and the `grpc.health.v1` and reflection services.
 //! - [`admin`]: the `locus admin` CLI; [`sim`]: the city simulator and load generator
 //!   (owner-aware or not); [`bench`]: the benchmarks; [`chaos`]: the chaos suite (real
@@ -100,6 +104,7 @@ pub mod health;
 pub mod http;
 pub mod keys;
 pub mod limits;
+pub mod map;
 pub mod membership;
 pub mod memnet;
 pub mod node;

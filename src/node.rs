@@ -374,7 +374,7 @@ pub async fn run_on(
     let leave = Arc::new(Notify::new());
     let watches = crate::limits::Slots::new("watches", "--max-watches", cfg.max_watches);
     let api = Arc::new(
-        LocationsApi::new(router, cluster.clone(), limits, cfg.watch_queue, sd_rx.clone())
+        LocationsApi::new(router.clone(), cluster.clone(), limits, cfg.watch_queue, sd_rx.clone())
             .with_watch_slots(watches.clone()),
     );
     let svc = LocationsServer::from_arc(api.clone())
@@ -384,7 +384,9 @@ pub async fn run_on(
         TripsServer::new(TripsApi::new(trips.clone(), cluster.clone(), sd_rx.clone()).with_watch_slots(watches));
     let dispatch_svc = DispatchServer::new(DispatchApi::new(api.clone(), dispatch.clone()));
     let events_svc = EventsServer::new(EventsApi::new(bus.clone(), cluster.clone(), cfg.max_subscriptions));
-    let internal_svc = InternalServer::new(InternalApi::new(dispatch.clone(), trips.clone()));
+    let map_source = crate::map::source::MapSource::new(router.clone(), trips.clone(), cluster.clone());
+    let internal_svc = InternalServer::new(InternalApi::new(dispatch.clone(), trips.clone(), map_source.clone()));
+    let map_http = crate::http::map::MapHttp::new(map_source, auth.clone());
     let share = Arc::new(crate::http::Share {
         trips: trips.clone(),
         cluster: cluster.clone(),
@@ -442,9 +444,17 @@ pub async fn run_on(
     let http_limits =
         crate::http::HttpLimits { max_connections: cfg.http_max_connections, header_timeout: cfg.http_header_timeout };
     let acceptor = tls.as_ref().map(|t| t.http_acceptor()).transpose()?;
-    let http = crate::http::serve(http_listener, ready.clone(), Some(share), http_limits, acceptor, async move {
-        let _ = sd.wait_for(|s| *s).await;
-    });
+    let http = crate::http::serve(
+        http_listener,
+        ready.clone(),
+        Some(share),
+        Some(map_http),
+        http_limits,
+        acceptor,
+        async move {
+            let _ = sd.wait_for(|s| *s).await;
+        },
+    );
     let http_task = crate::tasks::spawn("http", http);
     let reload = auth.clone().map(|a| crate::tasks::spawn("auth_reload", reload_on_sighup(a)));
     info!(node = %cfg.node_name, tls = tls.is_some(), grpc = %grpc_addr, http = %http_addr, gossip = %gossip_addr, shards = cfg.shards, data = %dir.display(), "locus node serving");

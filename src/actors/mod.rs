@@ -132,6 +132,11 @@ pub enum ShardMsg {
     Hold {
         partitions: Arc<HashSet<u16>>,
     },
+    /// The live map's grid (and points) over a box.
+    Map {
+        q: Arc<crate::map::MapQuery>,
+        reply: oneshot::Sender<crate::map::MapSlice>,
+    },
     /// Live drivers per partition.
     Counts {
         reply: oneshot::Sender<HashMap<u16, u32>>,
@@ -386,6 +391,9 @@ impl Worker {
             }
             ShardMsg::Resync { partitions } => self.core.resync(&partitions),
             ShardMsg::Hold { partitions } => self.core.hold(&partitions),
+            ShardMsg::Map { q, reply } => {
+                let _ = reply.send(self.core.map(&q));
+            }
             ShardMsg::Counts { reply } => {
                 let _ = reply.send(self.core.partition_counts());
             }

@@ -491,11 +491,12 @@ impl pb::events_server::Events for EventsApi {
 pub struct InternalApi {
     dispatch: Arc<Dispatcher>,
     trips: Arc<Trips>,
+    map: Arc<crate::map::source::MapSource>,
 }
 
 impl InternalApi {
-    pub fn new(dispatch: Arc<Dispatcher>, trips: Arc<Trips>) -> Self {
-        InternalApi { dispatch, trips }
+    pub fn new(dispatch: Arc<Dispatcher>, trips: Arc<Trips>, map: Arc<crate::map::source::MapSource>) -> Self {
+        InternalApi { dispatch, trips, map }
     }
 }
 
@@ -526,6 +527,12 @@ impl pb::internal_server::Internal for InternalApi {
             Some(json) => pb::ShareAnswer { http_status: 200, json: json.to_vec() },
             None => pb::ShareAnswer { http_status: 404, json: Vec::new() },
         }))
+    }
+
+    async fn map_part(&self, req: Request<pb::MapPartRequest>) -> Result<Response<pb::MapPartResponse>, Status> {
+        let q = crate::map::source::query_of(req.get_ref())
+            .map_err(|(field, reason)| invalid(&crate::drivers::FieldError::new(field, reason)))?;
+        self.map.local_part(&q).await.map(Response::new).map_err(super::route_status)
     }
 }
 

@@ -68,13 +68,14 @@ pub struct Authn<S> {
     layer: AuthLayer,
 }
 
-fn bearer(h: &http::HeaderMap) -> Option<&str> {
+/// The token of an `authorization: Bearer <token>` header.
+pub fn bearer(h: &http::HeaderMap) -> Option<&str> {
     let v = h.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-fn need_label(n: Need) -> &'static str {
+pub(crate) fn need_label(n: Need) -> &'static str {
     match n {
         Need::Public => "public",
         Need::Node => "node",

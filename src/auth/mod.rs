@@ -296,7 +296,15 @@ impl Auth {
     /// Decides one request: `path` is the gRPC method, `bearer` the token sent (if any).
     /// A refusal carries the token's name when the token is known (wrong role).
     pub fn check(&self, path: &str, forwarded: bool, bearer: Option<&str>) -> Result<Need, (Refused, Option<String>)> {
-        let n = need(path, forwarded);
+        self.decide(need(path, forwarded), bearer)
+    }
+
+    /// Decides an HTTP request that needs `role` (the live map's data needs `reader`).
+    pub fn check_role(&self, role: Role, bearer: Option<&str>) -> Result<Need, (Refused, Option<String>)> {
+        self.decide(Need::Role(role), bearer)
+    }
+
+    fn decide(&self, n: Need, bearer: Option<&str>) -> Result<Need, (Refused, Option<String>)> {
         if n == Need::Public {
             return Ok(n);
         }

@@ -1097,6 +1097,46 @@ impl DriverShard {
         }
     }
 
+    /// The live map's view of this shard: drivers per grid cell and status over the box,
+    /// and their points while at most `points_max` are in it. A small box is answered
+    /// through the R-tree (stopping once there are too many points); a large one by one
+    /// pass over the slots, which costs the same however the drivers are spread.
+    pub fn map(&self, q: &crate::map::MapQuery) -> crate::map::MapSlice {
+        use crate::map::{MapPoint, MapSlice, status_index};
+        let mut out = MapSlice::empty(q);
+        out.drivers = self.len() as u64;
+        out.accepted = self.counters.accepted;
+        let cap = q.points_max as usize;
+        let mut slots = Vec::new();
+        let few = self.index.visit_box(&q.b, self.pos_of(), |s| {
+            slots.push(s);
+            slots.len() <= cap
+        });
+        if few {
+            for s in slots {
+                let r = self.rec(s);
+                let st = r.effective();
+                out.cells[q.cell_of(r.last.lat, r.last.lon)][status_index(st)] += 1;
+                out.points.push(MapPoint {
+                    driver_id: r.id.to_string(),
+                    lat: r.last.lat,
+                    lon: r.last.lon,
+                    status: st,
+                    heading_deg: r.last.heading_deg as f32,
+                });
+            }
+        } else {
+            out.points_truncated = true;
+            for r in self.slots.iter().flatten() {
+                if q.b.contains(r.last.lat, r.last.lon) {
+                    out.cells[q.cell_of(r.last.lat, r.last.lon)][status_index(r.effective())] += 1;
+                }
+            }
+        }
+        out.in_box = out.cells.iter().map(|c| c.iter().map(|&n| n as u64).sum::<u64>()).sum();
+        out
+    }
+
     /// Starts or stops telling the shell about a driver's accepted fixes.
     pub fn set_watched(&mut self, slot: u32, on: bool) {
         if let Some(r) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) {

@@ -258,18 +258,44 @@ impl GeoIndex {
         best.into_sorted_vec().into_iter().map(|c| Hit { slot: c.slot, distance_m: c.d }).collect()
     }
 
-    /// Every driver inside the box, with its distance to the box centre, unordered.
-    pub fn in_box<'a, F>(&self, b: &LatLonBox, filter: QueryFilter, pos: F) -> Vec<Hit>
-    where
-        F: Fn(u32) -> Candidate<'a>,
-    {
+    /// The unit-vector envelope holding every indexed point of a driver inside `b`.
+    fn envelope(&self, b: &LatLonBox) -> AABB<[f32; 3]> {
         let (mut lo, mut hi) = b.unit_bounds();
         let pad = self.slack_chord;
         for i in 0..3 {
             lo[i] -= pad;
             hi[i] += pad;
         }
-        let env = AABB::from_corners(lo.map(|v| v as f32), hi.map(|v| v as f32));
+        AABB::from_corners(lo.map(|v| v as f32), hi.map(|v| v as f32))
+    }
+
+    /// Calls `visit` with the slot of every driver inside the box (any status, any
+    /// type), in no order, until it returns `false`. Returns whether every driver was
+    /// visited. Costs a descent plus the drivers visited: the live map asks it for the
+    /// points of a small area and stops as soon as there are too many to draw.
+    pub fn visit_box<'a, F, V>(&self, b: &LatLonBox, pos: F, mut visit: V) -> bool
+    where
+        F: Fn(u32) -> Candidate<'a>,
+        V: FnMut(u32) -> bool,
+    {
+        let env = self.envelope(b);
+        for tree in self.trees.values() {
+            for pt in tree.locate_in_envelope(env) {
+                let c = pos(pt.slot);
+                if b.contains(c.lat, c.lon) && !visit(pt.slot) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Every driver inside the box, with its distance to the box centre, unordered.
+    pub fn in_box<'a, F>(&self, b: &LatLonBox, filter: QueryFilter, pos: F) -> Vec<Hit>
+    where
+        F: Fn(u32) -> Candidate<'a>,
+    {
+        let env = self.envelope(b);
         let (clat, clon) = b.centre();
         let mut out = Vec::new();
         for (key, tree) in &self.trees {

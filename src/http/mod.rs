@@ -7,6 +7,8 @@
 //!   request to the owner (one internal gRPC call, no scatter) and the owner answers from
 //!   memory (`trips::share`).
 //! - `GET /share/{token}/view`: a self-contained live page.
+//! - `GET /map` and `GET /map/data`: the operator's live map ([`map`]), behind the
+//!   `reader` role.
 //!
 //! Both are rate-limited per client address (behind `--trusted-proxies`, the address
 //! their `X-Forwarded-For` names: [`proxies`]), and the JSON also per token, answering
@@ -27,6 +29,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+pub mod map;
 pub mod proxies;
 
 use crate::clock::wall_ms;
@@ -60,10 +63,11 @@ pub struct Share {
 }
 
 #[derive(Clone)]
-struct HttpState {
+pub(crate) struct HttpState {
     ready: Arc<crate::health::Readiness>,
     metrics: PrometheusHandle,
     share: Option<Arc<Share>>,
+    map: Option<Arc<map::MapHttp>>,
 }
 
 async fn healthz() -> &'static str {
@@ -242,6 +246,7 @@ pub fn serve(
     listener: TcpListener,
     ready: Arc<crate::health::Readiness>,
     share: Option<Arc<Share>>,
+    map: Option<Arc<map::MapHttp>>,
     limits: HttpLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -252,8 +257,10 @@ pub fn serve(
         .route("/metrics", get(metrics))
         .route("/share/{token}", get(share_json))
         .route("/share/{token}/view", get(share_view))
+        .route("/map", get(map::page))
+        .route("/map/data", get(map::data))
         .layer(axum::middleware::from_fn(no_bodies))
-        .with_state(HttpState { ready, metrics: metrics_handle(), share });
+        .with_state(HttpState { ready, metrics: metrics_handle(), share, map });
     async move {
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -287,6 +287,23 @@ impl Router {
         }
     }
 
+    /// The live map's slice of this node: every shard's, merged (shards answer in
+    /// parallel).
+    pub async fn map(&self, q: crate::map::MapQuery) -> Result<crate::map::MapSlice, RouteError> {
+        let q = Arc::new(q);
+        let mut pending = Vec::with_capacity(self.shards.len());
+        for tx in &self.shards {
+            let (reply, rx) = oneshot::channel();
+            self.send(tx, ShardMsg::Map { q: q.clone(), reply }).await?;
+            pending.push(rx);
+        }
+        let mut out = crate::map::MapSlice::empty(&q);
+        for rx in pending {
+            out.merge(rx.await.map_err(|_| RouteError::Unavailable)?, &q);
+        }
+        Ok(out)
+    }
+
     /// Live drivers per partition, over every shard.
     pub async fn partition_counts(&self) -> HashMap<u16, u32> {
         let mut out = HashMap::new();

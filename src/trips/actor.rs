@@ -48,6 +48,8 @@ struct Actor {
     trip: Trip,
     watchers: Watchers,
     dirty: bool,
+    /// When the trip's sketch on the board was last refreshed.
+    shown: Instant,
 }
 
 /// The actor loop. `trip` is `None` for a trip being created: the first message is its
@@ -64,10 +66,11 @@ pub async fn run(trips: Arc<Trips>, trip: Option<Trip>, mut rx: mpsc::Receiver<T
         },
     };
     let id = trip.trip_id.clone();
-    let mut a = Actor { trips, trip, watchers: Vec::new(), dirty: false };
+    let mut a = Actor { trips, trip, watchers: Vec::new(), dirty: false, shown: Instant::now() };
     if let Some(t) = a.trip.share_token.clone() {
         a.publish_share(&t);
     }
+    a.show();
     let mut save_at = Instant::now() + SAVE_EVERY;
     // Not before this: the lease did not hold when the trip was due.
     let mut recheck = Instant::now();
@@ -117,7 +120,7 @@ async fn create(trips: &Arc<Trips>, rx: &mut mpsc::Receiver<TripMsg>) -> Option<
             return None;
         }
     };
-    let mut a = Actor { trips: trips.clone(), trip, watchers: Vec::new(), dirty: true };
+    let mut a = Actor { trips: trips.clone(), trip, watchers: Vec::new(), dirty: true, shown: Instant::now() };
     if let Err(s) = a.save(true).await {
         let _ = reply.send(Err(s));
         return None;
@@ -203,8 +206,17 @@ impl Actor {
                 if let Some(t) = self.trip.share_token.clone() {
                     self.publish_share(&t);
                 }
+                if self.shown.elapsed() >= super::board::REFRESH {
+                    self.show();
+                }
             }
         }
+    }
+
+    /// Refreshes the trip's sketch on the live map's board.
+    fn show(&mut self) {
+        self.trips.board.show(&self.trip);
+        self.shown = Instant::now();
     }
 
     async fn apply(&mut self, ev: &TripEvent) -> Result<TripView, TripError> {
@@ -235,6 +247,7 @@ impl Actor {
         if let Some(t) = self.trip.share_token.clone() {
             self.publish_share(&t);
         }
+        self.show();
         if self.trip.state.is_final() && !self.trip.driver_id.is_empty() {
             self.release_driver();
         }
@@ -247,6 +260,7 @@ impl Actor {
         if let Err(e) = self.save(true).await {
             warn!(trip = %self.trip.trip_id, error = %e, "saving a trip before it moves");
         }
+        self.trips.board.remove(&self.trip.trip_id);
         for w in self.watchers.drain(..) {
             let _ = w.try_send(Err(TripEnd::Moved));
         }
@@ -368,6 +382,7 @@ impl Actor {
     async fn expire(&mut self) {
         debug!(trip = %self.trip.trip_id, state = self.trip.state.name(), "trip expired");
         metrics::counter!("locus_trips_expired_total").increment(1);
+        self.trips.board.remove(&self.trip.trip_id);
         if self.trip.state.has_driver() {
             self.release_driver();
         }

@@ -4,6 +4,7 @@
 //! - [`actor`]: the actor loop: one message at a time, the TTL timer, persistence,
 //!   watchers, share-link rendering, state-change events.
 //! - [`share`]: share tokens, the table `GET /share/{token}` reads, the rate limiter.
+//! - [`board`]: a sketch of every live trip, kept by its actor, for the live map.
 //!
 //! The [`Trips`] registry maps a trip id to its actor's mailbox. Trips are persisted in
 //! the node's record store (set `trips`, keyed by partition then trip id, one record per trip, written
@@ -23,6 +24,7 @@
 //! owner), and a per-trip task can await that without stalling other trips.
 
 pub mod actor;
+pub mod board;
 pub mod model;
 pub mod share;
 
@@ -107,6 +109,8 @@ pub struct Trips {
     /// Per partition: [`NOT_HERE`], [`SERVED`] or [`FROZEN`].
     parts: Vec<AtomicU8>,
     pub shares: ShareTable,
+    /// Sketches of the live trips for the live map.
+    pub board: board::Board,
     /// Trip records (keyed by partition) and the store they are flushed in.
     pub(crate) records: Arc<dyn Records>,
     pub(crate) store: Arc<dyn RecordStore>,
@@ -145,6 +149,7 @@ impl Trips {
             actors: Mutex::new(HashMap::new()),
             parts: (0..crate::keys::PARTITIONS).map(|_| AtomicU8::new(NOT_HERE)).collect(),
             shares: ShareTable::default(),
+            board: board::Board::default(),
             records,
             store,
             cfg,

@@ -562,3 +562,38 @@ fn per_partition_counts_follow_creates_removals_expiry_and_moves() {
     assert_eq!(sh.partition_counts(), brute(&sh, &live));
     assert_eq!(sh.partition_counts().values().sum::<u32>() as usize, sh.len());
 }
+
+#[test]
+fn the_map_counts_every_driver_in_its_cell_by_status_and_sends_points_only_while_few() {
+    use crate::map::{MapQuery, status_index};
+    let mut s = DriverShard::new(cfg());
+    let mut want = std::collections::HashMap::new();
+    for i in 0..400 {
+        let (lat, lon) = (52.0 + (i % 20) as f64 * 0.01, 13.0 + (i / 20) as f64 * 0.01);
+        let mut f = fix(&format!("d{i}"), lat, lon, T0);
+        f.status = Some(if i % 4 == 0 { Status::Offline } else { Status::Available });
+        s.apply(f, T0).unwrap();
+        want.insert(format!("d{i}"), (lat, lon));
+    }
+    let b = LatLonBox { min_lat: 51.99, min_lon: 12.99, max_lat: 52.2, max_lon: 13.2 };
+    let grid = |points_max| MapQuery::new(b, 10, 10, points_max, 0).unwrap();
+
+    // Few enough: found through the index, every one a point, counted in its cell.
+    let few = s.map(&grid(1_000));
+    assert!(!few.points_truncated);
+    assert_eq!((few.in_box, few.points.len(), few.drivers), (400, 400, 400));
+    for p in &few.points {
+        assert_eq!(want[&p.driver_id], (p.lat, p.lon));
+        assert!(few.cells[grid(1_000).cell_of(p.lat, p.lon)][status_index(p.status)] > 0);
+    }
+    // Too many: the same counts from the pass over the slots, no points.
+    let many = s.map(&grid(10));
+    assert!(many.points_truncated && many.points.is_empty());
+    assert_eq!(many.cells, few.cells, "both ways count alike");
+    let offline: u32 = many.cells.iter().map(|c| c[status_index(Status::Offline)]).sum();
+    assert_eq!(offline, 100);
+
+    // A box holding part of the fleet counts only that part.
+    let part = MapQuery::new(LatLonBox { max_lat: 52.045, ..b }, 2, 2, 0, 0).unwrap();
+    assert_eq!(s.map(&part).in_box, 5 * 20, "rows 52.00..52.04, all 20 columns");
+}
