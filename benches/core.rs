@@ -1,11 +1,13 @@
 //! Micro-benchmarks of the pure cores, without gRPC: the cost of one fix and of one
-//! Nearby query inside a shard, at 1,000,000 drivers in a 12 km city.
+//! Nearby query inside a shard, at 1,000,000 drivers in a 12 km city, and of the live
+//! map's view of that shard.
 //! Run with `cargo bench --bench core` (part of `make bench`).
 
 use std::time::Instant;
 
+use locus::drivers::map::MapQuery;
 use locus::drivers::{DriverShard, FixInput, NearbyQuery, PersistBatch, Position, ShardConfig, Snapshot, Status};
-use locus::geo::EARTH_RADIUS_M;
+use locus::geo::{EARTH_RADIUS_M, LatLonBox};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
@@ -110,6 +112,30 @@ fn main() {
     let t0 = Instant::now();
     let installed = sh.install(extra, Vec::new());
     let install = t0.elapsed();
+    // The live map: the whole city on a 64 x 40 grid (a pass over every slot), and a
+    // street-level view of about 500 m square (points through the R-tree).
+    let n_all = sh.len();
+    let city = LatLonBox { min_lat: 52.40, min_lon: 13.20, max_lat: 52.64, max_lon: 13.61 };
+    let q = MapQuery::new(city, 64, 40, 5_000, 0).unwrap();
+    let t0 = Instant::now();
+    let reps = 5;
+    let mut counted = 0;
+    for _ in 0..reps {
+        counted += sh.map(&q).in_box;
+    }
+    let map_city = t0.elapsed() / reps;
+    let mut street_us = Vec::with_capacity(1_000);
+    let mut street_points = 0;
+    for _ in 0..1_000 {
+        let (lat, lon) = point(&mut rng);
+        let b =
+            LatLonBox { min_lat: lat - 0.00225, min_lon: lon - 0.0037, max_lat: lat + 0.00225, max_lon: lon + 0.0037 };
+        let q = MapQuery::new(b, 64, 40, 5_000, 0).unwrap();
+        let t = Instant::now();
+        street_points += sh.map(&q).points.len();
+        street_us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    street_us.sort_by(f64::total_cmp);
     println!("core benchmark, one shard, {n} drivers, 32-fix trails");
     println!("  first fix (create):      {:.0} ns/fix", first.as_nanos() as f64 / n as f64);
     println!("  moving fix (update):     {:.0} ns/fix", moving.as_nanos() as f64 / (n * rounds as usize) as f64);
@@ -127,5 +153,16 @@ fn main() {
         "  nearby k=10, available moto: p50 {:.1} us, p99 {:.1} us ({hits} hits)",
         p(&avail_us, 0.5),
         p(&avail_us, 0.99)
+    );
+    println!(
+        "  live map, city grid:     {:.1} ms per view ({} of {n_all} drivers counted on 64 x 40 cells)",
+        map_city.as_secs_f64() * 1e3,
+        counted / reps as u64
+    );
+    println!(
+        "  live map, street view:   p50 {:.0} us, p99 {:.0} us ({} points per view on average)",
+        p(&street_us, 0.5),
+        p(&street_us, 0.99),
+        street_points / 1_000
     );
 }

@@ -34,7 +34,7 @@
 //!    shards ──► records `claims` · fixes of assigned drivers ──► trip feed · events::Bus
 //!    storage::RecordStore (sled; an in-memory twin): claims, trips, ownership table by partition
 //!    http: GET /share/{token} ──► owner's trips::share::ShareTable (pre-rendered JSON)
-//!    http: GET /map/data ──► map::source ──► Internal.MapPart on every node ──► shards'
+//!    http: GET /map/data ──► map::MapSource ──► Internal.MapPart on every node ──► shards'
 //!          grid counts / points + trips::board (live trips' sketches), merged as JSON
 //! ```
 //!
@@ -61,7 +61,8 @@
 //!   `handoff::MemPeerLink` in memory).
 //! - [`routing`]: key → owner node (`routing::cluster`, peers, hops) and → local shard.
 //! - [`actors`]: shard worker tasks, mailboxes, watchers, persistence hand-off.
-//! - [`drivers`]: pure driver state machines, validation, trail, snapshot codec.
+//! - [`drivers`]: pure driver state machines, validation, trail, snapshot codec, a
+//!   shard's contribution to the live map (`drivers::map`).
 //! - [`geo`]: pure great-circle geometry and the R-tree index (exact k-NN, circle, box).
 //! - [`storage`]: the append-only driver log, its replay and compaction, the persister;
 //!   the record store (a trait; sled and memory) of partition-keyed claims, trips and
@@ -69,8 +70,9 @@
 //! - [`clock`]: the wall clock (ms since the epoch; simulated in paused time);
 //!   [`tasks`]: every spawned task, counted by kind while it lives (`locus_tasks{kind}`),
 //!   and grouped by node (`Scope`: killed or frozen together) where one process runs several.
-//! - [`map`]: the operator's live map: grid counts and points per shard, the gather
-//!   over every node (`map::source`); the endpoints and page are in `http::map`.
+//! - [`map`]: the operator's live map: a node's part and the gather over every node;
+//!   the grid counts and points per shard are `drivers::map`; the endpoints and page
+//!   are in `http::map`.
 //! - [`limits`]: counted slots for what a client holds open (watches, subscriptions).
 //! - [`keys`]: deterministic key hashing; partitions, the unit shards and nodes own
 //!   (and `PartitionSet`, a bitmap of them).

@@ -384,7 +384,7 @@ pub async fn run_on(
         TripsServer::new(TripsApi::new(trips.clone(), cluster.clone(), sd_rx.clone()).with_watch_slots(watches));
     let dispatch_svc = DispatchServer::new(DispatchApi::new(api.clone(), dispatch.clone()));
     let events_svc = EventsServer::new(EventsApi::new(bus.clone(), cluster.clone(), cfg.max_subscriptions));
-    let map_source = crate::map::source::MapSource::new(router.clone(), trips.clone(), cluster.clone());
+    let map_source = crate::map::MapSource::new(router.clone(), trips.clone(), cluster.clone());
     let internal_svc = InternalServer::new(InternalApi::new(dispatch.clone(), trips.clone(), map_source.clone()));
     let map_http = crate::http::map::MapHttp::new(map_source, auth.clone());
     let share = Arc::new(crate::http::Share {

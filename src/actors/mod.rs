@@ -134,8 +134,8 @@ pub enum ShardMsg {
     },
     /// The live map's grid (and points) over a box.
     Map {
-        q: Arc<crate::map::MapQuery>,
-        reply: oneshot::Sender<crate::map::MapSlice>,
+        q: Arc<crate::drivers::map::MapQuery>,
+        reply: oneshot::Sender<crate::drivers::map::MapSlice>,
     },
     /// Live drivers per partition.
     Counts {

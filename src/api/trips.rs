@@ -491,11 +491,11 @@ impl pb::events_server::Events for EventsApi {
 pub struct InternalApi {
     dispatch: Arc<Dispatcher>,
     trips: Arc<Trips>,
-    map: Arc<crate::map::source::MapSource>,
+    map: Arc<crate::map::MapSource>,
 }
 
 impl InternalApi {
-    pub fn new(dispatch: Arc<Dispatcher>, trips: Arc<Trips>, map: Arc<crate::map::source::MapSource>) -> Self {
+    pub fn new(dispatch: Arc<Dispatcher>, trips: Arc<Trips>, map: Arc<crate::map::MapSource>) -> Self {
         InternalApi { dispatch, trips, map }
     }
 }
@@ -530,7 +530,7 @@ impl pb::internal_server::Internal for InternalApi {
     }
 
     async fn map_part(&self, req: Request<pb::MapPartRequest>) -> Result<Response<pb::MapPartResponse>, Status> {
-        let q = crate::map::source::query_of(req.get_ref())
+        let q = crate::map::query_of(req.get_ref())
             .map_err(|(field, reason)| invalid(&crate::drivers::FieldError::new(field, reason)))?;
         self.map.local_part(&q).await.map(Response::new).map_err(super::route_status)
     }

@@ -7,6 +7,7 @@
 //! notifications, secondary-index changes, storage writes).
 
 mod codec;
+pub mod map;
 mod shard;
 mod trail;
 mod validate;

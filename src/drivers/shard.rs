@@ -1101,8 +1101,8 @@ impl DriverShard {
     /// and their points while at most `points_max` are in it. A small box is answered
     /// through the R-tree (stopping once there are too many points); a large one by one
     /// pass over the slots, which costs the same however the drivers are spread.
-    pub fn map(&self, q: &crate::map::MapQuery) -> crate::map::MapSlice {
-        use crate::map::{MapPoint, MapSlice, status_index};
+    pub fn map(&self, q: &crate::drivers::map::MapQuery) -> crate::drivers::map::MapSlice {
+        use crate::drivers::map::{MapPoint, MapSlice, status_index};
         let mut out = MapSlice::empty(q);
         out.drivers = self.len() as u64;
         out.accepted = self.counters.accepted;

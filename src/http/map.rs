@@ -19,9 +19,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::{Auth, Need, Refused, Role};
+use crate::drivers::map::MapQuery;
 use crate::geo::LatLonBox;
-use crate::map::MapQuery;
-use crate::map::source::MapSource;
+use crate::map::MapSource;
 
 /// The page.
 pub const MAP_HTML: &str = include_str!("map.html");

@@ -289,7 +289,7 @@ impl Router {
 
     /// The live map's slice of this node: every shard's, merged (shards answer in
     /// parallel).
-    pub async fn map(&self, q: crate::map::MapQuery) -> Result<crate::map::MapSlice, RouteError> {
+    pub async fn map(&self, q: crate::drivers::map::MapQuery) -> Result<crate::drivers::map::MapSlice, RouteError> {
         let q = Arc::new(q);
         let mut pending = Vec::with_capacity(self.shards.len());
         for tx in &self.shards {
@@ -297,7 +297,7 @@ impl Router {
             self.send(tx, ShardMsg::Map { q: q.clone(), reply }).await?;
             pending.push(rx);
         }
-        let mut out = crate::map::MapSlice::empty(&q);
+        let mut out = crate::drivers::map::MapSlice::empty(&q);
         for rx in pending {
             out.merge(rx.await.map_err(|_| RouteError::Unavailable)?, &q);
         }

@@ -565,7 +565,7 @@ fn per_partition_counts_follow_creates_removals_expiry_and_moves() {
 
 #[test]
 fn the_map_counts_every_driver_in_its_cell_by_status_and_sends_points_only_while_few() {
-    use crate::map::{MapQuery, status_index};
+    use crate::drivers::map::{MapQuery, status_index};
     let mut s = DriverShard::new(cfg());
     let mut want = std::collections::HashMap::new();
     for i in 0..400 {

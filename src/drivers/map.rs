@@ -1,4 +1,4 @@
-//! The operator's live map: what `GET /map` draws, gathered from every node.
+//! The fleet on a grid: what a shard contributes to the operator's live map (`GET /map`).
 //!
 //! - A [`MapQuery`] asks for a box cut into a `cols` × `rows` grid. Every shard counts
 //!   its drivers per cell and status ([`MapSlice`]); while a shard has at most
@@ -6,15 +6,13 @@
 //!   R-tree, a descent plus the drivers in view), otherwise it counts them in one pass
 //!   over its slots and sends none. So a city-wide view of a million drivers costs a
 //!   grid of counts, and a street-level view the few hundred drivers in it.
-//! - [`source`]: a node's part (its shards, its live trips from the trips' board, its
-//!   ingest rate) and the scatter of `Internal.MapPart` to every other node.
+//! - The top-level `map` module gathers a node's part (its shards, its live trips from
+//!   the trips' board, its ingest rate) and every other node's over `Internal.MapPart`.
 //!
 //! Nothing here runs per fix: the map costs only when a page asks (once a second per
-//! open page; answers are shared for [`source::CACHE_FOR`]).
+//! open page; a node shares its answer between pages asking the same view).
 
-pub mod source;
-
-use crate::drivers::Status;
+use super::Status;
 use crate::geo::LatLonBox;
 
 /// Most grid cells one query may ask for.

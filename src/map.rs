@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use tokio::task::JoinSet;
 
-use super::{MapQuery, MapSlice};
 use crate::clock::wall_ms;
+use crate::drivers::map::{MapQuery, MapSlice};
 use crate::geo::LatLonBox;
 use crate::membership::{Liveness, NodeState};
 use crate::pb;
