@@ -9,8 +9,12 @@
 //! the trip confirms with DRIVER_ASSIGNED. It is on the partition's replicas before the
 //! answer too (`replica`), so the owner's crash does not lose it.
 //!
-//! `Match` (see `api::trips`) asks for the nearest AVAILABLE drivers and claims them in
-//! order through [`Dispatcher::claim`]; trip actors confirm and release through it.
+//! `Match` runs in the trip's actor on the trip's owner (see `trips`), so a trip has at
+//! most one current [`Offer`]: a retried `Match` gets the pending offer back and claims
+//! nobody new. The actor calls [`Dispatcher::find`], which asks for the nearest
+//! AVAILABLE drivers (through [`Candidates`]: `api` runs the scatter-gather Nearby) and
+//! claims them in order until one succeeds. Trip actors confirm and release through the
+//! dispatcher too.
 //!
 //! This module speaks no gRPC: a claim for a driver another node owns goes through a
 //! [`ClaimLink`] (`api` implements it over the `Internal` service), and errors are a
@@ -21,9 +25,13 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+use tracing::debug;
+
 use crate::actors::decode_claim;
 use crate::clock::wall_ms;
 use crate::drivers::{Claim, ClaimError, ClaimOk};
+use crate::geo::haversine_m;
 use crate::replica::{KvTree, Replicator};
 use crate::routing::{RouteError, Router};
 use crate::storage::{Pair, RecordStore};
@@ -91,6 +99,53 @@ impl From<RouteError> for DispatchError {
 
 pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Nearby rounds a match makes when every candidate was taken meanwhile.
+const MATCH_ROUNDS: usize = 3;
+/// How long a match waits to free a claim whose answer was lost.
+const RELEASE_WAIT: Duration = Duration::from_secs(1);
+
+/// A validated `Match`: the pickup, how far to look, for which vehicle type.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MatchAsk {
+    pub trip_id: String,
+    pub lat: f64,
+    pub lon: f64,
+    pub radius_m: f64,
+    /// Empty: any.
+    pub vehicle_type: String,
+    /// How many of the nearest candidates to try per round.
+    pub limit: u32,
+}
+
+/// A trip's current offer: the driver claimed for it, until `expires_ms` unless
+/// DRIVER_ASSIGNED confirms it. Kept in the trip's record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Offer {
+    pub driver_id: String,
+    /// The driver's position when claimed.
+    pub lat: f64,
+    pub lon: f64,
+    pub vehicle_type: String,
+    /// Great-circle distance from the pickup, metres.
+    pub distance_m: f64,
+    pub expires_ms: i64,
+}
+
+/// What [`Dispatcher::find`] claimed, and after how many claims.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Found {
+    pub offer: Offer,
+    pub attempts: u32,
+}
+
+/// How the dispatcher finds the nearest AVAILABLE drivers for a match (`api` asks every
+/// node: a scatter-gather Nearby).
+pub trait Candidates: Send + Sync + 'static {
+    /// Up to `limit` AVAILABLE drivers of the ask's vehicle type within its radius,
+    /// nearest first.
+    fn nearest(&self, ask: &MatchAsk, limit: u32) -> Pending<'_, Result<Vec<String>, DispatchError>>;
+}
+
 /// How a claim call reaches the driver's owner.
 pub trait ClaimLink: Send + Sync + 'static {
     /// `None`: this node owns the driver, run it here. `Some`: the owner's answer, after
@@ -101,6 +156,7 @@ pub trait ClaimLink: Send + Sync + 'static {
 pub struct Dispatcher {
     router: Arc<Router>,
     link: OnceLock<Arc<dyn ClaimLink>>,
+    candidates: OnceLock<Arc<dyn Candidates>>,
     store: Arc<dyn RecordStore>,
     replicator: Arc<Replicator>,
     /// How long a claim waits for DRIVER_ASSIGNED.
@@ -133,13 +189,68 @@ impl Dispatcher {
         replicator: Arc<Replicator>,
         offer_timeout: Duration,
     ) -> Dispatcher {
-        Dispatcher { router, link: OnceLock::new(), store, replicator, offer_timeout }
+        Dispatcher { router, link: OnceLock::new(), candidates: OnceLock::new(), store, replicator, offer_timeout }
     }
 
     /// Connects the dispatcher to the cluster (once, at startup). Until then every
     /// driver counts as local.
     pub fn set_link(&self, link: Arc<dyn ClaimLink>) {
         let _ = self.link.set(link);
+    }
+
+    /// Connects the dispatcher to the cluster-wide Nearby (once, at startup).
+    pub fn set_candidates(&self, c: Arc<dyn Candidates>) {
+        let _ = self.candidates.set(c);
+    }
+
+    /// Claims the nearest AVAILABLE driver for the ask, skipping `skip` (drivers that
+    /// declined this trip): candidates in distance order, a new Nearby round when every
+    /// one was taken meanwhile. `NotFound` when nobody free is within the radius.
+    pub async fn find(&self, ask: &MatchAsk, skip: &[String]) -> Result<Found, DispatchError> {
+        let near =
+            self.candidates.get().ok_or_else(|| DispatchError::Unavailable("the node is starting; retry".into()))?;
+        let want = ask.limit + skip.len() as u32;
+        let mut attempts = 0;
+        for round in 0..MATCH_ROUNDS {
+            let ids = near.nearest(ask, want).await?;
+            let ids: Vec<String> = ids.into_iter().filter(|d| !skip.contains(d)).take(ask.limit as usize).collect();
+            if ids.is_empty() {
+                let why = match (round, skip.is_empty()) {
+                    (0, true) => "no AVAILABLE driver within the radius",
+                    (0, false) => "no AVAILABLE driver within the radius but those who declined this trip",
+                    _ => "every candidate was taken meanwhile",
+                };
+                return Err(DispatchError::NotFound(why.into()));
+            }
+            for id in ids {
+                attempts += 1;
+                match self.claim(&id, &ask.trip_id, &ask.vehicle_type).await {
+                    Ok(c) if c.ok => {
+                        let offer = Offer {
+                            distance_m: haversine_m(ask.lat, ask.lon, c.lat, c.lon),
+                            driver_id: id,
+                            lat: c.lat,
+                            lon: c.lon,
+                            vehicle_type: c.vehicle_type,
+                            expires_ms: c.offer_expires_ms,
+                        };
+                        return Ok(Found { offer, attempts });
+                    }
+                    Ok(c) => debug!(driver = %id, reason = %c.reason, "claim refused; trying the next"),
+                    Err(e) => {
+                        debug!(driver = %id, error = %e, "claim failed; trying the next");
+                        if matches!(e, DispatchError::Unavailable(_)) {
+                            // The claim may have been taken all the same (written on the
+                            // owner, not confirmed): free it now rather than at its offer
+                            // timeout. Awaited, so it cannot overtake a later claim of
+                            // this driver for this trip.
+                            let _ = tokio::time::timeout(RELEASE_WAIT, self.release(&id, &ask.trip_id)).await;
+                        }
+                    }
+                }
+            }
+        }
+        Err(DispatchError::NotFound("every candidate was taken meanwhile".into()))
     }
 
     /// Runs a claim operation on this node (its owner), durable before it answers.

@@ -29,7 +29,8 @@
 //!                  storage::Persister (group commit) ──► driver log (append-only segments)
 //!
 //!  Trips / Dispatch / Events (api::trips; the domain modules below speak no gRPC):
-//!    Match ──► Nearby(AVAILABLE) ──► dispatch::Dispatcher ──► ClaimLink ──► driver's owner
+//!    Match ──► trip's owner: trip actor (one offer) ──► dispatch::Dispatcher::find ──►
+//!          Nearby(AVAILABLE) ──► ClaimLink ──► driver's owner
 //!    Apply ──► trips::Trips ──► one actor task per trip ──► records `trips` (TTL in the record)
 //!    shards ──► records `claims` · fixes of assigned drivers ──► trip feed · events::Bus
 //!    storage::RecordStore (sled; an in-memory twin): claims, trips, ownership table by partition

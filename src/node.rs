@@ -382,7 +382,9 @@ pub async fn run_on(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let trips_svc =
         TripsServer::new(TripsApi::new(trips.clone(), cluster.clone(), sd_rx.clone()).with_watch_slots(watches));
-    let dispatch_svc = DispatchServer::new(DispatchApi::new(api.clone(), dispatch.clone()));
+    // Matches find their candidates with a cluster-wide Nearby.
+    dispatch.set_candidates(Arc::new(crate::api::NearbyCandidates(api.clone())));
+    let dispatch_svc = DispatchServer::new(DispatchApi::new(trips.clone(), cluster.clone()));
     let events_svc = EventsServer::new(EventsApi::new(bus.clone(), cluster.clone(), cfg.max_subscriptions));
     let map_source = crate::map::MapSource::new(router.clone(), trips.clone(), cluster.clone());
     let internal_svc = InternalServer::new(InternalApi::new(dispatch.clone(), trips.clone(), map_source.clone()));

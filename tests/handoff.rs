@@ -35,6 +35,8 @@ struct Acked {
     trips: HashMap<String, (String, String)>,
     /// driver id → the status its claim implies (DISPATCHED or ON_TRIP)
     claimed: HashMap<String, i32>,
+    /// trip id → the driver of its pending offer (BOOKED trips a Match claimed for)
+    offers: HashMap<String, String>,
     shares: Vec<String>,
 }
 
@@ -46,6 +48,8 @@ async fn check(c: &TestCluster, nodes: &[usize], a: &Acked, stage: &str) {
             let r = t.get_trip(pb::GetTripRequest { trip_id: id.clone(), include_route: false }).await;
             let trip = r.unwrap_or_else(|s| panic!("{stage}: trip {id} via n{i}: {s:?}")).into_inner();
             assert_eq!((&trip.state_name, &trip.driver_id), (state, driver), "{stage}: trip {id} via n{i}");
+            let offer = a.offers.get(id).cloned().unwrap_or_default();
+            assert_eq!(trip.offer_driver_id, offer, "{stage}: trip {id}'s offer via n{i}");
         }
         // Claimed drivers keep their claims.
         let mut l = c.client(i).await;
@@ -93,7 +97,7 @@ async fn check(c: &TestCluster, nodes: &[usize], a: &Acked, stage: &str) {
         t.apply(booking(&trip)).await.unwrap();
         let r = m.r#match(match_req(&trip)).await.unwrap().into_inner();
         assert!(!a.claimed.contains_key(&r.driver_id), "{stage}: {} matched twice", r.driver_id);
-        // End the probe trip (its offer times out by itself).
+        // End the probe trip (which frees its driver).
         t.apply(event(&trip, "c", pb::TripEventType::Cancelled, "")).await.unwrap();
     }
 }
@@ -109,7 +113,13 @@ async fn load(c: &TestCluster) -> Acked {
 
     let mut t = TripsClient::connect(c.node(1).grpc.clone()).await.unwrap();
     let mut d = DispatchClient::connect(c.node(2).grpc.clone()).await.unwrap();
-    let mut a = Acked { drivers: fleet.clone(), trips: HashMap::new(), claimed: HashMap::new(), shares: Vec::new() };
+    let mut a = Acked {
+        drivers: fleet.clone(),
+        trips: HashMap::new(),
+        claimed: HashMap::new(),
+        offers: HashMap::new(),
+        shares: Vec::new(),
+    };
     for k in 0..30 {
         let id = format!("trip-{k}");
         t.apply(booking(&id)).await.unwrap();
@@ -126,6 +136,8 @@ async fn load(c: &TestCluster) -> Acked {
                     let l = t.share_trip(pb::ShareTripRequest { trip_id: id.clone() }).await.unwrap().into_inner();
                     a.shares.push(l.token);
                 }
+            } else {
+                a.offers.insert(id.clone(), m.driver_id.clone());
             }
         }
         a.trips.insert(id, state);
@@ -445,6 +457,10 @@ async fn a_frozen_owner_stands_down_when_it_thaws_and_never_applies_a_stale_writ
     let mut t0 = TripsClient::connect(c.node(0).grpc.clone()).await.unwrap();
     t0.apply(event(&trip, "c", pb::TripEventType::Cancelled, "")).await.unwrap();
     a.trips.insert(trip.clone(), ("CANCELLED".into(), String::new()));
+    // A pending offer ends with the trip: its driver is freed.
+    if let Some(d) = a.offers.remove(&trip) {
+        a.claimed.remove(&d);
+    }
 
     // n2 thaws still believing it owns the trip (as BOOKING_CREATED). Every write sent
     // straight to it from that instant must be refused or reach the current owner (which

@@ -130,8 +130,14 @@ async fn a_trip_through_its_life_with_claims_events_and_its_share_link() {
     let hits = loc.nearby(near.clone()).await.unwrap().into_inner().drivers;
     assert_eq!(hits.iter().map(|h| h.driver_id.as_str()).collect::<Vec<_>>(), vec!["d2"]);
     // Nobody else within 2 km.
+    t.apply(booking("t-other", "o1", 600)).await.unwrap();
     let e = d.r#match(match_req("t-other", 2_000.0)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("no AVAILABLE driver"), "{}", e.message());
+    // A trip is matched only once booked.
+    let e = d.r#match(match_req("t-never", 2_000.0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("BOOKED"), "{}", e.message());
     // A fix reporting AVAILABLE does not undo the claim.
     loc.update(fix("d1", PICKUP.0 + 0.009, PICKUP.1, ts + 10_000)).await.unwrap();
     assert_eq!(status_of(&node, "d1").await, pb::DriverStatus::Dispatched as i32);
@@ -227,8 +233,8 @@ async fn a_trip_through_its_life_with_claims_events_and_its_share_link() {
     let e = t.get_trip(pb::GetTripRequest { trip_id: "t1".into(), include_route: false }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     // A cancelled trip frees its driver too.
-    let m = d.r#match(match_req("t3", 10_000.0)).await.unwrap().into_inner();
     t.apply(booking("t3", "g1", 600)).await.unwrap();
+    let m = d.r#match(match_req("t3", 10_000.0)).await.unwrap().into_inner();
     t.apply(assigned("t3", "g2", &m.driver_id)).await.unwrap();
     t.apply(event("t3", "g3", pb::TripEventType::Cancelled)).await.unwrap();
     let id = m.driver_id.clone();
@@ -350,12 +356,16 @@ async fn concurrent_matches_across_three_nodes_never_assign_a_driver_twice() {
     }
     let mut clients = Vec::new();
     for i in 0..3 {
-        clients.push(dispatch(c.node(i)).await);
+        clients.push((dispatch(c.node(i)).await, trips(c.node(i)).await));
     }
     let mut set = tokio::task::JoinSet::new();
     for k in 0..300 {
-        let mut d = clients[k % 3].clone();
-        set.spawn(async move { d.r#match(match_req(&format!("trip-{k}"), 5_000.0)).await });
+        let (mut d, mut t) = clients[k % 3].clone();
+        set.spawn(async move {
+            let id = format!("trip-{k}");
+            t.apply(booking(&id, "b", 600)).await.unwrap();
+            d.r#match(match_req(&id, 5_000.0)).await
+        });
     }
     let mut won = Vec::new();
     let mut not_found = 0;
@@ -395,4 +405,103 @@ async fn concurrent_matches_across_three_nodes_never_assign_a_driver_twice() {
     let trip =
         t2.get_trip(pb::GetTripRequest { trip_id: "shared".into(), include_route: false }).await.unwrap().into_inner();
     assert_eq!(trip.driver_id, "extra");
+}
+
+/// Drivers in DISPATCHED among `drivers`, read through node `via`.
+async fn dispatched(n: &NodeProc, drivers: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in drivers {
+        if status_of(n, d).await == pb::DriverStatus::Dispatched as i32 {
+            out.push(d.clone());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_match_through_any_node_returns_the_one_offer_and_claims_nobody_new() {
+    let c = TestCluster::start_with(3, &["--offer-timeout", "3s"]);
+    c.converge(&["n0", "n1", "n2"], Duration::from_secs(20)).await;
+    let ts = now_ms() - 1_000;
+    let mut loc = c.client(0).await;
+    let fleet: Vec<String> = (0..10).map(|i| format!("idem-{i}")).collect();
+    for (i, d) in fleet.iter().enumerate() {
+        loc.update(fix(d, PICKUP.0 + 0.001 * (i + 1) as f64, PICKUP.1, ts)).await.unwrap();
+    }
+    let mut t = trips(c.node(1)).await;
+    t.apply(booking("idem", "b", 600)).await.unwrap();
+    let mut ds = Vec::new();
+    for i in 0..3 {
+        ds.push(dispatch(c.node(i)).await);
+    }
+
+    // A dispatch service retrying hard: 24 concurrent Matches of one trip via 3 nodes.
+    let mut set = tokio::task::JoinSet::new();
+    for k in 0..24 {
+        let mut d = ds[k % 3].clone();
+        set.spawn(async move { d.r#match(match_req("idem", 5_000.0)).await.map(|r| r.into_inner()) });
+    }
+    let mut answers = Vec::new();
+    while let Some(r) = set.join_next().await {
+        answers.push(r.unwrap().expect("every retry answers"));
+    }
+    let first = answers.iter().find(|m| !m.existing).expect("one Match claimed").clone();
+    assert!(answers.iter().all(|m| m.driver_id == first.driver_id), "one driver for every retry: {answers:?}");
+    assert_eq!(answers.iter().filter(|m| !m.existing).count(), 1, "exactly one Match claimed");
+    assert!(answers.iter().all(|m| m.offer_expires_ms == first.offer_expires_ms));
+    assert!(answers.iter().filter(|m| m.existing).all(|m| m.attempts == 0));
+    assert_eq!(dispatched(c.node(2), &fleet).await, vec![first.driver_id.clone()], "nobody else was claimed");
+    let trip = t.get_trip(pb::GetTripRequest { trip_id: "idem".into(), include_route: false }).await.unwrap();
+    let trip = trip.into_inner();
+    assert_eq!(
+        (trip.offer_driver_id.as_str(), trip.offer_expires_ms),
+        (first.driver_id.as_str(), first.offer_expires_ms)
+    );
+
+    // The driver declines: freed at once; the next Match claims someone else, and skips
+    // the decliner for good. Declining again is harmless; a driver with no offer can't.
+    let mut d0 = ds[0].clone();
+    let decline = |driver: &str| pb::DeclineRequest { trip_id: "idem".into(), driver_id: driver.into() };
+    d0.decline(decline(&first.driver_id)).await.unwrap();
+    assert_eq!(status_of(c.node(0), &first.driver_id).await, pb::DriverStatus::Available as i32);
+    d0.decline(decline(&first.driver_id)).await.unwrap();
+    let e = ds[1].clone().decline(decline("idem-9")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("no offer"), "{}", e.message());
+    let e = d0.decline(pb::DeclineRequest { trip_id: "idem".into(), driver_id: String::new() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("driver_id"), "{}", e.message());
+    let second = ds[2].clone().r#match(match_req("idem", 5_000.0)).await.unwrap().into_inner();
+    assert!(!second.existing);
+    assert_ne!(second.driver_id, first.driver_id, "the decliner is skipped");
+    assert_eq!(dispatched(c.node(1), &fleet).await, vec![second.driver_id.clone()]);
+
+    // The offer lapses (3 s): the driver's owner frees it, and a new Match claims again.
+    let lapsed = eventually(Duration::from_secs(8), || async {
+        status_of(c.node(0), &second.driver_id).await == pb::DriverStatus::Available as i32
+    })
+    .await;
+    assert!(lapsed, "the offer timed out");
+    let third = ds[1].clone().r#match(match_req("idem", 5_000.0)).await.unwrap().into_inner();
+    assert!(!third.existing, "a lapsed offer is not answered again");
+    assert_ne!(third.driver_id, first.driver_id);
+    assert!(third.offer_expires_ms > second.offer_expires_ms);
+
+    // Assigned: Match refuses (the trip has its driver), and nobody new is claimed.
+    t.apply(assigned("idem", "a", &third.driver_id)).await.unwrap();
+    let e = ds[0].clone().r#match(match_req("idem", 5_000.0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains(&third.driver_id), "{}", e.message());
+    assert_eq!(dispatched(c.node(0), &fleet).await, Vec::<String>::new());
+    assert_eq!(status_of(c.node(0), &third.driver_id).await, pb::DriverStatus::OnTrip as i32);
+
+    // A cancelled trip frees a pending offer at once, not at its timeout.
+    t.apply(booking("idem-2", "b", 600)).await.unwrap();
+    let m = ds[2].clone().r#match(match_req("idem-2", 5_000.0)).await.unwrap().into_inner();
+    t.apply(event("idem-2", "c", pb::TripEventType::Cancelled)).await.unwrap();
+    let freed = eventually(Duration::from_secs(2), || async {
+        status_of(c.node(1), &m.driver_id).await == pb::DriverStatus::Available as i32
+    })
+    .await;
+    assert!(freed, "the cancelled trip's offer was released");
 }

@@ -28,7 +28,9 @@ use crate::routing::{DriverKey, RouteError};
 pub use admin::ClusterApi;
 pub use handoff::{GrpcPeerLink, HandoffApi};
 pub use locations::LocationsApi;
-pub use trips::{ClaimForwarder, DispatchApi, EventsApi, InternalApi, TripsApi, run_feed, trip_event};
+pub use trips::{
+    ClaimForwarder, DispatchApi, EventsApi, InternalApi, NearbyCandidates, TripsApi, run_feed, trip_event,
+};
 
 /// Most fixes one `LocationBatch` may carry.
 pub const MAX_BATCH: usize = 10_000;

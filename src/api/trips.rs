@@ -1,8 +1,9 @@
 //! `locus.v1.Trips`, `Dispatch`, `Events` and the node-to-node `Internal` service.
 //!
-//! Trip RPCs run on the trip's owner (forwarded like driver RPCs). `Match` runs on the
-//! entry node: a scatter-gather Nearby for AVAILABLE drivers, then claims in distance
-//! order on each candidate's owner until one succeeds. `Subscribe` merges this node's
+//! Trip RPCs run on the trip's owner (forwarded like driver RPCs). So do `Match` and
+//! `Decline`, in the trip's actor: a scatter-gather Nearby for AVAILABLE drivers
+//! ([`NearbyCandidates`]), then claims in distance order on each candidate's owner until
+//! one succeeds, recorded as the trip's one offer. `Subscribe` merges this node's
 //! state-change bus with a local-scope subscription to every other ring member, and
 //! follows the ring as it changes.
 
@@ -22,12 +23,15 @@ use super::locations::{BoxStream, Target, forward, forwarded, target};
 use super::{END_KEY, check_coord, check_key_str, invalid, position_from_proto, with_meta};
 use crate::actors::TripFix;
 use crate::clock::wall_ms;
-use crate::dispatch::{ClaimAnswer, ClaimCall, ClaimLink, ClaimOp, DispatchError, Dispatcher, Pending};
+use crate::dispatch::{
+    Candidates, ClaimAnswer, ClaimCall, ClaimLink, ClaimOp, DispatchError, Dispatcher, MatchAsk, Pending,
+};
 use crate::drivers::{FieldError, MAX_VEHICLE_TYPE_BYTES, check_range, check_str};
 use crate::events::{Bus, Entity, Filter, StateChange};
 use crate::geo::haversine_m;
 use crate::ownership::Route;
 use crate::pb;
+use crate::pb::dispatch_client::DispatchClient;
 use crate::pb::events_client::EventsClient;
 use crate::pb::locations_server::Locations;
 use crate::pb::trips_client::TripsClient;
@@ -42,8 +46,6 @@ const MAX_CANDIDATES: u32 = 50;
 const DEFAULT_CANDIDATES: u32 = 10;
 /// Largest Match radius, metres.
 const MAX_MATCH_RADIUS_M: f64 = 50_000.0;
-/// Nearby rounds a Match makes when every candidate was taken meanwhile.
-const MATCH_ROUNDS: usize = 3;
 
 fn point(field: &'static str, p: Option<pb::Point>) -> Result<LatLon, FieldError> {
     let p = p.ok_or_else(|| FieldError::new(field, "required"))?;
@@ -265,76 +267,116 @@ fn check_match(r: &pb::MatchRequest) -> Result<u32, FieldError> {
     }
 }
 
-/// The `locus.v1.Dispatch` service.
+/// The `locus.v1.Dispatch` service: `Match` and `Decline` run in the trip's actor on
+/// the trip's owner (forwarded like trip RPCs).
 pub struct DispatchApi {
-    locations: Arc<super::LocationsApi>,
-    dispatch: Arc<Dispatcher>,
+    trips: Arc<Trips>,
+    cluster: Arc<Cluster>,
 }
 
 impl DispatchApi {
-    pub fn new(locations: Arc<super::LocationsApi>, dispatch: Arc<Dispatcher>) -> Self {
-        DispatchApi { locations, dispatch }
+    pub fn new(trips: Arc<Trips>, cluster: Arc<Cluster>) -> Self {
+        DispatchApi { trips, cluster }
     }
 
-    async fn try_match(&self, r: &pb::MatchRequest, limit: u32) -> Result<pb::MatchResponse, Status> {
-        let mut attempts = 0;
-        for round in 0..MATCH_ROUNDS {
-            let q = pb::NearbyRequest {
-                lat: r.lat,
-                lon: r.lon,
-                limit,
-                radius_m: Some(r.radius_m),
-                statuses: vec![pb::DriverStatus::Available as i32],
-                vehicle_type: r.vehicle_type.clone(),
-                deadline_ms: None,
-            };
-            let near = self.locations.nearby(Request::new(q)).await?.into_inner();
-            if near.drivers.is_empty() {
-                let why = if round == 0 {
-                    "no AVAILABLE driver within the radius"
-                } else {
-                    "every candidate was taken meanwhile"
-                };
-                return Err(Status::not_found(why));
+    fn client(p: &crate::routing::cluster::Peer) -> DispatchClient<crate::auth::layer::AuthChannel> {
+        DispatchClient::new(p.channel.clone())
+    }
+
+    async fn match_here(&self, ask: MatchAsk) -> Result<pb::MatchResponse, Status> {
+        let (lat, lon) = (ask.lat, ask.lon);
+        let m = self.trips.offer(ask).await.map_err(|e| match e {
+            TripError::NotFound => {
+                Status::not_found("trip not found: Match needs a BOOKED trip (send BOOKING_CREATED first)")
             }
-            for hit in near.drivers {
-                attempts += 1;
-                match self.dispatch.claim(&hit.driver_id, &r.trip_id, &r.vehicle_type).await {
-                    Ok(c) if c.ok => {
-                        return Ok(pb::MatchResponse {
-                            driver_id: hit.driver_id,
-                            distance_m: haversine_m(r.lat, r.lon, c.lat, c.lon),
-                            lat: c.lat,
-                            lon: c.lon,
-                            vehicle_type: c.vehicle_type,
-                            attempts,
-                            offer_expires_ms: c.offer_expires_ms,
-                        });
-                    }
-                    Ok(c) => debug!(driver = %hit.driver_id, reason = %c.reason, "claim refused; trying the next"),
-                    Err(e) => debug!(driver = %hit.driver_id, error = %e, "claim failed; trying the next"),
-                }
-            }
-        }
-        Err(Status::not_found("every candidate was taken meanwhile"))
+            e => trip_status(e),
+        })?;
+        let o = m.offer;
+        Ok(pb::MatchResponse {
+            distance_m: haversine_m(lat, lon, o.lat, o.lon),
+            driver_id: o.driver_id,
+            lat: o.lat,
+            lon: o.lon,
+            vehicle_type: o.vehicle_type,
+            attempts: m.attempts,
+            offer_expires_ms: o.expires_ms,
+            existing: m.existing,
+        })
+    }
+}
+
+/// Nearby for AVAILABLE drivers across the cluster, the way `Match` finds candidates.
+pub struct NearbyCandidates(pub Arc<super::LocationsApi>);
+
+impl Candidates for NearbyCandidates {
+    fn nearest(&self, ask: &MatchAsk, limit: u32) -> Pending<'_, Result<Vec<String>, DispatchError>> {
+        let q = pb::NearbyRequest {
+            lat: ask.lat,
+            lon: ask.lon,
+            limit,
+            radius_m: Some(ask.radius_m),
+            statuses: vec![pb::DriverStatus::Available as i32],
+            vehicle_type: ask.vehicle_type.clone(),
+            deadline_ms: None,
+        };
+        Box::pin(async move {
+            let near = self.0.nearby(Request::new(q)).await.map_err(dispatch_error)?.into_inner();
+            Ok(near.drivers.into_iter().map(|d| d.driver_id).collect())
+        })
     }
 }
 
 #[tonic::async_trait]
 impl pb::dispatch_server::Dispatch for DispatchApi {
     async fn r#match(&self, req: Request<pb::MatchRequest>) -> Result<Response<pb::MatchResponse>, Status> {
+        let hop = hops(req.metadata());
         let r = req.into_inner();
         let limit = check_match(&r).map_err(|e| invalid(&e))?;
-        let t0 = Instant::now();
-        let res = self.try_match(&r, limit).await;
-        let outcome = match &res {
-            Ok(_) => "matched",
-            Err(s) if s.code() == tonic::Code::NotFound => "not_found",
-            Err(_) => "error",
+        let ask = MatchAsk {
+            trip_id: r.trip_id.clone(),
+            lat: r.lat,
+            lon: r.lon,
+            radius_m: r.radius_m,
+            vehicle_type: r.vehicle_type.clone(),
+            limit,
         };
-        metrics::counter!("locus_matches_total", "outcome" => outcome).increment(1);
-        metrics::histogram!("locus_match_seconds").record(t0.elapsed().as_secs_f64());
+        let (via, target) = match target(&self.cluster, &r.trip_id, hop).await? {
+            Target::Local => ("local", None),
+            Target::Forward(p, hop) => ("forward", Some((p, hop))),
+        };
+        let t0 = Instant::now();
+        let res = match target {
+            None => self.match_here(ask).await,
+            Some((p, hop)) => {
+                forward(&p.name, Self::client(&p).r#match(forwarded(r, hop))).await.map(Response::into_inner)
+            }
+        };
+        if via == "local" {
+            let outcome = match &res {
+                Ok(m) if m.existing => "existing",
+                Ok(_) => "matched",
+                Err(s) if s.code() == tonic::Code::NotFound => "not_found",
+                Err(_) => "error",
+            };
+            metrics::counter!("locus_matches_total", "outcome" => outcome).increment(1);
+            metrics::histogram!("locus_match_seconds").record(t0.elapsed().as_secs_f64());
+        }
         res.map(Response::new)
+    }
+
+    async fn decline(&self, req: Request<pb::DeclineRequest>) -> Result<Response<pb::DeclineResponse>, Status> {
+        let hop = hops(req.metadata());
+        let r = req.into_inner();
+        check_key_str("trip_id", &r.trip_id).map_err(|e| invalid(&e))?;
+        check_key_str("driver_id", &r.driver_id).map_err(|e| invalid(&e))?;
+        match target(&self.cluster, &r.trip_id, hop).await? {
+            Target::Local => {
+                self.trips.decline(&r.trip_id, &r.driver_id).await.map_err(trip_status)?;
+                metrics::counter!("locus_declines_total").increment(1);
+                Ok(Response::new(pb::DeclineResponse {}))
+            }
+            Target::Forward(p, hop) => forward(&p.name, Self::client(&p).decline(forwarded(r, hop))).await,
+        }
     }
 }
 
@@ -607,6 +649,7 @@ fn point_proto(p: LatLon) -> Option<pb::Point> {
 
 pub(crate) fn trip_proto(v: TripView) -> pb::Trip {
     let t = v.trip;
+    let offer = t.pending_offer(wall_ms()).cloned();
     let vehicle = t.vehicle;
     pb::Trip {
         state: state_proto(t.state),
@@ -638,6 +681,9 @@ pub(crate) fn trip_proto(v: TripView) -> pb::Trip {
         expires_ms: t.expires_ms,
         driver_near_pickup: t.near_pickup,
         version: t.version,
+        offer_driver_id: offer.as_ref().map(|o| o.driver_id.clone()).unwrap_or_default(),
+        offer_expires_ms: offer.map_or(0, |o| o.expires_ms),
+        declined_driver_ids: t.dispatching.declined,
         trip_id: t.trip_id,
     }
 }

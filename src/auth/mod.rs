@@ -31,7 +31,7 @@ use ring::{digest, hmac};
 pub enum Role {
     /// Fix ingest: `Update`, `UpdateStream`, `RemoveDriver`.
     Gateway,
-    /// Trips and dispatch: `Trips.Apply`, `Trips.ShareTrip`, `Dispatch.Match`.
+    /// Trips and dispatch: `Trips.Apply`, `Trips.ShareTrip`, `Dispatch.Match`, `Dispatch.Decline`.
     Dispatch,
     /// Reads, watches and events: `GetDriver`, `Nearby`, `Within`, `WatchDriver`,
     /// `GetTrip`, `WatchTrip`, `Events.Subscribe`, the live map.

@@ -3,8 +3,9 @@
 //!
 //! 1. `Match`: sequential calls from one client to one node at random city points
 //!    (latency), then `MATCH_CLIENTS` concurrent clients spread over the nodes
-//!    (throughput). Every successful call claims a driver (compare-and-set on its owner,
-//!    flushed to sled before the answer).
+//!    (throughput). Each trip is booked first (not timed). Every successful call claims
+//!    a driver (compare-and-set on its owner, flushed to sled before the answer) and
+//!    records the offer with the trip (on the trip's owner, replicated).
 //! 2. `GET /share/{token}` on one node: a trip owned by that node, carrying a passenger,
 //!    polled over `SHARE_CONNS` keep-alive HTTP/1.1 connections for a few seconds.
 
@@ -34,21 +35,39 @@ pub struct TripFigures {
     pub share_requests: u64,
 }
 
-fn match_req(k: usize, rng: &mut SmallRng) -> pb::MatchRequest {
+/// Books trip `k` at a random city point and returns its Match request.
+async fn booked(
+    trips: &mut TripsClient<crate::auth::layer::AuthChannel>,
+    k: usize,
+    rng: &mut SmallRng,
+) -> anyhow::Result<pb::MatchRequest> {
     let (lat, lon) = city_point(rng);
-    pb::MatchRequest { trip_id: format!("bench-trip-{k}"), lat, lon, radius_m: 3_000.0, ..Default::default() }
+    let trip_id = format!("bench-trip-{k}");
+    let booking = pb::TripEvent {
+        trip_id: trip_id.clone(),
+        event_id: "b".into(),
+        r#type: pb::TripEventType::BookingCreated as i32,
+        pickup: Some(pb::Point { lat, lon }),
+        dropoff: Some(pb::Point { lat: lat + 0.01, lon }),
+        estimated_drive_s: 600,
+        ..Default::default()
+    };
+    trips.apply(booking).await?;
+    Ok(pb::MatchRequest { trip_id, lat, lon, radius_m: 3_000.0, ..Default::default() })
 }
 
 /// Sequential matches: latency of each call (found or not).
 async fn match_latency(target: String, n: usize) -> anyhow::Result<(Latency, usize)> {
-    let mut d = DispatchClient::new(connect_channel(&target).await?);
+    let ch = connect_channel(&target).await?;
+    let (mut d, mut trips) = (DispatchClient::new(ch.clone()), TripsClient::new(ch));
     let mut rng = SmallRng::seed_from_u64(41);
     let mut us = Vec::with_capacity(n);
     let mut not_found = 0;
     let t0 = Instant::now();
     for k in 0..n {
+        let req = booked(&mut trips, k, &mut rng).await?;
         let q0 = Instant::now();
-        match d.r#match(match_req(k, &mut rng)).await {
+        match d.r#match(req).await {
             Ok(_) => {}
             Err(s) if s.code() == tonic::Code::NotFound => not_found += 1,
             Err(s) => return Err(s.into()),
@@ -105,11 +124,13 @@ pub async fn run(urls: &[String], http0: &str, matches: usize) -> anyhow::Result
     for c in 0..MATCH_CLIENTS {
         let target = urls[c % urls.len()].clone();
         set.spawn(async move {
-            let mut d = DispatchClient::new(connect_channel(&target).await?);
+            let ch = connect_channel(&target).await?;
+            let (mut d, mut trips) = (DispatchClient::new(ch.clone()), TripsClient::new(ch));
             let mut rng = SmallRng::seed_from_u64(1_000 + c as u64);
             let mut ok = 0usize;
             for k in 0..per {
-                if d.r#match(match_req(1_000_000 * (c + 1) + k, &mut rng)).await.is_ok() {
+                let req = booked(&mut trips, 1_000_000 * (c + 1) + k, &mut rng).await?;
+                if d.r#match(req).await.is_ok() {
                     ok += 1;
                 }
             }

@@ -15,10 +15,10 @@ use tracing::{debug, warn};
 
 use super::model::{Applied, ApplyError, EventKind, Trip, TripEvent, TripState};
 use super::share::{ShareEntry, new_token};
-use super::{ShareLink, TripEnd, TripError, TripUpdate, TripView, Trips, WatchItem};
+use super::{Matched, ShareLink, TripEnd, TripError, TripUpdate, TripView, Trips, WatchItem};
 use crate::actors::TripFix;
 use crate::clock::wall_ms;
-use crate::dispatch::DispatchError;
+use crate::dispatch::{DispatchError, MatchAsk};
 use crate::events::{Entity, StateChange};
 use crate::replica::KvTree;
 
@@ -36,6 +36,11 @@ pub enum TripMsg {
     },
     Watch(mpsc::Sender<WatchItem>, oneshot::Sender<TripView>),
     Share(oneshot::Sender<ShareLink>),
+    Match(Box<MatchAsk>, oneshot::Sender<Result<Matched, TripError>>),
+    Decline {
+        driver_id: String,
+        reply: oneshot::Sender<Result<(), TripError>>,
+    },
     Fix(Box<TripFix>),
     /// The trip's partition moves to another node: save, end watchers (`moved`), exit.
     Stop(oneshot::Sender<()>),
@@ -190,6 +195,14 @@ impl Actor {
                 let url = format!("{}/share/{token}/view", self.trips.public_url);
                 let _ = reply.send(ShareLink { token, url, expires_ms: self.trip.expires_ms });
             }
+            TripMsg::Match(ask, reply) => {
+                let r = self.offer(&ask).await;
+                let _ = reply.send(r);
+            }
+            TripMsg::Decline { driver_id, reply } => {
+                let r = self.decline(&driver_id).await;
+                let _ = reply.send(r);
+            }
             TripMsg::Stop(reply) => {
                 let _ = reply.send(());
             }
@@ -240,8 +253,13 @@ impl Actor {
         }
         let now = wall_ms();
         self.trip.apply(ev, now, &self.trips.cfg).map_err(|e| apply_error(&e))?;
+        let settled = self.trip.settle_offer();
         self.dirty = true;
         self.save(true).await?;
+        if let Some(o) = settled {
+            // Assigned to someone else, or cancelled: the offered driver goes free now.
+            self.release(&o.driver_id);
+        }
         self.publish(from);
         self.notify(true);
         if let Some(t) = self.trip.share_token.clone() {
@@ -252,6 +270,67 @@ impl Actor {
             self.release_driver();
         }
         Ok(self.view(false))
+    }
+
+    /// A match: the pending offer if there is one (a retry), else the nearest free
+    /// driver claimed, recorded with the trip before the answer.
+    async fn offer(&mut self, ask: &MatchAsk) -> Result<Matched, TripError> {
+        let state = self.trip.state;
+        if state != TripState::Booked {
+            let message = match state {
+                _ if state.has_driver() => {
+                    format!("the trip has its driver {:?}; Match needs a BOOKED trip", self.trip.driver_id)
+                }
+                _ => "Match needs a BOOKED trip".to_string(),
+            };
+            return Err(TripError::Transition { state, message });
+        }
+        if let Some(o) = self.trip.pending_offer(wall_ms()).cloned() {
+            // A retry (or a second dispatcher): the same offer, answered once the
+            // replicas have it.
+            self.trips
+                .replicator
+                .sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes())
+                .await
+                .map_err(TripError::Unconfirmed)?;
+            return Ok(Matched { offer: o, attempts: 0, existing: true });
+        }
+        let found = self.trips.dispatch.find(ask, &self.trip.dispatching.declined).await.map_err(TripError::Driver)?;
+        let lapsed = self.trip.dispatching.offer.replace(found.offer.clone());
+        if let Some(o) = lapsed.filter(|o| o.driver_id != found.offer.driver_id) {
+            // Lapsed on the driver's owner already; a no-op unless it was just about to.
+            self.release(&o.driver_id);
+        }
+        self.dirty = true;
+        if let Err(e) = self.save(true).await {
+            if matches!(e, TripError::Storage(_)) {
+                // Not kept: free the driver rather than hold it for nothing.
+                self.trip.dispatching.offer = None;
+                self.release(&found.offer.driver_id);
+            }
+            // Unconfirmed: kept here; a retry answers it once the replicas have it.
+            return Err(e);
+        }
+        Ok(Matched { offer: found.offer, attempts: found.attempts, existing: false })
+    }
+
+    async fn decline(&mut self, driver_id: &str) -> Result<(), TripError> {
+        let state = self.trip.state;
+        match self.trip.decline(driver_id) {
+            Ok(Some(o)) => {
+                self.save(true).await?;
+                self.release(&o.driver_id);
+                Ok(())
+            }
+            // Declined before: answered once the replicas have it.
+            Ok(None) => self
+                .trips
+                .replicator
+                .sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes())
+                .await
+                .map_err(TripError::Unconfirmed),
+            Err(e) => Err(TripError::Transition { state, message: e.to_string() }),
+        }
     }
 
     /// Hands the trip over: saves it, ends its watchers (they resubscribe through any
@@ -271,8 +350,7 @@ impl Actor {
 
     /// Writes the trip (and waits for the disk when `durable`).
     async fn save(&mut self, durable: bool) -> Result<(), TripError> {
-        let bytes =
-            postcard::to_allocvec(&self.trip).map_err(|e| TripError::Storage(format!("encoding the trip: {e}")))?;
+        let bytes = self.trip.encode().map_err(|e| TripError::Storage(format!("encoding the trip: {e}")))?;
         self.trips
             .records
             .put_keyed(self.trip.trip_id.as_bytes(), &bytes)
@@ -360,10 +438,15 @@ impl Actor {
         self.trips.shares.set(token, ShareEntry { json, expires_ms: t.expires_ms });
     }
 
-    /// Frees the driver in the background (retrying while its owner is unreachable).
+    /// Frees the trip's driver in the background.
     fn release_driver(&self) {
-        let (dispatch, driver, trip) =
-            (self.trips.dispatch.clone(), self.trip.driver_id.clone(), self.trip.trip_id.clone());
+        self.release(&self.trip.driver_id);
+    }
+
+    /// Frees a driver claimed for this trip in the background (retrying while its owner
+    /// is unreachable; a no-op if the driver is no longer claimed for it).
+    fn release(&self, driver_id: &str) {
+        let (dispatch, driver, trip) = (self.trips.dispatch.clone(), driver_id.to_string(), self.trip.trip_id.clone());
         crate::tasks::spawn("release_driver", async move {
             let mut backoff = Duration::from_millis(100);
             for _ in 0..10 {
@@ -385,6 +468,9 @@ impl Actor {
         self.trips.board.remove(&self.trip.trip_id);
         if self.trip.state.has_driver() {
             self.release_driver();
+        }
+        if let Some(o) = self.trip.dispatching.offer.take() {
+            self.release(&o.driver_id);
         }
         if let Some(t) = &self.trip.share_token {
             self.trips.shares.remove(t);

@@ -15,6 +15,9 @@
 //! away, [`Trips::export`] stops its actors (each saves and ends its watchers with
 //! `moved`) and returns the records; requests for it meanwhile answer `UNAVAILABLE`.
 //!
+//! `Match` runs in the trip's actor too (see `dispatch`): one match at a time per trip,
+//! so a trip holds at most one offer, kept in its record; a retry gets it back.
+//!
 //! This module speaks no gRPC: it answers with [`TripView`]s, [`ShareLink`]s and
 //! [`TripError`]s; `api` turns them into protobuf and statuses, and carries fixes of
 //! drivers on trips to trips owned elsewhere.
@@ -37,7 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::actors::TripFix;
-use crate::dispatch::{DispatchError, Dispatcher};
+use crate::dispatch::{DispatchError, Dispatcher, MatchAsk, Offer};
 use crate::events::Bus;
 use crate::keys::partition_of;
 use crate::ownership::Lease;
@@ -79,6 +82,15 @@ pub struct ShareLink {
     pub token: String,
     pub url: String,
     pub expires_ms: i64,
+}
+
+/// A match's answer: the trip's offer, how many claims it took (0 for `existing`), and
+/// whether it was already pending (a retry: nobody new was claimed).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Matched {
+    pub offer: Offer,
+    pub attempts: u32,
+    pub existing: bool,
 }
 
 /// Why a trip request did not run.
@@ -188,7 +200,7 @@ impl Trips {
     pub fn start(self: &Arc<Self>, p: u16) -> usize {
         let mut n = 0;
         for (_, v) in self.records.scan_or_log(p) {
-            let trip = match postcard::from_bytes::<Trip>(&v) {
+            let trip = match Trip::decode(&v) {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(error = %e, "skipping an unreadable trip record");
@@ -292,6 +304,19 @@ impl Trips {
 
     pub async fn get(&self, trip_id: &str, include_route: bool) -> Result<TripView, TripError> {
         self.ask(trip_id, |reply| TripMsg::Get { include_route, reply }).await
+    }
+
+    /// Matches a driver to a booked trip, or answers its pending offer.
+    pub async fn offer(&self, ask: MatchAsk) -> Result<Matched, TripError> {
+        let id = ask.trip_id.clone();
+        self.ask(&id, |reply| TripMsg::Match(Box::new(ask), reply)).await?
+    }
+
+    /// The offered driver declined the trip: its claim is released and later matches
+    /// skip it.
+    pub async fn decline(&self, trip_id: &str, driver_id: &str) -> Result<(), TripError> {
+        let driver_id = driver_id.to_string();
+        self.ask(trip_id, |reply| TripMsg::Decline { driver_id, reply }).await?
     }
 
     pub async fn share(&self, trip_id: &str) -> Result<ShareLink, TripError> {

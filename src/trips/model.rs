@@ -11,8 +11,27 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::dispatch::Offer;
 use crate::drivers::Position;
 use crate::geo::haversine_m;
+
+/// Most drivers a trip remembers as having declined it (the oldest is forgotten).
+pub const MAX_DECLINED: usize = 32;
+
+/// A booked trip's dispatch: its current offer (see [`Trip::pending_offer`]) and the
+/// drivers who declined it (a new match skips them).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Dispatching {
+    pub offer: Option<Offer>,
+    pub declined: Vec<String>,
+}
+
+/// Why a decline was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeclineError {
+    #[error("driver {0:?} holds no offer for this trip")]
+    NoOffer(String),
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TripState {
@@ -191,6 +210,9 @@ pub struct Trip {
     pub version: u64,
     pub event_ids: Vec<String>,
     pub share_token: Option<String>,
+    /// Stored after the trip in its record (see [`Trip::encode`]).
+    #[serde(skip)]
+    pub dispatching: Dispatching,
 }
 
 /// Why an event was refused.
@@ -251,7 +273,60 @@ impl Trip {
             version: 1,
             event_ids: vec![ev.event_id.clone()],
             share_token: None,
+            dispatching: Dispatching::default(),
         })
+    }
+
+    /// The stored record: the trip, then its dispatching state when it has one (appended,
+    /// so a record written without it reads as a trip with no offer).
+    pub fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
+        let v = postcard::to_allocvec(self)?;
+        if self.dispatching == Dispatching::default() {
+            return Ok(v);
+        }
+        postcard::to_extend(&self.dispatching, v)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Trip, postcard::Error> {
+        let (mut t, rest) = postcard::take_from_bytes::<Trip>(bytes)?;
+        if !rest.is_empty() {
+            t.dispatching = postcard::from_bytes(rest)?;
+        }
+        Ok(t)
+    }
+
+    /// The offer a match made that still holds: the trip is waiting for its driver and
+    /// the claim has not lapsed.
+    pub fn pending_offer(&self, now_ms: i64) -> Option<&Offer> {
+        let o = self.dispatching.offer.as_ref()?;
+        (self.state == TripState::Booked && o.expires_ms > now_ms).then_some(o)
+    }
+
+    /// The offer's driver declined: the offer ends, and later matches skip the driver.
+    /// `Ok(Some)`: the offer to release; `Ok(None)`: a repeated decline.
+    pub fn decline(&mut self, driver_id: &str) -> Result<Option<Offer>, DeclineError> {
+        let d = &mut self.dispatching;
+        if d.offer.as_ref().is_some_and(|o| o.driver_id == driver_id) {
+            if d.declined.len() == MAX_DECLINED {
+                d.declined.remove(0);
+            }
+            d.declined.push(driver_id.to_string());
+            return Ok(d.offer.take());
+        }
+        if d.declined.iter().any(|x| x == driver_id) {
+            return Ok(None);
+        }
+        Err(DeclineError::NoOffer(driver_id.to_string()))
+    }
+
+    /// Once the trip has left BOOKED its offer is over: the offer, unless it was for the
+    /// driver now on the trip (whose claim the trip holds), is for the caller to release.
+    pub fn settle_offer(&mut self) -> Option<Offer> {
+        if self.state == TripState::Booked {
+            return None;
+        }
+        let o = self.dispatching.offer.take()?;
+        (o.driver_id != self.driver_id).then_some(o)
     }
 
     pub fn is_duplicate(&self, ev: &TripEvent) -> bool {
@@ -416,6 +491,74 @@ mod tests {
 
     fn fix(lat: f64, lon: f64, ts: i64, acc: f64) -> Position {
         Position { lat, lon, accuracy_m: acc, timestamp_ms: ts, ..Default::default() }
+    }
+
+    fn offer(driver: &str, expires_ms: i64) -> Offer {
+        Offer {
+            driver_id: driver.into(),
+            lat: 52.53,
+            lon: 13.40,
+            vehicle_type: String::new(),
+            distance_m: 1_100.0,
+            expires_ms,
+        }
+    }
+
+    #[test]
+    fn records_without_an_offer_still_read_and_offers_round_trip() {
+        let cfg = TripConfig::default();
+        let mut t = booked(&cfg);
+        // A record written before trips had offers: the trip alone.
+        let old = postcard::to_allocvec(&t).unwrap();
+        assert_eq!(old, t.encode().unwrap(), "no offer, nothing appended");
+        assert_eq!(Trip::decode(&old).unwrap(), t);
+        t.dispatching.offer = Some(offer("d1", 5_000));
+        t.dispatching.declined = vec!["d0".into()];
+        let new = t.encode().unwrap();
+        assert_eq!(Trip::decode(&new).unwrap(), t);
+        // A reader without offers reads the trip and ignores what follows.
+        let plain: Trip = postcard::from_bytes(&new).unwrap();
+        assert_eq!(plain.trip_id, t.trip_id);
+        assert!(Trip::decode(&new[..new.len() - 1]).is_err(), "a cut record is refused");
+    }
+
+    #[test]
+    fn one_pending_offer_declines_and_settling() {
+        let cfg = TripConfig::default();
+        let mut t = booked(&cfg);
+        assert_eq!(t.pending_offer(2_000), None);
+        t.dispatching.offer = Some(offer("d1", 5_000));
+        assert_eq!(t.pending_offer(4_999).map(|o| o.driver_id.as_str()), Some("d1"));
+        assert_eq!(t.pending_offer(5_000), None, "lapsed at its expiry");
+        // Declines: only the offered driver; repeated, harmless; remembered, bounded.
+        assert_eq!(t.decline("d2"), Err(DeclineError::NoOffer("d2".into())));
+        assert_eq!(t.decline("d1").unwrap().map(|o| o.driver_id), Some("d1".into()));
+        assert_eq!(t.decline("d1"), Ok(None));
+        assert_eq!(t.dispatching.offer, None);
+        for i in 0..MAX_DECLINED + 3 {
+            t.dispatching.offer = Some(offer(&format!("x{i}"), 5_000));
+            t.decline(&format!("x{i}")).unwrap();
+        }
+        assert_eq!(t.dispatching.declined.len(), MAX_DECLINED);
+        assert_eq!(t.dispatching.declined[0], "x3", "the oldest are forgotten");
+        // Assigned to the offered driver: nothing to release; to another: release it.
+        t.dispatching.offer = Some(offer("d1", 5_000));
+        assert_eq!(t.settle_offer(), None, "still BOOKED: the offer stands");
+        let kind = EventKind::DriverAssigned { driver_id: "d1".into(), vehicle: Vehicle::default() };
+        t.apply(&ev("e2", kind), 3_000, &cfg).unwrap();
+        assert_eq!(t.settle_offer(), None);
+        assert_eq!(t.dispatching.offer, None);
+        assert_eq!(t.pending_offer(3_000), None);
+        let mut t = booked(&cfg);
+        t.dispatching.offer = Some(offer("d1", 5_000));
+        let kind = EventKind::DriverAssigned { driver_id: "d9".into(), vehicle: Vehicle::default() };
+        t.apply(&ev("e2", kind), 3_000, &cfg).unwrap();
+        assert_eq!(t.settle_offer().map(|o| o.driver_id), Some("d1".into()));
+        // Cancelled with an offer pending: release it.
+        let mut t = booked(&cfg);
+        t.dispatching.offer = Some(offer("d1", 5_000));
+        t.apply(&ev("c", EventKind::Cancelled), 3_000, &cfg).unwrap();
+        assert_eq!(t.settle_offer().map(|o| o.driver_id), Some("d1".into()));
     }
 
     #[test]
