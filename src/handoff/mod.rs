@@ -676,9 +676,18 @@ impl Handoff {
     /// or by a node other than their owner, or its owner no longer names this node as a
     /// replica by the ring (this node left it, or the ring moved). A replica whose
     /// partition nobody serves is kept: it is what a lost owner is promoted from.
-    fn drop_stale_replicas(&self, view: &ClusterView, survey: &Survey, table: &Table) {
-        let ring = self.ring(view);
+    ///
+    /// A copy made or reset since the round began (`since`: the replica store's
+    /// generation then) may come from an owner that already follows a newer ring than
+    /// this round's view (a node left mid-survey): it is judged by the ring as it is now,
+    /// else it would be dropped fresh and stay out of sync until the owner's next check.
+    fn drop_stale_replicas(&self, view: &ClusterView, survey: &Survey, table: &Table, since: u64) {
         let n = self.replicator.replicas();
+        let names_me = |ring: &Ring, p: u16, by: &SocketAddr| {
+            ring.partition_successors(p as usize, n + 1).into_iter().filter(|a| a != by).take(n).any(|a| a == self.me)
+        };
+        let ring = self.ring(view);
+        let ring_now = self.ring(&self.cluster.view());
         let mut served = survey.serving();
         for (p, part) in table.held().filter(|(_, x)| x.holding == Some(Holding::Active)) {
             served.insert(p, (part.epoch, self.me));
@@ -690,13 +699,12 @@ impl Handoff {
                 // Reset by a newer owner since the survey.
                 continue;
             }
-            let named = ring
-                .partition_successors(r.partition as usize, n + 1)
-                .into_iter()
-                .filter(|a| a != by)
-                .take(n)
-                .any(|a| a == self.me);
-            if *e > r.epoch || *by != r.owner || !named {
+            let stale = if r.touched > since {
+                *e > r.epoch || !names_me(&ring_now, r.partition, &r.owner)
+            } else {
+                *e > r.epoch || *by != r.owner || !names_me(&ring, r.partition, by)
+            };
+            if stale {
                 reps.drop_below(r.partition, u64::MAX);
             }
         }
@@ -762,6 +770,7 @@ impl Handoff {
         // copies served at once (seen under load: a joining node served six partitions
         // at the old epoch for seven seconds until it stood down).
         let table = self.state.lock().await.table.clone();
+        let generation = self.replica_store().generation();
         let survey = self.survey(view).await;
         {
             *self.holders.lock().expect("holders lock") =
@@ -783,7 +792,7 @@ impl Handoff {
         // (this round runs only while the quorum task says it holds) is not a node
         // regaining service, and must not read a pull from it as a promotion.
         let actions = plan(self.me, &self.ring(view), &table, &replicas, &survey, self.cluster.serving());
-        self.drop_stale_replicas(view, &survey, &table);
+        self.drop_stale_replicas(view, &survey, &table, generation);
         self.replicator.verify(&survey);
         let mut pulls: HashMap<SocketAddr, Vec<(u16, u64)>> = HashMap::new();
         let mut local = Vec::new();

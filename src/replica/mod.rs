@@ -306,6 +306,7 @@ impl Replicator {
                 && let Some(m) = view.meta(a)
             {
                 let link = self.open_link(*a, m.grpc);
+                debug!(peer = %a, "replica link opened");
                 inner.links.insert(*a, link);
                 // A new link is a new session: everything it carries is re-sent.
                 for (p, slot) in new.iter().enumerate() {

@@ -50,13 +50,16 @@ struct Copy {
     trips: BTreeMap<Vec<u8>, Vec<u8>>,
     drivers_synced: bool,
     kv_synced: bool,
+    /// The store's [`ReplicaStore::generation`] when the copy was made or last reset.
+    touched: u64,
 }
 
 impl Copy {
-    fn new(owner: SocketAddr, epoch: u64) -> Copy {
+    fn new(owner: SocketAddr, epoch: u64, touched: u64) -> Copy {
         Copy {
             owner,
             epoch,
+            touched,
             drivers: HashMap::new(),
             claims: BTreeMap::new(),
             trips: BTreeMap::new(),
@@ -76,6 +79,8 @@ pub struct ReplicaStore {
     parts: HashMap<u16, Copy>,
     sessions: HashMap<SocketAddr, u64>,
     trail_cap: usize,
+    /// Counts copies made and resets applied (see [`ReplicaStore::generation`]).
+    generation: u64,
 }
 
 /// A summary of one replica, for `admin` and metrics.
@@ -88,6 +93,8 @@ pub struct ReplicaInfo {
     pub claims: usize,
     pub trips: usize,
     pub synced: bool,
+    /// The store's generation when the copy was made or last reset.
+    pub touched: u64,
 }
 
 fn apply_kv(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, reset: bool, changes: Vec<KvChange>) {
@@ -141,10 +148,15 @@ impl ReplicaStore {
                 }
                 Some(c) if c.epoch == part.epoch && c.owner == from => c,
                 _ => {
-                    self.parts.insert(p, Copy::new(from, part.epoch));
+                    self.generation += 1;
+                    self.parts.insert(p, Copy::new(from, part.epoch, self.generation));
                     self.parts.get_mut(&p).expect("inserted")
                 }
             };
+            if part.drivers_reset || part.kv_reset {
+                self.generation += 1;
+                copy.touched = self.generation;
+            }
             if part.drivers_reset {
                 copy.drivers.clear();
                 copy.drivers_synced = true;
@@ -169,6 +181,13 @@ impl ReplicaStore {
             }
         }
         refused
+    }
+
+    /// A counter that grows with every copy made and every reset applied: a copy whose
+    /// `touched` is above a generation read earlier was made or reset since, by an owner
+    /// that may know a newer ring than the reader (see `handoff`'s stale-replica sweep).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// In-sync replicas: (partition, epoch).
@@ -221,6 +240,7 @@ impl ReplicaStore {
                 claims: c.claims.len(),
                 trips: c.trips.len(),
                 synced: c.synced(),
+                touched: c.touched,
             })
             .collect();
         v.sort_by_key(|i| i.partition);
@@ -264,6 +284,20 @@ mod tests {
             upsert(&mut drivers, id, 1000);
         }
         ReplicaPart { partition: p, epoch, drivers_reset: true, drivers, kv_reset: true, claims, trips: vec![] }
+    }
+
+    #[test]
+    fn copies_made_or_reset_since_a_generation_was_read_stand_above_it() {
+        let mut s = ReplicaStore::new(8);
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let reset =
+            |p| ReplicaPart { partition: p, epoch: 1, kv_reset: true, drivers_reset: true, ..Default::default() };
+        s.apply(a, 1, vec![reset(3)], |_| false);
+        let g = s.generation();
+        s.apply(a, 1, vec![ReplicaPart { partition: 3, epoch: 1, ..Default::default() }], |_| false);
+        assert!(s.info().iter().all(|i| i.touched <= g), "a plain change is no reset");
+        s.apply(a, 1, vec![reset(3), ReplicaPart { partition: 4, epoch: 1, ..Default::default() }], |_| false);
+        assert!(s.info().iter().all(|i| i.touched > g), "reset, and made: {:?}", s.info());
     }
 
     #[test]

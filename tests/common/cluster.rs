@@ -111,10 +111,22 @@ impl TestCluster {
             .map(|(n, r)| (n.as_str(), r.partition, r.epoch))
             .collect();
         let mut missing = 0;
-        for (_, r) in rows.iter().filter(|(_, r)| r.state == "owned") {
-            missing += r.peers.iter().filter(|p| !synced.contains(&(p.as_str(), r.partition, r.epoch))).count();
+        let mut some = Vec::new();
+        for (owner, r) in rows.iter().filter(|(_, r)| r.state == "owned") {
+            for p in r.peers.iter().filter(|p| !synced.contains(&(p.as_str(), r.partition, r.epoch))) {
+                missing += 1;
+                if some.len() < 3 {
+                    // What the target holds of it instead, for the failure message.
+                    let held: Vec<String> = rows
+                        .iter()
+                        .filter(|(n, x)| n == p && x.partition == r.partition)
+                        .map(|(_, x)| format!("{} e{} in_sync={} of {:?}", x.state, x.epoch, x.in_sync, x.peers))
+                        .collect();
+                    some.push(format!("p{} e{} of {owner} on {p}: {held:?}", r.partition, r.epoch));
+                }
+            }
         }
-        if missing == 0 { Ok(()) } else { Err(format!("{missing} replicas not in sync")) }
+        if missing == 0 { Ok(()) } else { Err(format!("{missing} replicas not in sync, e.g. {some:?}")) }
     }
 
     /// [`converge`](Self::converge) as seen by some of the running nodes only.
