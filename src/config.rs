@@ -58,6 +58,10 @@ pub struct NodeConfig {
     /// HTTP listen address: /healthz, /readyz and /metrics (Prometheus).
     #[arg(long, env = "LOCUS_HTTP_ADDR", default_value = "127.0.0.1:7480")]
     pub http_addr: SocketAddr,
+    /// UDP address for drivers' compact fixes (sessions from `Sessions.Open`); off when
+    /// not given.
+    #[arg(long, env = "LOCUS_UDP_ADDR")]
+    pub udp_addr: Option<SocketAddr>,
     /// Gossip (SWIM over UDP) address; also this node's identity on the ring, so keep it
     /// stable across restarts. Must be an address peers can reach (not 0.0.0.0).
     #[arg(long, env = "LOCUS_GOSSIP_ADDR", default_value = "127.0.0.1:7946")]
@@ -370,8 +374,11 @@ impl NodeConfig {
         if self.auth_file.is_some() || self.insecure {
             return Ok(());
         }
+        let udp = self.udp_addr.map(|a| ("--udp-addr", a));
         for (name, a) in
             [("--grpc-addr", self.grpc_addr), ("--http-addr", self.http_addr), ("--gossip-addr", self.gossip_addr)]
+                .into_iter()
+                .chain(udp)
         {
             if !a.ip().is_loopback() {
                 return Err(format!(

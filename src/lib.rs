@@ -122,3 +122,4 @@ pub mod storage;
 pub mod tasks;
 pub mod tls;
 pub mod trips;
+pub mod udp;

@@ -30,7 +30,8 @@ use tracing::{info, warn};
 
 use crate::actors::{Hooks, ShardHandle, ShardMsg, WorkerConfig, spawn_shard};
 use crate::api::{
-    ClaimForwarder, ClusterApi, DispatchApi, EventsApi, GrpcPeerLink, HandoffApi, InternalApi, LocationsApi, TripsApi,
+    ClaimForwarder, ClusterApi, DispatchApi, EventsApi, GrpcPeerLink, HandoffApi, InternalApi, LocationsApi,
+    SessionsApi, TripsApi,
 };
 use crate::auth::layer::{AuthLayer, bearer_value};
 use crate::auth::{Auth, ClusterKey};
@@ -46,6 +47,7 @@ use crate::pb::events_server::EventsServer;
 use crate::pb::handoff_server::HandoffServer;
 use crate::pb::internal_server::InternalServer;
 use crate::pb::locations_server::LocationsServer;
+use crate::pb::sessions_server::SessionsServer;
 use crate::pb::trips_server::TripsServer;
 use crate::peer::PeerLink;
 use crate::replica::Replicator;
@@ -385,9 +387,32 @@ pub async fn run_on(
     // Matches find their candidates with a cluster-wide Nearby.
     dispatch.set_candidates(Arc::new(crate::api::NearbyCandidates(api.clone())));
     let dispatch_svc = DispatchServer::new(DispatchApi::new(trips.clone(), cluster.clone()));
+    let udp_keys = crate::udp::Keys::new(key.as_ref().map(|k| k.udp_master()).as_ref().map(|m| &m[..]));
+    let udp_socket = match (cfg.udp_addr, &net) {
+        (Some(a), Net::Os) => {
+            Some(Arc::new(crate::udp::ingest::bind(a).with_context(|| format!("binding --udp-addr {a}"))?))
+        }
+        _ => None,
+    };
+    let udp_addr = udp_socket.as_ref().and_then(|s| s.local_addr().ok());
+    let udp_owner = Arc::new(crate::udp::ingest::OwnerSide { router: router.clone(), limits });
+    let sessions_svc = SessionsServer::new(SessionsApi::new(
+        router.clone(),
+        cluster.clone(),
+        udp_keys.clone(),
+        udp_addr.map(|a| a.to_string()).unwrap_or_default(),
+    ));
+    let udp_task = udp_socket.map(|s| {
+        let fwd = Arc::new(crate::api::UdpForwarder);
+        crate::tasks::spawn(
+            "udp_receive",
+            crate::udp::ingest::run(s, udp_keys, cluster.clone(), udp_owner.clone(), fwd),
+        )
+    });
     let events_svc = EventsServer::new(EventsApi::new(bus.clone(), cluster.clone(), cfg.max_subscriptions));
     let map_source = crate::map::MapSource::new(router.clone(), trips.clone(), cluster.clone());
-    let internal_svc = InternalServer::new(InternalApi::new(dispatch.clone(), trips.clone(), map_source.clone()));
+    let internal_svc =
+        InternalServer::new(InternalApi::new(dispatch.clone(), trips.clone(), map_source.clone(), udp_owner.clone()));
     let map_http = crate::http::map::MapHttp::new(map_source, auth.clone());
     let share = Arc::new(crate::http::Share {
         trips: trips.clone(),
@@ -421,6 +446,7 @@ pub async fn run_on(
         .add_service(admin)
         .add_service(trips_svc)
         .add_service(dispatch_svc)
+        .add_service(sessions_svc)
         .add_service(events_svc)
         .add_service(internal_svc)
         .add_service(handoff_svc)
@@ -459,7 +485,8 @@ pub async fn run_on(
     );
     let http_task = crate::tasks::spawn("http", http);
     let reload = auth.clone().map(|a| crate::tasks::spawn("auth_reload", reload_on_sighup(a)));
-    info!(node = %cfg.node_name, tls = tls.is_some(), grpc = %grpc_addr, http = %http_addr, gossip = %gossip_addr, shards = cfg.shards, data = %dir.display(), "locus node serving");
+    let udp = udp_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
+    info!(node = %cfg.node_name, tls = tls.is_some(), grpc = %grpc_addr, http = %http_addr, gossip = %gossip_addr, udp = %udp, shards = cfg.shards, data = %dir.display(), "locus node serving");
     on_ready(grpc_addr, http_addr);
 
     tokio::select! {
@@ -492,6 +519,10 @@ pub async fn run_on(
         r.abort();
     }
     info!("shutting down: draining RPCs");
+    // No new UDP fixes from here on (the apps resend to another node).
+    if let Some(t) = udp_task {
+        t.abort();
+    }
     ready.set(false);
     let _ = sd_tx.send(true);
     match tokio::time::timeout(cfg.shutdown_grace, grpc_task).await {

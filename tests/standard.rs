@@ -27,9 +27,10 @@ fn host(grpc: &str) -> &str {
     grpc.trim_start_matches("http://")
 }
 
-const ALL: [&str; 8] = [
+const ALL: [&str; 9] = [
     "-",
     "locus.v1.Locations",
+    "locus.v1.Sessions",
     "locus.v1.Trips",
     "locus.v1.Dispatch",
     "locus.v1.Events",
@@ -72,10 +73,10 @@ async fn health_follows_readiness_and_watch_sees_a_drain() {
     assert_eq!(next, "NOT_SERVING");
     // A drained node still answers its operator and its peers.
     let checked = run(&[&["check", &addr], &ALL[..]].concat());
-    for s in &ALL[..5] {
+    for s in &ALL[..6] {
         assert!(checked.contains(&format!("{s} NOT_SERVING")), "{s} still serving while drained: {checked:?}");
     }
-    for s in &ALL[5..] {
+    for s in &ALL[6..] {
         assert!(checked.contains(&format!("{s} SERVING")), "{s}: {checked:?}");
     }
     // The other node serves on.

@@ -81,6 +81,13 @@ pub enum ShardMsg {
         lookup: Lookup,
         reply: oneshot::Sender<Option<String>>,
     },
+    /// Sets or clears a driver's session: `None` if the driver is not here, else its
+    /// session before.
+    SetSession {
+        driver_id: String,
+        session: Option<String>,
+        reply: oneshot::Sender<Option<Option<String>>>,
+    },
     Nearby {
         q: Arc<NearbyQuery>,
         reply: oneshot::Sender<Vec<NearbyHit>>,
@@ -361,6 +368,12 @@ impl Worker {
             }
             // A keyed write to a moving partition: dropping the reply answers UNAVAILABLE.
             ShardMsg::Remove { lookup, .. } if self.core.is_frozen(lookup.driver_id()) => {}
+            ShardMsg::SetSession { driver_id, .. } if self.core.is_frozen(&driver_id) => {}
+            ShardMsg::SetSession { driver_id, session, reply } => {
+                let r = self.core.set_session(&driver_id, session);
+                self.perform_events();
+                let _ = reply.send(r);
+            }
             ShardMsg::Claim { driver_id, .. }
             | ShardMsg::Confirm { driver_id, .. }
             | ShardMsg::Release { driver_id, .. }

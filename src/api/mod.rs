@@ -9,6 +9,7 @@ mod admin;
 mod follow;
 mod handoff;
 pub(crate) mod locations;
+mod sessions;
 mod stream;
 mod trips;
 
@@ -28,8 +29,9 @@ use crate::routing::{DriverKey, RouteError};
 pub use admin::ClusterApi;
 pub use handoff::{GrpcPeerLink, HandoffApi};
 pub use locations::LocationsApi;
+pub use sessions::SessionsApi;
 pub use trips::{
-    ClaimForwarder, DispatchApi, EventsApi, InternalApi, NearbyCandidates, TripsApi, run_feed, trip_event,
+    ClaimForwarder, DispatchApi, EventsApi, InternalApi, NearbyCandidates, TripsApi, UdpForwarder, run_feed, trip_event,
 };
 
 /// Most fixes one `LocationBatch` may carry.

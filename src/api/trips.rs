@@ -534,11 +534,40 @@ pub struct InternalApi {
     dispatch: Arc<Dispatcher>,
     trips: Arc<Trips>,
     map: Arc<crate::map::MapSource>,
+    udp: Arc<crate::udp::ingest::OwnerSide>,
 }
 
+/// Most fixes one `Internal.UdpFixes` call may carry.
+const MAX_UDP_FORWARD: usize = 4096;
+
 impl InternalApi {
-    pub fn new(dispatch: Arc<Dispatcher>, trips: Arc<Trips>, map: Arc<crate::map::MapSource>) -> Self {
-        InternalApi { dispatch, trips, map }
+    pub fn new(
+        dispatch: Arc<Dispatcher>,
+        trips: Arc<Trips>,
+        map: Arc<crate::map::MapSource>,
+        udp: Arc<crate::udp::ingest::OwnerSide>,
+    ) -> Self {
+        InternalApi { dispatch, trips, map, udp }
+    }
+}
+
+/// Sends UDP fixes to their owner over `Internal.UdpFixes`.
+pub struct UdpForwarder;
+
+impl crate::udp::ingest::Forward for UdpForwarder {
+    fn send(&self, to: crate::routing::cluster::Peer, fixes: Vec<pb::UdpFix>) -> Pending<'static, Option<Vec<String>>> {
+        Box::pin(async move {
+            let mut c = crate::pb::internal_client::InternalClient::new(to.channel.clone());
+            let call = c.udp_fixes(pb::UdpFixBatch { fixes });
+            match tokio::time::timeout(Duration::from_secs(2), call).await {
+                Ok(Ok(r)) => Some(r.into_inner().reasons),
+                Ok(Err(s)) => {
+                    debug!(peer = %to.name, status = %s, "UDP fixes not forwarded");
+                    None
+                }
+                Err(_) => None,
+            }
+        })
     }
 }
 
@@ -575,6 +604,16 @@ impl pb::internal_server::Internal for InternalApi {
         let q = crate::map::query_of(req.get_ref())
             .map_err(|(field, reason)| invalid(&crate::drivers::FieldError::new(field, reason)))?;
         self.map.local_part(&q).await.map(Response::new).map_err(super::route_status)
+    }
+
+    async fn udp_fixes(&self, req: Request<pb::UdpFixBatch>) -> Result<Response<pb::UdpFixResults>, Status> {
+        let fixes = req.into_inner().fixes;
+        if fixes.len() > MAX_UDP_FORWARD {
+            let why = format!("{} fixes, at most {MAX_UDP_FORWARD} per call", fixes.len());
+            return Err(invalid(&crate::drivers::FieldError::new("fixes", why)));
+        }
+        let reasons = self.udp.apply(&fixes).await;
+        Ok(Response::new(pb::UdpFixResults { reasons: reasons.into_iter().map(String::from).collect() }))
     }
 }
 

@@ -29,7 +29,7 @@ use ring::{digest, hmac};
 /// A client role. A token may hold several.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
-    /// Fix ingest: `Update`, `UpdateStream`, `RemoveDriver`.
+    /// Fix ingest: `Update`, `UpdateStream`, `RemoveDriver`, `Sessions.Open` / `Close`.
     Gateway,
     /// Trips and dispatch: `Trips.Apply`, `Trips.ShareTrip`, `Dispatch.Match`, `Dispatch.Decline`.
     Dispatch,
@@ -99,6 +99,7 @@ pub fn need(path: &str, forwarded: bool) -> Need {
     use Role::*;
     let role = match (service, method) {
         ("locus.v1.Locations", "Update" | "UpdateStream" | "RemoveDriver") => Gateway,
+        ("locus.v1.Sessions", _) => Gateway,
         ("locus.v1.Locations", "GetDriver" | "Nearby" | "Within" | "WatchDriver") => Reader,
         ("locus.v1.Trips", "Apply" | "ShareTrip") => Dispatch,
         ("locus.v1.Trips", "GetTrip" | "WatchTrip") => Reader,
@@ -240,6 +241,11 @@ impl ClusterKey {
         hmac::sign(&self.0, label.as_bytes()).as_ref().try_into().expect("HMAC-SHA256 is 32 bytes")
     }
 
+    /// The secret UDP session keys are derived from (see `udp`).
+    pub fn udp_master(&self) -> [u8; 32] {
+        self.derive("locus/v1/udp-session-keys")
+    }
+
     /// The bearer token nodes send each other.
     pub fn node_credential(&self) -> String {
         format!("lcn_{}", hex(&self.derive("locus/v1/grpc-node-credential")))
@@ -341,6 +347,7 @@ mod tests {
         assert_eq!(need("/locus.v1.Locations/UpdateStream", false), Need::Role(Role::Gateway));
         assert_eq!(need("/locus.v1.Locations/Nearby", false), Need::Role(Role::Reader));
         assert_eq!(need("/locus.v1.Dispatch/Match", false), Need::Role(Role::Dispatch));
+        assert_eq!(need("/locus.v1.Sessions/Open", false), Need::Role(Role::Gateway));
         assert_eq!(need("/locus.v1.Trips/Apply", false), Need::Role(Role::Dispatch));
         assert_eq!(need("/locus.v1.Trips/WatchTrip", false), Need::Role(Role::Reader));
         assert_eq!(need("/locus.v1.Events/Subscribe", false), Need::Role(Role::Reader));

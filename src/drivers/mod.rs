@@ -61,6 +61,10 @@ impl Status {
     }
 }
 
+/// How a UDP session (see `udp`) is recorded as a driver's `session`: this, then the
+/// session id in 16 hex digits.
+pub const UDP_SESSION_PREFIX: &str = "udp-";
+
 /// One validated GPS fix with the attributes the app sent alongside it.
 ///
 /// Empty `vehicle_type`, `cab_number` and `session` keep the driver's current values;

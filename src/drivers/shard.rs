@@ -8,7 +8,7 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::codec::{Snapshot, SnapshotRef, encode_delete, encode_upsert};
 use super::trail::Trail;
-use super::{DriverView, FieldError, FixInput, NearbyHit, Position, Reject, Status};
+use super::{DriverView, FieldError, FixInput, NearbyHit, Position, Reject, Status, UDP_SESSION_PREFIX};
 use crate::geo::{Candidate, GeoIndex, IndexKey, LatLonBox, QueryFilter, haversine_m, index::index_point};
 use crate::keys::{PartitionSet, partition_of};
 
@@ -819,6 +819,24 @@ impl DriverShard {
     }
 
     /// Removes a driver now; returns its id, or `None` if no driver matches.
+    /// Sets a driver's session, or with `None` clears it if it is a UDP session
+    /// ([`UDP_SESSION_PREFIX`]; a gateway's own session string stays). `Some(old)` if the
+    /// driver is here (`old`: its session before), `None` if not. Persisted like a fix.
+    pub fn set_session(&mut self, driver_id: &str, session: Option<String>) -> Option<Option<String>> {
+        let slot = self.find(driver_id)?;
+        let rec = self.rec_mut(slot);
+        let new = session.map(String::into_boxed_str);
+        let keep = new.is_none() && !rec.session.as_deref().is_some_and(|s| s.starts_with(UDP_SESSION_PREFIX));
+        if rec.session == new || keep {
+            return Some(rec.session.as_deref().map(String::from));
+        }
+        let old = std::mem::replace(&mut rec.session, new);
+        let before = old.as_deref().map(String::from);
+        self.index_changed(slot, IndexKind::Session, old);
+        self.mark_dirty(slot);
+        Some(before)
+    }
+
     pub fn remove(&mut self, lookup: &Lookup) -> Option<String> {
         let slot = self.resolve(lookup)?;
         self.counters.removed += 1;

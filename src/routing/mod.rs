@@ -186,6 +186,19 @@ impl Router {
         Err(RouteError::NotFound)
     }
 
+    /// The driver holding `session` on this node, if any (the latest to claim it).
+    pub fn session_driver(&self, session: &str) -> Option<String> {
+        self.index.get(IndexKind::Session, session).into_iter().next()
+    }
+
+    /// Sets (`Some`) or clears a driver's session; its session before. `NotFound` when
+    /// the driver is not here.
+    pub async fn set_session(&self, driver_id: &str, session: Option<String>) -> Result<Option<String>, RouteError> {
+        let driver_id = driver_id.to_string();
+        let id = driver_id.clone();
+        self.ask(&id, |reply| ShardMsg::SetSession { driver_id, session, reply }).await?.ok_or(RouteError::NotFound)
+    }
+
     async fn scatter(
         &self,
         make: impl Fn(oneshot::Sender<Vec<NearbyHit>>) -> ShardMsg,

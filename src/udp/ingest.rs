@@ -1,0 +1,191 @@
+//! The UDP ingest shell: a node's socket (`--udp-addr`), and the owner's side of a
+//! datagram.
+//!
+//! The receive task drains the socket at each readiness (a batch), checks every
+//! datagram ([`super::open`]: size, MAC, protobuf) and groups the good ones by the
+//! owner of their session's partition. This node's are applied at once
+//! ([`OwnerSide::apply`]: session → driver through the secondary index, the same
+//! validation as a gRPC fix, one batch to the shards, which keep each driver's order:
+//! a fix not newer than the driver's last one is a replay); every other owner gets one
+//! `Internal.UdpFixes` call per batch (at most [`MAX_IN_FLIGHT`] at once: beyond, the
+//! batch is dropped and counted, as the network would). Acks, when asked for, go back
+//! from this node's socket. Drops are counted in `locus_udp_dropped_total{reason}`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::UdpSocket;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use super::{Drop, Keys, MAX_DATAGRAM, SessionId, fix_input, open};
+use crate::clock::wall_ms;
+use crate::drivers::{Limits, Reject, validate_fix};
+use crate::pb;
+use crate::routing::Router;
+use crate::routing::cluster::{Cluster, Owner, Peer};
+
+/// Forward calls to other owners in flight at once.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Datagrams one drain takes before it hands its batch on.
+const DRAIN_MAX: usize = 1024;
+
+/// The owner's side: applies checked fixes of drivers it owns.
+pub struct OwnerSide {
+    pub router: Arc<Router>,
+    pub limits: Limits,
+}
+
+fn count_drop(reason: &'static str) {
+    metrics::counter!("locus_udp_dropped_total", "reason" => reason).increment(1);
+}
+
+impl OwnerSide {
+    /// Applies a batch; per fix, `""` when applied, else the reason it was not.
+    pub async fn apply(&self, fixes: &[pb::UdpFix]) -> Vec<&'static str> {
+        let now = wall_ms();
+        let mut reasons = vec![""; fixes.len()];
+        let mut batch = Vec::with_capacity(fixes.len());
+        for (i, f) in fixes.iter().enumerate() {
+            let recorded = SessionId(f.session_id).recorded();
+            let Some(driver) = self.router.session_driver(&recorded) else {
+                reasons[i] = Drop::UnknownSession.name();
+                continue;
+            };
+            match fix_input(f, &driver) {
+                Ok(fix) if validate_fix(&fix, now, self.limits).is_ok() => batch.push((i as u32, fix)),
+                _ => reasons[i] = Drop::Invalid.name(),
+            }
+        }
+        let applied = batch.len();
+        for (i, why) in self.router.dispatch_batch(batch).await.await {
+            reasons[i as usize] = match why {
+                Reject::Stale { .. } => Drop::Replayed.name(),
+                Reject::Invalid(_) => Drop::Invalid.name(),
+                Reject::ImplausibleJump { .. } => "implausible_jump",
+                Reject::Overloaded => "overloaded",
+                Reject::Unavailable | Reject::Moving => "unavailable",
+            };
+        }
+        let accepted = reasons.iter().filter(|r| r.is_empty()).count();
+        metrics::counter!("locus_udp_fixes_accepted_total").increment(accepted as u64);
+        for r in reasons.iter().filter(|r| !r.is_empty()) {
+            count_drop(r);
+        }
+        debug!(fixes = fixes.len(), applied, accepted, "UDP fixes applied");
+        reasons
+    }
+}
+
+/// How a batch reaches another owner (`api` does it over `Internal.UdpFixes`).
+pub trait Forward: Send + Sync + 'static {
+    fn send(&self, to: Peer, fixes: Vec<pb::UdpFix>) -> crate::dispatch::Pending<'static, Option<Vec<String>>>;
+}
+
+/// One received datagram, checked.
+struct Got {
+    fix: pb::UdpFix,
+    from: SocketAddr,
+}
+
+/// The receive task.
+pub async fn run(
+    socket: Arc<UdpSocket>,
+    keys: Keys,
+    cluster: Arc<Cluster>,
+    owner: Arc<OwnerSide>,
+    forward: Arc<dyn Forward>,
+) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        let mut local: Vec<Got> = Vec::new();
+        let mut remote: HashMap<SocketAddr, (Peer, Vec<Got>)> = HashMap::new();
+        let mut received = 0u64;
+        while received < DRAIN_MAX as u64 {
+            let (n, from) = match socket.try_recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // ICMP errors of earlier sends surface here on some systems.
+                    debug!(error = %e, "UDP receive");
+                    continue;
+                }
+            };
+            received += 1;
+            let fix = match open(&keys, &buf[..n]) {
+                Ok(f) => f,
+                Err(d) => {
+                    count_drop(d.name());
+                    continue;
+                }
+            };
+            match cluster.partition_owner(SessionId(fix.session_id).partition() as usize) {
+                Owner::Local => local.push(Got { fix, from }),
+                Owner::Remote(p) => remote.entry(p.addr).or_insert_with(|| (*p, Vec::new())).1.push(Got { fix, from }),
+                Owner::Incoming | Owner::Unknown => count_drop("unavailable"),
+            }
+        }
+        metrics::counter!("locus_udp_datagrams_total").increment(received);
+        if !local.is_empty() {
+            let fixes: Vec<pb::UdpFix> = local.iter().map(|g| g.fix.clone()).collect();
+            let reasons = owner.apply(&fixes).await;
+            ack(&socket, &local, reasons.iter().map(|r| r.to_string()).collect()).await;
+        }
+        for (_, (peer, got)) in remote {
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                for _ in &got {
+                    count_drop("overloaded");
+                }
+                continue;
+            };
+            let (socket, forward) = (socket.clone(), forward.clone());
+            crate::tasks::spawn("udp_forward", async move {
+                let fixes: Vec<pb::UdpFix> = got.iter().map(|g| g.fix.clone()).collect();
+                let n = fixes.len();
+                match forward.send(peer, fixes).await {
+                    Some(reasons) if reasons.len() == n => ack(&socket, &got, reasons).await,
+                    _ => {
+                        for _ in 0..n {
+                            count_drop("unavailable");
+                        }
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Sends the acks asked for.
+async fn ack(socket: &UdpSocket, got: &[Got], reasons: Vec<String>) {
+    use prost::Message;
+    for (g, reason) in got.iter().zip(reasons) {
+        if !g.fix.ack {
+            continue;
+        }
+        let a = pb::UdpAck { session_id: g.fix.session_id, seq: g.fix.seq, accepted: reason.is_empty(), reason };
+        if let Err(e) = socket.try_send_to(&a.encode_to_vec(), g.from) {
+            // A full send buffer loses an ack, as the network could.
+            metrics::counter!("locus_udp_acks_dropped_total").increment(1);
+            debug!(error = %e, "UDP ack not sent");
+        }
+    }
+}
+
+/// Binds the node's UDP socket.
+pub fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let s = std::net::UdpSocket::bind(addr)?;
+    s.set_nonblocking(true)?;
+    let s = UdpSocket::from_std(s)?;
+    if let Ok(a) = s.local_addr() {
+        debug!(addr = %a, "UDP fixes socket bound");
+    } else {
+        warn!("UDP socket without a local address");
+    }
+    Ok(s)
+}

@@ -1,0 +1,121 @@
+use proptest::prelude::*;
+
+use super::*;
+
+fn keys() -> Keys {
+    Keys::new(Some(b"a cluster secret of 32 bytes...!"))
+}
+
+/// A driver on a trip in Berlin, at 2026 times.
+fn typical(session: SessionId) -> pb::UdpFix {
+    pb::UdpFix {
+        status: 3,
+        order_id: "ord-84421".into(),
+        trip_cost_cents: 1_250,
+        ..quantise(session, 52.520_008, 13.404_954, 1_796_400_000_000, 271.0, 13.9, 6.0, 4_711)
+    }
+}
+
+#[test]
+fn a_typical_fix_is_under_60_bytes_and_reads_back() {
+    let k = keys();
+    let id = SessionId::new(777, 0x2b_c0ff_ee15_f00d);
+    let key = k.session_key(id);
+    let d = seal(&typical(id), &key);
+    assert!(d.len() <= 60, "{} bytes", d.len());
+    let idle = seal(&pb::UdpFix { status: 0, order_id: String::new(), trip_cost_cents: 0, ..typical(id) }, &key);
+    assert!(idle.len() <= 44, "{} bytes without a trip", idle.len());
+    let acked = seal(&pb::UdpFix { ack: true, ..typical(id) }, &key);
+    assert_eq!(acked.len(), d.len() + 2, "an ack request costs 2 bytes");
+    let f = open(&k, &d).unwrap();
+    assert_eq!(f, typical(id));
+    let fix = fix_input(&f, "drv-1").unwrap();
+    assert!((fix.lat - 52.520_008).abs() < 1e-7 && (fix.lon - 13.404_954).abs() < 1e-7);
+    assert_eq!((fix.heading_deg, fix.speed_mps, fix.accuracy_m), (272.0, 13.9, 6.0));
+    assert_eq!((fix.status, fix.trip_id.as_str(), fix.trip_cost), (Some(Status::OnTrip), "ord-84421", 12.5));
+    assert_eq!(fix.session, id.recorded());
+    assert_eq!(id.partition(), 777);
+    assert_eq!(SessionId(u64::MAX).partition(), PARTITIONS - 1);
+}
+
+#[test]
+fn forged_corrupted_and_foreign_datagrams_are_dropped_by_reason() {
+    let k = keys();
+    let id = SessionId::new(3, 99);
+    let d = seal(&typical(id), &k.session_key(id));
+    // Any flipped bit: never accepted.
+    for i in 0..d.len() {
+        for bit in 0..8 {
+            let mut x = d.clone();
+            x[i] ^= 1 << bit;
+            assert!(open(&k, &x).is_err(), "byte {i} bit {bit} flipped and accepted");
+        }
+    }
+    let mut x = d.clone();
+    *x.last_mut().unwrap() ^= 1;
+    assert_eq!(open(&k, &x), Err(Drop::Unauthenticated));
+    // Another cluster's key, the insecure default, a truncated or padded datagram.
+    assert_eq!(open(&Keys::new(Some(b"another cluster's secret, 32 b.!")), &d), Err(Drop::Unauthenticated));
+    assert_eq!(open(&Keys::new(None), &d), Err(Drop::Unauthenticated));
+    assert_eq!(open(&k, &d[..d.len() - 1]), Err(Drop::Unauthenticated));
+    assert_eq!(open(&k, &d[..12]), Err(Drop::Malformed));
+    assert_eq!(open(&k, &[]), Err(Drop::Malformed));
+    assert_eq!(open(&k, &vec![0x09; MAX_DATAGRAM + 1]), Err(Drop::Malformed));
+    // A second session id after the first (protobuf's last-wins) is refused.
+    let mut body = typical(id).encode_to_vec();
+    body.push(0x09);
+    body.extend_from_slice(&SessionId::new(4, 1).0.to_le_bytes());
+    let m = mac(&k.session_key(id), &body);
+    body.extend_from_slice(&m);
+    assert_eq!(open(&k, &body), Err(Drop::Malformed));
+    // An unknown status is invalid, like over gRPC.
+    assert_eq!(fix_input(&pb::UdpFix { status: 9, ..typical(id) }, "d"), Err(Drop::Invalid));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn any_bytes_are_dropped_or_read_without_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let k = keys();
+        if let Ok(f) = open(&k, &bytes) {
+            let _ = fix_input(&f, "d");
+        }
+    }
+
+    #[test]
+    fn any_bytes_after_a_valid_session_tag_are_dropped_or_read(tail in proptest::collection::vec(any::<u8>(), 0..120)) {
+        // Past the cheap checks: a MAC over arbitrary bytes makes them authentic, so
+        // the protobuf decoder and the conversion see garbage.
+        let k = keys();
+        let id = SessionId::new(12, 34);
+        let mut body = vec![0x09];
+        body.extend_from_slice(&id.0.to_le_bytes());
+        body.extend_from_slice(&tail);
+        let m = mac(&k.session_key(id), &body);
+        body.extend_from_slice(&m);
+        if let Ok(f) = open(&k, &body) {
+            prop_assert_eq!(f.session_id, id.0);
+            let _ = fix_input(&f, "d");
+        }
+    }
+
+    #[test]
+    fn fixes_round_trip(
+        lat in -90.0f64..90.0, lon in -180.0f64..180.0, t in 0i64..4_000_000_000_000,
+        heading in 0.0f64..360.0, speed in 0.0f64..100.0, acc in 0.0f64..500.0, seq in any::<u32>(),
+        partition in 0u16..PARTITIONS, random in any::<u64>(),
+    ) {
+        let k = keys();
+        let id = SessionId::new(partition, random);
+        prop_assert_eq!(id.partition(), partition);
+        let f = quantise(id, lat, lon, t, heading, speed, acc, seq);
+        let back = open(&k, &seal(&f, &k.session_key(id))).unwrap();
+        prop_assert_eq!(&back, &f);
+        let fix = fix_input(&back, "d").unwrap();
+        prop_assert!((fix.lat - lat).abs() <= 1e-7 && (fix.lon - lon).abs() <= 1e-7);
+        prop_assert!((fix.heading_deg - heading).abs() <= 2.0 || (fix.heading_deg - heading).abs() >= 358.0);
+        prop_assert!((fix.speed_mps - speed).abs() <= 0.05);
+        prop_assert_eq!(fix.timestamp_ms, t);
+    }
+}
