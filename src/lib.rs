@@ -40,7 +40,7 @@
 //! ```
 //!
 //! - [`api`]: `locus.v1.Locations` (keyed → owner, geo → scatter), `locus.v1.Cluster`,
-//!   and `Trips`, `Dispatch`, `Events`, `Internal`; validation; domain ↔ protobuf and
+//!   and `Sessions`, `Trips`, `Dispatch`, `Events`, `Internal`; validation; domain ↔ protobuf and
 //!   errors → `Status`, in one place per service; watches that follow their key across
 //!   moves (`api::follow`); the claim link and the trip feed between nodes.
 //! - [`trips`]: trip actors on the trip's owner, the pure trip state machine, share
@@ -74,6 +74,9 @@
 //! - [`map`]: the operator's live map: a node's part and the gather over every node;
 //!   the grid counts and points per shard are `drivers::map`; the endpoints and page
 //!   are in `http::map`.
+//! - [`udp`]: compact UDP fixes: the datagram, session ids and keys (pure), and
+//!   `udp::ingest`, the socket shell and the owner's side; `api::SessionsApi` opens
+//!   and closes sessions.
 //! - [`limits`]: counted slots for what a client holds open (watches, subscriptions).
 //! - [`keys`]: deterministic key hashing; partitions, the unit shards and nodes own
 //!   (and `PartitionSet`, a bitmap of them).
