@@ -17,6 +17,7 @@
 //! owner itself and sends it straight there, saving the forwarding hop.
 
 pub mod riders;
+pub mod udp;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -85,6 +86,10 @@ pub struct SimConfig {
     /// Prefix of the simulated driver ids.
     #[arg(long, default_value = "sim-")]
     pub id_prefix: String,
+    /// Send fixes as compact UDP datagrams (after each driver's first fix over gRPC and
+    /// a session per driver); the nodes need `--udp-addr`.
+    #[arg(long)]
+    pub udp: bool,
 }
 
 /// The ring as an owner-aware client sees it: owner of every key, and where to send.
@@ -477,6 +482,26 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<()> {
     let mut last_matched = 0u64;
 
     let mut city = City::new(cfg.clone());
+    let mut udp = None;
+    if cfg.udp {
+        // Sessions need known drivers: one fix each over gRPC first.
+        let now = wall_ms();
+        let first: Vec<pb::LocationUpdate> = (0..cfg.drivers).map(|i| city.step(i, now)).collect();
+        let ids: Vec<String> = first.iter().map(|u| u.driver_id.clone()).collect();
+        for (k, chunk) in first.chunks(cfg.batch.max(1)).enumerate() {
+            outlets.send(chunk.to_vec(), k as u64 + 1).await;
+        }
+        let t0 = Instant::now();
+        while stats.accepted.load(Ordering::Relaxed) < cfg.drivers as u64 * 99 / 100
+            && t0.elapsed() < Duration::from_secs(30)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let t0 = Instant::now();
+        let outlet = udp::UdpOutlet::open(balanced_channel(&targets)?, ids).await?;
+        println!("[sim] {} UDP sessions opened in {:.1} s", cfg.drivers, t0.elapsed().as_secs_f64());
+        udp = Some(outlet);
+    }
     let start = Instant::now();
     let tick = Duration::from_millis(100);
     let per_tick = ((cfg.drivers as f64) * tick.as_secs_f64() / cfg.interval.as_secs_f64()).ceil() as usize;
@@ -503,8 +528,13 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<()> {
         let now = wall_ms();
         let mut batch = Vec::with_capacity(cfg.batch);
         for _ in 0..per_tick.min(cfg.drivers) {
-            batch.push(city.step(next, now));
+            let u = city.step(next, now);
+            let sent = udp.as_mut().is_some_and(|o| o.send(next, &u));
             next = (next + 1) % cfg.drivers.max(1);
+            if sent {
+                continue;
+            }
+            batch.push(u);
             if batch.len() == cfg.batch {
                 batch_id += 1;
                 outlets.send(std::mem::take(&mut batch), batch_id).await;
@@ -560,7 +590,8 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<()> {
                 percentile(&lat, 0.5) as f64 / 1000.0,
                 percentile(&lat, 0.99) as f64 / 1000.0,
                 stats.query_errors.load(Ordering::Relaxed),
-            ) + &trips_line;
+            ) + &trips_line
+                + &udp.as_ref().map(|o| o.stats.line()).unwrap_or_default();
             if tty {
                 print!("\r\x1b[2K{line}");
                 std::io::stdout().flush().ok();
