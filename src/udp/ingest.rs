@@ -1,7 +1,8 @@
 //! The UDP ingest shell: a node's socket (`--udp-addr`), and the owner's side of a
 //! datagram.
 //!
-//! The receive task drains the socket at each readiness (a batch), checks every
+//! The receive task drains the socket at each readiness (`recvmmsg`, up to 64
+//! datagrams a call, see [`super::mmsg`]), checks every
 //! datagram ([`super::open`]: size, MAC, protobuf) and groups the good ones by the
 //! owner of their session's partition. This node's are applied at once
 //! ([`OwnerSide::apply`]: session → driver through the secondary index, the same
@@ -19,7 +20,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use super::{Drop, Keys, MAX_DATAGRAM, SessionId, fix_input, open};
+use super::mmsg::RecvBatch;
+use super::{Drop, KeyCache, Keys, SessionId, fix_input};
 use crate::clock::wall_ms;
 use crate::drivers::{Limits, Reject, validate_fix};
 use crate::pb;
@@ -98,7 +100,8 @@ pub async fn run(
     forward: Arc<dyn Forward>,
 ) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut batch = RecvBatch::default();
+    let mut cache = KeyCache::new(keys);
     loop {
         if socket.readable().await.is_err() {
             return;
@@ -107,8 +110,8 @@ pub async fn run(
         let mut remote: HashMap<SocketAddr, (Peer, Vec<Got>)> = HashMap::new();
         let mut received = 0u64;
         while received < DRAIN_MAX as u64 {
-            let (n, from) = match socket.try_recv_from(&mut buf) {
-                Ok(x) => x,
+            let n = match batch.recv(&socket) {
+                Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     // ICMP errors of earlier sends surface here on some systems.
@@ -116,18 +119,23 @@ pub async fn run(
                     continue;
                 }
             };
-            received += 1;
-            let fix = match open(&keys, &buf[..n]) {
-                Ok(f) => f,
-                Err(d) => {
-                    count_drop(d.name());
-                    continue;
+            received += n as u64;
+            for i in 0..n {
+                let (bytes, from) = batch.get(i);
+                let fix = match cache.open(bytes) {
+                    Ok(f) => f,
+                    Err(d) => {
+                        count_drop(d.name());
+                        continue;
+                    }
+                };
+                match cluster.partition_owner(SessionId(fix.session_id).partition() as usize) {
+                    Owner::Local => local.push(Got { fix, from }),
+                    Owner::Remote(p) => {
+                        remote.entry(p.addr).or_insert_with(|| (*p, Vec::new())).1.push(Got { fix, from })
+                    }
+                    Owner::Incoming | Owner::Unknown => count_drop("unavailable"),
                 }
-            };
-            match cluster.partition_owner(SessionId(fix.session_id).partition() as usize) {
-                Owner::Local => local.push(Got { fix, from }),
-                Owner::Remote(p) => remote.entry(p.addr).or_insert_with(|| (*p, Vec::new())).1.push(Got { fix, from }),
-                Owner::Incoming | Owner::Unknown => count_drop("unavailable"),
             }
         }
         metrics::counter!("locus_udp_datagrams_total").increment(received);
@@ -177,11 +185,15 @@ async fn ack(socket: &UdpSocket, got: &[Got], reasons: Vec<String>) {
     }
 }
 
+/// The receive buffer a node asks for: about a second of 100,000 datagrams.
+const RECV_BUFFER: usize = 8 << 20;
+
 /// Binds the node's UDP socket.
 pub fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let s = std::net::UdpSocket::bind(addr)?;
     s.set_nonblocking(true)?;
     let s = UdpSocket::from_std(s)?;
+    super::mmsg::set_recv_buffer(&s, RECV_BUFFER);
     if let Ok(a) = s.local_addr() {
         debug!(addr = %a, "UDP fixes socket bound");
     } else {

@@ -119,3 +119,56 @@ proptest! {
         prop_assert_eq!(fix.timestamp_ms, t);
     }
 }
+
+#[test]
+fn the_key_cache_answers_as_open_does_and_keeps_no_forged_session() {
+    let k = keys();
+    let mut cache = KeyCache::new(k.clone());
+    let id = SessionId::new(5, 6);
+    let d = seal(&typical(id), &k.session_key(id));
+    for _ in 0..2 {
+        assert_eq!(cache.open(&d), open(&k, &d));
+    }
+    let forged = SessionId::new(5, 7);
+    let bad = seal(&typical(forged), &[0; 16]);
+    assert_eq!(cache.open(&bad), Err(Drop::Unauthenticated));
+    assert_eq!(cache.map.len(), 1, "only the authentic session's key is kept");
+}
+
+#[tokio::test]
+async fn batched_send_and_receive_carry_every_datagram_and_its_sender() {
+    let rx = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let tx = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    mmsg::set_recv_buffer(&rx, 1 << 20);
+    let datagrams: Vec<Vec<u8>> = (0..150u32).map(|i| i.to_le_bytes().repeat(1 + i as usize % 7)).collect();
+    let sent = mmsg::send_all(&tx, rx.local_addr().unwrap(), &datagrams).await.unwrap();
+    assert_eq!(sent, datagrams.len());
+    let mut got = Vec::new();
+    let mut b = mmsg::RecvBatch::default();
+    while got.len() < datagrams.len() {
+        rx.readable().await.unwrap();
+        match b.recv(&rx) {
+            Ok(n) => {
+                assert!(n <= mmsg::BATCH);
+                for i in 0..n {
+                    let (bytes, from) = b.get(i);
+                    assert_eq!(from, tx.local_addr().unwrap());
+                    got.push(bytes.to_vec());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got, datagrams, "all, in order, whole");
+    // A datagram longer than a slot reads as longer than any accepted one.
+    mmsg::send_all(&tx, rx.local_addr().unwrap(), &[vec![7u8; 2_000]]).await.unwrap();
+    loop {
+        rx.readable().await.unwrap();
+        if let Ok(n) = b.recv(&rx) {
+            assert_eq!(n, 1);
+            assert!(b.get(0).0.len() > MAX_DATAGRAM);
+            break;
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Batched datagram I/O: `recvmmsg` / `sendmmsg` on Linux (one system call for up to
+//! [`BATCH`] datagrams), one datagram per call elsewhere.
+
+use std::io;
+use std::net::SocketAddr;
+
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+use super::MAX_DATAGRAM;
+
+/// Datagrams per system call.
+pub const BATCH: usize = 64;
+/// Room per datagram: one byte more than the longest accepted, so a longer one shows.
+pub const SLOT: usize = MAX_DATAGRAM + 1;
+
+/// Buffers for one batched receive, reused.
+pub struct RecvBatch {
+    bufs: Vec<u8>,
+    lens: Vec<usize>,
+    from: Vec<SocketAddr>,
+    #[cfg(target_os = "linux")]
+    sys: linux::Headers,
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        RecvBatch {
+            bufs: vec![0; BATCH * SLOT],
+            lens: vec![0; BATCH],
+            from: vec![SocketAddr::from(([0, 0, 0, 0], 0)); BATCH],
+            #[cfg(target_os = "linux")]
+            sys: linux::Headers::default(),
+        }
+    }
+}
+
+impl RecvBatch {
+    /// Datagram `i` of the last receive and its sender.
+    pub fn get(&self, i: usize) -> (&[u8], SocketAddr) {
+        (&self.bufs[i * SLOT..i * SLOT + self.lens[i]], self.from[i])
+    }
+
+    /// Receives what is waiting, up to [`BATCH`] datagrams, without blocking
+    /// (`WouldBlock` when nothing is).
+    pub fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
+        #[cfg(target_os = "linux")]
+        {
+            let RecvBatch { bufs, lens, from, sys } = self;
+            sock.try_io(Interest::READABLE, || sys.recv(sock, bufs, lens, from))
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let (n, a) = sock.try_recv_from(&mut self.bufs[..SLOT])?;
+            self.lens[0] = n;
+            self.from[0] = a;
+            Ok(1)
+        }
+    }
+}
+
+/// Sends datagrams to one address, batched, waiting while the socket's buffer is full;
+/// returns how many the kernel took (all, unless an error came after some).
+pub async fn send_all(sock: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < datagrams.len() {
+        sock.writable().await?;
+        match send_some(sock, to, &datagrams[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if sent == 0 => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(sent)
+}
+
+fn send_some(sock: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) -> io::Result<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        sock.try_io(Interest::WRITABLE, || linux::send(sock, to, datagrams))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let mut n = 0;
+        for d in datagrams {
+            match sock.try_send_to(d, to) {
+                Ok(_) => n += 1,
+                Err(e) if n == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod linux {
+    use std::io;
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+    use std::os::fd::AsRawFd;
+
+    use tokio::net::UdpSocket;
+
+    use super::{BATCH, SLOT};
+
+    /// The kernel's view of a batch: headers and addresses (rebuilt per call, pointing
+    /// into the caller's buffers, so nothing self-referential is kept).
+    pub struct Headers {
+        addrs: Vec<libc::sockaddr_storage>,
+    }
+
+    impl Default for Headers {
+        fn default() -> Self {
+            // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+            Headers { addrs: vec![unsafe { std::mem::zeroed() }; BATCH] }
+        }
+    }
+
+    fn to_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
+        match s.ss_family as i32 {
+            libc::AF_INET => {
+                // SAFETY: the family says this storage holds a sockaddr_in.
+                let a = unsafe { &*(s as *const libc::sockaddr_storage as *const libc::sockaddr_in) };
+                let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(a.sin_port))))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says this storage holds a sockaddr_in6.
+                let a = unsafe { &*(s as *const libc::sockaddr_storage as *const libc::sockaddr_in6) };
+                let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+                Some(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(a.sin6_port), a.sin6_flowinfo, a.sin6_scope_id)))
+            }
+            _ => None,
+        }
+    }
+
+    fn from_addr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+        // SAFETY: plain data, zero is valid.
+        let mut s: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match a {
+            SocketAddr::V4(v4) => {
+                // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+                let p = unsafe { &mut *(&mut s as *mut libc::sockaddr_storage as *mut libc::sockaddr_in) };
+                p.sin_family = libc::AF_INET as libc::sa_family_t;
+                p.sin_port = v4.port().to_be();
+                p.sin_addr.s_addr = u32::from(*v4.ip()).to_be();
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(v6) => {
+                // SAFETY: as above, for sockaddr_in6.
+                let p = unsafe { &mut *(&mut s as *mut libc::sockaddr_storage as *mut libc::sockaddr_in6) };
+                p.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                p.sin6_port = v6.port().to_be();
+                p.sin6_addr.s6_addr = v6.ip().octets();
+                p.sin6_flowinfo = v6.flowinfo();
+                p.sin6_scope_id = v6.scope_id();
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (s, len as libc::socklen_t)
+    }
+
+    impl Headers {
+        pub fn recv(
+            &mut self,
+            sock: &UdpSocket,
+            bufs: &mut [u8],
+            lens: &mut [usize],
+            from: &mut [SocketAddr],
+        ) -> io::Result<usize> {
+            let mut iov: Vec<libc::iovec> = bufs
+                .chunks_exact_mut(SLOT)
+                .map(|c| libc::iovec { iov_base: c.as_mut_ptr().cast(), iov_len: SLOT })
+                .collect();
+            // SAFETY: mmsghdr is plain data; zero is a valid (empty) header.
+            let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
+            for (i, h) in hdrs.iter_mut().enumerate() {
+                h.msg_hdr.msg_iov = &mut iov[i];
+                h.msg_hdr.msg_iovlen = 1;
+                h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+                h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            }
+            // SAFETY: every header points at live buffers of the stated sizes (iov, the
+            // slots of `bufs`, and `addrs`) for the duration of the call.
+            let n = unsafe {
+                libc::recvmmsg(
+                    sock.as_raw_fd(),
+                    hdrs.as_mut_ptr(),
+                    BATCH as _,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let n = n as usize;
+            for i in 0..n {
+                // A datagram longer than the slot is cut: keep the full slot, which is
+                // longer than any accepted datagram, so it is refused as too long.
+                let truncated = hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+                lens[i] = if truncated { SLOT } else { hdrs[i].msg_len as usize };
+                from[i] = to_addr(&self.addrs[i]).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+            }
+            Ok(n)
+        }
+    }
+
+    pub fn send(sock: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) -> io::Result<usize> {
+        let (mut addr, addr_len) = from_addr(to);
+        let mut sent = 0;
+        for chunk in datagrams.chunks(BATCH) {
+            let mut iov: Vec<libc::iovec> =
+                chunk.iter().map(|d| libc::iovec { iov_base: d.as_ptr() as *mut _, iov_len: d.len() }).collect();
+            // SAFETY: plain data, zero is valid.
+            let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; chunk.len()];
+            for (i, h) in hdrs.iter_mut().enumerate() {
+                h.msg_hdr.msg_iov = &mut iov[i];
+                h.msg_hdr.msg_iovlen = 1;
+                h.msg_hdr.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
+                h.msg_hdr.msg_namelen = addr_len;
+            }
+            // SAFETY: the headers point at live datagrams and one address for the call;
+            // the kernel only reads them.
+            let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), hdrs.as_mut_ptr(), hdrs.len() as _, libc::MSG_DONTWAIT) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return if sent == 0 { Err(e) } else { Ok(sent) };
+            }
+            sent += n as usize;
+            if (n as usize) < chunk.len() {
+                break;
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Asks for a large receive buffer (the kernel caps it at `net.core.rmem_max`).
+    pub fn set_recv_buffer(sock: &UdpSocket, bytes: usize) {
+        let v = bytes as libc::c_int;
+        // SAFETY: a valid fd and a c_int option value of the stated size.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+/// Asks for a large receive buffer, so bursts wait in the kernel rather than drop.
+pub fn set_recv_buffer(sock: &UdpSocket, bytes: usize) {
+    #[cfg(target_os = "linux")]
+    linux::set_recv_buffer(sock, bytes);
+    #[cfg(not(target_os = "linux"))]
+    let _ = (sock, bytes);
+}
