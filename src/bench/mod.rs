@@ -16,6 +16,7 @@ mod cluster;
 mod moves;
 mod redis;
 mod trips;
+mod udp;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -89,6 +90,17 @@ pub struct BenchConfig {
     /// Run only the moves section (its report goes to `--out` alone).
     #[arg(long)]
     pub only_moves: bool,
+    /// Drivers and rounds of the UDP section (one datagram per driver per round).
+    #[arg(long, default_value_t = 50_000)]
+    pub udp_drivers: usize,
+    #[arg(long, default_value_t = 20)]
+    pub udp_rounds: usize,
+    /// Skip the UDP section.
+    #[arg(long)]
+    pub no_udp: bool,
+    /// Run only the UDP section (its report goes to `--out` alone).
+    #[arg(long)]
+    pub only_udp: bool,
     /// Ports used by the processes the benchmark starts.
     #[arg(long, default_value_t = 7600)]
     pub port_base: u16,
@@ -395,6 +407,14 @@ fn date() -> String {
 pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
     let tmp = tempdir()?;
     let mut report = String::new();
+    if cfg.only_udp {
+        let f = udp::run(&cfg, &tmp.join("udp")).await?;
+        udp::report(&f, &mut report)?;
+        std::fs::write(&cfg.out, &report).with_context(|| format!("writing {}", cfg.out.display()))?;
+        println!("{report}");
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Ok(());
+    }
     if cfg.only_moves {
         let f = moves::run(&cfg, &tmp.join("moves")).await?;
         moves::report(&f, &mut report)?;
@@ -570,6 +590,11 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
         eprintln!("[bench] moves: join, drain and failover under load");
         let f = moves::run(&cfg, &tmp.join("moves")).await?;
         moves::report(&f, &mut report)?;
+    }
+    if !cfg.no_udp {
+        eprintln!("[bench] udp: compact fixes on one node");
+        let f = udp::run(&cfg, &tmp.join("udp")).await?;
+        udp::report(&f, &mut report)?;
     }
     std::fs::write(&cfg.out, &report).with_context(|| format!("writing {}", cfg.out.display()))?;
     println!("{report}");

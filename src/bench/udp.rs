@@ -1,0 +1,195 @@
+//! Compact UDP fixes on one node (`locus bench`, section "udp").
+//!
+//! `udp_drivers` drivers get a first fix over gRPC and a session each; then one client
+//! sends `udp_rounds` rounds of one datagram per driver (sealed beforehand, each round
+//! a second later and a few metres on) as fast as `sendmmsg` takes them, to one node
+//! receiving with `recvmmsg`. The node's counters give what it received and accepted:
+//! the rate is fixes accepted per second from the first datagram sent to the last one
+//! applied, and the loss is what was sent but never received (the kernel's socket
+//! buffers overflowing) or received but not accepted.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::task::JoinSet;
+
+use super::{BenchConfig, Proc, wait_port};
+use crate::clock::wall_ms;
+use crate::pb;
+use crate::pb::sessions_client::SessionsClient;
+use crate::sim::{connect, connect_channel};
+use crate::udp::{SessionId, mmsg, quantise, seal};
+
+pub struct UdpFigures {
+    pub drivers: usize,
+    pub rounds: usize,
+    pub sent: u64,
+    pub received: u64,
+    pub accepted: u64,
+    pub secs: f64,
+    pub bytes_min: usize,
+    pub bytes_avg: f64,
+    pub bytes_max: usize,
+}
+
+impl UdpFigures {
+    pub fn rate(&self) -> f64 {
+        self.accepted as f64 / self.secs.max(1e-9)
+    }
+}
+
+/// A counter's value in a Prometheus text page (summed over labels), 0 if absent.
+fn counter(page: &str, name: &str) -> u64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+async fn counters(http: &str) -> anyhow::Result<(u64, u64)> {
+    let (_, page) = crate::sim::http_get(http, "/metrics").await?;
+    Ok((counter(&page, "locus_udp_datagrams_total"), counter(&page, "locus_udp_fixes_accepted_total")))
+}
+
+pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<UdpFigures> {
+    let port = cfg.port_base + 20;
+    let udp: SocketAddr = format!("127.0.0.1:{}", port + 2).parse()?;
+    let _node = Proc(
+        Command::new(std::env::current_exe()?)
+            .args(["node", "--node-name", "bench-udp", "--log-format", "text"])
+            .args(["--grpc-addr", &format!("127.0.0.1:{port}"), "--http-addr", &format!("127.0.0.1:{}", port + 1)])
+            .args(["--gossip-addr", &format!("127.0.0.1:{}", port + 3), "--udp-addr", &udp.to_string()])
+            .args(["--data-dir", &dir.display().to_string()])
+            .args(&cfg.node_args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting locus node")?,
+    );
+    wait_port(port).await?;
+    let target = format!("http://127.0.0.1:{port}");
+    let http = format!("127.0.0.1:{}", port + 1);
+    let n = cfg.udp_drivers;
+    let rounds = cfg.udp_rounds;
+    let base = wall_ms() - (rounds as i64 + 5) * 1_000;
+    let home = |i: usize| (52.40 + (i % 1_000) as f64 * 2e-4, 13.20 + (i / 1_000) as f64 * 2e-4);
+
+    // First fixes over gRPC.
+    let mut loc = connect(&target).await?;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1_000) {
+        let updates: Vec<pb::LocationUpdate> = chunk
+            .iter()
+            .map(|&i| pb::LocationUpdate {
+                driver_id: format!("udp-{i}"),
+                lat: home(i).0,
+                lon: home(i).1,
+                timestamp_ms: base,
+                status: pb::DriverStatus::Available as i32,
+                ..Default::default()
+            })
+            .collect();
+        let r = loc.update_stream(tokio_stream::iter(vec![pb::LocationBatch { updates, batch_id: 1 }])).await?;
+        let mut acks = r.into_inner();
+        while acks.message().await?.is_some() {}
+    }
+    // Sessions, 64 at a time.
+    let ch = connect_channel(&target).await?;
+    let mut keys: Vec<Option<(SessionId, [u8; 16])>> = vec![None; n];
+    let mut set = JoinSet::new();
+    let mut next = 0;
+    while next < n || !set.is_empty() {
+        while next < n && set.len() < 64 {
+            let mut c = SessionsClient::new(ch.clone());
+            let i = next;
+            set.spawn(async move { (i, c.open(pb::OpenSessionRequest { driver_id: format!("udp-{i}") }).await) });
+            next += 1;
+        }
+        if let Some(r) = set.join_next().await {
+            let (i, s) = r?;
+            let s = s?.into_inner();
+            keys[i] = Some((SessionId(s.session_id), s.key.as_slice().try_into()?));
+        }
+    }
+    // Every datagram, sealed beforehand: the client's cost is not the node's.
+    let mut datagrams = Vec::with_capacity(n * rounds);
+    for r in 1..=rounds {
+        for (i, k) in keys.iter().enumerate() {
+            let (id, key) = k.as_ref().context("a session did not open")?;
+            let (lat, lon) = home(i);
+            let t = base + r as i64 * 1_000;
+            let f = quantise(*id, lat + r as f64 * 5e-5, lon, t, 0.0, 5.5, 5.0, r as u32);
+            datagrams.push(seal(&f, key));
+        }
+    }
+    let bytes_min = datagrams.iter().map(Vec::len).min().unwrap_or(0);
+    let bytes_max = datagrams.iter().map(Vec::len).max().unwrap_or(0);
+    let bytes_avg = datagrams.iter().map(Vec::len).sum::<usize>() as f64 / datagrams.len().max(1) as f64;
+    eprintln!("[bench] udp: {n} drivers x {rounds} rounds, {bytes_avg:.1} bytes per datagram");
+
+    let (recv0, acc0) = counters(&http).await?;
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    for chunk in datagrams.chunks(4_096) {
+        sent += mmsg::send_all(&sock, udp, chunk).await? as u64;
+    }
+    // Until the node has applied everything it received.
+    let (mut last, mut last_change) = ((0, 0), Instant::now());
+    let mut done_at = t0.elapsed();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let c = counters(&http).await?;
+        if c != last {
+            last = c;
+            last_change = Instant::now();
+            done_at = t0.elapsed();
+        } else if last_change.elapsed() >= Duration::from_millis(1_000) {
+            break;
+        }
+    }
+    let (received, accepted) = (last.0 - recv0, last.1 - acc0);
+    Ok(UdpFigures {
+        drivers: n,
+        rounds,
+        sent,
+        received,
+        accepted,
+        secs: done_at.as_secs_f64(),
+        bytes_min,
+        bytes_avg,
+        bytes_max,
+    })
+}
+
+pub fn report(f: &UdpFigures, out: &mut String) -> std::fmt::Result {
+    let lost = f.sent.saturating_sub(f.received);
+    writeln!(out, "\n## Compact UDP fixes (one node, `recvmmsg`)\n")?;
+    writeln!(out, "| figure | value | target |")?;
+    writeln!(out, "|---|---|---|")?;
+    writeln!(
+        out,
+        "| fixes accepted per second ({} drivers × {} rounds, one client sending with `sendmmsg` as fast as it can) | **{:.0}/s** | ≥ 500,000/s |",
+        f.drivers,
+        f.rounds,
+        f.rate()
+    )?;
+    writeln!(
+        out,
+        "| datagrams sent / received by the node / accepted | {} / {} / {} | – |",
+        f.sent, f.received, f.accepted
+    )?;
+    writeln!(
+        out,
+        "| lost in the kernel (socket buffers full) | {lost} ({:.2}%) | counted, reported |",
+        100.0 * lost as f64 / f.sent.max(1) as f64
+    )?;
+    writeln!(
+        out,
+        "| bytes per datagram (min / mean / max) | {} / {:.1} / {} | ≤ 60 |",
+        f.bytes_min, f.bytes_avg, f.bytes_max
+    )?;
+    Ok(())
+}
