@@ -612,7 +612,7 @@ impl pb::internal_server::Internal for InternalApi {
             let why = format!("{} fixes, at most {MAX_UDP_FORWARD} per call", fixes.len());
             return Err(invalid(&crate::drivers::FieldError::new("fixes", why)));
         }
-        let reasons = self.udp.apply(&fixes).await;
+        let reasons = self.udp.apply(fixes).await;
         Ok(Response::new(pb::UdpFixResults { reasons: reasons.into_iter().map(String::from).collect() }))
     }
 }

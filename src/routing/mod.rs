@@ -188,7 +188,7 @@ impl Router {
 
     /// The driver holding `session` on this node, if any (the latest to claim it).
     pub fn session_driver(&self, session: &str) -> Option<String> {
-        self.index.get(IndexKind::Session, session).into_iter().next()
+        self.index.latest(IndexKind::Session, session)
     }
 
     /// Sets (`Some`) or clears a driver's session; its session before. `NotFound` when

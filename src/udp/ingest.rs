@@ -13,6 +13,7 @@
 //! from this node's socket. Drops are counted in `locus_udp_dropped_total{reason}`.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -45,38 +46,46 @@ fn count_drop(reason: &'static str) {
 
 impl OwnerSide {
     /// Applies a batch; per fix, `""` when applied, else the reason it was not.
-    pub async fn apply(&self, fixes: &[pb::UdpFix]) -> Vec<&'static str> {
+    pub async fn apply(&self, fixes: Vec<pb::UdpFix>) -> Vec<&'static str> {
+        self.submit(fixes).await.await
+    }
+
+    /// Queues a batch to the shards (in order: a later batch's fixes queue behind this
+    /// one's) and returns the future of its outcome, which the caller may await
+    /// elsewhere.
+    pub async fn submit(&self, fixes: Vec<pb::UdpFix>) -> impl Future<Output = Vec<&'static str>> + Send + 'static {
         let now = wall_ms();
         let mut reasons = vec![""; fixes.len()];
         let mut batch = Vec::with_capacity(fixes.len());
-        for (i, f) in fixes.iter().enumerate() {
-            let recorded = SessionId(f.session_id).recorded();
-            let Some(driver) = self.router.session_driver(&recorded) else {
+        let mut buf = [0u8; 20];
+        for (i, f) in fixes.into_iter().enumerate() {
+            let Some(driver) = self.router.session_driver(SessionId(f.session_id).recorded_in(&mut buf)) else {
                 reasons[i] = Drop::UnknownSession.name();
                 continue;
             };
-            match fix_input(f, &driver) {
+            match fix_input(f, driver) {
                 Ok(fix) if validate_fix(&fix, now, self.limits).is_ok() => batch.push((i as u32, fix)),
                 _ => reasons[i] = Drop::Invalid.name(),
             }
         }
-        let applied = batch.len();
-        for (i, why) in self.router.dispatch_batch(batch).await.await {
-            reasons[i as usize] = match why {
-                Reject::Stale { .. } => Drop::Replayed.name(),
-                Reject::Invalid(_) => Drop::Invalid.name(),
-                Reject::ImplausibleJump { .. } => "implausible_jump",
-                Reject::Overloaded => "overloaded",
-                Reject::Unavailable | Reject::Moving => "unavailable",
-            };
+        let outcome = self.router.dispatch_batch(batch).await;
+        async move {
+            for (i, why) in outcome.await {
+                reasons[i as usize] = match why {
+                    Reject::Stale { .. } => Drop::Replayed.name(),
+                    Reject::Invalid(_) => Drop::Invalid.name(),
+                    Reject::ImplausibleJump { .. } => "implausible_jump",
+                    Reject::Overloaded => "overloaded",
+                    Reject::Unavailable | Reject::Moving => "unavailable",
+                };
+            }
+            let accepted = reasons.iter().filter(|r| r.is_empty()).count();
+            metrics::counter!("locus_udp_fixes_accepted_total").increment(accepted as u64);
+            for r in reasons.iter().filter(|r| !r.is_empty()) {
+                count_drop(r);
+            }
+            reasons
         }
-        let accepted = reasons.iter().filter(|r| r.is_empty()).count();
-        metrics::counter!("locus_udp_fixes_accepted_total").increment(accepted as u64);
-        for r in reasons.iter().filter(|r| !r.is_empty()) {
-            count_drop(r);
-        }
-        debug!(fixes = fixes.len(), applied, accepted, "UDP fixes applied");
-        reasons
     }
 }
 
@@ -140,9 +149,15 @@ pub async fn run(
         }
         metrics::counter!("locus_udp_datagrams_total").increment(received);
         if !local.is_empty() {
-            let fixes: Vec<pb::UdpFix> = local.iter().map(|g| g.fix.clone()).collect();
-            let reasons = owner.apply(&fixes).await;
-            ack(&socket, &local, reasons.iter().map(|r| r.to_string()).collect()).await;
+            // Queued in order here; the outcome (acks, counts) is awaited aside, so the
+            // next drain does not wait for the shards.
+            let (fixes, replies) = split(local);
+            let outcome = owner.submit(fixes).await;
+            let socket = socket.clone();
+            crate::tasks::spawn("udp_outcome", async move {
+                let reasons = outcome.await;
+                ack(&socket, &replies, reasons.iter().map(|r| r.to_string()).collect()).await;
+            });
         }
         for (_, (peer, got)) in remote {
             let Ok(permit) = in_flight.clone().try_acquire_owned() else {
@@ -153,10 +168,10 @@ pub async fn run(
             };
             let (socket, forward) = (socket.clone(), forward.clone());
             crate::tasks::spawn("udp_forward", async move {
-                let fixes: Vec<pb::UdpFix> = got.iter().map(|g| g.fix.clone()).collect();
+                let (fixes, replies) = split(got);
                 let n = fixes.len();
                 match forward.send(peer, fixes).await {
-                    Some(reasons) if reasons.len() == n => ack(&socket, &got, reasons).await,
+                    Some(reasons) if reasons.len() == n => ack(&socket, &replies, reasons).await,
                     _ => {
                         for _ in 0..n {
                             count_drop("unavailable");
@@ -169,15 +184,30 @@ pub async fn run(
     }
 }
 
+/// Where to ack a fix, if it asked for one.
+struct Reply {
+    session_id: u64,
+    seq: u32,
+    to: Option<SocketAddr>,
+}
+
+/// The fixes (owned, for the shards) and where to ack them.
+fn split(got: Vec<Got>) -> (Vec<pb::UdpFix>, Vec<Reply>) {
+    got.into_iter()
+        .map(|g| {
+            let r = Reply { session_id: g.fix.session_id, seq: g.fix.seq, to: g.fix.ack.then_some(g.from) };
+            (g.fix, r)
+        })
+        .unzip()
+}
+
 /// Sends the acks asked for.
-async fn ack(socket: &UdpSocket, got: &[Got], reasons: Vec<String>) {
+async fn ack(socket: &UdpSocket, replies: &[Reply], reasons: Vec<String>) {
     use prost::Message;
-    for (g, reason) in got.iter().zip(reasons) {
-        if !g.fix.ack {
-            continue;
-        }
-        let a = pb::UdpAck { session_id: g.fix.session_id, seq: g.fix.seq, accepted: reason.is_empty(), reason };
-        if let Err(e) = socket.try_send_to(&a.encode_to_vec(), g.from) {
+    for (r, reason) in replies.iter().zip(reasons) {
+        let Some(to) = r.to else { continue };
+        let a = pb::UdpAck { session_id: r.session_id, seq: r.seq, accepted: reason.is_empty(), reason };
+        if let Err(e) = socket.try_send_to(&a.encode_to_vec(), to) {
             // A full send buffer loses an ack, as the network could.
             metrics::counter!("locus_udp_acks_dropped_total").increment(1);
             debug!(error = %e, "UDP ack not sent");

@@ -54,6 +54,16 @@ impl SessionId {
     pub fn recorded(self) -> String {
         format!("{UDP_SESSION_PREFIX}{:016x}", self.0)
     }
+
+    /// [`recorded`](Self::recorded) written into `buf`, without allocating.
+    pub fn recorded_in(self, buf: &mut [u8; 20]) -> &str {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        buf[..4].copy_from_slice(UDP_SESSION_PREFIX.as_bytes());
+        for i in 0..16 {
+            buf[4 + i] = HEX[((self.0 >> (60 - 4 * i)) & 0xF) as usize];
+        }
+        std::str::from_utf8(buf).expect("ASCII")
+    }
 }
 
 /// Derives session keys (from the cluster key's UDP secret).
@@ -201,15 +211,15 @@ fn check(key: &hmac::Key, id: SessionId, body: &[u8], tag: &[u8]) -> Result<pb::
     Ok(fix)
 }
 
-/// A checked datagram as the fix the driver's owner validates and applies (its
-/// `session` set, so the owner finds the driver by it).
-pub fn fix_input(f: &pb::UdpFix, driver_id: &str) -> Result<FixInput, Drop> {
+/// A checked datagram as the fix the driver's owner validates and applies, for the
+/// driver found by its session (so the fix leaves the driver's session as it is).
+pub fn fix_input(f: pb::UdpFix, driver_id: String) -> Result<FixInput, Drop> {
     let status = match f.status {
         0 => None,
         s => Some(Status::from_code(i32::try_from(s).map_err(|_| Drop::Invalid)?).ok_or(Drop::Invalid)?),
     };
     Ok(FixInput {
-        driver_id: driver_id.to_string(),
+        driver_id,
         lat: f.lat_e7 as f64 / 1e7,
         lon: f.lon_e7 as f64 / 1e7,
         heading_deg: f.heading_4deg as f64 * 4.0,
@@ -219,8 +229,8 @@ pub fn fix_input(f: &pb::UdpFix, driver_id: &str) -> Result<FixInput, Drop> {
         status,
         vehicle_type: String::new(),
         cab_number: String::new(),
-        session: SessionId(f.session_id).recorded(),
-        trip_id: f.order_id.clone(),
+        session: String::new(),
+        trip_id: f.order_id,
         trip_cost: f.trip_cost_cents as f64 / 100.0,
     })
 }

@@ -29,11 +29,13 @@ fn a_typical_fix_is_under_60_bytes_and_reads_back() {
     assert_eq!(acked.len(), d.len() + 2, "an ack request costs 2 bytes");
     let f = open(&k, &d).unwrap();
     assert_eq!(f, typical(id));
-    let fix = fix_input(&f, "drv-1").unwrap();
+    let fix = fix_input(f.clone(), "drv-1".into()).unwrap();
     assert!((fix.lat - 52.520_008).abs() < 1e-7 && (fix.lon - 13.404_954).abs() < 1e-7);
     assert_eq!((fix.heading_deg, fix.speed_mps, fix.accuracy_m), (272.0, 13.9, 6.0));
     assert_eq!((fix.status, fix.trip_id.as_str(), fix.trip_cost), (Some(Status::OnTrip), "ord-84421", 12.5));
-    assert_eq!(fix.session, id.recorded());
+    assert_eq!(fix.session, "", "the driver keeps its session");
+    let mut buf = [0; 20];
+    assert_eq!(id.recorded_in(&mut buf), id.recorded());
     assert_eq!(id.partition(), 777);
     assert_eq!(SessionId(u64::MAX).partition(), PARTITIONS - 1);
 }
@@ -69,7 +71,7 @@ fn forged_corrupted_and_foreign_datagrams_are_dropped_by_reason() {
     body.extend_from_slice(&m);
     assert_eq!(open(&k, &body), Err(Drop::Malformed));
     // An unknown status is invalid, like over gRPC.
-    assert_eq!(fix_input(&pb::UdpFix { status: 9, ..typical(id) }, "d"), Err(Drop::Invalid));
+    assert_eq!(fix_input(pb::UdpFix { status: 9, ..typical(id) }, "d".into()), Err(Drop::Invalid));
 }
 
 proptest! {
@@ -79,7 +81,7 @@ proptest! {
     fn any_bytes_are_dropped_or_read_without_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
         let k = keys();
         if let Ok(f) = open(&k, &bytes) {
-            let _ = fix_input(&f, "d");
+            let _ = fix_input(f, "d".into());
         }
     }
 
@@ -96,7 +98,7 @@ proptest! {
         body.extend_from_slice(&m);
         if let Ok(f) = open(&k, &body) {
             prop_assert_eq!(f.session_id, id.0);
-            let _ = fix_input(&f, "d");
+            let _ = fix_input(f, "d".into());
         }
     }
 
@@ -112,7 +114,9 @@ proptest! {
         let f = quantise(id, lat, lon, t, heading, speed, acc, seq);
         let back = open(&k, &seal(&f, &k.session_key(id))).unwrap();
         prop_assert_eq!(&back, &f);
-        let fix = fix_input(&back, "d").unwrap();
+        let mut buf = [0; 20];
+        prop_assert_eq!(id.recorded_in(&mut buf), id.recorded());
+        let fix = fix_input(back, "d".into()).unwrap();
         prop_assert!((fix.lat - lat).abs() <= 1e-7 && (fix.lon - lon).abs() <= 1e-7);
         prop_assert!((fix.heading_deg - heading).abs() <= 2.0 || (fix.heading_deg - heading).abs() >= 358.0);
         prop_assert!((fix.speed_mps - speed).abs() <= 0.05);
