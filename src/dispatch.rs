@@ -209,11 +209,15 @@ impl Dispatcher {
     pub async fn find(&self, ask: &MatchAsk, skip: &[String]) -> Result<Found, DispatchError> {
         let near =
             self.candidates.get().ok_or_else(|| DispatchError::Unavailable("the node is starting; retry".into()))?;
-        let want = ask.limit + skip.len() as u32;
+        // Drivers whose claim answer was lost and whose release was not confirmed: a
+        // late release could free them after a re-claim, so this match leaves them.
+        let mut unsure: Vec<String> = Vec::new();
         let mut attempts = 0;
         for round in 0..MATCH_ROUNDS {
+            let want = ask.limit + (skip.len() + unsure.len()) as u32;
             let ids = near.nearest(ask, want).await?;
-            let ids: Vec<String> = ids.into_iter().filter(|d| !skip.contains(d)).take(ask.limit as usize).collect();
+            let ids: Vec<String> =
+                ids.into_iter().filter(|d| !skip.contains(d) && !unsure.contains(d)).take(ask.limit as usize).collect();
             if ids.is_empty() {
                 let why = match (round, skip.is_empty()) {
                     (0, true) => "no AVAILABLE driver within the radius",
@@ -242,9 +246,12 @@ impl Dispatcher {
                         if matches!(e, DispatchError::Unavailable(_)) {
                             // The claim may have been taken all the same (written on the
                             // owner, not confirmed): free it now rather than at its offer
-                            // timeout. Awaited, so it cannot overtake a later claim of
-                            // this driver for this trip.
-                            let _ = tokio::time::timeout(RELEASE_WAIT, self.release(&id, &ask.trip_id)).await;
+                            // timeout. Awaited; if unconfirmed, the driver is left alone
+                            // for the rest of this match.
+                            let freed = tokio::time::timeout(RELEASE_WAIT, self.release(&id, &ask.trip_id)).await;
+                            if !matches!(freed, Ok(Ok(()))) {
+                                unsure.push(id);
+                            }
                         }
                     }
                 }

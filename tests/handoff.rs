@@ -384,6 +384,10 @@ async fn a_killed_node_loses_nothing_its_replicas_take_over_and_its_restart_serv
     let mut t = TripsClient::connect(c.node(0).grpc.clone()).await.unwrap();
     t.apply(event(&watched_trip, "c", pb::TripEventType::Cancelled, "")).await.unwrap();
     a.trips.get_mut(&watched_trip).unwrap().0 = "CANCELLED".into();
+    // A pending offer ends with the trip: its driver is freed.
+    if let Some(d) = a.offers.remove(&watched_trip) {
+        a.claimed.remove(&d);
+    }
     expect(&mut trip_rx, "trip watch across n2's crash", |u: &pb::TripUpdate| {
         u.state_changed && u.trip.as_ref().is_some_and(|t| t.state_name == "CANCELLED")
     })

@@ -107,7 +107,10 @@ async fn udp_fixes_reach_their_owners_through_any_node_and_bad_datagrams_are_dro
     forged[12] ^= 0x40;
     sock.send(&forged).await.unwrap();
     sock.send(b"not a datagram at all").await.unwrap();
-    let closed = s0.close(pb::CloseSessionRequest { driver_id: ids[2].clone() }).await.unwrap().into_inner();
+    // A late Close naming an older session ends nothing; naming the current one, it does.
+    let close = |session_id: u64| pb::CloseSessionRequest { driver_id: ids[2].clone(), session_id };
+    assert!(!s0.close(close(sessions[2].session_id ^ 1)).await.unwrap().into_inner().closed);
+    let closed = s0.close(close(sessions[2].session_id)).await.unwrap().into_inner();
     assert!(closed.closed);
     sock.send(&datagram(2, t1 + 500)).await.unwrap();
     let got = acks(&sock, 2).await;
@@ -129,8 +132,25 @@ async fn udp_fixes_reach_their_owners_through_any_node_and_bad_datagrams_are_dro
     let d = loc1.get_driver(by_id(&ids[1])).await.unwrap().into_inner();
     assert_eq!(d.timestamp_ms, t1, "the forged fix changed nothing");
     // Closing again is harmless; the driver stays, without a session.
-    let again = s0.close(pb::CloseSessionRequest { driver_id: ids[2].clone() }).await.unwrap().into_inner();
+    let again = s0.close(close(0)).await.unwrap().into_inner();
     assert!(!again.closed);
+    // No fix sets a UDP session: not over gRPC either.
+    let forged = pb::LocationUpdate {
+        session: SessionId(sessions[2].session_id).recorded(),
+        ..fix(&ids[2], 52.5, 13.4, t1 + 600)
+    };
+    let e = loc1.update(forged).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("session"), "{}", e.message());
+    // A datagram may not claim DISPATCHED (only dispatch sets it).
+    let f = pb::UdpFix {
+        status: 4,
+        ack: true,
+        ..quantise(SessionId(sessions[5].session_id), 52.5, 13.4, t1 + 600, 0.0, 0.0, 0.0, 5)
+    };
+    sock.send(&seal(&f, &key(5))).await.unwrap();
+    let got = acks(&sock, 1).await;
+    assert_eq!((got[&5].accepted, got[&5].reason.as_str()), (false, "invalid"));
     assert_eq!(loc1.get_driver(by_id(&ids[2])).await.unwrap().into_inner().session, "");
     // A fresh fix after all that still lands.
     sock.send(&datagram(4, t1 + 700)).await.unwrap();

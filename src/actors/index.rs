@@ -56,13 +56,13 @@ impl SecondaryIndex {
         }
     }
 
-    /// The drivers claiming `key`, latest claim first.
     /// The driver that claimed `key` last, if any (one lookup, one copy).
     pub fn latest(&self, kind: IndexKind, key: &str) -> Option<String> {
         let m = self.stripe(kind, key).lock().expect("index lock");
         m.get(key).and_then(|h| h.last()).map(|d| d.to_string())
     }
 
+    /// The drivers claiming `key`, latest claim first.
     pub fn get(&self, kind: IndexKind, key: &str) -> Vec<String> {
         let m = self.stripe(kind, key).lock().expect("index lock");
         m.get(key).map(|h| h.iter().rev().map(|d| d.to_string()).collect()).unwrap_or_default()

@@ -85,7 +85,7 @@ pub enum ShardMsg {
     /// session before.
     SetSession {
         driver_id: String,
-        session: Option<String>,
+        change: crate::drivers::SessionChange,
         reply: oneshot::Sender<Option<Option<String>>>,
     },
     Nearby {
@@ -369,8 +369,8 @@ impl Worker {
             // A keyed write to a moving partition: dropping the reply answers UNAVAILABLE.
             ShardMsg::Remove { lookup, .. } if self.core.is_frozen(lookup.driver_id()) => {}
             ShardMsg::SetSession { driver_id, .. } if self.core.is_frozen(&driver_id) => {}
-            ShardMsg::SetSession { driver_id, session, reply } => {
-                let r = self.core.set_session(&driver_id, session);
+            ShardMsg::SetSession { driver_id, change, reply } => {
+                let r = self.core.set_session(&driver_id, change);
                 self.perform_events();
                 let _ = reply.send(r);
             }

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::locations::{Target, forward, forwarded, target};
 use super::{check_key_str, invalid, route_status};
-use crate::drivers::UDP_SESSION_PREFIX;
+use crate::drivers::{SessionChange, UDP_SESSION_PREFIX};
 use crate::keys::partition_of;
 use crate::pb;
 use crate::pb::sessions_client::SessionsClient;
@@ -44,7 +44,7 @@ impl pb::sessions_server::Sessions for SessionsApi {
         match target(&self.cluster, &r.driver_id, hop).await? {
             Target::Local => {
                 let id = SessionId::new(partition_of(r.driver_id.as_bytes()), rand::random::<u64>());
-                self.router.set_session(&r.driver_id, Some(id.recorded())).await.map_err(|e| match e {
+                self.router.set_session(&r.driver_id, SessionChange::Open(id.recorded())).await.map_err(|e| match e {
                     crate::routing::RouteError::NotFound => Status::not_found(format!(
                         "driver {:?} has no position yet: send a first fix (Locations.Update), then open its session",
                         r.driver_id
@@ -73,9 +73,17 @@ impl pb::sessions_server::Sessions for SessionsApi {
         check_key_str("driver_id", &r.driver_id).map_err(|e| invalid(&e))?;
         match target(&self.cluster, &r.driver_id, hop).await? {
             Target::Local => {
-                // Only a UDP session is closed: a gateway's own session string stays.
-                let old = self.router.set_session(&r.driver_id, None).await.map_err(route_status)?;
-                let closed = old.as_deref().is_some_and(|s| s.starts_with(UDP_SESSION_PREFIX));
+                // Only a UDP session is closed (a gateway's own session string stays),
+                // and only the one named, if one is.
+                let only = (r.session_id != 0).then(|| SessionId(r.session_id).recorded());
+                let old = self
+                    .router
+                    .set_session(&r.driver_id, SessionChange::Close(only.clone()))
+                    .await
+                    .map_err(route_status)?;
+                let closed = old
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with(UDP_SESSION_PREFIX) && only.as_deref().is_none_or(|o| o == s));
                 Ok(Response::new(pb::CloseSessionResponse { closed }))
             }
             Target::Forward(p, hop) => forward(&p.name, Self::client(&p).close(forwarded(r, hop))).await,

@@ -17,7 +17,7 @@ pub use codec::{
 };
 pub use shard::{
     Claim, ClaimEnd, ClaimError, ClaimOk, DriverShard, Event, GoneReason, IndexKind, Lookup, NearbyQuery, PersistBatch,
-    ShardConfig, ShardCounters, WithinQuery,
+    SessionChange, ShardConfig, ShardCounters, WithinQuery,
 };
 pub use trail::{Trail, TrailFix};
 pub use validate::{FieldError, Limits, MAX_ID_BYTES, MAX_VEHICLE_TYPE_BYTES, check_range, check_str, validate_fix};

@@ -27,6 +27,16 @@ pub struct ShardConfig {
     pub max_vehicle_types: usize,
 }
 
+/// A change to a driver's UDP session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionChange {
+    /// Set it (replacing whatever session the driver had).
+    Open(String),
+    /// Clear it if it is a UDP session ([`UDP_SESSION_PREFIX`]: a gateway's own session
+    /// string stays) and, if given, exactly this one.
+    Close(Option<String>),
+}
+
 /// How a read or removal finds its driver: the driver id, optionally required to still
 /// hold a cab number or session (lookups through the secondary indexes verify here).
 #[derive(Clone, Debug, PartialEq)]
@@ -453,12 +463,27 @@ impl DriverShard {
             accuracy_m: fix.accuracy_m,
             timestamp_ms: fix.timestamp_ms,
         };
+        // A UDP session is set only by `Sessions.Open`: a fix naming one applies only
+        // while its driver holds it (so not after a close, a replacement or expiry).
+        let udp = fix.session.starts_with(UDP_SESSION_PREFIX);
+        let not_held = || {
+            Reject::Invalid(FieldError::new(
+                "session",
+                "not the driver's current UDP session (closed, replaced, or the driver expired)",
+            ))
+        };
         let Some(slot) = self.find(&fix.driver_id) else {
+            if udp {
+                return Err(not_held());
+            }
             let vtype = if fix.vehicle_type.is_empty() { 0 } else { self.intern_vtype(&fix.vehicle_type, true)? };
             self.create(fix, pos, vtype, now_ms);
             self.counters.accepted += 1;
             return Ok(());
         };
+        if udp && self.rec(slot).session.as_deref() != Some(fix.session.as_str()) {
+            return Err(not_held());
+        }
         let max_speed = self.cfg.max_speed_mps;
         let trail_cap = self.cfg.trail_len.saturating_sub(1);
         let last = self.rec(slot).last;
@@ -818,15 +843,18 @@ impl DriverShard {
         }
     }
 
-    /// Removes a driver now; returns its id, or `None` if no driver matches.
-    /// Sets a driver's session, or with `None` clears it if it is a UDP session
-    /// ([`UDP_SESSION_PREFIX`]; a gateway's own session string stays). `Some(old)` if the
-    /// driver is here (`old`: its session before), `None` if not. Persisted like a fix.
-    pub fn set_session(&mut self, driver_id: &str, session: Option<String>) -> Option<Option<String>> {
+    /// Opens or closes a driver's UDP session (see [`SessionChange`]). `Some(old)` if
+    /// the driver is here (`old`: its session before), `None` if not. Persisted like a
+    /// fix.
+    pub fn set_session(&mut self, driver_id: &str, change: SessionChange) -> Option<Option<String>> {
         let slot = self.find(driver_id)?;
         let rec = self.rec_mut(slot);
-        let new = session.map(String::into_boxed_str);
-        let keep = new.is_none() && !rec.session.as_deref().is_some_and(|s| s.starts_with(UDP_SESSION_PREFIX));
+        let current = rec.session.as_deref();
+        let (new, keep) = match change {
+            SessionChange::Open(s) => (Some(s.into_boxed_str()), false),
+            SessionChange::Close(None) => (None, !current.is_some_and(|s| s.starts_with(UDP_SESSION_PREFIX))),
+            SessionChange::Close(Some(s)) => (None, current != Some(s.as_str())),
+        };
         if rec.session == new || keep {
             return Some(rec.session.as_deref().map(String::from));
         }
@@ -837,6 +865,7 @@ impl DriverShard {
         Some(before)
     }
 
+    /// Removes a driver now; returns its id, or `None` if no driver matches.
     pub fn remove(&mut self, lookup: &Lookup) -> Option<String> {
         let slot = self.resolve(lookup)?;
         self.counters.removed += 1;

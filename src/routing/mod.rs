@@ -191,12 +191,16 @@ impl Router {
         self.index.latest(IndexKind::Session, session)
     }
 
-    /// Sets (`Some`) or clears a driver's session; its session before. `NotFound` when
-    /// the driver is not here.
-    pub async fn set_session(&self, driver_id: &str, session: Option<String>) -> Result<Option<String>, RouteError> {
+    /// Opens or closes a driver's UDP session; its session before. `NotFound` when the
+    /// driver is not here.
+    pub async fn set_session(
+        &self,
+        driver_id: &str,
+        change: crate::drivers::SessionChange,
+    ) -> Result<Option<String>, RouteError> {
         let driver_id = driver_id.to_string();
         let id = driver_id.clone();
-        self.ask(&id, |reply| ShardMsg::SetSession { driver_id, session, reply }).await?.ok_or(RouteError::NotFound)
+        self.ask(&id, |reply| ShardMsg::SetSession { driver_id, change, reply }).await?.ok_or(RouteError::NotFound)
     }
 
     async fn scatter(

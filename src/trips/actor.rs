@@ -253,13 +253,13 @@ impl Actor {
         }
         let now = wall_ms();
         self.trip.apply(ev, now, &self.trips.cfg).map_err(|e| apply_error(&e))?;
-        let settled = self.trip.settle_offer();
-        self.dirty = true;
-        self.save(true).await?;
-        if let Some(o) = settled {
-            // Assigned to someone else, or cancelled: the offered driver goes free now.
+        if let Some(o) = self.trip.settle_offer() {
+            // Assigned to someone else, or cancelled: the offered driver goes free now
+            // (before the save: a retry of this event would find it applied).
             self.release(&o.driver_id);
         }
+        self.dirty = true;
+        self.save(true).await?;
         self.publish(from);
         self.notify(true);
         if let Some(t) = self.trip.share_token.clone() {
@@ -318,9 +318,10 @@ impl Actor {
         let state = self.trip.state;
         match self.trip.decline(driver_id) {
             Ok(Some(o)) => {
-                self.save(true).await?;
+                // Freed whatever the save says: a retry finds the decline done and would
+                // not free it.
                 self.release(&o.driver_id);
-                Ok(())
+                self.save(true).await
             }
             // Declined before: answered once the replicas have it.
             Ok(None) => self

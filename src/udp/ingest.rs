@@ -73,6 +73,7 @@ impl OwnerSide {
             for (i, why) in outcome.await {
                 reasons[i as usize] = match why {
                     Reject::Stale { .. } => Drop::Replayed.name(),
+                    Reject::Invalid(e) if e.field == "session" => Drop::UnknownSession.name(),
                     Reject::Invalid(_) => Drop::Invalid.name(),
                     Reject::ImplausibleJump { .. } => "implausible_jump",
                     Reject::Overloaded => "overloaded",
@@ -123,9 +124,10 @@ pub async fn run(
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    // ICMP errors of earlier sends surface here on some systems.
+                    // ICMP errors of earlier sends surface here on some systems: handle
+                    // what came, then wait for readiness again.
                     debug!(error = %e, "UDP receive");
-                    continue;
+                    break;
                 }
             };
             received += n as u64;

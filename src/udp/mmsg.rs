@@ -175,10 +175,14 @@ mod linux {
                 .collect();
             // SAFETY: mmsghdr is plain data; zero is a valid (empty) header.
             let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
+            let (iov_p, addrs_p) = (iov.as_mut_ptr(), self.addrs.as_mut_ptr());
             for (i, h) in hdrs.iter_mut().enumerate() {
-                h.msg_hdr.msg_iov = &mut iov[i];
+                // A sender the kernel does not fill in reads as no address, not the last.
+                self.addrs[i].ss_family = 0;
+                // SAFETY: i < BATCH, the length of both vectors.
+                h.msg_hdr.msg_iov = unsafe { iov_p.add(i) };
                 h.msg_hdr.msg_iovlen = 1;
-                h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+                h.msg_hdr.msg_name = unsafe { addrs_p.add(i) }.cast();
                 h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             }
             // SAFETY: every header points at live buffers of the stated sizes (iov, the
@@ -215,8 +219,10 @@ mod linux {
                 chunk.iter().map(|d| libc::iovec { iov_base: d.as_ptr() as *mut _, iov_len: d.len() }).collect();
             // SAFETY: plain data, zero is valid.
             let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; chunk.len()];
+            let iov_p = iov.as_mut_ptr();
             for (i, h) in hdrs.iter_mut().enumerate() {
-                h.msg_hdr.msg_iov = &mut iov[i];
+                // SAFETY: i < chunk.len(), the length of `iov`.
+                h.msg_hdr.msg_iov = unsafe { iov_p.add(i) };
                 h.msg_hdr.msg_iovlen = 1;
                 h.msg_hdr.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
                 h.msg_hdr.msg_namelen = addr_len;

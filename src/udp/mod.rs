@@ -101,8 +101,9 @@ fn mac_with(key: &hmac::Key, body: &[u8]) -> [u8; MAC_LEN] {
     tag.as_ref()[..MAC_LEN].try_into().expect("HMAC-SHA256 is 32 bytes")
 }
 
-/// Most session keys a [`KeyCache`] holds before it starts over.
-const KEY_CACHE_MAX: usize = 1 << 20;
+/// Most session keys a [`KeyCache`] holds before it starts over (a key ready for HMAC
+/// is a few hundred bytes: this is tens of MiB at most).
+const KEY_CACHE_MAX: usize = 1 << 17;
 
 /// Session keys ready for HMAC, by session (a receive task's own): a datagram of a
 /// known session costs one HMAC instead of three key setups and two HMACs. Datagrams
@@ -212,12 +213,17 @@ fn check(key: &hmac::Key, id: SessionId, body: &[u8], tag: &[u8]) -> Result<pb::
 }
 
 /// A checked datagram as the fix the driver's owner validates and applies, for the
-/// driver found by its session (so the fix leaves the driver's session as it is).
+/// driver found by its session. The fix names the session: the shard applies it only
+/// while the driver still holds it (not closed or replaced meanwhile).
 pub fn fix_input(f: pb::UdpFix, driver_id: String) -> Result<FixInput, Drop> {
     let status = match f.status {
         0 => None,
         s => Some(Status::from_code(i32::try_from(s).map_err(|_| Drop::Invalid)?).ok_or(Drop::Invalid)?),
     };
+    if status == Some(Status::Dispatched) {
+        // Only dispatch sets it (a claim), as over gRPC.
+        return Err(Drop::Invalid);
+    }
     Ok(FixInput {
         driver_id,
         lat: f.lat_e7 as f64 / 1e7,
@@ -229,7 +235,7 @@ pub fn fix_input(f: pb::UdpFix, driver_id: String) -> Result<FixInput, Drop> {
         status,
         vehicle_type: String::new(),
         cab_number: String::new(),
-        session: String::new(),
+        session: SessionId(f.session_id).recorded(),
         trip_id: f.order_id,
         trip_cost: f.trip_cost_cents as f64 / 100.0,
     })

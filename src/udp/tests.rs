@@ -33,7 +33,7 @@ fn a_typical_fix_is_under_60_bytes_and_reads_back() {
     assert!((fix.lat - 52.520_008).abs() < 1e-7 && (fix.lon - 13.404_954).abs() < 1e-7);
     assert_eq!((fix.heading_deg, fix.speed_mps, fix.accuracy_m), (272.0, 13.9, 6.0));
     assert_eq!((fix.status, fix.trip_id.as_str(), fix.trip_cost), (Some(Status::OnTrip), "ord-84421", 12.5));
-    assert_eq!(fix.session, "", "the driver keeps its session");
+    assert_eq!(fix.session, id.recorded());
     let mut buf = [0; 20];
     assert_eq!(id.recorded_in(&mut buf), id.recorded());
     assert_eq!(id.partition(), 777);
@@ -72,6 +72,7 @@ fn forged_corrupted_and_foreign_datagrams_are_dropped_by_reason() {
     assert_eq!(open(&k, &body), Err(Drop::Malformed));
     // An unknown status is invalid, like over gRPC.
     assert_eq!(fix_input(pb::UdpFix { status: 9, ..typical(id) }, "d".into()), Err(Drop::Invalid));
+    assert_eq!(fix_input(pb::UdpFix { status: 4, ..typical(id) }, "d".into()), Err(Drop::Invalid), "DISPATCHED");
 }
 
 proptest! {
