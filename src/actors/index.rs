@@ -1,7 +1,9 @@
 //! The node's secondary indexes: cab number and session to driver id.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
+
+// foldhash (randomly seeded): a session lookup per UDP fix makes SipHash show.
+use hashbrown::HashMap;
 
 use crate::drivers::IndexKind;
 use crate::keys::key_hash;

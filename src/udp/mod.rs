@@ -110,12 +110,12 @@ const KEY_CACHE_MAX: usize = 1 << 17;
 /// with made-up sessions (which fail their MAC) are not cached.
 pub struct KeyCache {
     keys: Keys,
-    map: std::collections::HashMap<u64, hmac::Key>,
+    map: hashbrown::HashMap<u64, hmac::Key>,
 }
 
 impl KeyCache {
     pub fn new(keys: Keys) -> KeyCache {
-        KeyCache { keys, map: std::collections::HashMap::new() }
+        KeyCache { keys, map: hashbrown::HashMap::new() }
     }
 
     /// [`open`], with the session's key from the cache.
