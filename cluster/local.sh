@@ -2,7 +2,8 @@
 # Starts and stops an N-node local Locus cluster on loopback.
 #
 #   cluster/local.sh start [N]   start N nodes (default 3): node-i serves gRPC on 7400+10(i-1),
-#                                HTTP on 7480+10(i-1), gossip (UDP) on 7946+10(i-1); node-1 starts
+#                                HTTP on 7480+10(i-1), gossip (UDP) on 7946+10(i-1), compact
+#                                UDP fixes on 7402+10(i-1); node-1 starts
 #                                the cluster, the others join it. Data in $DATA/node-i, logs in
 #                                $DATA/logs/node-i.log, pids in $DATA/pids.
 #   cluster/local.sh stop        SIGTERM every node (each leaves the cluster, flushes, exits)
@@ -24,13 +25,14 @@ mkdir -p "$DATA/logs" "$PIDS"
 grpc_port() { echo $((7400 + 10 * ($1 - 1))); }
 http_port() { echo $((7480 + 10 * ($1 - 1))); }
 gossip_port() { echo $((7946 + 10 * ($1 - 1))); }
+udp_port() { echo $((7402 + 10 * ($1 - 1))); }
 
 start_node() {
   local i=$1 join=()
   if [ "$i" -gt 1 ]; then join=(--join "127.0.0.1:$(gossip_port 1)"); fi
   "$LOCUS" node --node-name "node-$i" \
     --grpc-addr "127.0.0.1:$(grpc_port "$i")" --http-addr "127.0.0.1:$(http_port "$i")" \
-    --gossip-addr "127.0.0.1:$(gossip_port "$i")" "${join[@]}" \
+    --gossip-addr "127.0.0.1:$(gossip_port "$i")" --udp-addr "127.0.0.1:$(udp_port "$i")" "${join[@]}" \
     --data-dir "$DATA/node-$i" >> "$DATA/logs/node-$i.log" 2>&1 &
   echo $! > "$PIDS/node-$i"
 }

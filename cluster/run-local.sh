@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 export LOCUS=${LOCUS:-./target/release/locus}
 export DATA=${DATA:-./data}
 NODES=${NODES:-3}
-trap 'cluster/local.sh stop' EXIT
+UDP_SIM=
+trap '[ -n "$UDP_SIM" ] && kill "$UDP_SIM" 2>/dev/null; cluster/local.sh stop' EXIT
 cluster/local.sh start "$NODES"
 # Wait until every node routes by the same ring.
 for _ in $(seq 1 100); do
@@ -23,5 +24,10 @@ echo
 TARGETS=$(for i in $(seq 1 "$NODES"); do printf 'http://127.0.0.1:%d,' $((7400 + 10 * (i - 1))); done)
 echo "Live map: http://127.0.0.1:7480/map (any node's HTTP port; no auth on this local cluster)"
 echo "Try in another terminal: $LOCUS admin lookup sim-42 | $LOCUS admin members | cluster/local.sh kill 3"
+# 2,000 more drivers send compact UDP fixes (sessions, 40-60 byte datagrams) beside them.
+"$LOCUS" sim --target "${TARGETS%,}" --udp --drivers 2000 --id-prefix udp- --riders-per-sec 0 \
+  --queries-per-sec 0 > "$DATA/logs/sim-udp.log" 2>&1 &
+UDP_SIM=$!
 echo "Simulator: 10,000 drivers in a 12 km city, one fix per second each, Nearby queries. Ctrl-C to stop."
+echo "UDP simulator: 2,000 more drivers over compact UDP fixes; its status in $DATA/logs/sim-udp.log"
 "$LOCUS" sim --target "${TARGETS%,}" "$@" || true

@@ -591,7 +591,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<()> {
                 percentile(&lat, 0.99) as f64 / 1000.0,
                 stats.query_errors.load(Ordering::Relaxed),
             ) + &trips_line
-                + &udp.as_ref().map(|o| o.stats.line()).unwrap_or_default();
+                + &udp.as_ref().map(|o| o.stats.line(secs)).unwrap_or_default();
             if tty {
                 print!("\r\x1b[2K{line}");
                 std::io::stdout().flush().ok();

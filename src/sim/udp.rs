@@ -28,20 +28,24 @@ const OPENING: usize = 64;
 #[derive(Default)]
 pub struct UdpStats {
     pub sent: AtomicU64,
+    /// `sent` at the last status line.
+    shown: AtomicU64,
     pub asked: AtomicU64,
     pub acked: AtomicU64,
     pub refused: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 impl UdpStats {
-    /// ` | udp sent=… acks=…/… refused: …` for the status line.
-    pub fn line(&self) -> String {
+    /// ` | udp fixes/s=… sent=… acks=…/… refused: …` for the status line, `secs` after
+    /// the last one.
+    pub fn line(&self, secs: f64) -> String {
         let (asked, acked) = (self.asked.load(Ordering::Relaxed), self.acked.load(Ordering::Relaxed));
+        let sent = self.sent.load(Ordering::Relaxed);
+        let rate = sent.saturating_sub(self.shown.swap(sent, Ordering::Relaxed)) as f64 / secs.max(1e-9);
         let refused = self.refused.lock().expect("stats");
         let r: Vec<String> = refused.iter().map(|(k, v)| format!("{k}={v}")).collect();
         format!(
-            " | udp sent={} acks={acked}/{asked} ({:.2}% lost) refused (of those acked): {}",
-            self.sent.load(Ordering::Relaxed),
+            " | udp fixes/s={rate:.0} sent={sent} acks={acked}/{asked} ({:.2}% lost, in flight included) refused (of those acked): {}",
             if asked == 0 { 0.0 } else { 100.0 * asked.saturating_sub(acked) as f64 / asked as f64 },
             if r.is_empty() { "none".to_string() } else { r.join(" ") }
         )
