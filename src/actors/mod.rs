@@ -81,12 +81,12 @@ pub enum ShardMsg {
         lookup: Lookup,
         reply: oneshot::Sender<Option<String>>,
     },
-    /// Sets or clears a driver's session: `None` if the driver is not here, else its
-    /// session before.
+    /// Opens or closes a driver's UDP session: `None` if the driver is not here, else
+    /// whether it changed.
     SetSession {
         driver_id: String,
         change: crate::drivers::SessionChange,
-        reply: oneshot::Sender<Option<Option<String>>>,
+        reply: oneshot::Sender<Option<bool>>,
     },
     Nearby {
         q: Arc<NearbyQuery>,

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::locations::{Target, forward, forwarded, target};
 use super::{check_key_str, invalid, route_status};
-use crate::drivers::{SessionChange, UDP_SESSION_PREFIX};
+use crate::drivers::SessionChange;
 use crate::keys::partition_of;
 use crate::pb;
 use crate::pb::sessions_client::SessionsClient;
@@ -76,14 +76,8 @@ impl pb::sessions_server::Sessions for SessionsApi {
                 // Only a UDP session is closed (a gateway's own session string stays),
                 // and only the one named, if one is.
                 let only = (r.session_id != 0).then(|| SessionId(r.session_id).recorded());
-                let old = self
-                    .router
-                    .set_session(&r.driver_id, SessionChange::Close(only.clone()))
-                    .await
-                    .map_err(route_status)?;
-                let closed = old
-                    .as_deref()
-                    .is_some_and(|s| s.starts_with(UDP_SESSION_PREFIX) && only.as_deref().is_none_or(|o| o == s));
+                let closed =
+                    self.router.set_session(&r.driver_id, SessionChange::Close(only)).await.map_err(route_status)?;
                 Ok(Response::new(pb::CloseSessionResponse { closed }))
             }
             Target::Forward(p, hop) => forward(&p.name, Self::client(&p).close(forwarded(r, hop))).await,

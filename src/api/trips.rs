@@ -28,7 +28,6 @@ use crate::dispatch::{
 };
 use crate::drivers::{FieldError, MAX_VEHICLE_TYPE_BYTES, check_range, check_str};
 use crate::events::{Bus, Entity, Filter, StateChange};
-use crate::geo::haversine_m;
 use crate::ownership::Route;
 use crate::pb;
 use crate::pb::dispatch_client::DispatchClient;
@@ -284,7 +283,6 @@ impl DispatchApi {
     }
 
     async fn match_here(&self, ask: MatchAsk) -> Result<pb::MatchResponse, Status> {
-        let (lat, lon) = (ask.lat, ask.lon);
         let m = self.trips.offer(ask).await.map_err(|e| match e {
             TripError::NotFound => {
                 Status::not_found("trip not found: Match needs a BOOKED trip (send BOOKING_CREATED first)")
@@ -293,7 +291,7 @@ impl DispatchApi {
         })?;
         let o = m.offer;
         Ok(pb::MatchResponse {
-            distance_m: haversine_m(lat, lon, o.lat, o.lon),
+            distance_m: o.distance_m,
             driver_id: o.driver_id,
             lat: o.lat,
             lon: o.lon,

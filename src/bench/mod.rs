@@ -324,14 +324,11 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 /// Waits until the node's driver log is quiet: no compaction sweep running and no
 /// bytes written for a second.
 async fn wait_idle(http_port: u16) -> anyhow::Result<()> {
-    let value = |m: &str, name: &str| {
-        m.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-    };
     let mut last = None;
     for _ in 0..600 {
         let (_, m) = crate::sim::http_get(&format!("127.0.0.1:{http_port}"), "/metrics").await?;
-        let running = value(&m, "locus_compaction_running ").unwrap_or(0.0);
-        let written = value(&m, "locus_persist_bytes_total ");
+        let running = metric(&m, "locus_compaction_running").unwrap_or(0.0);
+        let written = metric(&m, "locus_persist_bytes_total");
         if running == 0.0 && written == last {
             return Ok(());
         }
@@ -339,6 +336,25 @@ async fn wait_idle(http_port: u16) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     bail!("the node's driver log did not go quiet")
+}
+
+/// A metric's value in a Prometheus text page, summed over its label sets; `None` if
+/// the page has no sample of it.
+pub fn metric(page: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = page
+        .lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(' ') || r.starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// Writes the report to `--out` and shows it; removes the scratch directory.
+fn finish(cfg: &BenchConfig, report: &str, tmp: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::write(&cfg.out, report).with_context(|| format!("writing {}", cfg.out.display()))?;
+    println!("{report}");
+    let _ = std::fs::remove_dir_all(tmp);
+    Ok(())
 }
 
 /// A child process killed on drop.
@@ -410,18 +426,12 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
     if cfg.only_udp {
         let f = udp::run(&cfg, &tmp.join("udp")).await?;
         udp::report(&f, &mut report)?;
-        std::fs::write(&cfg.out, &report).with_context(|| format!("writing {}", cfg.out.display()))?;
-        println!("{report}");
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Ok(());
+        return finish(&cfg, &report, &tmp);
     }
     if cfg.only_moves {
         let f = moves::run(&cfg, &tmp.join("moves")).await?;
         moves::report(&f, &mut report)?;
-        std::fs::write(&cfg.out, &report).with_context(|| format!("writing {}", cfg.out.display()))?;
-        println!("{report}");
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Ok(());
+        return finish(&cfg, &report, &tmp);
     }
     let redis = if cfg.no_redis { None } else { redis::Server::start(cfg.port_base + 10).await? };
     if redis.is_none() {
@@ -596,10 +606,7 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
         let f = udp::run(&cfg, &tmp.join("udp")).await?;
         udp::report(&f, &mut report)?;
     }
-    std::fs::write(&cfg.out, &report).with_context(|| format!("writing {}", cfg.out.display()))?;
-    println!("{report}");
-    let _ = std::fs::remove_dir_all(&tmp);
-    Ok(())
+    finish(&cfg, &report, &tmp)
 }
 
 fn tempdir() -> anyhow::Result<PathBuf> {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::task::JoinSet;
 
-use super::{BenchConfig, Proc, wait_port};
+use super::{BenchConfig, Proc, metric, wait_port};
 use crate::clock::wall_ms;
 use crate::pb;
 use crate::pb::sessions_client::SessionsClient;
@@ -41,17 +41,11 @@ impl UdpFigures {
     }
 }
 
-/// A counter's value in a Prometheus text page (summed over labels), 0 if absent.
-fn counter(page: &str, name: &str) -> u64 {
-    page.lines()
-        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
+/// The node's datagrams received and fixes accepted so far.
 async fn counters(http: &str) -> anyhow::Result<(u64, u64)> {
     let (_, page) = crate::sim::http_get(http, "/metrics").await?;
-    Ok((counter(&page, "locus_udp_datagrams_total"), counter(&page, "locus_udp_fixes_accepted_total")))
+    let n = |name| metric(&page, name).unwrap_or(0.0) as u64;
+    Ok((n("locus_udp_datagrams_total"), n("locus_udp_fixes_accepted_total")))
 }
 
 pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<UdpFigures> {

@@ -843,10 +843,9 @@ impl DriverShard {
         }
     }
 
-    /// Opens or closes a driver's UDP session (see [`SessionChange`]). `Some(old)` if
-    /// the driver is here (`old`: its session before), `None` if not. Persisted like a
-    /// fix.
-    pub fn set_session(&mut self, driver_id: &str, change: SessionChange) -> Option<Option<String>> {
+    /// Opens or closes a driver's UDP session (see [`SessionChange`]). `Some(changed)`
+    /// if the driver is here, `None` if not. Persisted like a fix.
+    pub fn set_session(&mut self, driver_id: &str, change: SessionChange) -> Option<bool> {
         let slot = self.find(driver_id)?;
         let rec = self.rec_mut(slot);
         let current = rec.session.as_deref();
@@ -856,13 +855,12 @@ impl DriverShard {
             SessionChange::Close(Some(s)) => (None, current != Some(s.as_str())),
         };
         if rec.session == new || keep {
-            return Some(rec.session.as_deref().map(String::from));
+            return Some(false);
         }
         let old = std::mem::replace(&mut rec.session, new);
-        let before = old.as_deref().map(String::from);
         self.index_changed(slot, IndexKind::Session, old);
         self.mark_dirty(slot);
-        Some(before)
+        Some(true)
     }
 
     /// Removes a driver now; returns its id, or `None` if no driver matches.

@@ -191,13 +191,13 @@ impl Router {
         self.index.latest(IndexKind::Session, session)
     }
 
-    /// Opens or closes a driver's UDP session; its session before. `NotFound` when the
+    /// Opens or closes a driver's UDP session; whether it changed. `NotFound` when the
     /// driver is not here.
     pub async fn set_session(
         &self,
         driver_id: &str,
         change: crate::drivers::SessionChange,
-    ) -> Result<Option<String>, RouteError> {
+    ) -> Result<bool, RouteError> {
         let driver_id = driver_id.to_string();
         let id = driver_id.clone();
         self.ask(&id, |reply| ShardMsg::SetSession { driver_id, change, reply }).await?.ok_or(RouteError::NotFound)

@@ -237,11 +237,7 @@ impl Actor {
             Applied::Duplicate => {
                 // A retry of an event whose first answer was lost or unconfirmed: it is
                 // answered only once the replicas have the trip too.
-                self.trips
-                    .replicator
-                    .sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes())
-                    .await
-                    .map_err(TripError::Unconfirmed)?;
+                self.synced().await?;
                 return Ok(self.view(false));
             }
             Applied::Changed { from } => from,
@@ -277,22 +273,17 @@ impl Actor {
     async fn offer(&mut self, ask: &MatchAsk) -> Result<Matched, TripError> {
         let state = self.trip.state;
         if state != TripState::Booked {
-            let message = match state {
-                _ if state.has_driver() => {
-                    format!("the trip has its driver {:?}; Match needs a BOOKED trip", self.trip.driver_id)
-                }
-                _ => "Match needs a BOOKED trip".to_string(),
+            let message = if state.has_driver() {
+                format!("the trip has its driver {:?}; Match needs a BOOKED trip", self.trip.driver_id)
+            } else {
+                "Match needs a BOOKED trip".to_string()
             };
             return Err(TripError::Transition { state, message });
         }
         if let Some(o) = self.trip.pending_offer(wall_ms()).cloned() {
             // A retry (or a second dispatcher): the same offer, answered once the
             // replicas have it.
-            self.trips
-                .replicator
-                .sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes())
-                .await
-                .map_err(TripError::Unconfirmed)?;
+            self.synced().await?;
             return Ok(Matched { offer: o, attempts: 0, existing: true });
         }
         let found = self.trips.dispatch.find(ask, &self.trip.dispatching.declined).await.map_err(TripError::Driver)?;
@@ -324,12 +315,7 @@ impl Actor {
                 self.save(true).await
             }
             // Declined before: answered once the replicas have it.
-            Ok(None) => self
-                .trips
-                .replicator
-                .sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes())
-                .await
-                .map_err(TripError::Unconfirmed),
+            Ok(None) => self.synced().await,
             Err(e) => Err(TripError::Transition { state, message: e.to_string() }),
         }
     }
@@ -361,12 +347,13 @@ impl Actor {
         }
         self.dirty = false;
         // On the replicas before the caller hears of it (the TTL is in the record).
-        self.trips
-            .replicator
-            .sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes())
-            .await
-            .map_err(TripError::Unconfirmed)?;
-        Ok(())
+        self.synced().await
+    }
+
+    /// Waits until the trip's stored record is on its replicas (a retry's answer waits
+    /// for this too: its first answer may have been unconfirmed).
+    async fn synced(&self) -> Result<(), TripError> {
+        self.trips.replicator.sync_kv(KvTree::Trips, self.trip.trip_id.as_bytes()).await.map_err(TripError::Unconfirmed)
     }
 
     fn position(&self) -> (f64, f64) {

@@ -40,8 +40,8 @@ pub struct OwnerSide {
     pub limits: Limits,
 }
 
-fn count_drop(reason: &'static str) {
-    metrics::counter!("locus_udp_dropped_total", "reason" => reason).increment(1);
+fn count_drops(reason: &'static str, n: usize) {
+    metrics::counter!("locus_udp_dropped_total", "reason" => reason).increment(n as u64);
 }
 
 impl OwnerSide {
@@ -83,7 +83,7 @@ impl OwnerSide {
             let accepted = reasons.iter().filter(|r| r.is_empty()).count();
             metrics::counter!("locus_udp_fixes_accepted_total").increment(accepted as u64);
             for r in reasons.iter().filter(|r| !r.is_empty()) {
-                count_drop(r);
+                count_drops(r, 1);
             }
             reasons
         }
@@ -136,7 +136,7 @@ pub async fn run(
                 let fix = match cache.open(bytes) {
                     Ok(f) => f,
                     Err(d) => {
-                        count_drop(d.name());
+                        count_drops(d.name(), 1);
                         continue;
                     }
                 };
@@ -145,7 +145,7 @@ pub async fn run(
                     Owner::Remote(p) => {
                         remote.entry(p.addr).or_insert_with(|| (*p, Vec::new())).1.push(Got { fix, from })
                     }
-                    Owner::Incoming | Owner::Unknown => count_drop("unavailable"),
+                    Owner::Incoming | Owner::Unknown => count_drops("unavailable", 1),
                 }
             }
         }
@@ -157,15 +157,12 @@ pub async fn run(
             let outcome = owner.submit(fixes).await;
             let socket = socket.clone();
             crate::tasks::spawn("udp_outcome", async move {
-                let reasons = outcome.await;
-                ack(&socket, &replies, reasons.iter().map(|r| r.to_string()).collect()).await;
+                ack(&socket, &replies, &outcome.await).await;
             });
         }
         for (_, (peer, got)) in remote {
             let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-                for _ in &got {
-                    count_drop("overloaded");
-                }
+                count_drops("overloaded", got.len());
                 continue;
             };
             let (socket, forward) = (socket.clone(), forward.clone());
@@ -173,12 +170,8 @@ pub async fn run(
                 let (fixes, replies) = split(got);
                 let n = fixes.len();
                 match forward.send(peer, fixes).await {
-                    Some(reasons) if reasons.len() == n => ack(&socket, &replies, reasons).await,
-                    _ => {
-                        for _ in 0..n {
-                            count_drop("unavailable");
-                        }
-                    }
+                    Some(reasons) if reasons.len() == n => ack(&socket, &replies, &reasons).await,
+                    _ => count_drops("unavailable", n),
                 }
                 drop(permit);
             });
@@ -203,12 +196,13 @@ fn split(got: Vec<Got>) -> (Vec<pb::UdpFix>, Vec<Reply>) {
         .unzip()
 }
 
-/// Sends the acks asked for.
-async fn ack(socket: &UdpSocket, replies: &[Reply], reasons: Vec<String>) {
+/// Sends the acks asked for (the only place a reason becomes a `String`).
+async fn ack(socket: &UdpSocket, replies: &[Reply], reasons: &[impl AsRef<str>]) {
     use prost::Message;
     for (r, reason) in replies.iter().zip(reasons) {
         let Some(to) = r.to else { continue };
-        let a = pb::UdpAck { session_id: r.session_id, seq: r.seq, accepted: reason.is_empty(), reason };
+        let reason = reason.as_ref();
+        let a = pb::UdpAck { session_id: r.session_id, seq: r.seq, accepted: reason.is_empty(), reason: reason.into() };
         if let Err(e) = socket.try_send_to(&a.encode_to_vec(), to) {
             // A full send buffer loses an ack, as the network could.
             metrics::counter!("locus_udp_acks_dropped_total").increment(1);

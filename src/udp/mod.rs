@@ -52,7 +52,7 @@ impl SessionId {
 
     /// The session as recorded with the driver (its `session`).
     pub fn recorded(self) -> String {
-        format!("{UDP_SESSION_PREFIX}{:016x}", self.0)
+        self.recorded_in(&mut [0; 20]).to_owned()
     }
 
     /// [`recorded`](Self::recorded) written into `buf`, without allocating.
@@ -159,9 +159,6 @@ pub enum Drop {
 }
 
 impl Drop {
-    pub const ALL: [Drop; 5] =
-        [Drop::Malformed, Drop::Unauthenticated, Drop::UnknownSession, Drop::Replayed, Drop::Invalid];
-
     pub fn name(self) -> &'static str {
         match self {
             Drop::Malformed => "malformed",
