@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/locus/v1/trips.proto",
         "proto/locus/v1/handoff.proto",
         "proto/locus/v1/udp.proto",
+        "proto/locus/v1/history.proto",
     ];
     let fds = protox::compile(protos, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

@@ -28,6 +28,7 @@ fn main() {
         max_speed_mps: 70.0,
         move_slack_m: std::env::var("CORE_BENCH_SLACK").ok().and_then(|v| v.parse().ok()).unwrap_or(30.0),
         max_vehicle_types: 64,
+        history: true,
     });
     let mut rng = SmallRng::seed_from_u64(1);
     let pts: Vec<(f64, f64)> = (0..n).map(|_| point(&mut rng)).collect();

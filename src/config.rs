@@ -150,6 +150,10 @@ pub struct NodeConfig {
     /// accepted in about one interval plus one flush.
     #[arg(long, env = "LOCUS_PERSIST_INTERVAL", default_value = "250ms", value_parser = parse_duration)]
     pub persist_interval: Duration,
+    /// How long every accepted fix is kept for `Locations.GetHistory` and
+    /// `Fixes.Subscribe` (0 turns the history off).
+    #[arg(long, env = "LOCUS_HISTORY_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub history_retention: Duration,
     /// A driver is re-indexed in the R-tree only after moving this far (queries widen
     /// their search by it, so answers stay exact).
     #[arg(long, env = "LOCUS_INDEX_SLACK_M", default_value_t = 30.0)]

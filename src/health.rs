@@ -18,8 +18,15 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 /// The client-facing services whose health follows readiness (and `""`).
-pub const CLIENT_SERVICES: [&str; 6] =
-    ["", "locus.v1.Locations", "locus.v1.Sessions", "locus.v1.Trips", "locus.v1.Dispatch", "locus.v1.Events"];
+pub const CLIENT_SERVICES: [&str; 7] = [
+    "",
+    "locus.v1.Locations",
+    "locus.v1.Sessions",
+    "locus.v1.Trips",
+    "locus.v1.Dispatch",
+    "locus.v1.Events",
+    "locus.v1.Fixes",
+];
 /// Services that serve until shutdown, readiness or not.
 pub const NODE_SERVICES: [&str; 3] = ["locus.v1.Cluster", "locus.v1.Handoff", "locus.v1.Internal"];
 

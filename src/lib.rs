@@ -107,6 +107,7 @@ pub mod events;
 pub mod geo;
 pub mod handoff;
 pub mod health;
+pub mod history;
 pub mod http;
 pub mod keys;
 pub mod limits;

@@ -30,7 +30,7 @@ use tracing::{info, warn};
 
 use crate::actors::{Hooks, ShardHandle, ShardMsg, WorkerConfig, spawn_shard};
 use crate::api::{
-    ClaimForwarder, ClusterApi, DispatchApi, EventsApi, GrpcPeerLink, HandoffApi, InternalApi, LocationsApi,
+    ClaimForwarder, ClusterApi, DispatchApi, EventsApi, FixesApi, GrpcPeerLink, HandoffApi, InternalApi, LocationsApi,
     SessionsApi, TripsApi,
 };
 use crate::auth::layer::{AuthLayer, bearer_value};
@@ -39,11 +39,13 @@ use crate::config::NodeConfig;
 use crate::dispatch::Dispatcher;
 use crate::drivers::{DriverShard, Limits, ShardConfig, Snapshot};
 use crate::handoff::{Handoff, MAX_HANDOFF_BYTES, MemPeerLink};
+use crate::history::{HistoryConfig, HistoryStore};
 use crate::membership::{self, ClusterView, MembershipConfig, Transport, UdpTransport};
 use crate::ownership::{Lease, Routes};
 use crate::pb::cluster_server::ClusterServer;
 use crate::pb::dispatch_server::DispatchServer;
 use crate::pb::events_server::EventsServer;
+use crate::pb::fixes_server::FixesServer;
 use crate::pb::handoff_server::HandoffServer;
 use crate::pb::internal_server::InternalServer;
 use crate::pb::locations_server::LocationsServer;
@@ -70,6 +72,7 @@ fn restore(cfg: &NodeConfig, log_dir: &Path) -> anyhow::Result<(Vec<DriverShard>
         max_speed_mps: cfg.max_speed_mps,
         move_slack_m: cfg.index_slack_m,
         max_vehicle_types: cfg.max_vehicle_types,
+        history: !cfg.history_retention.is_zero(),
     };
     let (drivers, stats) =
         replay(log_dir, shard_cfg.trail_len.saturating_sub(1)).context("replaying the driver log")?;
@@ -195,7 +198,20 @@ pub async fn run_on(
     let (tee_tx, tee_rx) = tokio::sync::mpsc::channel(8 * cfg.shards.max(1));
     let tee_dropped = Arc::new(AtomicBool::new(false));
     let tee = (cfg.replicas > 0).then(|| (tee_tx, tee_dropped.clone()));
-    let persister = Persister::start(log, limits, cfg.shards, 2 * cfg.shards, tee);
+    // Every accepted fix, per partition, for `--history-retention`.
+    let history = if cfg.history_retention.is_zero() {
+        None
+    } else {
+        let h = HistoryStore::open(
+            &dir.join("history"),
+            HistoryConfig { retention_ms: cfg.history_retention.as_millis() as i64 },
+        )
+        .context("opening the history")?;
+        let h = Arc::new(h);
+        h.start_upkeep();
+        Some(h)
+    };
+    let persister = Persister::start(log, limits, cfg.shards, 2 * cfg.shards, tee, history.clone());
     let index = Arc::new(SecondaryIndex::default());
     // Claims, trips and their timers: small, low-rate, durable (sled).
     let db = sled::Config::new()
@@ -343,6 +359,9 @@ pub async fn run_on(
         quorum,
     )
     .context("opening the trips tree")?;
+    if let Some(h) = &history {
+        replicator.set_history(h.clone());
+    }
     let handoff = Handoff::open(
         gossip_addr,
         store.clone(),
@@ -360,6 +379,9 @@ pub async fn run_on(
     .await
     .context("opening the ownership table")?;
     handoff.set_pace(cfg.handoff_pace);
+    if let Some(h) = &history {
+        handoff.set_history(h.clone());
+    }
     if let Net::Mem(mem) = &net {
         let service: Arc<dyn std::any::Any + Send + Sync> = handoff.clone();
         mem.serve(grpc_addr, gossip_addr, Arc::downgrade(&service));
@@ -377,7 +399,8 @@ pub async fn run_on(
     let watches = crate::limits::Slots::new("watches", "--max-watches", cfg.max_watches);
     let api = Arc::new(
         LocationsApi::new(router.clone(), cluster.clone(), limits, cfg.watch_queue, sd_rx.clone())
-            .with_watch_slots(watches.clone()),
+            .with_watch_slots(watches.clone())
+            .with_history(history.clone()),
     );
     let svc = LocationsServer::from_arc(api.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -409,10 +432,18 @@ pub async fn run_on(
             crate::udp::ingest::run(s, udp_keys, cluster.clone(), udp_owner.clone(), fwd),
         )
     });
-    let events_svc = EventsServer::new(EventsApi::new(bus.clone(), cluster.clone(), cfg.max_subscriptions));
+    // Event and fix subscriptions count against one `--max-subscriptions`.
+    let subscriptions = crate::limits::Slots::new("subscriptions", "--max-subscriptions", cfg.max_subscriptions);
+    let events_svc = EventsServer::new(
+        EventsApi::new(bus.clone(), cluster.clone(), cfg.max_subscriptions)
+            .with_subscription_slots(subscriptions.clone()),
+    );
+    let fixes = Arc::new(FixesApi::new(history.clone(), cluster.clone(), subscriptions));
+    let fixes_svc = FixesServer::from_arc(fixes.clone());
     let map_source = crate::map::MapSource::new(router.clone(), trips.clone(), cluster.clone());
-    let internal_svc =
-        InternalServer::new(InternalApi::new(dispatch.clone(), trips.clone(), map_source.clone(), udp_owner.clone()));
+    let internal_svc = InternalServer::new(
+        InternalApi::new(dispatch.clone(), trips.clone(), map_source.clone(), udp_owner.clone()).with_fixes(fixes),
+    );
     let map_http = crate::http::map::MapHttp::new(map_source, auth.clone());
     let share = Arc::new(crate::http::Share {
         trips: trips.clone(),
@@ -448,6 +479,7 @@ pub async fn run_on(
         .add_service(dispatch_svc)
         .add_service(sessions_svc)
         .add_service(events_svc)
+        .add_service(fixes_svc)
         .add_service(internal_svc)
         .add_service(handoff_svc)
         .add_service(health)

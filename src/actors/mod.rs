@@ -324,6 +324,16 @@ impl Worker {
                 debug!(shard = self.id, "shard stopped");
                 return;
             }
+            if let ShardMsg::Export { partitions, reply } = msg {
+                let out = self.core.export(&partitions);
+                if self.core.keeps_history() {
+                    // The partitions' history goes with them: every fix accepted so far
+                    // must be in the history store before the hand-off reads it there.
+                    self.persist_and_wait().await;
+                }
+                let _ = reply.send(out);
+                continue;
+            }
             self.handle(msg, now_ms);
             self.perform_events();
             let now = Instant::now();
@@ -399,6 +409,7 @@ impl Worker {
                     let _ = reply.send(None);
                 }
             },
+            // Answered in `run`, after the history is written (it waits on the persister).
             ShardMsg::Export { partitions, reply } => {
                 let _ = reply.send(self.core.export(&partitions));
             }
@@ -563,6 +574,22 @@ impl Worker {
         if self.persist.send(std::mem::take(&mut self.pending)).await.is_err() {
             warn!(shard = self.id, "persister gone; pending writes dropped");
         }
+    }
+
+    /// Hands everything not yet persisted to the persister and waits until it has
+    /// written it (and every batch this shard sent before).
+    async fn persist_and_wait(&mut self) {
+        while self.core.has_pending_writes() {
+            self.core.take_writes(&mut self.pending);
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.pending.done = Some(tx);
+        if self.persist.send(std::mem::take(&mut self.pending)).await.is_err() {
+            warn!(shard = self.id, "persister gone; pending writes dropped");
+            return;
+        }
+        // Returns when the persister drops the sender, after the batch is written.
+        let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
     }
 
     /// Hands the pending batch to the persister. If its queue is full the batch stays

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use crate::handoff::Handoff;
+use crate::history::Pos;
 use crate::keys::PARTITIONS;
 use crate::ownership::{Holding, PeerHolding};
 use crate::pb;
@@ -17,7 +18,7 @@ use crate::pb::handoff_client::HandoffClient;
 use crate::peer::{LinkError, LinkFuture, PeerLink, Pulled, Refusal, RefusalKind};
 use crate::replica::{KvChange, ReplicaPart};
 use crate::routing::cluster::{Cluster, MAX_HANDOFF_BYTES};
-use crate::storage::PartitionData;
+use crate::storage::{History, PartitionData};
 
 pub struct HandoffApi {
     handoff: Arc<Handoff>,
@@ -249,6 +250,7 @@ fn partition_data(d: pb::PartitionState) -> Option<PartitionData> {
         drivers: d.drivers,
         claims: pairs(d.claims),
         trips: pairs(d.trips),
+        history: History { floor: d.history_floor.map(|f| Pos { epoch: f.epoch, seq: f.seq }), blocks: d.history },
     })
 }
 
@@ -261,6 +263,8 @@ fn partition_proto(d: PartitionData) -> pb::PartitionState {
         drivers: d.drivers,
         claims: kv(d.claims),
         trips: kv(d.trips),
+        history: d.history.blocks,
+        history_floor: d.history.floor.map(|f| pb::HistoryPos { epoch: f.epoch, seq: f.seq }),
     }
 }
 
@@ -280,6 +284,7 @@ fn part_proto(p: ReplicaPart) -> pb::ReplicaPart {
         kv_reset: p.kv_reset,
         claims: p.claims.into_iter().map(kv_proto).collect(),
         trips: p.trips.into_iter().map(kv_proto).collect(),
+        history: p.history,
     }
 }
 
@@ -296,6 +301,7 @@ fn part_from_proto(p: pb::ReplicaPart) -> Option<ReplicaPart> {
         kv_reset: p.kv_reset,
         claims: kv(p.claims),
         trips: kv(p.trips),
+        history: p.history,
     })
 }
 

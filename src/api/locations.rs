@@ -43,12 +43,20 @@ pub struct LocationsApi {
     pub(super) shutdown: watch::Receiver<bool>,
     /// Watches clients hold open on this node (`--max-watches`, shared with trips).
     watches: Arc<crate::limits::Slots>,
+    /// Every accepted fix (`GetHistory`); `None` with `--history-retention 0`.
+    history: Option<Arc<crate::history::HistoryStore>>,
 }
 
 impl LocationsApi {
     /// Counts client watches against `slots`.
     pub fn with_watch_slots(mut self, slots: Arc<crate::limits::Slots>) -> Self {
         self.watches = slots;
+        self
+    }
+
+    /// Answers `GetHistory` from `history`.
+    pub fn with_history(mut self, history: Option<Arc<crate::history::HistoryStore>>) -> Self {
+        self.history = history;
         self
     }
 
@@ -60,7 +68,7 @@ impl LocationsApi {
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let watches = crate::limits::Slots::new("watches", "--max-watches", usize::MAX);
-        LocationsApi { router, cluster, limits, watch_queue, shutdown, watches }
+        LocationsApi { router, cluster, limits, watch_queue, shutdown, watches, history: None }
     }
 }
 
@@ -359,6 +367,23 @@ impl pb::locations_server::Locations for LocationsApi {
                 Ok(Response::new(driver_proto(v)))
             }
             Target::Forward(mut p, hop) => forward(&p.name, p.client.get_driver(forwarded(r, hop))).await,
+        }
+    }
+
+    async fn get_history(&self, req: Request<pb::GetHistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        let hop = hops(req.metadata());
+        let r = req.into_inner();
+        let q = super::history::history_query(r.clone(), crate::clock::wall_ms()).map_err(|e| invalid(&e))?;
+        match target(&self.cluster, &q.driver_id, hop).await? {
+            Target::Local => {
+                let h = self.history.clone().ok_or_else(|| {
+                    Status::failed_precondition("the history is off on this node (--history-retention 0)")
+                })?;
+                let read = tokio::task::spawn_blocking(move || super::history::get_history(&h, &q));
+                let out = read.await.map_err(|e| Status::internal(format!("history read: {e}")))??;
+                Ok(Response::new(out))
+            }
+            Target::Forward(mut p, hop) => forward(&p.name, p.client.get_history(forwarded(r, hop))).await,
         }
     }
 

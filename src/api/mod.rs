@@ -8,6 +8,7 @@
 mod admin;
 mod follow;
 mod handoff;
+pub mod history;
 pub(crate) mod locations;
 mod sessions;
 mod stream;
@@ -28,6 +29,7 @@ use crate::pb;
 use crate::routing::{DriverKey, RouteError};
 pub use admin::ClusterApi;
 pub use handoff::{GrpcPeerLink, HandoffApi};
+pub use history::FixesApi;
 pub use locations::LocationsApi;
 pub use sessions::SessionsApi;
 pub use trips::{

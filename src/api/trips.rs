@@ -391,6 +391,12 @@ impl EventsApi {
         let subscriptions = crate::limits::Slots::new("subscriptions", "--max-subscriptions", max_subscriptions);
         EventsApi { bus, cluster, subscriptions }
     }
+
+    /// Counts subscriptions against `slots` (shared with `Fixes.Subscribe`).
+    pub fn with_subscription_slots(mut self, slots: Arc<crate::limits::Slots>) -> Self {
+        self.subscriptions = slots;
+        self
+    }
 }
 
 fn lagged() -> Status {
@@ -533,6 +539,7 @@ pub struct InternalApi {
     trips: Arc<Trips>,
     map: Arc<crate::map::MapSource>,
     udp: Arc<crate::udp::ingest::OwnerSide>,
+    fixes: Option<Arc<super::FixesApi>>,
 }
 
 /// Most fixes one `Internal.UdpFixes` call may carry.
@@ -545,7 +552,13 @@ impl InternalApi {
         map: Arc<crate::map::MapSource>,
         udp: Arc<crate::udp::ingest::OwnerSide>,
     ) -> Self {
-        InternalApi { dispatch, trips, map, udp }
+        InternalApi { dispatch, trips, map, udp, fixes: None }
+    }
+
+    /// Serves `FixesPart` with `fixes`.
+    pub fn with_fixes(mut self, fixes: Arc<super::FixesApi>) -> Self {
+        self.fixes = Some(fixes);
+        self
     }
 }
 
@@ -602,6 +615,16 @@ impl pb::internal_server::Internal for InternalApi {
         let q = crate::map::query_of(req.get_ref())
             .map_err(|(field, reason)| invalid(&crate::drivers::FieldError::new(field, reason)))?;
         self.map.local_part(&q).await.map(Response::new).map_err(super::route_status)
+    }
+
+    type FixesPartStream = BoxStream<pb::FixBatch>;
+
+    async fn fixes_part(
+        &self,
+        req: Request<pb::SubscribeFixesRequest>,
+    ) -> Result<Response<Self::FixesPartStream>, Status> {
+        let fixes = self.fixes.as_ref().ok_or_else(|| Status::unimplemented("no fix stream on this node"))?;
+        fixes.part(req.into_inner()).map(Response::new)
     }
 
     async fn udp_fixes(&self, req: Request<pb::UdpFixBatch>) -> Result<Response<pb::UdpFixResults>, Status> {

@@ -34,7 +34,8 @@ pub enum Role {
     /// Trips and dispatch: `Trips.Apply`, `Trips.ShareTrip`, `Dispatch.Match`, `Dispatch.Decline`.
     Dispatch,
     /// Reads, watches and events: `GetDriver`, `Nearby`, `Within`, `WatchDriver`,
-    /// `GetTrip`, `WatchTrip`, `Events.Subscribe`, the live map.
+    /// `GetHistory`, `GetTrip`, `WatchTrip`, `Events.Subscribe`, `Fixes.Subscribe`, the
+    /// live map.
     Reader,
     /// The `Cluster` service (members, ring, partitions, leave, drain).
     Admin,
@@ -100,11 +101,11 @@ pub fn need(path: &str, forwarded: bool) -> Need {
     let role = match (service, method) {
         ("locus.v1.Locations", "Update" | "UpdateStream" | "RemoveDriver") => Gateway,
         ("locus.v1.Sessions", _) => Gateway,
-        ("locus.v1.Locations", "GetDriver" | "Nearby" | "Within" | "WatchDriver") => Reader,
+        ("locus.v1.Locations", "GetDriver" | "Nearby" | "Within" | "WatchDriver" | "GetHistory") => Reader,
         ("locus.v1.Trips", "Apply" | "ShareTrip") => Dispatch,
         ("locus.v1.Trips", "GetTrip" | "WatchTrip") => Reader,
         ("locus.v1.Dispatch", _) => Dispatch,
-        ("locus.v1.Events", _) => Reader,
+        ("locus.v1.Events" | "locus.v1.Fixes", _) => Reader,
         ("locus.v1.Cluster", _) => Admin,
         _ => return Need::Node,
     };
@@ -351,6 +352,8 @@ mod tests {
         assert_eq!(need("/locus.v1.Trips/Apply", false), Need::Role(Role::Dispatch));
         assert_eq!(need("/locus.v1.Trips/WatchTrip", false), Need::Role(Role::Reader));
         assert_eq!(need("/locus.v1.Events/Subscribe", false), Need::Role(Role::Reader));
+        assert_eq!(need("/locus.v1.Fixes/Subscribe", false), Need::Role(Role::Reader));
+        assert_eq!(need("/locus.v1.Locations/GetHistory", false), Need::Role(Role::Reader));
         assert_eq!(need("/locus.v1.Cluster/Drain", false), Need::Role(Role::Admin));
         assert_eq!(need("/locus.v1.Internal/Claim", false), Need::Node);
         assert_eq!(need("/locus.v1.Handoff/Pull", false), Need::Node);

@@ -25,6 +25,8 @@ pub struct ShardConfig {
     pub move_slack_m: f64,
     /// Distinct vehicle types a shard accepts (each gets its own R-trees).
     pub max_vehicle_types: usize,
+    /// Keep every accepted fix for the history (`history`).
+    pub history: bool,
 }
 
 /// A change to a driver's UDP session.
@@ -206,6 +208,12 @@ pub struct PersistBatch {
     /// Partitions being re-sent to their replicas: every live driver of each has a full
     /// record in this batch, so a replica clears its copy before applying the batch.
     pub resync: Vec<u16>,
+    /// Every fix accepted since the last commit, as raw history entries
+    /// (`history::codec::push_raw`).
+    pub history: Vec<u8>,
+    /// Filled by the persister once the history is written: one framed block per
+    /// partition (for the partitions' replicas).
+    pub history_blocks: Vec<(u16, Vec<u8>)>,
     /// Dropped by the persister once the batch is on disk and teed to replication: set
     /// under the simulated clock, where a blocking task waits on it so that virtual time
     /// stands still while the log thread writes (see `clock::simulate`).
@@ -227,7 +235,7 @@ impl PersistBatch {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records == 0 && self.sweep_done.is_none() && self.resync.is_empty()
+        self.records == 0 && self.sweep_done.is_none() && self.resync.is_empty() && self.history.is_empty()
     }
 
     fn tag(&mut self, id: &str) {
@@ -357,6 +365,8 @@ pub struct DriverShard {
     by_partition: Vec<Vec<u32>>,
     /// Timers that came due in a frozen partition: (is offer, due, slot, generation).
     held: Vec<(bool, i64, u32, u32)>,
+    /// Fixes accepted since the last commit, for the history (raw entries).
+    history: Vec<u8>,
     pub counters: ShardCounters,
 }
 
@@ -386,8 +396,14 @@ impl DriverShard {
             frozen: PartitionSet::default(),
             by_partition: vec![Vec::new(); crate::keys::PARTITIONS as usize],
             held: Vec::new(),
+            history: Vec::new(),
             counters: ShardCounters::default(),
         }
+    }
+
+    /// Whether accepted fixes are kept for the history.
+    pub fn keeps_history(&self) -> bool {
+        self.cfg.history
     }
 
     /// Number of live drivers.
@@ -477,7 +493,8 @@ impl DriverShard {
                 return Err(not_held());
             }
             let vtype = if fix.vehicle_type.is_empty() { 0 } else { self.intern_vtype(&fix.vehicle_type, true)? };
-            self.create(fix, pos, vtype, now_ms);
+            let slot = self.create(fix, pos, vtype, now_ms);
+            self.keep_history(slot);
             self.counters.accepted += 1;
             return Ok(());
         };
@@ -553,6 +570,7 @@ impl DriverShard {
             self.index_changed(slot, kind, old);
         }
         self.mark_dirty(slot);
+        self.keep_history(slot);
         if watched {
             let view = Box::new(self.view(slot, false));
             self.events.push(Event::Accepted { slot, view });
@@ -768,7 +786,27 @@ impl DriverShard {
         slot
     }
 
-    fn create(&mut self, fix: FixInput, pos: Position, vtype: u16, now_ms: i64) {
+    /// Appends the driver's just-accepted fix to the history buffer.
+    fn keep_history(&mut self, slot: u32) {
+        if !self.cfg.history {
+            return;
+        }
+        let r = self.slots[slot as usize].as_ref().expect("live slot");
+        let trip = r.trip_id.as_deref().unwrap_or("");
+        let status = r.effective().code();
+        crate::history::codec::push_raw(
+            &mut self.history,
+            r.partition,
+            &r.id,
+            &r.last,
+            r.received_ms,
+            status,
+            trip,
+            r.trip_cost,
+        );
+    }
+
+    fn create(&mut self, fix: FixInput, pos: Position, vtype: u16, now_ms: i64) -> u32 {
         self.next_gen = self.next_gen.wrapping_add(1);
         let due = now_ms + self.cfg.ttl_ms;
         let rec = Rec {
@@ -799,6 +837,7 @@ impl DriverShard {
         self.index_changed(slot, IndexKind::Session, None);
         self.status_changed(slot, None);
         self.mark_dirty(slot);
+        slot
     }
 
     fn resolve(&self, lookup: &Lookup) -> Option<u32> {
@@ -1201,7 +1240,11 @@ impl DriverShard {
 
     /// Whether anything waits to be persisted.
     pub fn has_pending_writes(&self) -> bool {
-        !self.deleted.is_empty() || !self.dirty.is_empty() || self.sweep.is_some() || !self.resync.is_empty()
+        !self.history.is_empty()
+            || !self.deleted.is_empty()
+            || !self.dirty.is_empty()
+            || self.sweep.is_some()
+            || !self.resync.is_empty()
     }
 
     /// Starts a compaction sweep: over the next commits every live driver gets a full
@@ -1221,6 +1264,8 @@ impl DriverShard {
     /// queued on it) for tens of milliseconds.
     pub fn take_writes_some(&mut self, out: &mut PersistBatch, limit: usize) {
         out.resync.append(&mut self.resync);
+        out.history.extend_from_slice(&self.history);
+        self.history.clear();
         for id in self.deleted.drain(..) {
             encode_delete(&mut out.buf, &id);
             out.tag(&id);

@@ -24,7 +24,7 @@ fn field(v: f64, max: u32) -> u32 {
 }
 
 impl TrailFix {
-    fn pack(p: &Position, base_ms: i64) -> TrailFix {
+    pub(crate) fn pack(p: &Position, base_ms: i64) -> TrailFix {
         let heading = field(p.heading_deg, 360) % 360;
         let speed = field(p.speed_mps * 10.0, (1 << 11) - 1);
         let accuracy = field(p.accuracy_m, (1 << 12) - 1);

@@ -67,9 +67,10 @@ use crate::storage::{RecordError, RecordStore, Records};
 use crate::trips::Trips;
 
 mod link;
+use crate::history::HistoryStore;
 pub use crate::ownership::BASE_FORGET;
 pub use crate::routing::cluster::MAX_HANDOFF_BYTES;
-pub use crate::storage::{Arriving, PartitionData};
+pub use crate::storage::{Arriving, History, PartitionData};
 pub use link::MemPeerLink;
 
 /// Driver bytes of a replica batch applied between two yields (about a millisecond).
@@ -146,6 +147,8 @@ pub struct Handoff {
     /// serves again (`Cluster::has_quorum`) only after a round with it, so copies taken
     /// over meanwhile stand down first.
     lease_ok: AtomicBool,
+    /// The fix history: partitions' histories move with them; served epochs stamp it.
+    history: std::sync::OnceLock<Arc<HistoryStore>>,
 }
 
 fn load_table(records: &dyn Records) -> Result<Table, RecordError> {
@@ -227,6 +230,7 @@ impl Handoff {
             heard: std::sync::OnceLock::new(),
             seen_empty: std::sync::Mutex::default(),
             lease_ok,
+            history: std::sync::OnceLock::new(),
             base: std::sync::Mutex::new(base),
         }))
     }
@@ -251,10 +255,20 @@ impl Handoff {
                 step.push(p);
             }
             let routes = self.routes.borrow().clone();
-            refused.extend(
-                self.replica_store()
-                    .apply(from, session, step, |p| routes.of(p as usize) == crate::ownership::Route::Local),
-            );
+            let history: Vec<(u16, Vec<u8>)> =
+                step.iter_mut().map(|x| (x.partition, std::mem::take(&mut x.history))).collect();
+            let no = self
+                .replica_store()
+                .apply(from, session, step, |p| routes.of(p as usize) == crate::ownership::Route::Local);
+            if let Some(h) = self.history.get() {
+                for (p, blocks) in history.iter().filter(|(_, b)| !b.is_empty()) {
+                    let kept = !no.iter().any(|(q, why)| q == p && !matches!(why, crate::replica::Refused::NotSynced));
+                    if kept && let Err(e) = h.append_frames(*p, blocks) {
+                        warn!(partition = p, error = %e, "replicated history refused");
+                    }
+                }
+            }
+            refused.extend(no);
             if parts.peek().is_some() {
                 tokio::task::yield_now().await;
             }
@@ -273,6 +287,11 @@ impl Handoff {
             metrics::counter!("locus_epoch_refused_total", "what" => "replica").increment(stale as u64);
         }
         refused
+    }
+
+    /// Gives hand-offs and replication the node's fix history.
+    pub fn set_history(&self, h: Arc<HistoryStore>) {
+        let _ = self.history.set(h);
     }
 
     /// Replicas kept here, for `admin` and tests.
@@ -328,6 +347,11 @@ impl Handoff {
         self.routes.send_replace(Arc::new(r));
         let active: Vec<(u16, u64)> =
             st.table.held().filter(|(_, x)| x.holding == Some(Holding::Active)).map(|(p, x)| (p, x.epoch)).collect();
+        if let Some(h) = self.history.get() {
+            for &(p, epoch) in &active {
+                h.serve(p, epoch);
+            }
+        }
         self.replicator.set_placement(view, &ring, &active);
     }
 
@@ -504,6 +528,7 @@ impl Handoff {
                     drivers: drivers.get(p).map(|d| d.0.clone()).unwrap_or_default(),
                     claims: self.claims.scan_or_log(*p),
                     trips: trips.remove(p).unwrap_or_default(),
+                    history: History::default(),
                 });
             }
         }
@@ -518,11 +543,24 @@ impl Handoff {
                 drivers: buf,
                 claims: self.claims.scan_or_log(p),
                 trips: self.trips.records.scan_or_log(p),
+                history: History::default(),
             });
         }
         {
             let reps = self.replica_store();
             out.extend(from_replica.into_iter().filter_map(|p| reps.data(p)));
+        }
+        if let Some(h) = self.history.get() {
+            for d in &mut out {
+                match h.export(d.partition) {
+                    Ok((floor, blocks)) => d.history = History { floor, blocks },
+                    Err(e) => {
+                        // The new owner starts the history over: consumers are told.
+                        warn!(partition = d.partition, error = %e, "exporting history failed");
+                        d.history = History { floor: h.last(d.partition), blocks: Vec::new() };
+                    }
+                }
+            }
         }
         if let Err(e) = self.store.flush().await {
             warn!(error = %e, "flushing lent holdings");
@@ -573,6 +611,9 @@ impl Handoff {
             }
             let epoch = st.table.get(*p).epoch;
             self.set(st, *p, Part { epoch, holding: None });
+            if let Some(h) = self.history.get() {
+                h.drop_partition(*p);
+            }
         }
         if let Err(e) = self.store.flush().await {
             warn!(error = %e, "flushing released partitions");
@@ -618,6 +659,11 @@ impl Handoff {
             if let Err(e) = self.claims.put_all(p, &claims).and_then(|_| self.trips.records.put_all(p, &trips)) {
                 warn!(partition = p, error = %e, "storing a pulled partition failed; not installed");
                 continue;
+            }
+            if let (false, Some(hist), Some(h)) = (merge, &d.history, self.history.get())
+                && let Err(e) = h.import(p, hist.floor, &hist.blocks)
+            {
+                warn!(partition = p, error = %e, "importing a pulled partition's history failed");
             }
             self.set(&mut st, p, Part { epoch, holding: Some(Holding::Active) });
             stored.push((p, epoch, merge, pulled, claims));
@@ -706,6 +752,11 @@ impl Handoff {
             };
             if stale {
                 reps.drop_below(r.partition, u64::MAX);
+                if let Some(h) = self.history.get()
+                    && table.get(r.partition).holding.is_none()
+                {
+                    h.drop_partition(r.partition);
+                }
             }
         }
     }

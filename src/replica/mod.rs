@@ -197,6 +197,9 @@ pub struct Replicator {
     /// `--degraded-writes`: answer a claim or trip event that no in-sync replica stored
     /// in time anyway (it then lives on this node's disk only until a replica syncs).
     degraded_writes: AtomicBool,
+    /// The fix history: a partition reset for a replica starts a new history segment,
+    /// whose first block carries every name the replica needs.
+    history: std::sync::OnceLock<Arc<crate::history::HistoryStore>>,
 }
 
 fn session_id() -> u64 {
@@ -238,7 +241,13 @@ impl Replicator {
             wake: Notify::new(),
             tee_dropped,
             degraded_writes: AtomicBool::new(false),
+            history: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Replicates the node's fix history with the drivers.
+    pub fn set_history(&self, h: Arc<crate::history::HistoryStore>) {
+        let _ = self.history.set(h);
     }
 
     /// See `--degraded-writes`.
@@ -336,6 +345,11 @@ impl Replicator {
     /// Queues the whole claims/trips set of `parts` to `target` and asks the shards to
     /// re-send their drivers. Caller holds the lock (ordering against `sync_kv`).
     fn reset_kv(&self, inner: &mut Inner, target: SocketAddr, parts: &[(u16, u64)]) {
+        if let Some(h) = self.history.get() {
+            for &(p, _) in parts {
+                h.cut(p);
+            }
+        }
         if let Some(link) = inner.links.get(&target) {
             let mut out = Vec::with_capacity(parts.len());
             let mut bytes = 0;
@@ -520,6 +534,19 @@ impl Replicator {
                 }
             }
         }
+        for (p, block) in &b.history_blocks {
+            if let Some((epoch, ts)) = &placement[*p as usize] {
+                for t in ts {
+                    per.entry(*t)
+                        .or_default()
+                        .0
+                        .entry(*p)
+                        .or_insert_with(|| ReplicaPart { partition: *p, epoch: *epoch, ..Default::default() })
+                        .history
+                        .extend_from_slice(block);
+                }
+            }
+        }
         if per.is_empty() {
             return;
         }
@@ -528,7 +555,7 @@ impl Replicator {
         let inner = self.inner.lock().expect("replicator lock");
         for (t, (parts, records)) in per {
             if let Some(link) = inner.links.get(&t) {
-                let bytes = parts.values().map(|p| p.drivers.len()).sum();
+                let bytes = parts.values().map(|p| p.drivers.len() + p.history.len()).sum();
                 link.offer(Item { parts: parts.into_values().collect(), bytes, records, taken_ms, ack: None });
             }
         }

@@ -208,7 +208,14 @@ impl ReplicaStore {
             encode_upsert(&mut drivers, &s.driver_id, &snapshot_ref(s), None);
         }
         let pairs = |m: &BTreeMap<Vec<u8>, Vec<u8>>| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        Some(PartitionData { partition: p, epoch: c.epoch, drivers, claims: pairs(&c.claims), trips: pairs(&c.trips) })
+        Some(PartitionData {
+            partition: p,
+            epoch: c.epoch,
+            drivers,
+            claims: pairs(&c.claims),
+            trips: pairs(&c.trips),
+            history: Default::default(),
+        })
     }
 
     /// The replica of `p`, if in sync, ready to be served here (its drivers as held,
@@ -216,7 +223,13 @@ impl ReplicaStore {
     pub fn promotable(&self, p: u16) -> Option<Arriving> {
         let c = self.parts.get(&p).filter(|c| c.synced())?;
         let pairs = |m: &BTreeMap<Vec<u8>, Vec<u8>>| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        Some(Arriving { partition: p, drivers: c.drivers.clone(), claims: pairs(&c.claims), trips: pairs(&c.trips) })
+        Some(Arriving {
+            partition: p,
+            drivers: c.drivers.clone(),
+            claims: pairs(&c.claims),
+            trips: pairs(&c.trips),
+            history: None,
+        })
     }
 
     /// Drops the replica of `p` if its epoch is below `epoch` (`u64::MAX`: always).
@@ -283,7 +296,7 @@ mod tests {
         for id in ids {
             upsert(&mut drivers, id, 1000);
         }
-        ReplicaPart { partition: p, epoch, drivers_reset: true, drivers, kv_reset: true, claims, trips: vec![] }
+        ReplicaPart { partition: p, epoch, drivers_reset: true, drivers, kv_reset: true, claims, ..Default::default() }
     }
 
     #[test]

@@ -34,7 +34,7 @@ mod durable;
 mod partitioned;
 mod records;
 pub use durable::Durable;
-pub use partitioned::{Arriving, KvChange, PartitionData, ReplicaPart};
+pub use partitioned::{Arriving, History, KvChange, PartitionData, ReplicaPart};
 pub use records::{MemStore, Pair, RecordError, RecordStore, Records, SledStore, StoreFuture};
 
 use std::collections::HashMap;
@@ -261,12 +261,15 @@ impl Persister {
     ///
     /// `tee`, when set, receives every batch once it is on disk (replication); a full
     /// tee drops the batch and sets `tee_dropped`, so the receiver re-sends in full.
+    /// `history`, when set, gets each batch's accepted fixes (and the batch, the blocks
+    /// written, for the replicas).
     pub fn start(
         mut log: DriverLog,
         limits: LogLimits,
         shards: usize,
         queue: usize,
         tee: Option<(mpsc::Sender<PersistBatch>, Arc<AtomicBool>)>,
+        history: Option<Arc<crate::history::HistoryStore>>,
     ) -> Persister {
         let (tx, mut rx) = mpsc::channel::<PersistBatch>(queue);
         let sweeps = Arc::new(SweepControl::default());
@@ -299,6 +302,12 @@ impl Persister {
                             if let Err(e) = log.rotate() {
                                 fail("rotate after a failed append", e);
                             }
+                        }
+                        if let Some(h) = &history
+                            && !b.history.is_empty()
+                        {
+                            b.history_blocks = h.append_local(&b.history);
+                            b.history = Vec::new();
                         }
                         if let (Some(s), Some(epoch)) = (sweep.as_mut(), b.sweep_done)
                             && s.epoch == epoch
@@ -402,6 +411,7 @@ mod tests {
             max_speed_mps: 1e9,
             move_slack_m: 20.0,
             max_vehicle_types: 8,
+            history: false,
         })
     }
 

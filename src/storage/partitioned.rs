@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use super::apply_record;
 use super::records::Pair;
 use crate::drivers::{Snapshot, decode_records};
+use crate::history::Pos;
 
 /// What one partition's hand-off carries.
 pub struct PartitionData {
@@ -15,6 +16,16 @@ pub struct PartitionData {
     pub drivers: Vec<u8>,
     pub claims: Vec<Pair>,
     pub trips: Vec<Pair>,
+    /// Its fix history: the floor and the framed blocks.
+    pub history: History,
+}
+
+/// A partition's fix history in a hand-off: positions at or before the floor are not in
+/// the blocks (`history::HistoryStore::export`).
+#[derive(Clone, Debug, Default)]
+pub struct History {
+    pub floor: Option<Pos>,
+    pub blocks: Vec<u8>,
 }
 
 /// A partition on its way into this node's shards: pulled (its records decoded) or a
@@ -24,6 +35,8 @@ pub struct Arriving {
     pub drivers: HashMap<String, Snapshot>,
     pub claims: Vec<Pair>,
     pub trips: Vec<Pair>,
+    /// `None`: the history is already here (a promoted replica's).
+    pub history: Option<History>,
 }
 
 impl Arriving {
@@ -33,7 +46,13 @@ impl Arriving {
         let (_, err) = decode_records(&d.drivers, |r| apply_record(&mut drivers, r, trail_cap));
         match err {
             Some(e) => Err(e.to_string()),
-            None => Ok(Arriving { partition: d.partition, drivers, claims: d.claims, trips: d.trips }),
+            None => Ok(Arriving {
+                partition: d.partition,
+                drivers,
+                claims: d.claims,
+                trips: d.trips,
+                history: Some(d.history),
+            }),
         }
     }
 }
@@ -56,4 +75,6 @@ pub struct ReplicaPart {
     pub kv_reset: bool,
     pub claims: Vec<KvChange>,
     pub trips: Vec<KvChange>,
+    /// History blocks (`history::codec`), in order.
+    pub history: Vec<u8>,
 }

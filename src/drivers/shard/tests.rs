@@ -5,7 +5,14 @@ use proptest::prelude::*;
 const T0: i64 = 1_700_000_000_000;
 
 fn cfg() -> ShardConfig {
-    ShardConfig { ttl_ms: 900_000, trail_len: 4, max_speed_mps: 70.0, move_slack_m: 25.0, max_vehicle_types: 3 }
+    ShardConfig {
+        ttl_ms: 900_000,
+        trail_len: 4,
+        max_speed_mps: 70.0,
+        move_slack_m: 25.0,
+        max_vehicle_types: 3,
+        history: false,
+    }
 }
 
 fn fix(id: &str, lat: f64, lon: f64, ts: i64) -> FixInput {
