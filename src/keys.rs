@@ -92,6 +92,24 @@ impl PartitionSet {
     pub fn len(&self) -> usize {
         self.len as usize
     }
+
+    /// The partitions in the set, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        self.bits
+            .iter()
+            .enumerate()
+            .flat_map(|(w, &bits)| (0..64u16).filter(move |b| bits >> b & 1 == 1).map(move |b| w as u16 * 64 + b))
+    }
+
+    /// Adds every partition of `other`.
+    pub fn union_with(&mut self, other: &PartitionSet) {
+        let mut len = 0;
+        for (a, b) in self.bits.iter_mut().zip(&other.bits) {
+            *a |= b;
+            len += a.count_ones() as u16;
+        }
+        self.len = len;
+    }
 }
 
 impl<'a> FromIterator<&'a u16> for PartitionSet {

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -265,6 +265,12 @@ struct Worker {
     next_encode: Instant,
     next_stats: Instant,
     last_published: ShardCounters,
+    /// Batches with history are numbered; the persister publishes here the number of
+    /// the last whose history it wrote.
+    history_written: Arc<watch::Sender<u64>>,
+    history_sent: u64,
+    /// Per partition: the number of the last batch sent with its history.
+    history_last: Vec<u64>,
 }
 
 /// Starts a worker task owning `core`, with a mailbox of `cfg.mailbox` messages. Must
@@ -291,6 +297,9 @@ pub fn spawn_shard(
         core,
         next_persist: now + cfg.persist_interval,
         pending: PersistBatch::default(),
+        history_written: Arc::new(watch::channel(0).0),
+        history_sent: 0,
+        history_last: vec![0; crate::keys::PARTITIONS as usize],
         next_encode: now,
         next_stats: now,
         cfg,
@@ -329,7 +338,7 @@ impl Worker {
                 if self.core.keeps_history() {
                     // The partitions' history goes with them: every fix accepted so far
                     // must be in the history store before the hand-off reads it there.
-                    self.persist_and_wait().await;
+                    self.history_barrier(&partitions).await;
                 }
                 let _ = reply.send(out);
                 continue;
@@ -570,26 +579,46 @@ impl Worker {
         if self.pending.is_empty() {
             return;
         }
+        self.stamp();
         self.pending.hold_clock();
         if self.persist.send(std::mem::take(&mut self.pending)).await.is_err() {
             warn!(shard = self.id, "persister gone; pending writes dropped");
         }
     }
 
-    /// Hands everything not yet persisted to the persister and waits until it has
-    /// written it (and every batch this shard sent before).
-    async fn persist_and_wait(&mut self) {
+    /// Numbers the pending batch if it carries history (see `history_written`).
+    fn stamp(&mut self) {
+        if self.pending.history_parts.is_empty() {
+            return;
+        }
+        self.history_sent += 1;
+        for p in self.pending.history_parts.iter() {
+            self.history_last[p as usize] = self.history_sent;
+        }
+        self.pending.history_ack = Some((self.history_written.clone(), self.history_sent));
+    }
+
+    /// Returns once every fix of `parts` accepted so far is in the history store:
+    /// hands the pending writes over, then waits for the persister to have written the
+    /// last batch with history of any of them (no wait if there is none).
+    async fn history_barrier(&mut self, parts: &HashSet<u16>) {
         while self.core.has_pending_writes() {
             self.core.take_writes(&mut self.pending);
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.pending.done = Some(tx);
-        if self.persist.send(std::mem::take(&mut self.pending)).await.is_err() {
-            warn!(shard = self.id, "persister gone; pending writes dropped");
-            return;
+        if !self.pending.is_empty() {
+            self.stamp();
+            self.pending.hold_clock();
+            if self.persist.send(std::mem::take(&mut self.pending)).await.is_err() {
+                warn!(shard = self.id, "persister gone; pending writes dropped");
+                return;
+            }
         }
-        // Returns when the persister drops the sender, after the batch is written.
-        let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
+        let need = parts.iter().map(|p| self.history_last.get(*p as usize).copied().unwrap_or(0)).max().unwrap_or(0);
+        let mut written = self.history_written.subscribe();
+        let wait = written.wait_for(|n| *n >= need);
+        if tokio::time::timeout(Duration::from_secs(10), wait).await.is_err() {
+            warn!(shard = self.id, "the persister did not write the history of moving partitions in time");
+        }
     }
 
     /// Hands the pending batch to the persister. If its queue is full the batch stays
@@ -599,8 +628,10 @@ impl Worker {
         if self.pending.is_empty() {
             return;
         }
-        match self.persist.try_reserve() {
+        let persist = self.persist.clone();
+        match persist.try_reserve() {
             Ok(permit) => {
+                self.stamp();
                 self.pending.hold_clock();
                 permit.send(std::mem::take(&mut self.pending))
             }

@@ -24,7 +24,7 @@ use tracing::debug;
 
 use super::locations::BoxStream;
 use super::{check_coord, invalid, status_mask};
-use crate::drivers::FieldError;
+use crate::drivers::{FieldError, TrailFix};
 use crate::geo::LatLonBox;
 use crate::history::{Behind, HistFix, HistoryStore, Pos};
 use crate::keys::PARTITIONS;
@@ -41,7 +41,8 @@ pub fn position_proto(p: u16, pos: Pos) -> pb::HistoryPosition {
 }
 
 pub fn fix_proto(p: u16, f: &HistFix) -> pb::HistoryFix {
-    let pos = f.position();
+    let packed = TrailFix { lat_e7: f.lat_e7, lon_e7: f.lon_e7, dt_ms: 0, motion: f.motion };
+    let pos = packed.unpack(f.timestamp_ms);
     pb::HistoryFix {
         position: Some(position_proto(p, f.pos)),
         driver_id: f.driver_id.to_string(),

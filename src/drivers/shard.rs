@@ -7,7 +7,7 @@ use std::hash::BuildHasher;
 use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::codec::{Snapshot, SnapshotRef, encode_delete, encode_upsert};
-use super::trail::Trail;
+use super::trail::{Trail, TrailFix};
 use super::{DriverView, FieldError, FixInput, NearbyHit, Position, Reject, Status, UDP_SESSION_PREFIX};
 use crate::geo::{Candidate, GeoIndex, IndexKey, LatLonBox, QueryFilter, haversine_m, index::index_point};
 use crate::keys::{PartitionSet, partition_of};
@@ -214,6 +214,12 @@ pub struct PersistBatch {
     /// Filled by the persister once the history is written: one framed block per
     /// partition (for the partitions' replicas).
     pub history_blocks: Vec<(u16, Vec<u8>)>,
+    /// The partitions `history` has fixes of.
+    pub history_parts: PartitionSet,
+    /// Set by the shard's worker on a batch with history: the persister publishes the
+    /// number once the history is in the history store (before the sync), so a
+    /// hand-off can wait for a partition's history to be there before it reads it.
+    pub history_ack: Option<(std::sync::Arc<tokio::sync::watch::Sender<u64>>, u64)>,
     /// Dropped by the persister once the batch is on disk and teed to replication: set
     /// under the simulated clock, where a blocking task waits on it so that virtual time
     /// stands still while the log thread writes (see `clock::simulate`).
@@ -365,8 +371,10 @@ pub struct DriverShard {
     by_partition: Vec<Vec<u32>>,
     /// Timers that came due in a frozen partition: (is offer, due, slot, generation).
     held: Vec<(bool, i64, u32, u32)>,
-    /// Fixes accepted since the last commit, for the history (raw entries).
+    /// Fixes accepted since the last commit, for the history (raw entries), and the
+    /// partitions they are of.
     history: Vec<u8>,
+    history_parts: PartitionSet,
     pub counters: ShardCounters,
 }
 
@@ -397,6 +405,7 @@ impl DriverShard {
             by_partition: vec![Vec::new(); crate::keys::PARTITIONS as usize],
             held: Vec::new(),
             history: Vec::new(),
+            history_parts: PartitionSet::default(),
             counters: ShardCounters::default(),
         }
     }
@@ -792,18 +801,21 @@ impl DriverShard {
             return;
         }
         let r = self.slots[slot as usize].as_ref().expect("live slot");
-        let trip = r.trip_id.as_deref().unwrap_or("");
-        let status = r.effective().code();
-        crate::history::codec::push_raw(
-            &mut self.history,
-            r.partition,
-            &r.id,
-            &r.last,
-            r.received_ms,
-            status,
-            trip,
-            r.trip_cost,
-        );
+        let packed = TrailFix::pack(&r.last, r.last.timestamp_ms);
+        let entry = crate::history::Raw {
+            partition: r.partition,
+            driver_id: &r.id,
+            lat_e7: packed.lat_e7,
+            lon_e7: packed.lon_e7,
+            timestamp_ms: r.last.timestamp_ms,
+            received_ms: r.received_ms,
+            motion: packed.motion,
+            status: r.effective().code(),
+            trip_id: r.trip_id.as_deref().unwrap_or(""),
+            trip_cost_cents: (r.trip_cost * 100.0).round().clamp(0.0, u32::MAX as f64) as u32,
+        };
+        crate::history::codec::push_raw(&mut self.history, &entry);
+        self.history_parts.insert(r.partition);
     }
 
     fn create(&mut self, fix: FixInput, pos: Position, vtype: u16, now_ms: i64) -> u32 {
@@ -1266,6 +1278,7 @@ impl DriverShard {
         out.resync.append(&mut self.resync);
         out.history.extend_from_slice(&self.history);
         self.history.clear();
+        out.history_parts.union_with(&std::mem::take(&mut self.history_parts));
         for id in self.deleted.drain(..) {
             encode_delete(&mut out.buf, &id);
             out.tag(&id);

@@ -24,7 +24,6 @@
 use std::sync::Arc;
 
 use super::Pos;
-use crate::drivers::{Position, TrailFix};
 
 /// Bit 0 of a block's flags: the block starts a new segment (and name table).
 pub const STARTS_SEGMENT: u8 = 1;
@@ -43,7 +42,7 @@ pub struct HistFix {
     pub driver_id: Arc<str>,
     pub lat_e7: i32,
     pub lon_e7: i32,
-    /// Heading, speed and accuracy, packed as a trail fix's.
+    /// Heading, speed and accuracy, packed as a trail fix's (`drivers::TrailFix`).
     pub motion: u32,
     /// Device time of the fix.
     pub timestamp_ms: i64,
@@ -55,47 +54,28 @@ pub struct HistFix {
     pub trip_cost_cents: u64,
 }
 
-impl HistFix {
-    /// The fix as a position (heading, speed and accuracy at their packed precision).
-    pub fn position(&self) -> Position {
-        let f = TrailFix { lat_e7: self.lat_e7, lon_e7: self.lon_e7, dt_ms: 0, motion: self.motion };
-        f.unpack(self.timestamp_ms)
-    }
-}
-
 /// Appends one raw entry for an accepted fix to a shard's buffer:
 /// `partition u16 | id len u8 | id | lat_e7 i32 | lon_e7 i32 | device ms i64 |
 /// received ms i64 | motion u32 | status u8 | trip len u8 | trip | cost cents u32`.
-#[allow(clippy::too_many_arguments)]
-pub fn push_raw(
-    buf: &mut Vec<u8>,
-    partition: u16,
-    driver_id: &str,
-    pos: &Position,
-    received_ms: i64,
-    status: u8,
-    trip_id: &str,
-    trip_cost: f64,
-) {
-    let packed = TrailFix::pack(pos, pos.timestamp_ms);
-    let id = &driver_id.as_bytes()[..driver_id.len().min(MAX_NAME)];
-    let trip = &trip_id.as_bytes()[..trip_id.len().min(MAX_NAME)];
-    buf.extend_from_slice(&partition.to_le_bytes());
+/// Ids longer than 255 bytes are cut (fixes are validated to 64 before).
+pub fn push_raw(buf: &mut Vec<u8>, e: &Raw<'_>) {
+    let id = &e.driver_id.as_bytes()[..e.driver_id.len().min(MAX_NAME)];
+    let trip = &e.trip_id.as_bytes()[..e.trip_id.len().min(MAX_NAME)];
+    buf.extend_from_slice(&e.partition.to_le_bytes());
     buf.push(id.len() as u8);
     buf.extend_from_slice(id);
-    buf.extend_from_slice(&packed.lat_e7.to_le_bytes());
-    buf.extend_from_slice(&packed.lon_e7.to_le_bytes());
-    buf.extend_from_slice(&pos.timestamp_ms.to_le_bytes());
-    buf.extend_from_slice(&received_ms.to_le_bytes());
-    buf.extend_from_slice(&packed.motion.to_le_bytes());
-    buf.push(status);
+    buf.extend_from_slice(&e.lat_e7.to_le_bytes());
+    buf.extend_from_slice(&e.lon_e7.to_le_bytes());
+    buf.extend_from_slice(&e.timestamp_ms.to_le_bytes());
+    buf.extend_from_slice(&e.received_ms.to_le_bytes());
+    buf.extend_from_slice(&e.motion.to_le_bytes());
+    buf.push(e.status);
     buf.push(trip.len() as u8);
     buf.extend_from_slice(trip);
-    let cents = (trip_cost * 100.0).round().clamp(0.0, u32::MAX as f64) as u32;
-    buf.extend_from_slice(&cents.to_le_bytes());
+    buf.extend_from_slice(&e.trip_cost_cents.to_le_bytes());
 }
 
-/// One raw entry, borrowed from a shard's buffer.
+/// One accepted fix as a shard hands it over (borrowed from its buffer).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Raw<'a> {
     pub partition: u16,

@@ -1,7 +1,7 @@
 //! Driver history: every accepted fix, per partition, for `--history-retention`.
 //!
 //! A shard appends each fix it accepts to a flat buffer ([`codec::push_raw`]: no
-//! allocation per fix); the persister takes the buffers with the shard's commit and
+//! allocation per fix; this module knows nothing of drivers, only of the entry); the persister takes the buffers with the shard's commit and
 //! writes one compact block per partition into the [`HistoryStore`], numbering the
 //! fixes: a fix's [`Pos`] is the ownership epoch its partition was served at when it
 //! was written, then a sequence number that only grows within the partition. Blocks go
@@ -22,7 +22,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 
-pub use codec::HistFix;
+pub use codec::{HistFix, Raw};
 pub use store::{Behind, EXPORT_MAX, HistoryConfig, HistoryError, HistoryStore, Page};
 
 /// A fix's position in its partition's history.

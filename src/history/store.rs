@@ -137,6 +137,9 @@ pub struct HistoryStore {
     cfg: HistoryConfig,
     parts: Vec<Mutex<Part>>,
     changed: watch::Sender<u64>,
+    /// Segments closed since the last sync, still to be synced (by the upkeep thread,
+    /// not the appender: a hand-off cuts hundreds of segments at once).
+    closed: Mutex<Vec<File>>,
 }
 
 fn seg_name(first: Pos) -> String {
@@ -200,7 +203,13 @@ impl HistoryStore {
     pub fn open(dir: &Path, cfg: HistoryConfig) -> Result<HistoryStore, HistoryError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let parts: Vec<Mutex<Part>> = (0..PARTITIONS).map(|_| Mutex::new(Part::default())).collect();
-        let store = HistoryStore { dir: dir.to_path_buf(), cfg, parts, changed: watch::channel(0).0 };
+        let store = HistoryStore {
+            dir: dir.to_path_buf(),
+            cfg,
+            parts,
+            changed: watch::channel(0).0,
+            closed: Mutex::new(Vec::new()),
+        };
         let (mut segs, mut bytes) = (0usize, 0u64);
         for e in std::fs::read_dir(dir).map_err(io(dir))? {
             let e = e.map_err(io(dir))?;
@@ -407,7 +416,7 @@ impl HistoryStore {
         if let Some(s) = part.segs.last_mut()
             && let Some(f) = s.file.take()
         {
-            f.sync_data().map_err(io(&s.shared.path))?;
+            self.closed.lock().expect("closed lock").push(f);
             s.index = HashMap::new();
         }
         let dir = self.part_dir(p);
@@ -560,8 +569,15 @@ impl HistoryStore {
         Ok(())
     }
 
-    /// Syncs every partition appended to since the last call (outside its lock).
+    /// Syncs every partition appended to since the last call, and the segments closed
+    /// since (outside the partitions' locks).
     pub fn sync(&self) {
+        let closed = std::mem::take(&mut *self.closed.lock().expect("closed lock"));
+        for f in closed {
+            if let Err(e) = f.sync_data() {
+                warn!(error = %e, "history sync failed");
+            }
+        }
         for (p, m) in self.parts.iter().enumerate() {
             let file = {
                 let mut part = m.lock().expect("history lock");

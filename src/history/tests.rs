@@ -2,7 +2,6 @@ use proptest::prelude::*;
 
 use super::codec::{Raw, decode_block, push_raw, raw_entries};
 use super::*;
-use crate::drivers::Position;
 use crate::keys::partition_of;
 
 const H: i64 = 3_600_000;
@@ -11,16 +10,23 @@ fn cfg() -> HistoryConfig {
     HistoryConfig { retention_ms: 24 * H }
 }
 
+/// Heading 90°, 8.4 m/s, 5 m, packed as a trail fix's.
+const MOTION: u32 = 90 | 84 << 9 | 5 << 20;
+
 fn push(buf: &mut Vec<u8>, id: &str, ts: i64, recv: i64) {
-    let pos = Position {
-        lat: 12.97 + ts as f64 * 1e-9,
-        lon: 77.59,
-        heading_deg: 90.0,
-        speed_mps: 8.4,
-        accuracy_m: 5.0,
+    let e = Raw {
+        partition: partition_of(id.as_bytes()),
+        driver_id: id,
+        lat_e7: 129_700_000 + (ts / 100 % 1_000_000) as i32,
+        lon_e7: 775_900_000,
         timestamp_ms: ts,
+        received_ms: recv,
+        motion: MOTION,
+        status: 2,
+        trip_id: "trip-1",
+        trip_cost_cents: 1250,
     };
-    push_raw(buf, partition_of(id.as_bytes()), id, &pos, recv, 2, "trip-1", 12.5);
+    push_raw(buf, &e);
 }
 
 /// Two drivers in one partition.
@@ -157,8 +163,7 @@ fn cursors_resume_exactly_after_restart_and_the_driver_query_filters() {
     let want: Vec<i64> = (30..=90).filter(|s| s % 10 % 3 == 0).map(|s| t0 + s * 1000).collect();
     assert_eq!(hist.iter().map(|f| f.timestamp_ms).collect::<Vec<_>>(), want);
     assert!(hist.iter().all(|f| &*f.driver_id == b.as_str() && f.trip_id.as_deref() == Some("trip-1")));
-    let p0 = hist[0].position();
-    assert!((p0.speed_mps - 8.4).abs() < 0.051 && p0.heading_deg == 90.0 && p0.accuracy_m == 5.0);
+    assert!(hist.iter().all(|f| f.motion == MOTION && f.trip_cost_cents == 1250 && f.status == 2));
 }
 
 #[test]

@@ -309,6 +309,9 @@ impl Persister {
                             b.history_blocks = h.append_local(&b.history);
                             b.history = Vec::new();
                         }
+                        if let Some((tx, n)) = b.history_ack.take() {
+                            tx.send_replace(n);
+                        }
                         if let (Some(s), Some(epoch)) = (sweep.as_mut(), b.sweep_done)
                             && s.epoch == epoch
                         {
