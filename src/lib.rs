@@ -104,6 +104,7 @@ pub mod config;
 pub mod dispatch;
 pub mod drivers;
 pub mod events;
+pub mod export;
 pub mod geo;
 pub mod handoff;
 pub mod health;

@@ -1,5 +1,6 @@
 //! The `locus` binary: `locus node` runs a node, `locus sim` runs the city simulator,
-//! `locus admin` asks a node about the cluster, `locus bench` runs the benchmarks.
+//! `locus admin` asks a node about the cluster, `locus bench` runs the benchmarks,
+//! `locus export postgres` copies every accepted fix into PostgreSQL.
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -47,6 +48,8 @@ enum Cmd {
     Bench(locus::bench::BenchConfig),
     /// Break a real cluster on purpose under load and check it (needs root).
     Chaos(locus::chaos::ChaosConfig),
+    /// Export every accepted fix into a database, exactly once (`export postgres`).
+    Export(locus::export::ExportConfig),
     /// Make tokens for `--auth-file` (stored hashed) and cluster keys.
     Token(locus::auth::cli::TokenCmd),
     /// Exit 0 if a node's HTTP endpoint answers 200 (a container's healthcheck: the
@@ -119,6 +122,22 @@ async fn main() -> anyhow::Result<()> {
             locus::bench::run(cfg).await
         }
         Cmd::Chaos(cfg) => locus::chaos::run(cfg).await,
+        Cmd::Export(cfg) => {
+            init_tracing(LogFormat::Text);
+            match cfg.sink {
+                locus::export::Sink::Postgres(pg) => {
+                    let t = locus::export::run(pg, terminated()).await?;
+                    println!(
+                        "exported {} rows in {} transactions, {:.1} s ({:.0} rows/s)",
+                        t.rows,
+                        t.transactions,
+                        t.seconds,
+                        t.rows as f64 / t.seconds.max(1e-3)
+                    );
+                    Ok(())
+                }
+            }
+        }
         Cmd::Token(cmd) => locus::auth::cli::run(cmd),
         Cmd::Probe { http, path } => {
             let probe = async {
