@@ -6,86 +6,15 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::{LOCUS, NodeProc, eventually, fix, home, now_ms};
+use locus::bench::pg::PgServer;
 use locus::pb;
 
-/// A PostgreSQL server in a temporary directory, on a Unix socket there; stopped on drop.
-struct Postgres {
-    bin: PathBuf,
-    dir: tempfile::TempDir,
-    port: u16,
-    as_postgres: bool,
-}
-
-fn pg_bin() -> PathBuf {
-    if let Ok(b) = std::env::var("LOCUS_PG_BIN") {
-        return PathBuf::from(b);
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| d.flatten().map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
-        .unwrap_or_default();
-    found.sort();
-    found.pop().expect("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-}
-
-impl Postgres {
-    fn start() -> Postgres {
-        let bin = pg_bin();
-        let dir = tempfile::tempdir().unwrap();
-        // initdb refuses to run as root: run the server as the package's `postgres` user.
-        let as_postgres = unsafe { libc::geteuid() } == 0;
-        if as_postgres {
-            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status().unwrap();
-            assert!(ok.success(), "chown to postgres");
-        }
-        let pg = Postgres { bin, dir, port: common::cluster::free_port(), as_postgres };
-        let data = pg.dir.path().join("data");
-        pg.run("initdb", &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "locus", "--no-sync", "-E", "UTF8"]);
-        let opts = format!("-k {} -p {} -c listen_addresses='' -c fsync=on", pg.dir.path().display(), pg.port);
-        let log = pg.dir.path().join("pg.log");
-        pg.run("pg_ctl", &["-D", data.to_str().unwrap(), "-o", &opts, "-l", log.to_str().unwrap(), "-w", "start"]);
-        pg
-    }
-
-    fn run(&self, tool: &str, args: &[&str]) {
-        let exe = self.bin.join(tool);
-        let out = if self.as_postgres {
-            Command::new("runuser").args(["-u", "postgres", "--"]).arg(&exe).args(args).output().unwrap()
-        } else {
-            Command::new(&exe).args(args).output().unwrap()
-        };
-        assert!(out.status.success(), "{tool} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    fn dsn(&self) -> String {
-        format!("host={} port={} user=locus dbname=postgres", self.dir.path().display(), self.port)
-    }
-
-    async fn client(&self) -> tokio_postgres::Client {
-        let (c, conn) = tokio_postgres::connect(&self.dsn(), tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn);
-        c
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let data = self.dir.path().join("data");
-        let exe = self.bin.join("pg_ctl");
-        let args = ["-D", data.to_str().unwrap(), "-m", "immediate", "stop"];
-        let _ = if self.as_postgres {
-            Command::new("runuser").args(["-u", "postgres", "--"]).arg(&exe).args(args).output()
-        } else {
-            Command::new(&exe).args(args).output()
-        };
-    }
-}
-
-fn exporter(node: &NodeProc, pg: &Postgres, log: &Path, extra: &[&str]) -> Child {
+fn exporter(node: &NodeProc, pg: &PgServer, log: &Path, extra: &[&str]) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Command::new(LOCUS)
         .args(["export", "postgres", "--target", &node.grpc, "--dsn", &pg.dsn(), "--name", "crash-test"])
@@ -107,8 +36,8 @@ async fn table_rows(db: &tokio_postgres::Client) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_exporter_killed_mid_batch_and_restarted_leaves_every_fix_exactly_once() {
-    let pg = Postgres::start();
     let dir = tempfile::tempdir().unwrap();
+    let pg = PgServer::start(&dir.path().join("pg"), common::cluster::free_port()).expect("PostgreSQL (.ci/run installs it)");
     let node = NodeProc::start(dir.path(), &["--persist-interval", "50ms"]);
     let ids: Vec<String> = (0..60).map(|i| format!("pg-{i}")).collect();
     let ts0 = now_ms() - 3_600_000;
@@ -140,7 +69,7 @@ async fn the_exporter_killed_mid_batch_and_restarted_leaves_every_fix_exactly_on
         })
     };
     let log = dir.path().join("exporter.log");
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     // Killed twice while rows stream in, each time once it has committed more.
     for _ in 0..2 {
         let mut e = exporter(&node, &pg, &log, &[]);

@@ -8,12 +8,17 @@
 //!    ... ASC COUNT 10`;
 //! 3. resident memory per driver at 1,000,000 drivers with full trails;
 //! 4. the cluster figures of three nodes (`cluster`);
-//! 5. join, drain and failover of a loaded cluster (`moves`; alone: `--only-moves`).
+//! 5. join, drain and failover of a loaded cluster (`moves`; alone: `--only-moves`);
+//! 6. compact UDP fixes (`udp`; alone: `--only-udp`);
+//! 7. history: ingest with 0 and 4 fix-stream consumers, the PostgreSQL exporter's
+//!    rows/s, `GetHistory` of a day of 1 Hz fixes (`history`; alone: `--only-history`).
 //!
 //! The load generator runs on the same machine, sharing its cores with the server.
 
 mod cluster;
+mod history;
 mod moves;
+pub mod pg;
 mod redis;
 mod trips;
 mod udp;
@@ -101,6 +106,24 @@ pub struct BenchConfig {
     /// Run only the UDP section (its report goes to `--out` alone).
     #[arg(long)]
     pub only_udp: bool,
+    /// Drivers and rounds of the history section's ingest (each load; run twice: with no
+    /// consumer, then with four).
+    #[arg(long, default_value_t = 20_000)]
+    pub history_drivers: usize,
+    #[arg(long, default_value_t = 10)]
+    pub history_rounds: usize,
+    /// Drivers given a day of 1 Hz fixes (86,400 each) for the GetHistory figures.
+    #[arg(long, default_value_t = 50)]
+    pub history_day_drivers: usize,
+    /// Whole-day GetHistory calls to time.
+    #[arg(long, default_value_t = 50)]
+    pub history_queries: usize,
+    /// Skip the history section.
+    #[arg(long)]
+    pub no_history: bool,
+    /// Run only the history section (its report goes to `--out` alone).
+    #[arg(long)]
+    pub only_history: bool,
     /// Ports used by the processes the benchmark starts.
     #[arg(long, default_value_t = 7600)]
     pub port_base: u16,
@@ -423,6 +446,11 @@ fn date() -> String {
 pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
     let tmp = tempdir()?;
     let mut report = String::new();
+    if cfg.only_history {
+        let f = history::run(&cfg, &tmp.join("history")).await?;
+        history::report(&f, &mut report)?;
+        return finish(&cfg, &report, &tmp);
+    }
     if cfg.only_udp {
         let f = udp::run(&cfg, &tmp.join("udp")).await?;
         udp::report(&f, &mut report)?;
@@ -605,6 +633,11 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
         eprintln!("[bench] udp: compact fixes on one node");
         let f = udp::run(&cfg, &tmp.join("udp")).await?;
         udp::report(&f, &mut report)?;
+    }
+    if !cfg.no_history {
+        eprintln!("[bench] history: the fix stream, the exporter, GetHistory");
+        let f = history::run(&cfg, &tmp.join("history")).await?;
+        history::report(&f, &mut report)?;
     }
     finish(&cfg, &report, &tmp)
 }
