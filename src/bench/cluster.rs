@@ -229,6 +229,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Clu
             rounds: 1,
             start: w.start[start..(start + chunk).min(cfg.query_drivers)].to_vec(),
             base_ms: w.base_ms,
+            prefix: w.prefix,
         };
         let mut batches = part.batches_for(streams, cfg.batch, 0..1);
         // Distinct ids per chunk.

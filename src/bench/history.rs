@@ -79,6 +79,8 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<His
     let w = Workload::new(cfg.history_drivers, 2 * cfg.history_rounds, 31);
     eprintln!("[bench] history: ingest with no consumer");
     let plain = ingest(&target, w.batches_for(cfg.streams, cfg.batch, 0..cfg.history_rounds)).await?;
+    // The consumers start from now: after the first load is written.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let second = w.batches_for(cfg.streams, cfg.batch, cfg.history_rounds..2 * cfg.history_rounds);
     let expect: u64 = second.iter().flatten().map(|b| b.updates.len() as u64).sum();
     let consumers: Vec<_> = (0..4).map(|_| tokio::spawn(consume(target.clone(), expect))).collect();
@@ -120,7 +122,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<His
     };
 
     // 3. A day of 1 Hz fixes per driver, then whole-day GetHistory calls.
-    let day = Workload::new(cfg.history_day_drivers, DAY, 77);
+    let day = Workload::new(cfg.history_day_drivers, DAY, 77).named("day");
     eprintln!("[bench] history: a day of 1 Hz fixes for {} drivers", cfg.history_day_drivers);
     let (mut fixes_sent, mut accepted, mut secs) = (0, 0, 0.0);
     for from in (0..DAY).step_by(3_600) {
@@ -134,7 +136,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<His
     let (mut pages, mut days) = (Vec::new(), Vec::new());
     let t0 = Instant::now();
     for _ in 0..cfg.history_queries {
-        let id = format!("drv-{}", rng.random_range(0..cfg.history_day_drivers));
+        let id = format!("day-{}", rng.random_range(0..cfg.history_day_drivers));
         let start = Instant::now();
         let (mut after, mut n) = (None, 0usize);
         loop {

@@ -108,9 +108,9 @@ pub struct BenchConfig {
     pub only_udp: bool,
     /// Drivers and rounds of the history section's ingest (each load; run twice: with no
     /// consumer, then with four).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 50_000)]
     pub history_drivers: usize,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 20)]
     pub history_rounds: usize,
     /// Drivers given a day of 1 Hz fixes (86,400 each) for the GetHistory figures.
     #[arg(long, default_value_t = 50)]
@@ -148,13 +148,20 @@ pub struct Workload {
     pub rounds: usize,
     pub start: Vec<(f64, f64)>,
     pub base_ms: i64,
+    /// Driver `i` is `{prefix}-{i}`.
+    pub prefix: &'static str,
 }
 
 impl Workload {
     pub fn new(drivers: usize, rounds: usize, seed: u64) -> Workload {
         let mut rng = SmallRng::seed_from_u64(seed);
         let start = (0..drivers).map(|_| city_point(&mut rng)).collect();
-        Workload { drivers, rounds, start, base_ms: wall_ms() - (rounds as i64 + 10) * 1_000 }
+        Workload { drivers, rounds, start, base_ms: wall_ms() - (rounds as i64 + 10) * 1_000, prefix: "drv" }
+    }
+
+    /// The same workload for drivers named `{prefix}-{i}`.
+    pub fn named(self, prefix: &'static str) -> Workload {
+        Workload { prefix, ..self }
     }
 
     /// Fix `round` of driver `i`: 8 m further north-east each round.
@@ -188,7 +195,7 @@ impl Workload {
                 let s = i % streams;
                 let (lat, lon, ts) = self.fix(i, round);
                 cur[s].push(pb::LocationUpdate {
-                    driver_id: format!("drv-{i}"),
+                    driver_id: format!("{}-{i}", self.prefix),
                     lat,
                     lon,
                     heading_deg: 45.0,

@@ -414,6 +414,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Mov
             rounds: 1,
             start: w.start[first..(first + chunk).min(n)].to_vec(),
             base_ms: w.base_ms,
+            prefix: w.prefix,
         };
         let mut batches = part.batches_for(4, cfg.batch, 0..1);
         for b in batches.iter_mut().flatten() {
