@@ -37,6 +37,10 @@
 //!    http: GET /share/{token} ──► owner's trips::share::ShareTable (pre-rendered JSON)
 //!    http: GET /map/data ──► map::MapSource ──► Internal.MapPart on every node ──► shards'
 //!          grid counts / points + trips::board (live trips' sketches), merged as JSON
+//!
+//!  history: shards' accepted fixes ──► Persister ──► history::HistoryStore (per partition,
+//!    positions (epoch, seq)) ──► replicas; moved in hand-offs ◄── api::history: GetHistory,
+//!    Fixes.Subscribe (each node its partitions, merged on the gateway) ◄── export (PostgreSQL)
 //! ```
 //!
 //! - [`api`]: `locus.v1.Locations` (keyed → owner, geo → scatter), `locus.v1.Cluster`,
@@ -77,6 +81,11 @@
 //! - [`udp`]: compact UDP fixes: the datagram, session ids and keys (pure), and
 //!   `udp::ingest`, the socket shell and the owner's side; `api::SessionsApi` opens
 //!   and closes sessions.
+//! - [`history`]: every accepted fix per partition for `--history-retention`: the raw
+//!   entries shards buffer and the compact blocks (`history::codec`), the per-partition
+//!   segment files (`HistoryStore`); read by `api::history` (`GetHistory`,
+//!   `Fixes.Subscribe`); [`export`]: `locus export postgres`, a consumer of the stream
+//!   that copies it into PostgreSQL exactly once.
 //! - [`limits`]: counted slots for what a client holds open (watches, subscriptions).
 //! - [`keys`]: deterministic key hashing; partitions, the unit shards and nodes own
 //!   (and `PartitionSet`, a bitmap of them).
