@@ -37,7 +37,8 @@ async fn table_rows(db: &tokio_postgres::Client) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_exporter_killed_mid_batch_and_restarted_leaves_every_fix_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let pg = PgServer::start(&dir.path().join("pg"), common::cluster::free_port()).expect("PostgreSQL (.ci/run installs it)");
+    let pg = PgServer::start(&dir.path().join("pg"), common::cluster::free_port())
+        .expect("PostgreSQL (.ci/run installs it)");
     let node = NodeProc::start(dir.path(), &["--persist-interval", "50ms"]);
     let ids: Vec<String> = (0..60).map(|i| format!("pg-{i}")).collect();
     let ts0 = now_ms() - 3_600_000;

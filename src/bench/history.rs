@@ -171,12 +171,7 @@ pub fn report(f: &HistoryFigures, out: &mut String) -> std::fmt::Result {
     writeln!(out, "\n## History, the fix stream and the PostgreSQL exporter (one node)\n")?;
     writeln!(out, "| figure | value |")?;
     writeln!(out, "|---|---|")?;
-    writeln!(
-        out,
-        "| ingest, no consumer ({} fixes) | **{:.0} fixes/s** |",
-        f.plain.fixes,
-        f.plain.rate()
-    )?;
+    writeln!(out, "| ingest, no consumer ({} fixes) | **{:.0} fixes/s** |", f.plain.fixes, f.plain.rate())?;
     writeln!(
         out,
         "| ingest with 4 `Fixes.Subscribe` consumers reading along ({} fixes) | **{:.0} fixes/s** |",
