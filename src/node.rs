@@ -361,6 +361,7 @@ pub async fn run_on(
     .context("opening the trips tree")?;
     if let Some(h) = &history {
         replicator.set_history(h.clone());
+        trips.set_history(crate::actors::HistorySink::start(persister.sender()));
     }
     let handoff = Handoff::open(
         gossip_addr,
@@ -434,11 +435,12 @@ pub async fn run_on(
     });
     // Event and fix subscriptions count against one `--max-subscriptions`.
     let subscriptions = crate::limits::Slots::new("subscriptions", "--max-subscriptions", cfg.max_subscriptions);
+    let fixes = Arc::new(FixesApi::new(history.clone(), cluster.clone(), subscriptions.clone()));
     let events_svc = EventsServer::new(
         EventsApi::new(bus.clone(), cluster.clone(), cfg.max_subscriptions)
-            .with_subscription_slots(subscriptions.clone()),
+            .with_subscription_slots(subscriptions)
+            .with_history(fixes.clone()),
     );
-    let fixes = Arc::new(FixesApi::new(history.clone(), cluster.clone(), subscriptions));
     let fixes_svc = FixesServer::from_arc(fixes.clone());
     let map_source = crate::map::MapSource::new(router.clone(), trips.clone(), cluster.clone());
     let internal_svc = InternalServer::new(
@@ -576,6 +578,7 @@ pub async fn run_on(
         s.join().await;
     }
     feed.abort();
+    trips.close_history().await;
     tokio::task::spawn_blocking(move || persister.stop(Duration::from_secs(30))).await?;
     if let Err(e) = store.flush().await {
         warn!(error = %e, "flushing the trips/claims store");

@@ -429,7 +429,11 @@ async fn a_frozen_owner_stands_down_when_it_thaws_and_never_applies_a_stale_writ
         }
     }
     let short = short.unwrap();
-    let expired = || pb::SubscribeRequest { entity: pb::EntityKind::EntityTrip as i32, states: vec!["EXPIRED".into()] };
+    let expired = || pb::SubscribeRequest {
+        entity: pb::EntityKind::EntityTrip as i32,
+        states: vec!["EXPIRED".into()],
+        ..Default::default()
+    };
     let mut on_n2 = tonic::Request::new(expired());
     on_n2.metadata_mut().insert("locus-scope", "local".parse().unwrap());
     let n2_events =

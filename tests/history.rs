@@ -403,3 +403,90 @@ async fn after_an_owner_is_killed_the_stream_goes_on_from_its_replicas_without_r
     let missing = acked.iter().filter(|(k, _)| !seen.contains_key(k)).count();
     eprintln!("[test] {} acknowledged, {missing} lost with the killed owner", acked.len());
 }
+
+/// Applies a replayable events message: a change (counted, its position checked), or a
+/// checkpoint (positions only).
+fn take_change(c: pb::StateChange, cursor: &mut Cursor, seen: &mut Vec<(String, String, String)>) {
+    if c.entity == pb::EntityKind::Unspecified as i32 {
+        for p in c.positions {
+            let e = cursor.entry(p.partition).or_insert((p.epoch, p.seq));
+            assert!((p.epoch, p.seq) >= *e, "cursor of {} went back", p.partition);
+            *e = (p.epoch, p.seq);
+        }
+        return;
+    }
+    let p = c.position.expect("a replayable change has its position");
+    if let Some(at) = cursor.get(&p.partition) {
+        assert!((p.epoch, p.seq) > *at, "partition {} went back", p.partition);
+    }
+    cursor.insert(p.partition, (p.epoch, p.seq));
+    seen.push((c.id, c.from_state, c.state));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changes_replay_from_a_cursor_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::start(dir.path(), &["--persist-interval", "50ms"]);
+    let ts0 = now_ms() - 60_000;
+    let mut cl = node.client().await;
+    let status =
+        |id: &str, ts: i64, s: pb::DriverStatus| pb::LocationUpdate { status: s as i32, ..fix(id, 52.5, 13.4, ts) };
+    cl.update(status("ev-1", ts0, pb::DriverStatus::Available)).await.unwrap();
+    cl.update(status("ev-1", ts0 + 1_000, pb::DriverStatus::OnTrip)).await.unwrap();
+    cl.update(status("ev-2", ts0, pb::DriverStatus::Offline)).await.unwrap();
+    let ch = locus::sim::connect_channel(&node.grpc).await.unwrap();
+    locus::pb::trips_client::TripsClient::new(ch.clone()).apply(common::booking("ev-trip")).await.unwrap();
+
+    let replay = |cursor: &Cursor, entity: pb::EntityKind| pb::SubscribeRequest {
+        entity: entity as i32,
+        resumable: true,
+        start: pb::StartAt::Earliest as i32,
+        after: cursor.iter().map(|(p, (e, s))| pb::HistoryPosition { partition: *p, epoch: *e, seq: *s }).collect(),
+        ..Default::default()
+    };
+    let mut events = locus::pb::events_client::EventsClient::new(ch);
+    let (mut cursor, mut seen) = (Cursor::new(), Vec::new());
+    let mut s = events.subscribe(replay(&cursor, pb::EntityKind::Unspecified)).await.unwrap().into_inner();
+    let want = [
+        ("ev-1".to_string(), String::new(), "AVAILABLE".to_string()),
+        ("ev-1".into(), "AVAILABLE".into(), "ON_TRIP".into()),
+        ("ev-2".into(), String::new(), "OFFLINE".into()),
+        ("ev-trip".into(), String::new(), "BOOKING_CREATED".into()),
+    ];
+    while seen.len() < want.len() {
+        let c = tokio::time::timeout(Duration::from_secs(5), s.next()).await.expect("a change").unwrap().unwrap();
+        take_change(c, &mut cursor, &mut seen);
+    }
+    drop(s);
+    for w in &want {
+        assert!(seen.contains(w), "{w:?} not replayed: {seen:?}");
+    }
+    // Fixes do not show in the events stream, and their positions are skipped.
+    assert_eq!(seen.len(), want.len(), "{seen:?}");
+
+    node.kill9();
+    let node = node.restart();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let http = node.http.clone();
+            async move { common::http_get(&http, "/readyz").await.0 == 200 }
+        })
+        .await
+    );
+    let mut cl = node.client().await;
+    cl.update(status("ev-1", ts0 + 2_000, pb::DriverStatus::Available)).await.unwrap();
+    let ch = locus::sim::connect_channel(&node.grpc).await.unwrap();
+    let mut events = locus::pb::events_client::EventsClient::new(ch);
+    let mut s = events.subscribe(replay(&cursor, pb::EntityKind::EntityDriver)).await.unwrap().into_inner();
+    let mut more = Vec::new();
+    while more.is_empty() {
+        let c = tokio::time::timeout(Duration::from_secs(5), s.next()).await.expect("a change").unwrap().unwrap();
+        take_change(c, &mut cursor, &mut more);
+    }
+    assert_eq!(more, vec![("ev-1".to_string(), "ON_TRIP".to_string(), "AVAILABLE".to_string())]);
+    // And nothing else: the old changes are not repeated.
+    while let Ok(Some(Ok(c))) = tokio::time::timeout(Duration::from_millis(700), s.next()).await {
+        take_change(c, &mut cursor, &mut more);
+    }
+    assert_eq!(more.len(), 1, "{more:?}");
+}

@@ -73,7 +73,7 @@ async fn a_trip_through_its_life_with_claims_events_and_its_share_link() {
     let mut t = trips(&node).await;
     let mut d = dispatch(&node).await;
     let mut ev = EventsClient::connect(node.grpc.clone()).await.unwrap();
-    let trip_events = pb::SubscribeRequest { entity: pb::EntityKind::EntityTrip as i32, states: vec![] };
+    let trip_events = pb::SubscribeRequest { entity: pb::EntityKind::EntityTrip as i32, ..Default::default() };
     let mut sub = ev.subscribe(trip_events).await.unwrap().into_inner();
     // d1 is 1.1 km north of the pickup, d2 much further.
     let ts = now_ms() - 300_000;
@@ -342,8 +342,11 @@ async fn concurrent_matches_across_three_nodes_never_assign_a_driver_twice() {
     c.converge(&["n0", "n1", "n2"], Duration::from_secs(20)).await;
     // Subscribe at n0 to every node's DISPATCHED changes.
     let mut ev = EventsClient::connect(c.node(0).grpc.clone()).await.unwrap();
-    let filter =
-        pb::SubscribeRequest { entity: pb::EntityKind::EntityDriver as i32, states: vec!["DISPATCHED".into()] };
+    let filter = pb::SubscribeRequest {
+        entity: pb::EntityKind::EntityDriver as i32,
+        states: vec!["DISPATCHED".into()],
+        ..Default::default()
+    };
     let mut sub = ev.subscribe(filter).await.unwrap().into_inner();
     tokio::time::sleep(Duration::from_millis(500)).await;
 

@@ -483,6 +483,7 @@ impl Worker {
                 Event::IndexSet { kind, key, driver_id } => self.index.set(kind, key, driver_id),
                 Event::IndexUnset { kind, key, driver_id } => self.index.unset(kind, &key, &driver_id),
                 Event::StatusChanged { driver_id, from, to, lat, lon } => {
+                    self.core.keep_event(&driver_id, from, to, (lat, lon, wall_ms()));
                     if let Some(bus) = &self.hooks.events
                         && bus.receiver_count() > 0
                     {
@@ -666,5 +667,97 @@ impl Worker {
             .set((rx.max_capacity() - rx.capacity()) as f64);
         metrics::gauge!("locus_watchers", "shard" => shard)
             .set(self.watchers.values().map(Vec::len).sum::<usize>() as f64);
+    }
+}
+
+/// State changes from outside the shards (trip actors) into the history: one task takes
+/// them in order, hands them to the persister in batches, and answers barriers.
+pub struct HistorySink {
+    tx: mpsc::Sender<SinkMsg>,
+}
+
+enum SinkMsg {
+    /// Raw history entries (`history::codec`) and their partition.
+    Raw(Vec<u8>, u16),
+    /// Answered once everything sent before is in the history store.
+    Barrier(oneshot::Sender<()>),
+    /// Hand over what is queued and stop (the persister stops once nobody holds it).
+    Close(oneshot::Sender<()>),
+}
+
+impl HistorySink {
+    /// Starts the sink's task (it ends when every handle is dropped).
+    pub fn start(persist: mpsc::Sender<PersistBatch>) -> Arc<HistorySink> {
+        let (tx, rx) = mpsc::channel(8_192);
+        crate::tasks::spawn("history_sink", sink(rx, persist));
+        Arc::new(HistorySink { tx })
+    }
+
+    /// Queues raw entries of `partition`; false (and counted) if the queue is full.
+    pub fn log(&self, raw: Vec<u8>, partition: u16) -> bool {
+        let ok = self.tx.try_send(SinkMsg::Raw(raw, partition)).is_ok();
+        if !ok {
+            metrics::counter!("locus_history_dropped_total", "what" => "trip_event").increment(1);
+        }
+        ok
+    }
+
+    /// Hands over what is queued and ends the task (at shutdown, before the persister
+    /// stops: it waits for every sender to be gone).
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(SinkMsg::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Returns once everything logged before the call is in the history store.
+    pub async fn barrier(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(SinkMsg::Barrier(tx)).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        }
+    }
+}
+
+async fn sink(mut rx: mpsc::Receiver<SinkMsg>, persist: mpsc::Sender<PersistBatch>) {
+    let written = Arc::new(watch::channel(0u64).0);
+    let mut sent = 0u64;
+    while let Some(first) = rx.recv().await {
+        let mut batch = PersistBatch::default();
+        let mut waiters = Vec::new();
+        let mut closing = None;
+        let mut next = Some(first);
+        while let Some(m) = next {
+            match m {
+                SinkMsg::Raw(raw, p) => {
+                    batch.history.extend_from_slice(&raw);
+                    batch.history_parts.insert(p);
+                }
+                SinkMsg::Barrier(w) => waiters.push(w),
+                SinkMsg::Close(w) => closing = Some(w),
+            }
+            next = if closing.is_some() { None } else { rx.try_recv().ok() };
+        }
+        if !batch.history.is_empty() {
+            sent += 1;
+            batch.history_ack = Some((written.clone(), sent));
+            batch.hold_clock();
+            if persist.send(batch).await.is_err() {
+                return;
+            }
+        }
+        if let Some(w) = closing {
+            drop(persist);
+            let _ = w.send(());
+            return;
+        }
+        if !waiters.is_empty() {
+            let mut w = written.subscribe();
+            let _ = tokio::time::timeout(Duration::from_secs(10), w.wait_for(|n| *n >= sent)).await;
+            for x in waiters {
+                let _ = x.send(());
+            }
+        }
     }
 }

@@ -1,5 +1,7 @@
-//! The history's readers: `Locations.GetHistory` (one driver, on its owner) and
-//! `locus.v1.Fixes.Subscribe` (every fix, from a cursor), with `Internal.FixesPart`.
+//! The history's readers: `Locations.GetHistory` (one driver, on its owner),
+//! `locus.v1.Fixes.Subscribe` (every fix, from a cursor) and the replayable
+//! `Events.Subscribe` (every state change, from a cursor: they are kept in the same
+//! per-partition history), with `Internal.HistoryPart`.
 //!
 //! A subscription has two halves:
 //! - **A node's part** ([`node_part`]) streams the partitions this node serves, each
@@ -18,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::debug;
@@ -25,12 +28,13 @@ use tracing::debug;
 use super::locations::BoxStream;
 use super::{check_coord, invalid, status_mask};
 use crate::drivers::{FieldError, TrailFix};
+use crate::events::{Entity, Filter};
 use crate::geo::LatLonBox;
-use crate::history::{Behind, HistFix, HistoryStore, Pos};
+use crate::history::{Behind, HistEvent, HistFix, HistoryStore, Pos};
 use crate::keys::PARTITIONS;
 use crate::ownership::{Route, Routes};
 use crate::pb;
-use crate::routing::cluster::{Cluster, is_local_scope, set_local_scope};
+use crate::routing::cluster::{Cluster, set_local_scope};
 
 /// Most fixes per `GetHistory` answer and per subscription batch.
 pub const MAX_HISTORY_PAGE: u32 = 10_000;
@@ -114,53 +118,95 @@ pub fn get_history(h: &HistoryStore, q: &HistoryQuery) -> Result<pb::HistoryResp
     Ok(out)
 }
 
-/// A validated subscription.
+/// What a subscription reads.
 #[derive(Clone, Debug)]
-pub struct FixQuery {
-    after: HashMap<u16, Pos>,
-    earliest: bool,
-    area: Option<LatLonBox>,
-    statuses: u32,
-    max_batch: usize,
+enum What {
+    Fixes { area: Option<LatLonBox>, statuses: u32 },
+    Events(Filter),
 }
 
-impl FixQuery {
-    fn keeps(&self, f: &HistFix) -> bool {
-        if self.statuses & (1 << f.status) == 0 {
-            return false;
+/// A validated subscription (to fixes or to state changes).
+#[derive(Clone, Debug)]
+pub struct Query {
+    after: HashMap<u16, Pos>,
+    earliest: bool,
+    max_batch: usize,
+    what: What,
+    /// The client's request, for the other nodes' parts.
+    original: pb::HistoryPartRequest,
+}
+
+impl Query {
+    fn keeps_fix(&self, f: &HistFix) -> bool {
+        match &self.what {
+            What::Fixes { area, statuses } => {
+                statuses & (1 << f.status) != 0
+                    && area.is_none_or(|b| b.contains(f.lat_e7 as f64 / 1e7, f.lon_e7 as f64 / 1e7))
+            }
+            What::Events(_) => false,
         }
-        self.area.is_none_or(|b| b.contains(f.lat_e7 as f64 / 1e7, f.lon_e7 as f64 / 1e7))
+    }
+
+    fn keeps_event(&self, e: &HistEvent) -> bool {
+        match &self.what {
+            What::Fixes { .. } => false,
+            What::Events(f) => {
+                let entity = if e.entity == 1 { Entity::Driver } else { Entity::Trip };
+                f.entity.is_none_or(|x| x == entity)
+                    && (f.states.is_empty() || f.states.iter().any(|s| **s == *e.state))
+            }
+        }
     }
 
     /// The request a part on another node is asked (with the gateway's cursor).
-    fn request(&self, after: &HashMap<u16, Pos>, original: &pb::SubscribeFixesRequest) -> pb::SubscribeFixesRequest {
-        let mut r = original.clone();
-        r.after = after.iter().map(|(p, pos)| position_proto(*p, *pos)).collect();
+    fn request(&self, after: &HashMap<u16, Pos>) -> pb::HistoryPartRequest {
+        let mut r = self.original.clone();
+        let cursor: Vec<pb::HistoryPosition> = after.iter().map(|(p, pos)| position_proto(*p, *pos)).collect();
+        if let Some(f) = &mut r.fixes {
+            f.after = cursor;
+        } else if let Some(e) = &mut r.events {
+            e.after = cursor;
+        }
         r
     }
 }
 
-pub fn fix_query(r: &pb::SubscribeFixesRequest) -> Result<FixQuery, FieldError> {
-    if r.after.len() > PARTITIONS as usize {
-        return Err(FieldError::new(
-            "after",
-            format!("{} positions; there are {PARTITIONS} partitions", r.after.len()),
-        ));
+/// The cursor and start of a request.
+fn cursor(after: &[pb::HistoryPosition], start: i32) -> Result<(HashMap<u16, Pos>, bool), FieldError> {
+    if after.len() > PARTITIONS as usize {
+        return Err(FieldError::new("after", format!("{} positions; there are {PARTITIONS} partitions", after.len())));
     }
-    let mut after = HashMap::new();
-    for a in &r.after {
+    let mut out = HashMap::new();
+    for a in after {
         let p = u16::try_from(a.partition)
             .ok()
             .filter(|p| *p < PARTITIONS)
             .ok_or_else(|| FieldError::new("after", format!("partition {} is not below {PARTITIONS}", a.partition)))?;
-        if after.insert(p, Pos { epoch: a.epoch, seq: a.seq }).is_some() {
+        if out.insert(p, Pos { epoch: a.epoch, seq: a.seq }).is_some() {
             return Err(FieldError::new("after", format!("partition {p} appears twice")));
         }
     }
-    let earliest = match pb::StartAt::try_from(r.start) {
+    let earliest = match pb::StartAt::try_from(start) {
         Ok(s) => s == pb::StartAt::Earliest,
-        Err(_) => return Err(FieldError::new("start", format!("unknown start {}", r.start))),
+        Err(_) => return Err(FieldError::new("start", format!("unknown start {start}"))),
     };
+    Ok((out, earliest))
+}
+
+/// Whether an `Events.Subscribe` request asks for the replayable stream.
+pub fn replayable(r: &pb::SubscribeRequest) -> bool {
+    r.resumable || !r.after.is_empty() || r.start == pb::StartAt::Earliest as i32
+}
+
+/// A replayable `Events.Subscribe` (its filter validated by the caller).
+pub fn event_query(r: &pb::SubscribeRequest, filter: Filter) -> Result<Query, FieldError> {
+    let (after, earliest) = cursor(&r.after, r.start)?;
+    let original = pb::HistoryPartRequest { fixes: None, events: Some(r.clone()) };
+    Ok(Query { after, earliest, max_batch: DEFAULT_PAGE as usize, what: What::Events(filter), original })
+}
+
+pub fn fix_query(r: &pb::SubscribeFixesRequest) -> Result<Query, FieldError> {
+    let (after, earliest) = cursor(&r.after, r.start)?;
     let area = match &r.area {
         None => None,
         Some(b) => {
@@ -179,7 +225,9 @@ pub fn fix_query(r: &pb::SubscribeFixesRequest) -> Result<FixQuery, FieldError> 
         }
         m => m,
     } as usize;
-    Ok(FixQuery { after, earliest, area, statuses: status_mask(&r.statuses)?, max_batch })
+    let what = What::Fixes { area, statuses: status_mask(&r.statuses)? };
+    let original = pb::HistoryPartRequest { fixes: Some(r.clone()), events: None };
+    Ok(Query { after, earliest, max_batch, what, original })
 }
 
 fn out_of_range(b: Behind) -> Status {
@@ -190,12 +238,26 @@ fn out_of_range(b: Behind) -> Status {
     ))
 }
 
-type Out = mpsc::Sender<Result<pb::FixBatch, Status>>;
+type Out = mpsc::Sender<Result<pb::HistoryPartBatch, Status>>;
+
+pub fn event_proto(p: u16, e: &HistEvent) -> pb::StateChange {
+    pb::StateChange {
+        entity: if e.entity == 1 { pb::EntityKind::EntityDriver } else { pb::EntityKind::EntityTrip } as i32,
+        id: e.id.to_string(),
+        state: e.state.to_string(),
+        from_state: e.from_state.as_deref().unwrap_or("").to_string(),
+        timestamp_ms: e.timestamp_ms,
+        lat: e.lat_e7 as f64 / 1e7,
+        lon: e.lon_e7 as f64 / 1e7,
+        position: Some(position_proto(p, e.pos)),
+        positions: Vec::new(),
+    }
+}
 
 /// This node's part of a subscription: the partitions it serves, from the cursor. A
 /// partition's first batch says where it starts (so a gateway that restarts its parts
 /// resumes it there, even if nothing passed the filter).
-pub async fn node_part(h: Arc<HistoryStore>, mut routes: watch::Receiver<Arc<Routes>>, q: FixQuery, tx: Out) {
+pub async fn node_part(h: Arc<HistoryStore>, mut routes: watch::Receiver<Arc<Routes>>, q: Query, tx: Out) {
     let mut changes = h.changes();
     // Per partition: `None` until first served here, then the position read up to.
     let mut cursor: Vec<Option<Option<Pos>>> = vec![None; PARTITIONS as usize];
@@ -204,7 +266,7 @@ pub async fn node_part(h: Arc<HistoryStore>, mut routes: watch::Receiver<Arc<Rou
     loop {
         changes.borrow_and_update();
         let r = routes.borrow_and_update().clone();
-        let mut batch = pb::FixBatch::default();
+        let mut batch = pb::HistoryPartBatch::default();
         let mut more = false;
         for p in (next..PARTITIONS).chain(0..next) {
             if r.of(p as usize) != Route::Local {
@@ -228,19 +290,21 @@ pub async fn node_part(h: Arc<HistoryStore>, mut routes: watch::Receiver<Arc<Rou
             if h.last(p).is_none_or(|l| c.is_some_and(|c| l <= c)) {
                 continue;
             }
-            let page = match h.read_after(p, *c, q.max_batch.saturating_sub(batch.fixes.len()).max(1)) {
+            let room = q.max_batch.saturating_sub(batch.fixes.len() + batch.events.len()).max(1);
+            let page = match h.read_after(p, *c, room) {
                 Ok(page) => page,
                 Err(b) => {
                     let _ = tx.send(Err(out_of_range(b))).await;
                     return;
                 }
             };
-            batch.fixes.extend(page.fixes.iter().filter(|f| q.keeps(f)).map(|f| fix_proto(p, f)));
+            batch.fixes.extend(page.fixes.iter().filter(|f| q.keeps_fix(f)).map(|f| fix_proto(p, f)));
+            batch.events.extend(page.events.iter().filter(|e| q.keeps_event(e)).map(|e| event_proto(p, e)));
             if let Some(u) = page.upto {
                 *c = Some(u);
                 batch.positions.push(position_proto(p, u));
             }
-            if page.more || batch.fixes.len() >= q.max_batch {
+            if page.more || batch.fixes.len() + batch.events.len() >= q.max_batch {
                 more = true;
                 next = (p + 1) % PARTITIONS;
                 break;
@@ -281,12 +345,31 @@ impl FixesApi {
         self.history.clone().ok_or_else(|| Status::failed_precondition("the history is off (--history-retention 0)"))
     }
 
-    /// `Internal.FixesPart`: this node's part, for a gateway.
-    pub fn part(&self, r: pb::SubscribeFixesRequest) -> Result<BoxStream<pb::FixBatch>, Status> {
-        let q = fix_query(&r).map_err(|e| invalid(&e))?;
+    /// `Internal.HistoryPart`: this node's part, for a gateway.
+    pub fn part(&self, r: pb::HistoryPartRequest) -> Result<BoxStream<pb::HistoryPartBatch>, Status> {
+        let q = match (&r.fixes, &r.events) {
+            (Some(f), _) => fix_query(f).map_err(|e| invalid(&e))?,
+            (None, Some(e)) => {
+                let filter = super::trips::event_filter(e)?;
+                event_query(e, filter).map_err(|e| invalid(&e))?
+            }
+            (None, None) => return Err(Status::invalid_argument("fixes or events: one is required")),
+        };
         let (tx, rx) = mpsc::channel(4);
-        crate::tasks::spawn("fixes_part", node_part(self.store()?, self.cluster.watch_routes(), q, tx));
+        crate::tasks::spawn("history_part", node_part(self.store()?, self.cluster.watch_routes(), q, tx));
         Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    /// A client's subscription: every node's part, merged (see the module docs).
+    pub fn subscribe_merged(&self, q: Query) -> Result<mpsc::Receiver<Result<pb::HistoryPartBatch, Status>>, Status> {
+        let h = self.store()?;
+        let (tx, rx) = mpsc::channel(4);
+        crate::tasks::spawn("history_gateway", gateway(h, self.cluster.clone(), q, tx));
+        Ok(rx)
+    }
+
+    pub fn subscriptions(&self) -> &Arc<crate::limits::Slots> {
+        &self.subscriptions
     }
 }
 
@@ -294,20 +377,15 @@ impl FixesApi {
 type Delivered = Arc<Mutex<HashMap<u16, Pos>>>;
 
 /// One other node's part into `tx`, reopened (from what was forwarded) until dropped.
-async fn remote_part(
-    cluster: Arc<Cluster>,
-    addr: SocketAddr,
-    q: FixQuery,
-    original: pb::SubscribeFixesRequest,
-    delivered: Delivered,
-    tx: Out,
-) {
+async fn remote_part(cluster: Arc<Cluster>, addr: SocketAddr, q: Query, delivered: Delivered, tx: Out) {
     loop {
         if let Some(peer) = cluster.peer_in(&cluster.view(), addr) {
             let after = delivered.lock().expect("delivered lock").clone();
-            let mut req = Request::new(q.request(&after, &original));
+            let mut req = Request::new(q.request(&after));
             set_local_scope(req.metadata_mut());
-            match pb::internal_client::InternalClient::new(peer.channel.clone()).fixes_part(req).await {
+            let mut client = pb::internal_client::InternalClient::new(peer.channel.clone())
+                .max_decoding_message_size(crate::routing::cluster::MAX_MESSAGE_BYTES);
+            match client.history_part(req).await {
                 Ok(s) => {
                     let mut s = s.into_inner();
                     loop {
@@ -358,13 +436,7 @@ fn shape(cluster: &Cluster) -> (Vec<SocketAddr>, u64) {
 }
 
 /// A client's subscription: every node's part, merged without repeats.
-async fn gateway(
-    h: Arc<HistoryStore>,
-    cluster: Arc<Cluster>,
-    q: FixQuery,
-    original: pb::SubscribeFixesRequest,
-    out: Out,
-) {
+async fn gateway(h: Arc<HistoryStore>, cluster: Arc<Cluster>, q: Query, out: Out) {
     let delivered: Delivered = Arc::new(Mutex::new(q.after.clone()));
     let mut view = cluster.watch_view();
     let mut routes = cluster.watch_routes();
@@ -378,7 +450,7 @@ async fn gateway(
             node_part(h.clone(), cluster.watch_routes(), q_now.clone(), tx.clone()),
         )];
         for a in &current.0 {
-            let t = remote_part(cluster.clone(), *a, q_now.clone(), original.clone(), delivered.clone(), tx.clone());
+            let t = remote_part(cluster.clone(), *a, q_now.clone(), delivered.clone(), tx.clone());
             tasks.push(crate::tasks::spawn("fixes_peer", t));
         }
         drop(tx);
@@ -418,9 +490,9 @@ async fn gateway(
 }
 
 /// Keeps what is past the positions forwarded so far, and advances them.
-fn merge(delivered: &Delivered, b: pb::FixBatch) -> pb::FixBatch {
+fn merge(delivered: &Delivered, b: pb::HistoryPartBatch) -> pb::HistoryPartBatch {
     let mut d = delivered.lock().expect("delivered lock");
-    let mut out = pb::FixBatch::default();
+    let mut out = pb::HistoryPartBatch::default();
     let mut touched: Vec<u16> = Vec::new();
     let key = |p: &pb::HistoryPosition| (p.partition as u16, Pos { epoch: p.epoch, seq: p.seq });
     for f in b.fixes {
@@ -429,6 +501,14 @@ fn merge(delivered: &Delivered, b: pb::FixBatch) -> pb::FixBatch {
             d.insert(p, pos);
             touched.push(p);
             out.fixes.push(f);
+        }
+    }
+    for e in b.events {
+        let Some((p, pos)) = e.position.as_ref().map(key) else { continue };
+        if d.get(&p).is_none_or(|last| pos > *last) {
+            d.insert(p, pos);
+            touched.push(p);
+            out.events.push(e);
         }
     }
     for x in &b.positions {
@@ -452,15 +532,12 @@ impl pb::fixes_server::Fixes for FixesApi {
         &self,
         req: Request<pb::SubscribeFixesRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        if is_local_scope(req.metadata()) {
-            return self.part(req.into_inner()).map(Response::new);
-        }
         let r = req.into_inner();
         let q = fix_query(&r).map_err(|e| invalid(&e))?;
-        let h = self.store()?;
         let slot = self.subscriptions.take()?;
-        let (tx, rx) = mpsc::channel(4);
-        crate::tasks::spawn("fixes_gateway", gateway(h, self.cluster.clone(), q, r, tx));
-        Ok(Response::new(Box::pin(crate::limits::holding(ReceiverStream::new(rx), slot))))
+        let rx = self.subscribe_merged(q)?;
+        let batches =
+            ReceiverStream::new(rx).map(|b| b.map(|b| pb::FixBatch { fixes: b.fixes, positions: b.positions }));
+        Ok(Response::new(Box::pin(crate::limits::holding(batches, slot))))
     }
 }

@@ -384,12 +384,20 @@ pub struct EventsApi {
     cluster: Arc<Cluster>,
     /// Subscriptions clients hold open on this node (`--max-subscriptions`).
     subscriptions: Arc<crate::limits::Slots>,
+    /// Replayable subscriptions read the history through it.
+    history: Option<Arc<super::FixesApi>>,
 }
 
 impl EventsApi {
     pub fn new(bus: Bus, cluster: Arc<Cluster>, max_subscriptions: usize) -> Self {
         let subscriptions = crate::limits::Slots::new("subscriptions", "--max-subscriptions", max_subscriptions);
-        EventsApi { bus, cluster, subscriptions }
+        EventsApi { bus, cluster, subscriptions, history: None }
+    }
+
+    /// Serves replayable subscriptions (`resumable`, a cursor) from the history.
+    pub fn with_history(mut self, fixes: Arc<super::FixesApi>) -> Self {
+        self.history = Some(fixes);
+        self
     }
 
     /// Counts subscriptions against `slots` (shared with `Fixes.Subscribe`).
@@ -504,19 +512,27 @@ impl pb::events_server::Events for EventsApi {
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let local_only = is_local_scope(req.metadata());
         let r = req.into_inner();
-        if r.states.len() > 32 {
-            return Err(invalid(&FieldError::new("states", "at most 32 states")));
+        let filter = event_filter(&r)?;
+        if super::history::replayable(&r) {
+            let fixes = self.history.as_ref().ok_or_else(|| {
+                Status::failed_precondition("replayable events need the history (--history-retention is 0)")
+            })?;
+            let q = super::history::event_query(&r, filter).map_err(|e| invalid(&e))?;
+            let slot = fixes.subscriptions().take()?;
+            let rx = fixes.subscribe_merged(q)?;
+            let changes = futures_util::StreamExt::flat_map(ReceiverStream::new(rx), |b| {
+                let items: Vec<Result<pb::StateChange, Status>> = match b {
+                    Err(e) => vec![Err(e)],
+                    Ok(b) => {
+                        let checkpoint = (!b.positions.is_empty())
+                            .then(|| pb::StateChange { positions: b.positions, ..Default::default() });
+                        b.events.into_iter().chain(checkpoint).map(Ok).collect()
+                    }
+                };
+                tokio_stream::iter(items)
+            });
+            return Ok(Response::new(Box::pin(crate::limits::holding(changes, slot))));
         }
-        for s in &r.states {
-            check_str("states", s, true, 32).map_err(|e| invalid(&e))?;
-        }
-        let entity = match pb::EntityKind::try_from(r.entity) {
-            Ok(pb::EntityKind::Unspecified) => None,
-            Ok(pb::EntityKind::EntityDriver) => Some(Entity::Driver),
-            Ok(pb::EntityKind::EntityTrip) => Some(Entity::Trip),
-            Err(_) => return Err(invalid(&FieldError::new("entity", format!("unknown entity kind {}", r.entity)))),
-        };
-        let filter = Filter { entity, states: r.states.clone() };
         // A client's subscription (a node's part of another's is counted there).
         let slot = if local_only { None } else { Some(self.subscriptions.take()?) };
         let (tx, rx) = mpsc::channel(1024);
@@ -617,12 +633,12 @@ impl pb::internal_server::Internal for InternalApi {
         self.map.local_part(&q).await.map(Response::new).map_err(super::route_status)
     }
 
-    type FixesPartStream = BoxStream<pb::FixBatch>;
+    type HistoryPartStream = BoxStream<pb::HistoryPartBatch>;
 
-    async fn fixes_part(
+    async fn history_part(
         &self,
-        req: Request<pb::SubscribeFixesRequest>,
-    ) -> Result<Response<Self::FixesPartStream>, Status> {
+        req: Request<pb::HistoryPartRequest>,
+    ) -> Result<Response<Self::HistoryPartStream>, Status> {
         let fixes = self.fixes.as_ref().ok_or_else(|| Status::unimplemented("no fix stream on this node"))?;
         fixes.part(req.into_inner()).map(Response::new)
     }
@@ -768,7 +784,26 @@ fn state_change_proto(c: &StateChange) -> pb::StateChange {
         timestamp_ms: c.timestamp_ms,
         lat: c.lat,
         lon: c.lon,
+        position: None,
+        positions: Vec::new(),
     }
+}
+
+/// The filter of an `Events.Subscribe`.
+pub(super) fn event_filter(r: &pb::SubscribeRequest) -> Result<Filter, Status> {
+    if r.states.len() > 32 {
+        return Err(invalid(&FieldError::new("states", "at most 32 states")));
+    }
+    for s in &r.states {
+        check_str("states", s, true, 32).map_err(|e| invalid(&e))?;
+    }
+    let entity = match pb::EntityKind::try_from(r.entity) {
+        Ok(pb::EntityKind::Unspecified) => None,
+        Ok(pb::EntityKind::EntityDriver) => Some(Entity::Driver),
+        Ok(pb::EntityKind::EntityTrip) => Some(Entity::Trip),
+        Err(_) => return Err(invalid(&FieldError::new("entity", format!("unknown entity kind {}", r.entity)))),
+    };
+    Ok(Filter { entity, states: r.states.clone() })
 }
 
 /// A validated `Internal.Claim` request as a claim call.

@@ -386,7 +386,11 @@ async fn watch_expiries(url: String, targets: Targets, h: Arc<Mutex<History>>, s
     while !*stop.borrow() {
         let id = SUBSCRIPTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ch = targets.stream_to(&url);
-        let req = pb::SubscribeRequest { entity: pb::EntityKind::EntityTrip as i32, states: vec!["EXPIRED".into()] };
+        let req = pb::SubscribeRequest {
+            entity: pb::EntityKind::EntityTrip as i32,
+            states: vec!["EXPIRED".into()],
+            ..Default::default()
+        };
         if let Ok(s) = EventsClient::new(ch).subscribe(req).await {
             let mut s = s.into_inner();
             let mut stop = stop.clone();

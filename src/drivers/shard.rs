@@ -818,6 +818,27 @@ impl DriverShard {
         self.history_parts.insert(r.partition);
     }
 
+    /// Appends a driver's state change (as the bus publishes it) to the history buffer,
+    /// so `Events.Subscribe` can replay it from a cursor.
+    pub fn keep_event(&mut self, driver_id: &str, from: Option<Status>, to: Option<Status>, at: (f64, f64, i64)) {
+        if !self.cfg.history {
+            return;
+        }
+        let (lat, lon, timestamp_ms) = at;
+        let e = crate::history::RawEvent {
+            partition: partition_of(driver_id.as_bytes()),
+            entity: 1,
+            id: driver_id,
+            state: to.map_or("GONE", Status::name),
+            from_state: from.map_or("", Status::name),
+            timestamp_ms,
+            lat_e7: (lat * 1e7).round() as i32,
+            lon_e7: (lon * 1e7).round() as i32,
+        };
+        crate::history::codec::push_raw_event(&mut self.history, &e);
+        self.history_parts.insert(e.partition);
+    }
+
     fn create(&mut self, fix: FixInput, pos: Position, vtype: u16, now_ms: i64) -> u32 {
         self.next_gen = self.next_gen.wrapping_add(1);
         let due = now_ms + self.cfg.ttl_ms;

@@ -186,7 +186,7 @@ mod tests {
         let line = String::from_utf8(out).unwrap();
         assert_eq!(
             line,
-            "7\t2\t9\ta\\tb\\\\c\\nd\t52.5\t13.4\t0\t0\t0\t2026-12-04 00:00:00.123+00\t2026-12-04 00:00:00.456+00\t\
+            "7\t2\t9\ta\\tb\\\\c\\nd\t52.5\t13.4\t0\t0\t0\t2026-12-05 00:00:00.123+00\t2026-12-05 00:00:00.456+00\t\
              AVAILABLE\t\\N\t12.50\tSRID=4326;POINT(13.4 52.5)\n"
         );
     }

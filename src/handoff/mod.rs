@@ -521,6 +521,8 @@ impl Handoff {
                 }
             };
             let mut trips = self.trips.export(&parts).await;
+            // Their trips' state changes are kept with the history that moves with them.
+            self.trips.history_barrier().await;
             for p in parts.iter() {
                 out.push(PartitionData {
                     partition: *p,

@@ -16,6 +16,11 @@
 //!   status u8 · trip: 0 or name index + 1, varint · trip cost in cents varint
 //! ```
 //!
+//! A block of **state changes** (flag bit 1) has the same header and records of
+//! `entity u8 · id index · state index · from-state: 0 or index + 1 · ms − previous
+//! record's (zigzag) · lat, lon deltas`: driver and trip events share their
+//! partition's positions with its fixes, so one cursor replays both.
+//!
 //! Names are numbered per segment: a block adds the ones its segment has not seen yet, so
 //! a driver's id is written once per segment, and a typical fix takes 12–18 bytes. In a
 //! file (and a replication or hand-off payload) every block is framed as
@@ -27,6 +32,8 @@ use super::Pos;
 
 /// Bit 0 of a block's flags: the block starts a new segment (and name table).
 pub const STARTS_SEGMENT: u8 = 1;
+/// Bit 1: the block holds state changes, not fixes.
+pub const EVENTS: u8 = 2;
 
 /// A frame's header: length and checksum.
 pub const FRAME_HEADER: usize = 8;
@@ -54,13 +61,24 @@ pub struct HistFix {
     pub trip_cost_cents: u64,
 }
 
+/// Raw entry kinds.
+const RAW_FIX: u8 = 0;
+const RAW_EVENT: u8 = 1;
+
+fn push_name(buf: &mut Vec<u8>, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(MAX_NAME)];
+    buf.push(s.len() as u8);
+    buf.extend_from_slice(s);
+}
+
 /// Appends one raw entry for an accepted fix to a shard's buffer:
-/// `partition u16 | id len u8 | id | lat_e7 i32 | lon_e7 i32 | device ms i64 |
+/// `0 u8 | partition u16 | id len u8 | id | lat_e7 i32 | lon_e7 i32 | device ms i64 |
 /// received ms i64 | motion u32 | status u8 | trip len u8 | trip | cost cents u32`.
 /// Ids longer than 255 bytes are cut (fixes are validated to 64 before).
 pub fn push_raw(buf: &mut Vec<u8>, e: &Raw<'_>) {
     let id = &e.driver_id.as_bytes()[..e.driver_id.len().min(MAX_NAME)];
     let trip = &e.trip_id.as_bytes()[..e.trip_id.len().min(MAX_NAME)];
+    buf.push(RAW_FIX);
     buf.extend_from_slice(&e.partition.to_le_bytes());
     buf.push(id.len() as u8);
     buf.extend_from_slice(id);
@@ -73,6 +91,63 @@ pub fn push_raw(buf: &mut Vec<u8>, e: &Raw<'_>) {
     buf.push(trip.len() as u8);
     buf.extend_from_slice(trip);
     buf.extend_from_slice(&e.trip_cost_cents.to_le_bytes());
+}
+
+/// Appends one raw state change: `1 u8 | partition u16 | entity u8 | id | state |
+/// from-state (each: len u8, bytes) | ms i64 | lat_e7 i32 | lon_e7 i32`.
+pub fn push_raw_event(buf: &mut Vec<u8>, e: &RawEvent<'_>) {
+    buf.push(RAW_EVENT);
+    buf.extend_from_slice(&e.partition.to_le_bytes());
+    buf.push(e.entity);
+    push_name(buf, e.id);
+    push_name(buf, e.state);
+    push_name(buf, e.from_state);
+    buf.extend_from_slice(&e.timestamp_ms.to_le_bytes());
+    buf.extend_from_slice(&e.lat_e7.to_le_bytes());
+    buf.extend_from_slice(&e.lon_e7.to_le_bytes());
+}
+
+/// One state change of a driver or a trip as the history keeps it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RawEvent<'a> {
+    pub partition: u16,
+    /// 1: driver, 2: trip.
+    pub entity: u8,
+    pub id: &'a str,
+    pub state: &'a str,
+    /// Empty for a new entity.
+    pub from_state: &'a str,
+    pub timestamp_ms: i64,
+    pub lat_e7: i32,
+    pub lon_e7: i32,
+}
+
+/// A raw entry: a fix or a state change.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Entry<'a> {
+    Fix(Raw<'a>),
+    Event(RawEvent<'a>),
+}
+
+impl Entry<'_> {
+    pub fn partition(&self) -> u16 {
+        match self {
+            Entry::Fix(f) => f.partition,
+            Entry::Event(e) => e.partition,
+        }
+    }
+
+    pub fn is_event(&self) -> bool {
+        matches!(self, Entry::Event(_))
+    }
+
+    /// Server time of the entry (a fix's acceptance, an event's time).
+    pub fn time_ms(&self) -> i64 {
+        match self {
+            Entry::Fix(f) => f.received_ms,
+            Entry::Event(e) => e.timestamp_ms,
+        }
+    }
 }
 
 /// One accepted fix as a shard hands it over (borrowed from its buffer).
@@ -92,10 +167,29 @@ pub struct Raw<'a> {
 
 /// The raw entries of a buffer, in order (the buffer is this process's own: a malformed
 /// one ends the iteration).
-pub fn raw_entries(buf: &[u8]) -> impl Iterator<Item = Raw<'_>> + '_ {
+pub fn raw_entries(buf: &[u8]) -> impl Iterator<Item = Entry<'_>> + '_ {
     let mut r = Reader { b: buf, at: 0 };
     std::iter::from_fn(move || {
+        let kind = r.take(1)?[0];
         let partition = u16::from_le_bytes(r.take(2)?.try_into().ok()?);
+        if kind == RAW_EVENT {
+            let entity = r.take(1)?[0];
+            let mut name = || {
+                let n = r.take(1)?[0] as usize;
+                std::str::from_utf8(r.take(n)?).ok()
+            };
+            let (id, state, from_state) = (name()?, name()?, name()?);
+            return Some(Entry::Event(RawEvent {
+                partition,
+                entity,
+                id,
+                state,
+                from_state,
+                timestamp_ms: i64::from_le_bytes(r.take(8)?.try_into().ok()?),
+                lat_e7: i32::from_le_bytes(r.take(4)?.try_into().ok()?),
+                lon_e7: i32::from_le_bytes(r.take(4)?.try_into().ok()?),
+            }));
+        }
         let n = r.take(1)?[0] as usize;
         let driver_id = std::str::from_utf8(r.take(n)?).ok()?;
         let lat_e7 = i32::from_le_bytes(r.take(4)?.try_into().ok()?);
@@ -107,7 +201,7 @@ pub fn raw_entries(buf: &[u8]) -> impl Iterator<Item = Raw<'_>> + '_ {
         let n = r.take(1)?[0] as usize;
         let trip_id = std::str::from_utf8(r.take(n)?).ok()?;
         let trip_cost_cents = u32::from_le_bytes(r.take(4)?.try_into().ok()?);
-        Some(Raw {
+        Some(Entry::Fix(Raw {
             partition,
             driver_id,
             lat_e7,
@@ -118,7 +212,7 @@ pub fn raw_entries(buf: &[u8]) -> impl Iterator<Item = Raw<'_>> + '_ {
             status,
             trip_id,
             trip_cost_cents,
-        })
+        }))
     })
 }
 
@@ -242,6 +336,97 @@ pub fn encode_block<'a>(
     frame(&body)
 }
 
+/// Encodes one block of state changes (all of one partition), as [`encode_block`].
+pub fn encode_event_block<'a>(
+    flags: u8,
+    first: Pos,
+    entries: &[RawEvent<'a>],
+    names: &mut impl FnMut(&'a str) -> (u64, bool),
+) -> Vec<u8> {
+    let mut body = Vec::with_capacity(32 + entries.len() * 16);
+    body.push(flags | EVENTS);
+    put_varint(&mut body, first.epoch);
+    put_varint(&mut body, first.seq);
+    put_varint(&mut body, entries.len() as u64);
+    let base = entries.first().map_or(0, |e| e.timestamp_ms.max(0));
+    put_varint(&mut body, base as u64);
+    let mut fresh: Vec<&str> = Vec::new();
+    let mut recs = Vec::with_capacity(entries.len() * 16);
+    let mut name = |s: &'a str, fresh: &mut Vec<&'a str>| {
+        let (idx, new) = names(s);
+        if new {
+            fresh.push(s);
+        }
+        idx
+    };
+    let (mut prev_ts, mut prev_lat, mut prev_lon) = (base, 0i64, 0i64);
+    for e in entries {
+        recs.push(e.entity);
+        put_varint(&mut recs, name(e.id, &mut fresh));
+        put_varint(&mut recs, name(e.state, &mut fresh));
+        let from = if e.from_state.is_empty() { 0 } else { name(e.from_state, &mut fresh) + 1 };
+        put_varint(&mut recs, from);
+        put_varint(&mut recs, zigzag(e.timestamp_ms - prev_ts));
+        prev_ts = e.timestamp_ms;
+        put_varint(&mut recs, zigzag(e.lat_e7 as i64 - prev_lat));
+        put_varint(&mut recs, zigzag(e.lon_e7 as i64 - prev_lon));
+        (prev_lat, prev_lon) = (e.lat_e7 as i64, e.lon_e7 as i64);
+    }
+    put_varint(&mut body, fresh.len() as u64);
+    for n in fresh {
+        put_varint(&mut body, n.len() as u64);
+        body.extend_from_slice(n.as_bytes());
+    }
+    body.extend_from_slice(&recs);
+    frame(&body)
+}
+
+/// One decoded state change, its names as indices into the segment's table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawEventRecord {
+    pub entity: u8,
+    pub id: u64,
+    pub state: u64,
+    /// 0: none, else name index + 1.
+    pub from: u64,
+    pub timestamp_ms: i64,
+    pub lat_e7: i32,
+    pub lon_e7: i32,
+}
+
+/// Decodes a block of either kind: fixes to `fix`, state changes to `event`.
+pub fn decode_any(
+    body: &[u8],
+    fix: impl FnMut(Pos, &RawRecord),
+    event: impl FnMut(Pos, &RawEventRecord),
+) -> Option<(BlockHead, Vec<&str>)> {
+    if body.first().is_none_or(|f| f & EVENTS == 0) { decode_fixes(body, fix) } else { decode_events(body, event) }
+}
+
+fn decode_events(body: &[u8], mut event: impl FnMut(Pos, &RawEventRecord)) -> Option<(BlockHead, Vec<&str>)> {
+    let mut r = Reader { b: body, at: 0 };
+    let (head, names) = read_head(&mut r)?;
+    let (mut ts, mut lat, mut lon) = (head.base_received_ms, 0i64, 0i64);
+    for i in 0..head.count {
+        let entity = r.take(1)?[0];
+        let (id, state, from) = (r.varint()?, r.varint()?, r.varint()?);
+        ts = ts.checked_add(r.signed()?)?;
+        lat = lat.checked_add(r.signed()?)?;
+        lon = lon.checked_add(r.signed()?)?;
+        let rec = RawEventRecord {
+            entity,
+            id,
+            state,
+            from,
+            timestamp_ms: ts,
+            lat_e7: i32::try_from(lat).ok()?,
+            lon_e7: i32::try_from(lon).ok()?,
+        };
+        event(Pos { epoch: head.first.epoch, seq: head.first.seq.checked_add(i)? }, &rec);
+    }
+    r.done().then_some((head, names))
+}
+
 /// `u32 length | u32 crc32 | body`.
 pub fn frame(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(FRAME_HEADER + body.len());
@@ -326,7 +511,12 @@ pub struct RawRecord {
 
 /// Decodes a block body: its header, new names, and records (calling `each` with the
 /// record's position). `None` if malformed.
-pub fn decode_block(body: &[u8], mut each: impl FnMut(Pos, &RawRecord)) -> Option<(BlockHead, Vec<&str>)> {
+pub fn decode_block(body: &[u8], each: impl FnMut(Pos, &RawRecord)) -> Option<(BlockHead, Vec<&str>)> {
+    // A block of state changes has no fixes (its names still count).
+    decode_any(body, each, |_, _| {})
+}
+
+fn decode_fixes(body: &[u8], mut each: impl FnMut(Pos, &RawRecord)) -> Option<(BlockHead, Vec<&str>)> {
     let mut r = Reader { b: body, at: 0 };
     let (head, names) = read_head(&mut r)?;
     let (mut recv, mut lat, mut lon) = (head.base_received_ms, 0i64, 0i64);

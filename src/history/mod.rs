@@ -22,8 +22,8 @@ mod store;
 #[cfg(test)]
 mod tests;
 
-pub use codec::{HistFix, Raw};
-pub use store::{Behind, EXPORT_MAX, HistoryConfig, HistoryError, HistoryStore, Page};
+pub use codec::{HistFix, Raw, RawEvent};
+pub use store::{Behind, EXPORT_MAX, HistEvent, HistoryConfig, HistoryError, HistoryStore, Page};
 
 /// A fix's position in its partition's history.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

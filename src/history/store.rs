@@ -24,8 +24,8 @@ use tracing::{info, warn};
 
 use super::Pos;
 use super::codec::{
-    BlockHead, CodecError, HistFix, Raw, RawRecord, STARTS_SEGMENT, block_head, decode_block, encode_block, frame,
-    frames, put_varint, raw_entries,
+    BlockHead, CodecError, Entry, HistFix, RawEvent, RawEventRecord, RawRecord, STARTS_SEGMENT, block_head, decode_any,
+    decode_block, encode_block, encode_event_block, frame, frames, put_varint, raw_entries,
 };
 use crate::keys::PARTITIONS;
 
@@ -78,10 +78,27 @@ pub struct Behind {
     pub oldest: Pos,
 }
 
+/// One state change as the history keeps it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistEvent {
+    pub pos: Pos,
+    /// 1: driver, 2: trip.
+    pub entity: u8,
+    pub id: Arc<str>,
+    pub state: Arc<str>,
+    /// `None` for a new entity.
+    pub from_state: Option<Arc<str>>,
+    pub timestamp_ms: i64,
+    pub lat_e7: i32,
+    pub lon_e7: i32,
+}
+
 /// What [`HistoryStore::read_after`] found.
 #[derive(Debug, Default)]
 pub struct Page {
     pub fixes: Vec<HistFix>,
+    /// State changes, in order (their positions interleave with the fixes').
+    pub events: Vec<HistEvent>,
     /// The position the read covered up to (the consumer's next cursor), if any.
     pub upto: Option<Pos>,
     /// More is there to read.
@@ -274,8 +291,7 @@ impl HistoryStore {
                     seg.len = good;
                     continue;
                 }
-                let mut max = i64::MIN;
-                let Some((head, names)) = decode_block(body, |_, r| max = max.max(r.received_ms)) else {
+                let Some((head, names, max)) = block_time(body) else {
                     torn = Some(CodecError::Malformed(offset));
                     break;
                 };
@@ -342,17 +358,20 @@ impl HistoryStore {
         if raw.is_empty() {
             return Vec::new();
         }
-        let mut entries: Vec<Raw<'_>> = raw_entries(raw).collect();
-        entries.sort_by_key(|e| e.partition);
+        let mut entries: Vec<Entry<'_>> = raw_entries(raw).collect();
+        entries.sort_by_key(|e| e.partition());
         let mut out = Vec::new();
-        for group in entries.chunk_by(|a, b| a.partition == b.partition) {
-            let p = group[0].partition;
+        for group in entries.chunk_by(|a, b| a.partition() == b.partition()) {
+            let p = group[0].partition();
             let mut part = self.parts[p as usize].lock().expect("history lock");
-            match self.append_group(p, &mut part, group) {
-                Ok(block) => out.push((p, block)),
-                Err(e) => {
-                    warn!(partition = p, error = %e, "history append failed");
-                    metrics::counter!("locus_history_errors_total").increment(1);
+            // One block per run of fixes or of state changes, in order.
+            for run in group.chunk_by(|a, b| a.is_event() == b.is_event()) {
+                match self.append_group(p, &mut part, run) {
+                    Ok(block) => out.push((p, block)),
+                    Err(e) => {
+                        warn!(partition = p, error = %e, "history append failed");
+                        metrics::counter!("locus_history_errors_total").increment(1);
+                    }
                 }
             }
         }
@@ -360,8 +379,9 @@ impl HistoryStore {
         out
     }
 
-    fn append_group(&self, p: u16, part: &mut Part, group: &[Raw<'_>]) -> Result<Vec<u8>, HistoryError> {
-        let newest = group.iter().map(|e| e.received_ms).max().unwrap_or(0);
+    /// Appends a run of entries of one kind as one block.
+    fn append_group(&self, p: u16, part: &mut Part, group: &[Entry<'_>]) -> Result<Vec<u8>, HistoryError> {
+        let newest = group.iter().map(Entry::time_ms).max().unwrap_or(0);
         let first =
             Pos { epoch: part.epoch.max(part.last.map_or(0, |l| l.epoch)), seq: part.last.map_or(0, |l| l.seq + 1) };
         let span = self.cfg.segment_span_ms();
@@ -389,7 +409,16 @@ impl HistoryStore {
                 fresh.push(Arc::from(name));
                 (next + fresh.len() as u64 - 1, true)
             };
-            encode_block(if roll { STARTS_SEGMENT } else { 0 }, first, group, &mut lookup)
+            let flags = if roll { STARTS_SEGMENT } else { 0 };
+            if group[0].is_event() {
+                let events: Vec<RawEvent<'_>> =
+                    group.iter().filter_map(|e| if let Entry::Event(x) = e { Some(*x) } else { None }).collect();
+                encode_event_block(flags, first, &events, &mut lookup)
+            } else {
+                let fixes: Vec<_> =
+                    group.iter().filter_map(|e| if let Entry::Fix(x) = e { Some(*x) } else { None }).collect();
+                encode_block(flags, first, &fixes, &mut lookup)
+            }
         };
         let file = seg.file.as_mut().expect("the last segment is open");
         file.write_all(&block).map_err(io(&seg.shared.path))?;
@@ -406,7 +435,8 @@ impl HistoryStore {
         seg.max_recv = seg.max_recv.max(newest);
         part.last = Some(head.last());
         part.dirty = true;
-        metrics::counter!("locus_history_fixes_total").increment(group.len() as u64);
+        let what = if group[0].is_event() { "events" } else { "fixes" };
+        metrics::counter!("locus_history_entries_total", "kind" => what).increment(group.len() as u64);
         metrics::counter!("locus_history_bytes_total").increment(block.len() as u64);
         Ok(block)
     }
@@ -449,8 +479,7 @@ impl HistoryStore {
         let mut applied = 0;
         for f in frames(bytes) {
             let (_, body) = f.map_err(|e| HistoryError::Corrupt(e.to_string()))?;
-            let mut max = i64::MIN;
-            let Some((head, names)) = decode_block(body, |_, r| max = max.max(r.received_ms)) else {
+            let Some((head, names, max)) = block_time(body) else {
                 return Err(HistoryError::Corrupt("malformed history block".into()));
             };
             if head.count == 0 {
@@ -672,17 +701,28 @@ impl HistoryStore {
         let mut page = Page::default();
         for (shared, from, to) in plan {
             let mut raws: Vec<(Pos, RawRecord)> = Vec::new();
-            let mut upto = page.upto;
+            let mut evs: Vec<(Pos, RawEventRecord)> = Vec::new();
+            let upto = std::cell::Cell::new(page.upto);
             let r = scan(&shared.path, from, to, |body| {
-                if raws.len() >= max {
+                if raws.len() + evs.len() >= max {
                     return false;
                 }
-                decode_block(body, |pos, rec| {
-                    if after.is_none_or(|a| pos > a) {
-                        raws.push((pos, *rec));
-                        upto = Some(pos);
-                    }
-                });
+                let fresh = |pos: Pos| after.is_none_or(|a| pos > a);
+                decode_any(
+                    body,
+                    |pos, rec| {
+                        if fresh(pos) {
+                            raws.push((pos, *rec));
+                            upto.set(Some(pos));
+                        }
+                    },
+                    |pos, rec| {
+                        if fresh(pos) {
+                            evs.push((pos, *rec));
+                            upto.set(Some(pos));
+                        }
+                    },
+                );
                 true
             });
             if let Err(e) = r {
@@ -691,8 +731,9 @@ impl HistoryStore {
             }
             let names = shared.names.read().expect("names lock");
             page.fixes.extend(raws.iter().filter_map(|(pos, r)| resolve(*pos, r, &names)));
-            page.upto = upto;
-            if page.fixes.len() >= max {
+            page.events.extend(evs.iter().filter_map(|(pos, r)| resolve_event(*pos, r, &names)));
+            page.upto = upto.get();
+            if page.fixes.len() + page.events.len() >= max {
                 page.more = true;
                 break;
             }
@@ -796,6 +837,28 @@ fn resolve(pos: Pos, r: &RawRecord, names: &[Arc<str>]) -> Option<HistFix> {
         status: r.status,
         trip_id: r.trip.checked_sub(1).and_then(|i| names.get(i as usize).cloned()),
         trip_cost_cents: r.trip_cost_cents,
+    })
+}
+
+/// A block's header, new names and newest time (server time of a fix, or of a state
+/// change); `None` if malformed.
+fn block_time(body: &[u8]) -> Option<(BlockHead, Vec<&str>, i64)> {
+    let max = std::cell::Cell::new(i64::MIN);
+    let (head, names) =
+        decode_any(body, |_, r| max.set(max.get().max(r.received_ms)), |_, e| max.set(max.get().max(e.timestamp_ms)))?;
+    Some((head, names, max.get()))
+}
+
+fn resolve_event(pos: Pos, r: &RawEventRecord, names: &[Arc<str>]) -> Option<HistEvent> {
+    Some(HistEvent {
+        pos,
+        entity: r.entity,
+        id: names.get(r.id as usize)?.clone(),
+        state: names.get(r.state as usize)?.clone(),
+        from_state: r.from.checked_sub(1).and_then(|i| names.get(i as usize).cloned()),
+        timestamp_ms: r.timestamp_ms,
+        lat_e7: r.lat_e7,
+        lon_e7: r.lon_e7,
     })
 }
 

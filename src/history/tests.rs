@@ -44,7 +44,8 @@ fn a_block_round_trips_and_a_typical_fix_is_small() {
     for i in 0..50 {
         push(&mut raw, if i % 2 == 0 { &a } else { &b }, 1_700_000_000_000 + i * 1000, 1_700_000_000_100 + i * 1000);
     }
-    let entries: Vec<Raw> = raw_entries(&raw).collect();
+    let entries: Vec<Raw> =
+        raw_entries(&raw).filter_map(|e| if let codec::Entry::Fix(f) = e { Some(f) } else { None }).collect();
     assert_eq!(entries.len(), 50);
     assert!(entries.iter().all(|e| e.partition == p));
     let mut names: Vec<&str> = Vec::new();
@@ -58,7 +59,8 @@ fn a_block_round_trips_and_a_typical_fix_is_small() {
         }
     };
     let raw: &'static [u8] = Box::leak(raw.into_boxed_slice());
-    let entries: Vec<Raw<'static>> = raw_entries(raw).collect();
+    let entries: Vec<Raw<'static>> =
+        raw_entries(raw).filter_map(|e| if let codec::Entry::Fix(f) = e { Some(f) } else { None }).collect();
     let block = codec::encode_block(0, Pos { epoch: 3, seq: 10 }, &entries, &mut lookup);
     // 50 fixes, three names written once: the per-fix cost once names are known.
     let per_fix = (block.len() - 8 - 3 * 9) as f64 / 50.0;

@@ -365,6 +365,22 @@ impl Actor {
 
     fn event(&self, state: &'static str, from: &'static str) {
         let (lat, lon) = self.position();
+        if let Some(h) = self.trips.history.get() {
+            let p = crate::keys::partition_of(self.trip.trip_id.as_bytes());
+            let mut raw = Vec::with_capacity(64);
+            let e = crate::history::RawEvent {
+                partition: p,
+                entity: 2,
+                id: &self.trip.trip_id,
+                state,
+                from_state: from,
+                timestamp_ms: wall_ms(),
+                lat_e7: (lat * 1e7).round() as i32,
+                lon_e7: (lon * 1e7).round() as i32,
+            };
+            crate::history::codec::push_raw_event(&mut raw, &e);
+            h.log(raw, p);
+        }
         let _ = self.trips.bus.send(StateChange {
             entity: Entity::Trip,
             id: self.trip.trip_id.clone(),

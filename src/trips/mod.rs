@@ -135,6 +135,8 @@ pub struct Trips {
     pub(crate) replicator: Arc<crate::replica::Replicator>,
     /// The quorum lease: a trip expires only while it holds.
     pub(crate) lease: Arc<Lease>,
+    /// Where trip state changes go to be kept with the history (replayable events).
+    pub(crate) history: std::sync::OnceLock<Arc<crate::actors::HistorySink>>,
 }
 
 const NOT_HERE: u8 = 0;
@@ -171,7 +173,28 @@ impl Trips {
             watch_queue,
             replicator,
             lease,
+            history: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Keeps trip state changes with the history, through `sink`.
+    pub fn set_history(&self, sink: Arc<crate::actors::HistorySink>) {
+        let _ = self.history.set(sink);
+    }
+
+    /// Hands the last trip state changes to the persister and lets it stop (shutdown).
+    pub async fn close_history(&self) {
+        if let Some(h) = self.history.get() {
+            h.close().await;
+        }
+    }
+
+    /// Returns once every trip state change so far is in the history store (a hand-off
+    /// reads a partition's history after this).
+    pub async fn history_barrier(&self) {
+        if let Some(h) = self.history.get() {
+            h.barrier().await;
+        }
     }
 
     /// Live trip actors per partition (for `admin partitions`).
