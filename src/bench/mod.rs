@@ -100,6 +100,10 @@ pub struct BenchConfig {
     pub udp_drivers: usize,
     #[arg(long, default_value_t = 20)]
     pub udp_rounds: usize,
+    /// The offered rate of the UDP section's paced run, datagrams per second (its first
+    /// run sends as fast as it can).
+    #[arg(long, default_value_t = 500_000)]
+    pub udp_rate: u64,
     /// Skip the UDP section.
     #[arg(long)]
     pub no_udp: bool,
@@ -349,6 +353,19 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     let line = s.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
     let kb: u64 = line.split_whitespace().nth(1).context("VmRSS value")?.parse()?;
     Ok(kb * 1024)
+}
+
+/// CPU time a process has used so far (user and system, all its threads), seconds.
+pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name (which may hold spaces) start at state (3rd);
+    // utime and stime are the 14th and 15th.
+    let rest = &s[s.rfind(')').context("no command name")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks / hz)
 }
 
 /// Waits until the node's driver log is quiet: no compaction sweep running and no

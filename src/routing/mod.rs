@@ -107,7 +107,10 @@ impl Router {
         fixes: impl IntoIterator<Item = (u32, FixInput)>,
     ) -> impl Future<Output = BatchResult> + Send + 'static {
         let n = self.shards.len();
-        let mut per: Vec<Vec<(u32, FixInput)>> = (0..n).map(|_| Vec::new()).collect();
+        let fixes = fixes.into_iter();
+        // Room for an even share and a quarter more, so a large batch is rarely copied.
+        let each = fixes.size_hint().0 * 5 / (4 * n);
+        let mut per: Vec<Vec<(u32, FixInput)>> = (0..n).map(|_| Vec::with_capacity(each)).collect();
         for (i, f) in fixes {
             per[shard_of(f.driver_id.as_bytes(), n)].push((i, f));
         }

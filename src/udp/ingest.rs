@@ -3,11 +3,12 @@
 //!
 //! The receive task drains the socket at each readiness (`recvmmsg`, up to 64
 //! datagrams a call, see [`super::mmsg`]), checks every
-//! datagram ([`super::open`]: size, MAC, protobuf) and groups the good ones by the
-//! owner of their session's partition. This node's are applied at once
-//! ([`OwnerSide::apply`]: session → driver through the secondary index, the same
-//! validation as a gRPC fix, one batch to the shards, which keep each driver's order:
-//! a fix not newer than the driver's last one is a replay); every other owner gets one
+//! datagram ([`super::KeyCache`]: size, MAC, protobuf) and groups the good ones by the
+//! owner of their session's partition. This node's are applied at once (session →
+//! driver through the task's cache, else the secondary index; the same validation as a
+//! gRPC fix, built straight into one [`Batch`] to the shards, which keep each driver's
+//! order: a fix not newer than the driver's last one is a replay); every other owner
+//! gets one
 //! `Internal.UdpFixes` call per batch (at most [`MAX_IN_FLIGHT`] at once: beyond, the
 //! batch is dropped and counted, as the network would). Acks, when asked for, go back
 //! from this node's socket. Drops are counted in `locus_udp_dropped_total{reason}`.
@@ -31,7 +32,9 @@ use crate::routing::cluster::{Cluster, Owner, Peer};
 
 /// Forward calls to other owners in flight at once.
 pub const MAX_IN_FLIGHT: usize = 64;
-/// Datagrams one drain takes before it hands its batch on.
+/// Datagrams one drain takes before it hands its batch on (a batch is its fixes for
+/// this node's shards: large enough that a channel send and a task per batch are
+/// nothing per fix).
 const DRAIN_MAX: usize = 1024;
 
 /// The owner's side: applies checked fixes of drivers it owns.
@@ -44,31 +47,62 @@ fn count_drops(reason: &'static str, n: usize) {
     metrics::counter!("locus_udp_dropped_total", "reason" => reason).increment(n as u64);
 }
 
+/// Checked fixes on their way to this node's shards, numbered in arrival order, with
+/// the reason of each one refused before the shards.
+pub struct Batch {
+    reasons: Vec<&'static str>,
+    inputs: Vec<(u32, crate::drivers::FixInput)>,
+    now: i64,
+}
+
+impl Batch {
+    pub fn new(capacity: usize) -> Batch {
+        Batch { reasons: Vec::with_capacity(capacity), inputs: Vec::with_capacity(capacity), now: wall_ms() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.reasons.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.reasons.is_empty()
+    }
+
+    /// Adds a checked datagram's fix for `driver` (the session's, `None` when no driver
+    /// here holds it), validated as a gRPC fix is.
+    pub fn push(&mut self, f: pb::UdpFix, driver: Option<String>, limits: Limits) {
+        let i = self.reasons.len() as u32;
+        let why = match driver.map(|d| fix_input(f, d)) {
+            None => Drop::UnknownSession.name(),
+            Some(Ok(fix)) if validate_fix(&fix, self.now, limits).is_ok() => {
+                self.inputs.push((i, fix));
+                ""
+            }
+            Some(_) => Drop::Invalid.name(),
+        };
+        self.reasons.push(why);
+    }
+}
+
 impl OwnerSide {
-    /// Applies a batch; per fix, `""` when applied, else the reason it was not.
+    /// Applies a batch (forwarded by another node); per fix, `""` when applied, else the
+    /// reason it was not.
     pub async fn apply(&self, fixes: Vec<pb::UdpFix>) -> Vec<&'static str> {
-        self.submit(fixes).await.await
+        let mut batch = Batch::new(fixes.len());
+        let mut buf = [0u8; 20];
+        for f in fixes {
+            let driver = self.router.session_driver(SessionId(f.session_id).recorded_in(&mut buf));
+            batch.push(f, driver, self.limits);
+        }
+        self.submit(batch).await.await
     }
 
     /// Queues a batch to the shards (in order: a later batch's fixes queue behind this
     /// one's) and returns the future of its outcome, which the caller may await
     /// elsewhere.
-    pub async fn submit(&self, fixes: Vec<pb::UdpFix>) -> impl Future<Output = Vec<&'static str>> + Send + 'static {
-        let now = wall_ms();
-        let mut reasons = vec![""; fixes.len()];
-        let mut batch = Vec::with_capacity(fixes.len());
-        let mut buf = [0u8; 20];
-        for (i, f) in fixes.into_iter().enumerate() {
-            let Some(driver) = self.router.session_driver(SessionId(f.session_id).recorded_in(&mut buf)) else {
-                reasons[i] = Drop::UnknownSession.name();
-                continue;
-            };
-            match fix_input(f, driver) {
-                Ok(fix) if validate_fix(&fix, now, self.limits).is_ok() => batch.push((i as u32, fix)),
-                _ => reasons[i] = Drop::Invalid.name(),
-            }
-        }
-        let outcome = self.router.dispatch_batch(batch).await;
+    pub async fn submit(&self, batch: Batch) -> impl Future<Output = Vec<&'static str>> + Send + 'static {
+        let Batch { mut reasons, inputs, .. } = batch;
+        let outcome = self.router.dispatch_batch(inputs).await;
         async move {
             for (i, why) in outcome.await {
                 reasons[i as usize] = match why {
@@ -95,10 +129,26 @@ pub trait Forward: Send + Sync + 'static {
     fn send(&self, to: Peer, fixes: Vec<pb::UdpFix>) -> crate::dispatch::Pending<'static, Option<Vec<String>>>;
 }
 
-/// One received datagram, checked.
-struct Got {
-    fix: pb::UdpFix,
-    from: SocketAddr,
+/// An ack to send: fix `i` of its batch, asked for by `to`.
+struct Ack {
+    i: u32,
+    session_id: u64,
+    seq: u32,
+    to: SocketAddr,
+}
+
+impl Ack {
+    /// The ack `fix` asks for, as fix `i` of its batch.
+    fn wanted(i: usize, fix: &pb::UdpFix, from: SocketAddr) -> Option<Ack> {
+        fix.ack.then_some(Ack { i: i as u32, session_id: fix.session_id, seq: fix.seq, to: from })
+    }
+}
+
+/// Fixes for another owner, and the acks they asked for.
+#[derive(Default)]
+struct ForPeer {
+    fixes: Vec<pb::UdpFix>,
+    acks: Vec<Ack>,
 }
 
 /// The receive task.
@@ -112,12 +162,14 @@ pub async fn run(
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut batch = RecvBatch::default();
     let mut cache = KeyCache::new(keys);
+    let mut buf = [0u8; 20];
     loop {
         if socket.readable().await.is_err() {
             return;
         }
-        let mut local: Vec<Got> = Vec::new();
-        let mut remote: HashMap<SocketAddr, (Peer, Vec<Got>)> = HashMap::new();
+        let mut local = Batch::new(super::mmsg::BATCH);
+        let mut local_acks: Vec<Ack> = Vec::new();
+        let mut remote: HashMap<SocketAddr, (Peer, ForPeer)> = HashMap::new();
         let mut received = 0u64;
         while received < DRAIN_MAX as u64 {
             let n = match batch.recv(&socket) {
@@ -140,10 +192,18 @@ pub async fn run(
                         continue;
                     }
                 };
-                match cluster.partition_owner(SessionId(fix.session_id).partition() as usize) {
-                    Owner::Local => local.push(Got { fix, from }),
+                let session = SessionId(fix.session_id);
+                match cluster.partition_owner(session.partition() as usize) {
+                    Owner::Local => {
+                        local_acks.extend(Ack::wanted(local.len(), &fix, from));
+                        let driver =
+                            cache.driver(session, || owner.router.session_driver(session.recorded_in(&mut buf)));
+                        local.push(fix, driver, owner.limits);
+                    }
                     Owner::Remote(p) => {
-                        remote.entry(p.addr).or_insert_with(|| (*p, Vec::new())).1.push(Got { fix, from })
+                        let to = &mut remote.entry(p.addr).or_insert_with(|| (*p, ForPeer::default())).1;
+                        to.acks.extend(Ack::wanted(to.fixes.len(), &fix, from));
+                        to.fixes.push(fix);
                     }
                     Owner::Incoming | Owner::Unknown => count_drops("unavailable", 1),
                 }
@@ -153,24 +213,23 @@ pub async fn run(
         if !local.is_empty() {
             // Queued in order here; the outcome (acks, counts) is awaited aside, so the
             // next drain does not wait for the shards.
-            let (fixes, replies) = split(local);
-            let outcome = owner.submit(fixes).await;
+            let outcome = owner.submit(local).await;
             let socket = socket.clone();
             crate::tasks::spawn("udp_outcome", async move {
-                ack(&socket, &replies, &outcome.await).await;
+                let reasons = outcome.await;
+                ack(&socket, &local_acks, &reasons).await;
             });
         }
-        for (_, (peer, got)) in remote {
+        for (_, (peer, to)) in remote {
             let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-                count_drops("overloaded", got.len());
+                count_drops("overloaded", to.fixes.len());
                 continue;
             };
             let (socket, forward) = (socket.clone(), forward.clone());
             crate::tasks::spawn("udp_forward", async move {
-                let (fixes, replies) = split(got);
-                let n = fixes.len();
-                match forward.send(peer, fixes).await {
-                    Some(reasons) if reasons.len() == n => ack(&socket, &replies, &reasons).await,
+                let n = to.fixes.len();
+                match forward.send(peer, to.fixes).await {
+                    Some(reasons) if reasons.len() == n => ack(&socket, &to.acks, &reasons).await,
                     _ => count_drops("unavailable", n),
                 }
                 drop(permit);
@@ -179,31 +238,14 @@ pub async fn run(
     }
 }
 
-/// Where to ack a fix, if it asked for one.
-struct Reply {
-    session_id: u64,
-    seq: u32,
-    to: Option<SocketAddr>,
-}
-
-/// The fixes (owned, for the shards) and where to ack them.
-fn split(got: Vec<Got>) -> (Vec<pb::UdpFix>, Vec<Reply>) {
-    got.into_iter()
-        .map(|g| {
-            let r = Reply { session_id: g.fix.session_id, seq: g.fix.seq, to: g.fix.ack.then_some(g.from) };
-            (g.fix, r)
-        })
-        .unzip()
-}
-
 /// Sends the acks asked for (the only place a reason becomes a `String`).
-async fn ack(socket: &UdpSocket, replies: &[Reply], reasons: &[impl AsRef<str>]) {
+async fn ack(socket: &UdpSocket, acks: &[Ack], reasons: &[impl AsRef<str>]) {
     use prost::Message;
-    for (r, reason) in replies.iter().zip(reasons) {
-        let Some(to) = r.to else { continue };
+    for a in acks {
+        let Some(reason) = reasons.get(a.i as usize) else { continue };
         let reason = reason.as_ref();
-        let a = pb::UdpAck { session_id: r.session_id, seq: r.seq, accepted: reason.is_empty(), reason: reason.into() };
-        if let Err(e) = socket.try_send_to(&a.encode_to_vec(), to) {
+        let m = pb::UdpAck { session_id: a.session_id, seq: a.seq, accepted: reason.is_empty(), reason: reason.into() };
+        if let Err(e) = socket.try_send_to(&m.encode_to_vec(), a.to) {
             // A full send buffer loses an ack, as the network could.
             metrics::counter!("locus_udp_acks_dropped_total").increment(1);
             debug!(error = %e, "UDP ack not sent");

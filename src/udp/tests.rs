@@ -140,6 +140,49 @@ fn the_key_cache_answers_as_open_does_and_keeps_no_forged_session() {
     assert_eq!(cache.map.len(), 1, "only the authentic session's key is kept");
 }
 
+#[test]
+fn the_mac_is_siphash_2_4_as_published() {
+    // The reference vector of the SipHash paper (appendix A): key 00..0f, message 00..0e.
+    let key: [u8; 16] = std::array::from_fn(|i| i as u8);
+    let msg: Vec<u8> = (0..15).collect();
+    assert_eq!(mac(&key, &msg), 0xa129_ca61_49be_45e5u64.to_le_bytes());
+}
+
+/// Receives `count` datagrams; asserts each came from `from`.
+async fn receive(rx: &tokio::net::UdpSocket, from: std::net::SocketAddr, count: usize) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut b = mmsg::RecvBatch::default();
+    while got.len() < count {
+        rx.readable().await.unwrap();
+        match b.recv(rx) {
+            Ok(n) => {
+                assert!(n <= mmsg::BATCH);
+                for i in 0..n {
+                    let (bytes, sender) = b.get(i);
+                    assert_eq!(sender, from);
+                    got.push(bytes.to_vec());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn segmented_send_arrives_as_the_same_single_datagrams() {
+    let rx = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let tx = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    mmsg::set_recv_buffer(&rx, 1 << 20);
+    // Runs of equal sizes (longer than one send's 64), sizes changing between runs.
+    let datagrams: Vec<Vec<u8>> = (0..300u32).map(|i| i.to_le_bytes().repeat(10 + (i as usize / 100) * 3)).collect();
+    let sent = mmsg::send_segmented(&tx, rx.local_addr().unwrap(), &datagrams).await.unwrap();
+    assert_eq!(sent, datagrams.len());
+    let got = receive(&rx, tx.local_addr().unwrap(), datagrams.len()).await;
+    assert_eq!(got, datagrams, "all, in order, each its own datagram");
+}
+
 #[tokio::test]
 async fn batched_send_and_receive_carry_every_datagram_and_its_sender() {
     let rx = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -148,24 +191,9 @@ async fn batched_send_and_receive_carry_every_datagram_and_its_sender() {
     let datagrams: Vec<Vec<u8>> = (0..150u32).map(|i| i.to_le_bytes().repeat(1 + i as usize % 7)).collect();
     let sent = mmsg::send_all(&tx, rx.local_addr().unwrap(), &datagrams).await.unwrap();
     assert_eq!(sent, datagrams.len());
-    let mut got = Vec::new();
-    let mut b = mmsg::RecvBatch::default();
-    while got.len() < datagrams.len() {
-        rx.readable().await.unwrap();
-        match b.recv(&rx) {
-            Ok(n) => {
-                assert!(n <= mmsg::BATCH);
-                for i in 0..n {
-                    let (bytes, from) = b.get(i);
-                    assert_eq!(from, tx.local_addr().unwrap());
-                    got.push(bytes.to_vec());
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => panic!("{e}"),
-        }
-    }
+    let got = receive(&rx, tx.local_addr().unwrap(), datagrams.len()).await;
     assert_eq!(got, datagrams, "all, in order, whole");
+    let mut b = mmsg::RecvBatch::default();
     // A datagram longer than a slot reads as longer than any accepted one.
     mmsg::send_all(&tx, rx.local_addr().unwrap(), &[vec![7u8; 2_000]]).await.unwrap();
     loop {
