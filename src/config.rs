@@ -62,6 +62,11 @@ pub struct NodeConfig {
     /// not given.
     #[arg(long, env = "LOCUS_UDP_ADDR")]
     pub udp_addr: Option<SocketAddr>,
+    /// Receive buffer of the UDP socket, MiB: what absorbs a burst while the node is
+    /// busy (about 1 KiB of it per small datagram). Above `net.core.rmem_max` only for a
+    /// process with `CAP_NET_ADMIN`; the size got is logged at start.
+    #[arg(long, env = "LOCUS_UDP_RECV_BUFFER_MIB", default_value_t = 64)]
+    pub udp_recv_buffer_mib: usize,
     /// Gossip (SWIM over UDP) address; also this node's identity on the ring, so keep it
     /// stable across restarts. Must be an address peers can reach (not 0.0.0.0).
     #[arg(long, env = "LOCUS_GOSSIP_ADDR", default_value = "127.0.0.1:7946")]

@@ -413,9 +413,10 @@ pub async fn run_on(
     let dispatch_svc = DispatchServer::new(DispatchApi::new(trips.clone(), cluster.clone()));
     let udp_keys = crate::udp::Keys::new(key.as_ref().map(|k| k.udp_master()).as_ref().map(|m| &m[..]));
     let udp_socket = match (cfg.udp_addr, &net) {
-        (Some(a), Net::Os) => {
-            Some(Arc::new(crate::udp::ingest::bind(a).with_context(|| format!("binding --udp-addr {a}"))?))
-        }
+        (Some(a), Net::Os) => Some(Arc::new(
+            crate::udp::ingest::bind(a, cfg.udp_recv_buffer_mib << 20)
+                .with_context(|| format!("binding --udp-addr {a}"))?,
+        )),
         _ => None,
     };
     let udp_addr = udp_socket.as_ref().and_then(|s| s.local_addr().ok());

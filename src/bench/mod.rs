@@ -98,7 +98,7 @@ pub struct BenchConfig {
     /// Drivers and rounds of the UDP section (one datagram per driver per round).
     #[arg(long, default_value_t = 50_000)]
     pub udp_drivers: usize,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 60)]
     pub udp_rounds: usize,
     /// The offered rate of the UDP section's paced run, datagrams per second (its first
     /// run sends as fast as it can).

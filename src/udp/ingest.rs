@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::mmsg::RecvBatch;
 use super::{Drop, KeyCache, Keys, SessionId, fix_input};
@@ -253,19 +253,21 @@ async fn ack(socket: &UdpSocket, acks: &[Ack], reasons: &[impl AsRef<str>]) {
     }
 }
 
-/// The receive buffer a node asks for: about a second of 100,000 datagrams.
-const RECV_BUFFER: usize = 8 << 20;
-
-/// Binds the node's UDP socket.
-pub fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+/// Binds the node's UDP socket, asking for a receive buffer of `recv_buffer` bytes.
+pub fn bind(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<UdpSocket> {
     let s = std::net::UdpSocket::bind(addr)?;
     s.set_nonblocking(true)?;
     let s = UdpSocket::from_std(s)?;
-    super::mmsg::set_recv_buffer(&s, RECV_BUFFER);
-    if let Ok(a) = s.local_addr() {
-        debug!(addr = %a, "UDP fixes socket bound");
-    } else {
-        warn!("UDP socket without a local address");
+    let got = super::mmsg::set_recv_buffer(&s, recv_buffer);
+    match s.local_addr() {
+        Ok(a) => info!(addr = %a, recv_buffer_bytes = got, "UDP fixes socket bound"),
+        Err(_) => warn!("UDP socket without a local address"),
+    }
+    if got < recv_buffer {
+        warn!(
+            asked = recv_buffer,
+            got, "UDP receive buffer smaller than asked (raise net.core.rmem_max, or give the node CAP_NET_ADMIN)"
+        );
     }
     Ok(s)
 }

@@ -326,26 +326,51 @@ mod linux {
         Ok(run)
     }
 
-    /// Asks for a large receive buffer (the kernel caps it at `net.core.rmem_max`).
-    pub fn set_recv_buffer(sock: &UdpSocket, bytes: usize) {
-        let v = bytes as libc::c_int;
-        // SAFETY: a valid fd and a c_int option value of the stated size.
-        unsafe {
-            libc::setsockopt(
+    /// Asks for a large receive buffer: beyond `net.core.rmem_max` when the process may
+    /// (`SO_RCVBUFFORCE`, with `CAP_NET_ADMIN`), else as much as the kernel allows. The
+    /// size the socket got, as the kernel counts it (twice what is asked, for its
+    /// bookkeeping).
+    pub fn set_recv_buffer(sock: &UdpSocket, bytes: usize) -> usize {
+        let v = bytes.min(i32::MAX as usize / 2) as libc::c_int;
+        let set = |opt| {
+            // SAFETY: a valid fd and a c_int option value of the stated size.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        if set(libc::SO_RCVBUFFORCE) != 0 {
+            set(libc::SO_RCVBUF);
+        }
+        let mut got: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid fd, and room for the c_int the kernel writes.
+        let r = unsafe {
+            libc::getsockopt(
                 sock.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_RCVBUF,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+                (&mut got as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r == 0 { got.max(0) as usize } else { 0 }
     }
 }
 
-/// Asks for a large receive buffer, so bursts wait in the kernel rather than drop.
-pub fn set_recv_buffer(sock: &UdpSocket, bytes: usize) {
+/// Asks for a large receive buffer, so bursts wait in the kernel rather than drop;
+/// the size the socket got (0 where unknown).
+pub fn set_recv_buffer(sock: &UdpSocket, bytes: usize) -> usize {
     #[cfg(target_os = "linux")]
-    linux::set_recv_buffer(sock, bytes);
+    return linux::set_recv_buffer(sock, bytes);
     #[cfg(not(target_os = "linux"))]
-    let _ = (sock, bytes);
+    {
+        let _ = (sock, bytes);
+        0
+    }
 }
