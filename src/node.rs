@@ -471,6 +471,11 @@ pub async fn run_on(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .max_concurrent_streams(Some(cfg.grpc_max_streams))
+        // Streams a client resets before the server took them up: h2's default of 20
+        // ends the whole connection beyond that, and nodes share one connection per
+        // peer, so a burst of cancelled calls (a loaded node, callers giving up) cut
+        // every call between two nodes. Still bounded (the rapid-reset attack).
+        .http2_max_pending_accept_reset_streams(Some(1024))
         .layer(crate::tasks::ScopeLayer(crate::tasks::Scope::current()))
         .layer(
             AuthLayer::new(auth.clone(), &[crate::routing::cluster::HOP_KEY, crate::routing::cluster::SCOPE_KEY])

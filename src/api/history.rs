@@ -140,7 +140,8 @@ impl Query {
     fn keeps_fix(&self, f: &HistFix) -> bool {
         match &self.what {
             What::Fixes { area, statuses } => {
-                statuses & (1 << f.status) != 0
+                f.status < 32
+                    && statuses & (1 << f.status) != 0
                     && area.is_none_or(|b| b.contains(f.lat_e7 as f64 / 1e7, f.lon_e7 as f64 / 1e7))
             }
             What::Events(_) => false,

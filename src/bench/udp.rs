@@ -10,7 +10,8 @@
 //! fixes accepted per second from the first datagram sent to the last one applied, and
 //! the loss is what was sent but never received (the kernel's socket buffers
 //! overflowing) or received but not accepted. The node's CPU time over the run, per
-//! accepted fix, is its cost whatever the client's.
+//! accepted fix, is its own cost whatever the client's (on loopback the kernel's IP and
+//! UDP receive path runs on the sender's time, so it is not in it).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -47,8 +48,9 @@ pub struct UdpRun {
     pub received: u64,
     pub accepted: u64,
     pub secs: f64,
-    /// The node's CPU time (user and system, so its share of the kernel's receive
-    /// work too) from the first datagram sent to the last one applied.
+    /// The node's CPU time (user and system: its receive system calls, not the kernel's
+    /// IP and UDP receive path, which on loopback runs on the sender's time) from the
+    /// first datagram sent to the last one applied.
     pub node_cpu_secs: f64,
 }
 
@@ -151,6 +153,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Udp
     eprintln!("[bench] udp: {n} drivers x {rounds} rounds, {bytes_avg:.1} bytes per datagram");
     let pid = _node.0.id();
     let flood = send_run(&http, pid, udp, &datagrams, 0).await?;
+    drop(datagrams);
     eprintln!("[bench] udp: as fast as the client can: {:.0} fixes/s", flood.rate());
     let paced = send_run(&http, pid, udp, &seal_rounds(1)?, cfg.udp_rate).await?;
     eprintln!("[bench] udp: paced at {}/s: {:.0} fixes/s", cfg.udp_rate, paced.rate());

@@ -273,7 +273,7 @@ pub async fn run(cfg: PostgresConfig, stop: impl std::future::Future<Output = ()
                     info!(rows = totals.rows, "nothing new for --exit-idle; exiting");
                     break 'connect;
                 }
-                _ = tokio::time::sleep(cfg.report_every.saturating_sub(report_at.elapsed())) => {
+                _ = tokio::time::sleep(cfg.report_every.max(Duration::from_secs(1)).saturating_sub(report_at.elapsed())) => {
                     let secs = report_at.elapsed().as_secs_f64().max(1e-3);
                     info!(
                         rows_per_s = ((totals.rows - report_rows) as f64 / secs).round(),

@@ -47,6 +47,32 @@ fn count_drops(reason: &'static str, n: usize) {
     metrics::counter!("locus_udp_dropped_total", "reason" => reason).increment(n as u64);
 }
 
+/// Drops tallied by reason, so a batch touches each counter once.
+#[derive(Default)]
+struct Drops {
+    accepted: u64,
+    by: Vec<(&'static str, usize)>,
+}
+
+impl Drops {
+    /// One outcome: `""` accepted, else the reason it was dropped.
+    fn add(&mut self, reason: &'static str) {
+        if reason.is_empty() {
+            self.accepted += 1;
+        } else if let Some(e) = self.by.iter_mut().find(|(r, _)| *r == reason) {
+            e.1 += 1;
+        } else {
+            self.by.push((reason, 1));
+        }
+    }
+
+    fn count(&self) {
+        for (r, n) in &self.by {
+            count_drops(r, *n);
+        }
+    }
+}
+
 /// Checked fixes on their way to this node's shards, numbered in arrival order, with
 /// the reason of each one refused before the shards.
 pub struct Batch {
@@ -114,11 +140,12 @@ impl OwnerSide {
                     Reject::Unavailable | Reject::Moving => "unavailable",
                 };
             }
-            let accepted = reasons.iter().filter(|r| r.is_empty()).count();
-            metrics::counter!("locus_udp_fixes_accepted_total").increment(accepted as u64);
-            for r in reasons.iter().filter(|r| !r.is_empty()) {
-                count_drops(r, 1);
+            let mut drops = Drops::default();
+            for r in &reasons {
+                drops.add(r);
             }
+            metrics::counter!("locus_udp_fixes_accepted_total").increment(drops.accepted);
+            drops.count();
             reasons
         }
     }
@@ -171,6 +198,7 @@ pub async fn run(
         let mut local_acks: Vec<Ack> = Vec::new();
         let mut remote: HashMap<SocketAddr, (Peer, ForPeer)> = HashMap::new();
         let mut received = 0u64;
+        let mut drops = Drops::default();
         while received < DRAIN_MAX as u64 {
             let n = match batch.recv(&socket) {
                 Ok(n) => n,
@@ -188,7 +216,7 @@ pub async fn run(
                 let fix = match cache.open(bytes) {
                     Ok(f) => f,
                     Err(d) => {
-                        count_drops(d.name(), 1);
+                        drops.add(d.name());
                         continue;
                     }
                 };
@@ -205,10 +233,11 @@ pub async fn run(
                         to.acks.extend(Ack::wanted(to.fixes.len(), &fix, from));
                         to.fixes.push(fix);
                     }
-                    Owner::Incoming | Owner::Unknown => count_drops("unavailable", 1),
+                    Owner::Incoming | Owner::Unknown => drops.add("unavailable"),
                 }
             }
         }
+        drops.count();
         metrics::counter!("locus_udp_datagrams_total").increment(received);
         if !local.is_empty() {
             // Queued in order here; the outcome (acks, counts) is awaited aside, so the
@@ -258,7 +287,8 @@ pub fn bind(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<UdpSocket> 
     let s = std::net::UdpSocket::bind(addr)?;
     s.set_nonblocking(true)?;
     let s = UdpSocket::from_std(s)?;
-    let got = super::mmsg::set_recv_buffer(&s, recv_buffer);
+    // The kernel reports twice what it grants (the other half is its bookkeeping).
+    let got = super::mmsg::set_recv_buffer(&s, recv_buffer) / 2;
     match s.local_addr() {
         Ok(a) => info!(addr = %a, recv_buffer_bytes = got, "UDP fixes socket bound"),
         Err(_) => warn!("UDP socket without a local address"),

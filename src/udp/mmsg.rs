@@ -13,6 +13,8 @@ use super::MAX_DATAGRAM;
 
 /// Datagrams per system call.
 pub const BATCH: usize = 64;
+/// The most bytes one UDP datagram carries over IPv4 (a segmented send's whole buffer).
+const MAX_UDP_PAYLOAD: usize = 65_507;
 /// Room per datagram: one byte more than the longest accepted, so a longer one shows.
 pub const SLOT: usize = MAX_DATAGRAM + 1;
 
@@ -82,9 +84,9 @@ pub async fn send_all(sock: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) -
 /// datagrams of one size goes down the sender's network stack as one buffer, and the
 /// kernel cuts it back into the same datagrams before the receiving socket sees them
 /// (a receiver without `UDP_GRO`, as a node is, reads them one by one). What it saves
-/// is the sender's work per datagram: the simulator and the benchmark stand in for many
-/// phones, whose sending costs the node nothing. Falls back to [`send_all`] when the
-/// kernel refuses it.
+/// is the sender's work per datagram: the benchmark's client stands in for many phones,
+/// whose sending costs the node nothing. Falls back to [`send_all`] when the kernel
+/// refuses it.
 pub async fn send_segmented(sock: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) -> io::Result<usize> {
     #[cfg(target_os = "linux")]
     {
@@ -289,7 +291,9 @@ mod linux {
         let Some(first) = datagrams.first() else { return Ok(0) };
         let size = first.len();
         buf.clear();
-        let run = datagrams.iter().take(BATCH).take_while(|d| d.len() == size && size > 0).count().max(1);
+        // At most BATCH segments, and one UDP payload's worth of bytes in all.
+        let most = BATCH.min(super::MAX_UDP_PAYLOAD / size.max(1));
+        let run = datagrams.iter().take(most).take_while(|d| d.len() == size && size > 0).count().max(1);
         for d in &datagrams[..run] {
             buf.extend_from_slice(d);
         }

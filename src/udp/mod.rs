@@ -11,8 +11,8 @@
 //! SipHash-2-4 under the 16-byte session key over everything before it, the 64-bit tag
 //! little-endian ([`MAC_LEN`] bytes). SipHash is a keyed PRF made for short messages:
 //! a 40-byte datagram costs tens of nanoseconds to check, against several hundred for
-//! HMAC-SHA256, which only derives the session keys (once per session and node). A fix on a trip is 60 bytes, an idle driver's 44 ([`seal`];
-//! `tests` pins the figures).
+//! HMAC-SHA256, which only derives the session keys (once per session and node). A fix
+//! on a trip is 60 bytes, an idle driver's 44 ([`seal`]; `tests` pins the figures).
 //!
 //! [`open`] checks a datagram (size, trailer, MAC, protobuf) and [`fix_input`] turns it
 //! into the same [`FixInput`] a gRPC fix becomes, for the same validation and ordering
@@ -99,9 +99,9 @@ pub fn mac(key: &[u8; 16], body: &[u8]) -> [u8; MAC_LEN] {
     SipHasher24::new_with_key(key).hash(body).to_le_bytes()
 }
 
-/// Most sessions a [`KeyCache`] holds before it starts over (about 40 bytes each, and a
-/// driver id once looked up: a few MiB at most).
-const KEY_CACHE_MAX: usize = 1 << 17;
+/// Sessions a [`KeyCache`] generation holds (about 40 bytes each, plus a driver id once
+/// looked up: some 10 MiB for both generations when full).
+const KEY_CACHE_GENERATION: usize = 1 << 17;
 
 /// What a receive task keeps of a session: its key, and its driver once looked up.
 struct Known {
@@ -114,15 +114,18 @@ struct Known {
 /// trip to the node's session index. A session names one driver for its whole life (its
 /// id is random), so a cached driver is never wrong, only possibly gone: the shard
 /// applies a fix only while its driver still holds the session. Datagrams with made-up
-/// sessions (which fail their MAC) are not cached.
+/// sessions (which fail their MAC) are not cached. Two generations: when the new one
+/// is full it becomes the old one (the previous old one is dropped), and a session
+/// found in the old one moves back, so the sessions in use stay however many there are.
 pub struct KeyCache {
     keys: Keys,
     map: hashbrown::HashMap<u64, Known>,
+    old: hashbrown::HashMap<u64, Known>,
 }
 
 impl KeyCache {
     pub fn new(keys: Keys) -> KeyCache {
-        KeyCache { keys, map: hashbrown::HashMap::new() }
+        KeyCache { keys, map: hashbrown::HashMap::new(), old: hashbrown::HashMap::new() }
     }
 
     /// [`open`], with the session's key from the cache.
@@ -131,12 +134,15 @@ impl KeyCache {
         if let Some(k) = self.map.get(&id.0) {
             return check(&k.key, id, body, tag);
         }
-        let key = self.keys.session_key(id);
-        let fix = check(&key, id, body, tag)?;
-        if self.map.len() >= KEY_CACHE_MAX {
-            self.map.clear();
+        let known = match self.old.remove(&id.0) {
+            Some(k) => k,
+            None => Known { key: self.keys.session_key(id), driver: None },
+        };
+        let fix = check(&known.key, id, body, tag)?;
+        if self.map.len() >= KEY_CACHE_GENERATION {
+            self.old = std::mem::take(&mut self.map);
         }
-        self.map.insert(id.0, Known { key, driver: None });
+        self.map.insert(id.0, known);
         Ok(fix)
     }
 
@@ -152,6 +158,15 @@ impl KeyCache {
             k.driver = Some(d.as_str().into());
         }
         Some(d)
+    }
+
+    /// Sessions held (both generations).
+    pub fn len(&self) -> usize {
+        self.map.len() + self.old.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

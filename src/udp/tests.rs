@@ -137,7 +137,30 @@ fn the_key_cache_answers_as_open_does_and_keeps_no_forged_session() {
     let forged = SessionId::new(5, 7);
     let bad = seal(&typical(forged), &[0; 16]);
     assert_eq!(cache.open(&bad), Err(Drop::Unauthenticated));
-    assert_eq!(cache.map.len(), 1, "only the authentic session's key is kept");
+    assert_eq!(cache.len(), 1, "only the authentic session's key is kept");
+}
+
+#[test]
+fn the_key_cache_rolls_over_to_a_second_generation_and_answers_the_same() {
+    let k = keys();
+    let mut cache = KeyCache::new(k.clone());
+    let sealed = |r: u64| {
+        let id = SessionId::new(1, r);
+        (id, seal(&typical(id), &k.session_key(id)))
+    };
+    let (first, d0) = sealed(0);
+    cache.open(&d0).unwrap();
+    assert_eq!(cache.driver(first, || Some("d-0".into())).as_deref(), Some("d-0"));
+    for r in 1..=KEY_CACHE_GENERATION as u64 + 5 {
+        cache.open(&sealed(r).1).unwrap();
+    }
+    assert!(cache.map.len() < KEY_CACHE_GENERATION, "the full generation became the old one");
+    assert!(cache.len() <= 2 * KEY_CACHE_GENERATION);
+    // The first session is in the old generation: it opens the same and moves back,
+    // with its driver.
+    assert_eq!(cache.open(&d0), open(&k, &d0));
+    assert!(cache.map.contains_key(&first.0));
+    assert_eq!(cache.driver(first, || panic!("looked up again")).as_deref(), Some("d-0"));
 }
 
 #[test]
