@@ -703,8 +703,9 @@ impl HistoryStore {
             let mut raws: Vec<(Pos, RawRecord)> = Vec::new();
             let mut evs: Vec<(Pos, RawEventRecord)> = Vec::new();
             let upto = std::cell::Cell::new(page.upto);
+            let already = page.fixes.len() + page.events.len();
             let r = scan(&shared.path, from, to, |body| {
-                if raws.len() + evs.len() >= max {
+                if already + raws.len() + evs.len() >= max {
                     return false;
                 }
                 let fresh = |pos: Pos| after.is_none_or(|a| pos > a);
