@@ -1,6 +1,9 @@
 //! A node's side of the live map: its own part of a view, and the whole view gathered
 //! from every node (`Internal.MapPart` to each, in parallel, with a deadline), rendered
 //! as the JSON `GET /map/data` answers.
+//!
+//! Counts are per node and not de-duplicated: while a partition moves, its holder and its
+//! new owner may both count its drivers for the moment between install and release.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

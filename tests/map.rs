@@ -142,6 +142,20 @@ async fn the_live_map_gathers_every_node_and_draws_in_a_real_browser() {
     })
     .await;
     assert!(formed, "the three nodes did not all answer the map");
+    // And the hand-off settled (every node ready): while a partition moves, its holder and
+    // its new owner both count its drivers, and this test counts them exactly.
+    let settled = eventually(Duration::from_secs(60), || {
+        let c = &c;
+        async move {
+            let mut ready = true;
+            for i in 0..3 {
+                ready &= get(&c.node(i).http, "/readyz", None).await.0 == 200;
+            }
+            ready
+        }
+    })
+    .await;
+    assert!(settled, "the three nodes did not all become ready");
 
     // A fleet around the centre, a third of it offline, through one gateway connection.
     let mut loc = LocationsClient::connect(c.node(0).grpc.clone()).await.unwrap();

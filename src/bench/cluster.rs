@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -46,20 +45,16 @@ fn url(cfg: &BenchConfig, i: usize) -> String {
 
 fn start(cfg: &BenchConfig, dir: &std::path::Path, i: usize, extra: &[&str]) -> anyhow::Result<Proc> {
     let p = ports(cfg, i);
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["node", "--node-name", &format!("n{i}"), "--log-format", "text"])
-        .args(["--grpc-addr", &format!("127.0.0.1:{}", p.grpc)])
-        .args(["--http-addr", &format!("127.0.0.1:{}", p.http)])
-        .args(["--gossip-addr", &format!("127.0.0.1:{}", p.gossip)])
-        .args(["--data-dir", &dir.join(format!("n{i}")).display().to_string(), "--trail-len", "4"])
-        // The limiter still runs on every request; its budget is not the bottleneck here.
-        .args(["--share-client-rate", "10000000", "--share-token-rate", "10000000"])
-        .args(extra);
+    // The limiter still runs on every request; its budget is not the bottleneck here.
+    let mut flags = vec!["--trail-len", "4", "--share-client-rate", "10000000", "--share-token-rate", "10000000"];
+    flags.extend_from_slice(extra);
+    let join = format!("127.0.0.1:{}", ports(cfg, 0).gossip);
     if i > 0 {
-        cmd.args(["--join", &format!("127.0.0.1:{}", ports(cfg, 0).gossip)]);
+        flags.extend(["--join", &join]);
     }
-    let child =
-        cmd.args(&cfg.node_args).env("RUST_LOG", "warn").stdout(Stdio::null()).spawn().context("starting a node")?;
+    let child = super::node_command(cfg, &format!("n{i}"), p.grpc, Some(p.gossip), &dir.join(format!("n{i}")), flags)?
+        .spawn()
+        .context("starting a node")?;
     Ok(Proc(child))
 }
 

@@ -14,7 +14,6 @@
 //! The bytes of history per fix come from the node's own counters.
 
 use std::fmt::Write as _;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -60,15 +59,9 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<His
     let port = cfg.port_base + 30;
     let target = format!("http://127.0.0.1:{port}");
     let http = format!("127.0.0.1:{}", port + 1);
+    let no_extra: [&str; 0] = [];
     let _node = Proc(
-        Command::new(std::env::current_exe()?)
-            .args(["node", "--node-name", "bench-history", "--log-format", "text"])
-            .args(["--grpc-addr", &format!("127.0.0.1:{port}"), "--http-addr", &http])
-            .args(["--gossip-addr", &format!("127.0.0.1:{}", port + 2)])
-            .args(["--data-dir", &dir.join("node").display().to_string()])
-            .args(&cfg.node_args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+        super::node_command(cfg, "bench-history", port, Some(port + 2), &dir.join("node"), no_extra)?
             .spawn()
             .context("starting locus node")?,
     );

@@ -424,17 +424,33 @@ async fn wait_port(port: u16) -> anyhow::Result<()> {
     bail!("nothing listens on port {port}")
 }
 
-fn start_node(cfg: &BenchConfig, dir: &std::path::Path, trail: usize) -> anyhow::Result<(Proc, String)> {
-    let exe = std::env::current_exe()?;
-    let grpc = cfg.port_base;
-    let child = Command::new(exe)
-        .args(["node", "--node-name", "bench", "--log-format", "text"])
+/// `locus node` as the benchmark starts one: named `name`, gRPC on 127.0.0.1:`grpc`,
+/// HTTP on the next port, gossip on `gossip` (the default when `None`), its data in
+/// `data`, then `extra` and the bench's `--node-args` (last, so they win); warn logs,
+/// stdout dropped (a caller may change both before it spawns).
+fn node_command<S: AsRef<std::ffi::OsStr>>(
+    cfg: &BenchConfig,
+    name: &str,
+    grpc: u16,
+    gossip: Option<u16>,
+    data: &std::path::Path,
+    extra: impl IntoIterator<Item = S>,
+) -> anyhow::Result<Command> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["node", "--node-name", name, "--log-format", "text"])
         .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
         .args(["--http-addr", &format!("127.0.0.1:{}", grpc + 1)])
-        .args(["--data-dir", &dir.display().to_string(), "--trail-len", &trail.to_string()])
-        .args(&cfg.node_args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
+        .args(["--data-dir", &data.display().to_string()]);
+    if let Some(g) = gossip {
+        cmd.args(["--gossip-addr", &format!("127.0.0.1:{g}")]);
+    }
+    cmd.args(extra).args(&cfg.node_args).env("RUST_LOG", "warn").stdout(Stdio::null());
+    Ok(cmd)
+}
+
+fn start_node(cfg: &BenchConfig, dir: &std::path::Path, trail: usize) -> anyhow::Result<(Proc, String)> {
+    let grpc = cfg.port_base;
+    let child = node_command(cfg, "bench", grpc, None, dir, ["--trail-len", &trail.to_string()])?
         .spawn()
         .context("starting locus node")?;
     Ok((Proc(child), format!("http://127.0.0.1:{grpc}")))

@@ -15,7 +15,7 @@
 //! stream failures, fixes refused as `unavailable`) and Nearby p50 / p99 during it.
 
 use std::fmt::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,20 +49,15 @@ fn url(cfg: &BenchConfig, i: usize) -> String {
 
 /// Starts node `i` (named `n{i}`), its log (info) in `dir/n{i}.log`.
 fn start(cfg: &BenchConfig, dir: &std::path::Path, i: usize) -> anyhow::Result<Proc> {
-    let (grpc, http, gossip) = ports(cfg, i);
+    let (grpc, _, gossip) = ports(cfg, i);
     std::fs::create_dir_all(dir)?;
     let log = std::fs::File::create(dir.join(format!("n{i}.log")))?;
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["node", "--node-name", &format!("n{i}"), "--log-format", "text"])
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
-        .args(["--http-addr", &format!("127.0.0.1:{http}")])
-        .args(["--gossip-addr", &format!("127.0.0.1:{gossip}")])
-        .args(["--data-dir", &dir.join(format!("n{i}")).display().to_string(), "--trail-len", "4"]);
+    let join = format!("127.0.0.1:{}", ports(cfg, 0).2);
+    let mut flags = vec!["--trail-len", "4"];
     if i > 0 {
-        cmd.args(["--join", &format!("127.0.0.1:{}", ports(cfg, 0).2)]);
+        flags.extend(["--join", &join]);
     }
-    let child = cmd
-        .args(&cfg.node_args)
+    let child = super::node_command(cfg, &format!("n{i}"), grpc, Some(gossip), &dir.join(format!("n{i}")), flags)?
         // `LOCUS_BENCH_NODE_LOG` overrides the nodes' filter (their logs are kept in
         // locus-bench-moves-logs under the temp dir).
         .env("RUST_LOG", std::env::var("LOCUS_BENCH_NODE_LOG").unwrap_or_else(|_| "warn,locus::handoff=debug".into()))

@@ -15,7 +15,6 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -76,14 +75,7 @@ pub async fn run(cfg: &BenchConfig, dir: &std::path::Path) -> anyhow::Result<Udp
     let port = cfg.port_base + 20;
     let udp: SocketAddr = format!("127.0.0.1:{}", port + 2).parse()?;
     let _node = Proc(
-        Command::new(std::env::current_exe()?)
-            .args(["node", "--node-name", "bench-udp", "--log-format", "text"])
-            .args(["--grpc-addr", &format!("127.0.0.1:{port}"), "--http-addr", &format!("127.0.0.1:{}", port + 1)])
-            .args(["--gossip-addr", &format!("127.0.0.1:{}", port + 3), "--udp-addr", &udp.to_string()])
-            .args(["--data-dir", &dir.display().to_string()])
-            .args(&cfg.node_args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+        super::node_command(cfg, "bench-udp", port, Some(port + 3), dir, ["--udp-addr", &udp.to_string()])?
             .spawn()
             .context("starting locus node")?,
     );

@@ -768,10 +768,10 @@ impl HistoryStore {
                 .collect()
         };
         for (shared, from, to) in plan {
-            let (idx, id) = {
+            let idx = {
                 let names = shared.names.read().expect("names lock");
                 match names.iter().position(|n| &**n == driver_id) {
-                    Some(i) => (i as u64, names[i].clone()),
+                    Some(i) => i as u64,
                     None => continue,
                 }
             };
@@ -795,20 +795,7 @@ impl HistoryStore {
                 true
             })?;
             let names = shared.names.read().expect("names lock");
-            for (pos, r) in &hits {
-                let trip_id = r.trip.checked_sub(1).and_then(|i| names.get(i as usize).cloned());
-                let f = HistFix {
-                    pos: *pos,
-                    driver_id: id.clone(),
-                    lat_e7: r.lat_e7,
-                    lon_e7: r.lon_e7,
-                    motion: r.motion,
-                    timestamp_ms: r.timestamp_ms,
-                    received_ms: r.received_ms,
-                    status: r.status,
-                    trip_id,
-                    trip_cost_cents: r.trip_cost_cents,
-                };
+            for f in hits.iter().filter_map(|(pos, r)| resolve(*pos, r, &names)) {
                 if !each(f) {
                     return Ok(());
                 }

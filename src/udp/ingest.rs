@@ -8,9 +8,8 @@
 //! driver through the task's cache, else the secondary index; the same validation as a
 //! gRPC fix, built straight into one [`Batch`] to the shards, which keep each driver's
 //! order: a fix not newer than the driver's last one is a replay); every other owner
-//! gets one
-//! `Internal.UdpFixes` call per batch (at most [`MAX_IN_FLIGHT`] at once: beyond, the
-//! batch is dropped and counted, as the network would). Acks, when asked for, go back
+//! gets one `Internal.UdpFixes` call per batch (at most [`MAX_IN_FLIGHT`] at once:
+//! beyond, the batch is dropped and counted, as the network would). Acks, when asked for, go back
 //! from this node's socket. Drops are counted in `locus_udp_dropped_total{reason}`.
 
 use std::collections::HashMap;
