@@ -159,6 +159,10 @@ pub struct NodeConfig {
     /// `Fixes.Subscribe` (0 turns the history off).
     #[arg(long, env = "LOCUS_HISTORY_RETENTION", default_value = "24h", value_parser = parse_duration)]
     pub history_retention: Duration,
+    /// At most this much of a partition's history (MiB) travels inside a hand-off's pull;
+    /// older segments are copied after it, before the old holder forgets them (0 to 16).
+    #[arg(long, env = "LOCUS_HISTORY_PULL_MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(0..=16))]
+    pub history_pull_mib: u64,
     /// A driver is re-indexed in the R-tree only after moving this far (queries widen
     /// their search by it, so answers stay exact).
     #[arg(long, env = "LOCUS_INDEX_SLACK_M", default_value_t = 30.0)]

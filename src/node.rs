@@ -204,7 +204,10 @@ pub async fn run_on(
     } else {
         let h = HistoryStore::open(
             &dir.join("history"),
-            HistoryConfig { retention_ms: cfg.history_retention.as_millis() as i64 },
+            HistoryConfig {
+                retention_ms: cfg.history_retention.as_millis() as i64,
+                pull_max: (cfg.history_pull_mib as usize) << 20,
+            },
         )
         .context("opening the history")?;
         let h = Arc::new(h);

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
+use crate::history::Pos;
 use crate::ownership::PeerHolding;
 use crate::storage::{PartitionData, ReplicaPart};
 
@@ -52,6 +53,10 @@ pub struct LinkError(pub String);
 
 pub type LinkFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LinkError>> + Send + 'a>>;
 
+/// History segments as they arrive from a peer, one whole segment file each; an error is
+/// the last item, and the channel closes after the last segment.
+pub type Segments = tokio::sync::mpsc::Receiver<Result<Vec<u8>, LinkError>>;
+
 /// What a pull brought: the partitions lent, and those refused.
 #[derive(Default)]
 pub struct Pulled {
@@ -88,4 +93,9 @@ pub trait PeerLink: Send + Sync {
         parts: Vec<ReplicaPart>,
         timeout: Duration,
     ) -> LinkFuture<'_, Vec<Refusal>>;
+
+    /// The peer's closed history segments of `partition` that end at `upto` and chain
+    /// back from it, newest first (`history::HistoryStore::segments_before`); `timeout`
+    /// bounds each wait.
+    fn history_segments(&self, peer: SocketAddr, partition: u16, upto: Pos, timeout: Duration) -> Segments;
 }

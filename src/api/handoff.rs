@@ -1,4 +1,5 @@
-//! The `locus.v1.Handoff` service (node to node): holdings, pull, release, replicate.
+//! The `locus.v1.Handoff` service (node to node): holdings, pull, release, replicate,
+//! history segments.
 //! Server side: validates what peers send and hands it to [`crate::handoff::Handoff`].
 //! Client side: [`GrpcPeerLink`], the protocol's `handoff::PeerLink` over gRPC. The
 //! protobuf forms of holdings, partition states and replica parts live here, both ways.
@@ -15,7 +16,7 @@ use crate::keys::PARTITIONS;
 use crate::ownership::{Holding, PeerHolding};
 use crate::pb;
 use crate::pb::handoff_client::HandoffClient;
-use crate::peer::{LinkError, LinkFuture, PeerLink, Pulled, Refusal, RefusalKind};
+use crate::peer::{LinkError, LinkFuture, PeerLink, Pulled, Refusal, RefusalKind, Segments};
 use crate::replica::{KvChange, ReplicaPart};
 use crate::routing::cluster::{Cluster, MAX_HANDOFF_BYTES};
 use crate::storage::{History, PartitionData};
@@ -97,7 +98,46 @@ impl pb::handoff_server::Handoff for HandoffApi {
         let refused = self.handoff.replicate(who, r.session, parts).await;
         Ok(Response::new(pb::ReplicaAck { refused: refused.into_iter().map(refused_proto).collect() }))
     }
+
+    type HistorySegmentsStream = super::locations::BoxStream<pb::HistoryChunk>;
+
+    async fn history_segments(
+        &self,
+        r: Request<pb::HistorySegmentsRequest>,
+    ) -> Result<Response<Self::HistorySegmentsStream>, Status> {
+        let r = r.into_inner();
+        let p = partitions(&[r.partition])?[0];
+        let upto = r.upto.ok_or_else(|| Status::invalid_argument("upto: missing"))?;
+        let files = self.handoff.history_segments(p, Pos { epoch: upto.epoch, seq: upto.seq });
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        crate::tasks::spawn("history_segments", async move {
+            for (path, len) in files {
+                let mut at = 0u64;
+                while at < len {
+                    let n = (len - at).min(SEGMENT_CHUNK);
+                    let read = {
+                        let path = path.clone();
+                        tokio::task::spawn_blocking(move || crate::history::read_range(&path, at, at + n)).await
+                    };
+                    let item = match read {
+                        Ok(Ok(data)) => Ok(pb::HistoryChunk { data, segment_end: at + n == len }),
+                        Ok(Err(e)) => Err(Status::unavailable(e.to_string())),
+                        Err(e) => Err(Status::internal(e.to_string())),
+                    };
+                    let failed = item.is_err();
+                    if tx.send(item).await.is_err() || failed {
+                        return;
+                    }
+                    at += n;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
 }
+
+/// A history segment travels in pieces of at most this many bytes.
+const SEGMENT_CHUNK: u64 = 1 << 20;
 
 /// The hand-off protocol's peer link over gRPC, on the cluster's pooled channels.
 pub struct GrpcPeerLink {
@@ -215,6 +255,44 @@ impl PeerLink for GrpcPeerLink {
             Ok(refusals(within(timeout, c.replicate(request(req, timeout))).await?.refused))
         })
     }
+
+    fn history_segments(&self, peer: SocketAddr, partition: u16, upto: Pos, timeout: Duration) -> Segments {
+        let mut c = self.client(peer);
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        crate::tasks::spawn("history_segments_in", async move {
+            let req = pb::HistorySegmentsRequest {
+                partition: partition as u32,
+                upto: Some(pb::HistoryPos { epoch: upto.epoch, seq: upto.seq }),
+            };
+            let mut stream = match within(timeout, c.history_segments(Request::new(req))).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let mut seg = Vec::new();
+            loop {
+                let item = match tokio::time::timeout(timeout, stream.message()).await {
+                    Ok(Ok(Some(chunk))) => chunk,
+                    Ok(Ok(None)) => return,
+                    Ok(Err(s)) => {
+                        let _ = tx.send(Err(LinkError(format!("{:?}: {}", s.code(), s.message())))).await;
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = tx.send(Err(LinkError(format!("no history chunk within {timeout:?}")))).await;
+                        return;
+                    }
+                };
+                seg.extend_from_slice(&item.data);
+                if item.segment_end && tx.send(Ok(std::mem::take(&mut seg))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
 }
 
 fn peer_holding(h: pb::Holding) -> Option<PeerHolding> {
@@ -250,7 +328,11 @@ fn partition_data(d: pb::PartitionState) -> Option<PartitionData> {
         drivers: d.drivers,
         claims: pairs(d.claims),
         trips: pairs(d.trips),
-        history: History { floor: d.history_floor.map(|f| Pos { epoch: f.epoch, seq: f.seq }), blocks: d.history },
+        history: History {
+            floor: d.history_floor.map(|f| Pos { epoch: f.epoch, seq: f.seq }),
+            blocks: d.history,
+            older: d.history_older,
+        },
     })
 }
 
@@ -265,6 +347,7 @@ fn partition_proto(d: PartitionData) -> pb::PartitionState {
         trips: kv(d.trips),
         history: d.history.blocks,
         history_floor: d.history.floor.map(|f| pb::HistoryPos { epoch: f.epoch, seq: f.seq }),
+        history_older: d.history.older,
     }
 }
 

@@ -294,6 +294,8 @@ pub async fn node_part(h: Arc<HistoryStore>, mut routes: watch::Receiver<Arc<Rou
             let room = q.max_batch.saturating_sub(batch.fixes.len() + batch.events.len()).max(1);
             let page = match h.read_after(p, *c, room) {
                 Ok(page) => page,
+                // Older segments are being copied in: read on once they are here.
+                Err(b) if b.filling => continue,
                 Err(b) => {
                     let _ = tx.send(Err(out_of_range(b))).await;
                     return;

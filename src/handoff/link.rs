@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::Handoff;
+use crate::history::Pos;
 use crate::memnet::MemNet;
 use crate::ownership::PeerHolding;
-use crate::peer::{LinkError, LinkFuture, PeerLink, Pulled, Refusal};
+use crate::peer::{LinkError, LinkFuture, PeerLink, Pulled, Refusal, Segments};
 use crate::replica::ReplicaPart;
 
 /// The in-memory twin of the gRPC link: calls go straight to the peer's [`Handoff`], an
@@ -101,5 +102,28 @@ impl PeerLink for MemPeerLink {
         timeout: std::time::Duration,
     ) -> LinkFuture<'_, Vec<Refusal>> {
         Box::pin(self.call(peer, timeout, move |h| async move { h.replicate(me, session, parts).await }))
+    }
+
+    fn history_segments(&self, peer: SocketAddr, partition: u16, upto: Pos, timeout: std::time::Duration) -> Segments {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let link = self.clone();
+        tokio::spawn(async move {
+            let files = link.call(peer, timeout, move |h| async move { h.history_segments(partition, upto) }).await;
+            let files = match files {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            for (path, len) in files {
+                let item = crate::history::read_range(&path, 0, len).map_err(|e| LinkError(e.to_string()));
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        rx
     }
 }

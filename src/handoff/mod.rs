@@ -294,6 +294,56 @@ impl Handoff {
         let _ = self.history.set(h);
     }
 
+    /// Holder side of `HistorySegments`: the closed segment files of `p` that end at
+    /// `upto` and chain back from it, newest first (none without a history).
+    pub fn history_segments(&self, p: u16, upto: crate::history::Pos) -> Vec<(std::path::PathBuf, u64)> {
+        self.history.get().map(|h| h.segments_before(p, upto, crate::clock::wall_ms())).unwrap_or_default()
+    }
+
+    /// Copies the older history segments of `parts` from `peer` (newest first, each put
+    /// before what is here as it arrives), then lets readers behind their floors on. A
+    /// segment that does not fit, or a broken link, ends that partition's copy.
+    async fn copy_history(&self, peer: SocketAddr, peer_name: &str, parts: &[u16]) {
+        let Some(h) = self.history.get() else { return };
+        let (t0, mut segments, mut bytes) = (Instant::now(), 0usize, 0usize);
+        for &p in parts {
+            if let Some(floor) = h.floor(p) {
+                let mut rx = self.link.history_segments(peer, p, floor, RPC_TIMEOUT);
+                while let Some(item) = rx.recv().await {
+                    let seg = match item {
+                        Ok(seg) => seg,
+                        Err(e) => {
+                            warn!(from = %peer_name, partition = p, error = %e, "copying older history failed");
+                            break;
+                        }
+                    };
+                    match h.prepend(p, &seg) {
+                        Ok(true) => {
+                            segments += 1;
+                            bytes += seg.len();
+                        }
+                        Ok(false) => break,
+                        Err(e) => {
+                            warn!(from = %peer_name, partition = p, error = %e, "a copied history segment refused");
+                            break;
+                        }
+                    }
+                }
+            }
+            h.set_filling(p, false);
+        }
+        if segments > 0 {
+            info!(
+                from = %peer_name,
+                partitions = parts.len(),
+                segments,
+                bytes,
+                ms = t0.elapsed().as_millis() as u64,
+                "copied older history"
+            );
+        }
+    }
+
     /// Replicas kept here, for `admin` and tests.
     pub fn replica_info(&self) -> Vec<crate::replica::ReplicaInfo> {
         self.replica_store().info()
@@ -555,11 +605,11 @@ impl Handoff {
         if let Some(h) = self.history.get() {
             for d in &mut out {
                 match h.export(d.partition) {
-                    Ok((floor, blocks)) => d.history = History { floor, blocks },
+                    Ok((floor, blocks, older)) => d.history = History { floor, blocks, older },
                     Err(e) => {
                         // The new owner starts the history over: consumers are told.
                         warn!(partition = d.partition, error = %e, "exporting history failed");
-                        d.history = History { floor: h.last(d.partition), blocks: Vec::new() };
+                        d.history = History { floor: h.last(d.partition), blocks: Vec::new(), older: false };
                     }
                 }
             }
@@ -663,7 +713,7 @@ impl Handoff {
                 continue;
             }
             if let (false, Some(hist), Some(h)) = (merge, &d.history, self.history.get())
-                && let Err(e) = h.import(p, hist.floor, &hist.blocks)
+                && let Err(e) = h.import(p, hist.floor, &hist.blocks, hist.older)
             {
                 warn!(partition = p, error = %e, "importing a pulled partition's history failed");
             }
@@ -993,6 +1043,7 @@ impl Handoff {
                     debug!(from = %name, partition = r.partition, kind = ?r.kind, reason = %r.reason, "pull refused");
                 }
                 let bytes: usize = resp.partitions.iter().map(|d| d.drivers.len()).sum();
+                let older: Vec<u16> = resp.partitions.iter().filter(|d| d.history.older).map(|d| d.partition).collect();
                 let data = resp
                     .partitions
                     .into_iter()
@@ -1006,6 +1057,9 @@ impl Handoff {
                 let done = self.install(&table, data, &epochs, crate::routing::INSTALL_SLICE).await;
                 self.pulling.lock().expect("pulling lock").retain(|p, _| !epochs.contains_key(p));
                 if !done.is_empty() {
+                    // History the pull left out (cut to size) comes before the holder forgets it.
+                    let older: Vec<u16> = older.into_iter().filter(|p| done.contains(p)).collect();
+                    self.copy_history(meta.grpc, &name, &older).await;
                     let release = self.link.release(meta.grpc, self.me, done.clone(), RPC_TIMEOUT).await;
                     if let Err(e) = release {
                         // The holder forgets its copy once it sees this node serve it.

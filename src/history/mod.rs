@@ -23,7 +23,7 @@ mod store;
 mod tests;
 
 pub use codec::{HistFix, Raw, RawEvent};
-pub use store::{Behind, EXPORT_MAX, HistEvent, HistoryConfig, HistoryError, HistoryStore, Page};
+pub use store::{Behind, EXPORT_MAX, HistEvent, HistoryConfig, HistoryError, HistoryStore, Page, read_range};
 
 /// A fix's position in its partition's history.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

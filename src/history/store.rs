@@ -35,17 +35,22 @@ const SEGMENT_BYTES: u64 = 16 << 20;
 const MARK_EVERY: u64 = 4096;
 /// Bytes read from a file per call.
 const READ_CHUNK: usize = 1 << 20;
-/// At most this much of a partition's history travels with it in a hand-off (the
-/// oldest is left behind, and consumers that far back are told so): a pull of 8
-/// partitions stays well within the hand-off's message limit.
+/// By default, at most this much of a partition's history travels inside a hand-off's
+/// pull (older segments are copied after it): a pull of 8 partitions stays well within
+/// the hand-off's message limit.
 pub const EXPORT_MAX: usize = 16 << 20;
 
 const HEADER_MAGIC: &[u8; 4] = b"LHS1";
+/// A segment copied from another node is written under this suffix, then renamed.
+const TMP_SUFFIX: &str = ".hist.tmp";
 
 /// How long history is kept, and how segments are cut.
 #[derive(Clone, Copy, Debug)]
 pub struct HistoryConfig {
     pub retention_ms: i64,
+    /// At most this many bytes of a partition's history go inside a pull
+    /// ([`HistoryStore::export`]; [`EXPORT_MAX`] by default).
+    pub pull_max: usize,
 }
 
 impl HistoryConfig {
@@ -76,6 +81,8 @@ pub struct Behind {
     pub cursor: Pos,
     /// The earliest cursor this partition can resume from.
     pub oldest: Pos,
+    /// Older history is being copied here right now: ask again shortly.
+    pub filling: bool,
 }
 
 /// One state change as the history keeps it.
@@ -146,6 +153,8 @@ struct Part {
     resync: bool,
     /// Cut a new segment at the next local append (a replica needs its names from it).
     cut: bool,
+    /// Older segments are being copied in from another node.
+    filling: bool,
 }
 
 /// Per-partition history of every accepted fix on this node (owned or replicated).
@@ -215,6 +224,57 @@ impl Seg {
     }
 }
 
+/// A segment file read back: the segment (closed), the position before its first block
+/// (its header's, if the header is whole), how many leading bytes are whole frames, and
+/// what cut the rest.
+struct Parsed {
+    seg: Seg,
+    prev: Option<Option<Pos>>,
+    good: u64,
+    torn: Option<CodecError>,
+}
+
+/// Reads a segment file's frames (`first`: the position its name gives).
+fn parse_segment(path: PathBuf, first: Pos, bytes: &[u8]) -> Parsed {
+    let mut seg = Seg {
+        shared: Arc::new(Shared { path, names: RwLock::new(Vec::new()) }),
+        file: None,
+        last: first,
+        len: 0,
+        min_recv: i64::MAX,
+        max_recv: i64::MIN,
+        marks: Vec::new(),
+        index: HashMap::new(),
+    };
+    let (mut prev, mut good, mut torn) = (None, 0u64, None);
+    for f in frames(bytes) {
+        let (offset, body) = match f {
+            Ok(x) => x,
+            Err(e) => {
+                torn = Some(e);
+                break;
+            }
+        };
+        if offset == 0
+            && let Some(p) = parse_header(body)
+        {
+            prev = Some(p);
+            good = (body.len() + 8) as u64;
+            seg.len = good;
+            continue;
+        }
+        let Some((head, names, max)) = block_time(body) else {
+            torn = Some(CodecError::Malformed(offset));
+            break;
+        };
+        seg.add_names(&names);
+        seg.note(offset as u64, &head, (body.len() + 8) as u64);
+        seg.max_recv = seg.max_recv.max(max);
+        good = seg.len;
+    }
+    Parsed { seg, prev, good, torn }
+}
+
 impl HistoryStore {
     /// Opens (and loads) the history under `dir`.
     pub fn open(dir: &Path, cfg: HistoryConfig) -> Result<HistoryStore, HistoryError> {
@@ -254,51 +314,23 @@ impl HistoryStore {
         let mut files: Vec<(Pos, PathBuf)> = Vec::new();
         for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
             let e = e.map_err(io(&dir))?;
-            if let Some(first) = e.file_name().to_str().and_then(parse_seg_name) {
+            let name = e.file_name();
+            let name = name.to_str().unwrap_or_default();
+            if let Some(first) = parse_seg_name(name) {
                 files.push((first, e.path()));
+            } else if name.ends_with(TMP_SUFFIX) {
+                // A copy cut short by a crash.
+                let _ = std::fs::remove_file(e.path());
             }
         }
         files.sort();
         for (i, (first, path)) in files.iter().enumerate() {
             let bytes = std::fs::read(path).map_err(io(path))?;
-            let mut seg = Seg {
-                shared: Arc::new(Shared { path: path.clone(), names: RwLock::new(Vec::new()) }),
-                file: None,
-                last: *first,
-                len: 0,
-                min_recv: i64::MAX,
-                max_recv: i64::MIN,
-                marks: Vec::new(),
-                index: HashMap::new(),
-            };
-            let mut good = 0u64;
-            let mut torn: Option<CodecError> = None;
-            for f in frames(&bytes) {
-                let (offset, body) = match f {
-                    Ok(x) => x,
-                    Err(e) => {
-                        torn = Some(e);
-                        break;
-                    }
-                };
-                if offset == 0
-                    && let Some(prev) = parse_header(body)
-                {
-                    if i == 0 {
-                        part.floor = prev;
-                    }
-                    good = (body.len() + 8) as u64;
-                    seg.len = good;
-                    continue;
-                }
-                let Some((head, names, max)) = block_time(body) else {
-                    torn = Some(CodecError::Malformed(offset));
-                    break;
-                };
-                seg.add_names(&names);
-                seg.note(offset as u64, &head, (body.len() + 8) as u64);
-                seg.max_recv = seg.max_recv.max(max);
-                good = seg.len;
+            let Parsed { seg, prev, good, torn } = parse_segment(path.clone(), *first, &bytes);
+            if i == 0
+                && let Some(prev) = prev
+            {
+                part.floor = prev;
             }
             if let Some(e) = torn {
                 warn!(file = %path.display(), valid_bytes = good, error = %e, "history: torn tail cut");
@@ -541,6 +573,7 @@ impl HistoryStore {
         part.floor = None;
         part.resync = false;
         part.cut = true;
+        part.filling = false;
     }
 
     /// Drops a partition's history: this node neither serves nor keeps a replica of it.
@@ -550,9 +583,10 @@ impl HistoryStore {
         part.epoch = 0;
     }
 
-    /// A partition's history for a hand-off: its floor and its blocks, framed (at most
-    /// [`EXPORT_MAX`] bytes: the newest segments that fit).
-    pub fn export(&self, p: u16) -> Result<(Option<Pos>, Vec<u8>), HistoryError> {
+    /// A partition's history for a hand-off: its floor, its blocks, framed (at most
+    /// `pull_max` bytes: the newest segments that fit), and whether older segments
+    /// were left out (the new owner copies them with [`segments_before`](Self::segments_before)).
+    pub fn export(&self, p: u16) -> Result<(Option<Pos>, Vec<u8>, bool), HistoryError> {
         let (mut floor, segs) = {
             let part = self.parts[p as usize].lock().expect("history lock");
             let segs: Vec<(PathBuf, u64, Pos)> =
@@ -561,7 +595,7 @@ impl HistoryStore {
         };
         let mut total = 0u64;
         let mut keep = segs.len();
-        while keep > 0 && total + segs[keep - 1].1 <= EXPORT_MAX as u64 {
+        while keep > 0 && total + segs[keep - 1].1 <= self.cfg.pull_max as u64 {
             total += segs[keep - 1].1;
             keep -= 1;
         }
@@ -578,15 +612,96 @@ impl HistoryStore {
                 }
             }
         }
-        Ok((floor, out))
+        Ok((floor, out, keep > 0))
     }
 
-    /// Installs a partition's history from a hand-off (replacing what is here).
-    pub fn import(&self, p: u16, floor: Option<Pos>, frames_bytes: &[u8]) -> Result<(), HistoryError> {
+    /// Segments of `p` that end at `upto` and chain back from it, newest first (path and
+    /// length written), leaving out any past the retention: what a node whose history of
+    /// `p` starts after `upto` lacks.
+    pub fn segments_before(&self, p: u16, upto: Pos, now_ms: i64) -> Vec<(PathBuf, u64)> {
+        let cutoff = now_ms - self.cfg.retention_ms;
+        let part = self.parts[p as usize].lock().expect("history lock");
+        let mut out = Vec::new();
+        let mut want: Option<Pos> = Some(upto);
+        for s in part.segs.iter().rev() {
+            let Some(w) = want else { break };
+            if s.last.seq > w.seq {
+                continue;
+            }
+            // The first one must end exactly at `upto`; each older one right before the next.
+            let ends_there = if out.is_empty() { s.last == w } else { s.last.seq == w.seq };
+            // An open segment is read as far as it is written now (appends only add).
+            if !ends_there || s.max_recv < cutoff {
+                break;
+            }
+            let Some(first) = s.marks.first().map(|m| m.first) else { break };
+            out.push((s.shared.path.clone(), s.len));
+            want = first.seq.checked_sub(1).map(|seq| Pos { epoch: first.epoch, seq });
+        }
+        out
+    }
+
+    /// Puts an older segment (a whole segment file another node holds, from
+    /// [`segments_before`](Self::segments_before)) before this node's history of `p`. It
+    /// must be whole and end where this history starts (its floor); the floor moves back
+    /// to the segment's start. Returns whether it was added.
+    pub fn prepend(&self, p: u16, bytes: &[u8]) -> Result<bool, HistoryError> {
+        let corrupt = |why: &str| HistoryError::Corrupt(format!("a copied segment of partition {p}: {why}"));
+        let first = frames(bytes)
+            .nth(1)
+            .and_then(Result::ok)
+            .and_then(|(_, body)| block_head(body))
+            .map(|(h, _)| h.first)
+            .ok_or_else(|| corrupt("no block"))?;
+        let dir = self.part_dir(p);
+        let path = dir.join(seg_name(first));
+        let Parsed { seg, prev, good, torn } = parse_segment(path.clone(), first, bytes);
+        let Some(prev) = prev else { return Err(corrupt("no header")) };
+        if torn.is_some() || good != bytes.len() as u64 || seg.marks.is_empty() {
+            return Err(corrupt("not whole"));
+        }
+        if self.floor(p) != Some(seg.last) {
+            return Ok(false);
+        }
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let tmp = dir.join(format!("{}{TMP_SUFFIX}", seg_name(first).trim_end_matches(".hist")));
+        {
+            let mut f = File::create(&tmp).map_err(io(&tmp))?;
+            f.write_all(bytes).map_err(io(&tmp))?;
+            f.sync_data().map_err(io(&tmp))?;
+        }
+        let mut part = self.parts[p as usize].lock().expect("history lock");
+        // Checked again: the history may have been reset or pruned meanwhile.
+        if part.floor != Some(seg.last) {
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(false);
+        }
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        part.floor = prev;
+        part.segs.insert(0, seg);
+        drop(part);
+        metrics::counter!("locus_history_copied_bytes_total").increment(bytes.len() as u64);
+        self.notify();
+        Ok(true)
+    }
+
+    /// Marks `p` as having older segments copied in (readers behind its floor wait
+    /// rather than being told the history is gone), or no longer.
+    pub fn set_filling(&self, p: u16, on: bool) {
+        self.parts[p as usize].lock().expect("history lock").filling = on;
+        if !on {
+            self.notify();
+        }
+    }
+
+    /// Installs a partition's history from a hand-off (replacing what is here); `older`:
+    /// older segments are still to be copied in (readers behind the floor wait for them).
+    pub fn import(&self, p: u16, floor: Option<Pos>, frames_bytes: &[u8], older: bool) -> Result<(), HistoryError> {
         {
             let mut part = self.parts[p as usize].lock().expect("history lock");
             Self::clear(&mut part);
             part.floor = floor;
+            part.filling = older && floor.is_some();
         }
         self.append_frames(p, frames_bytes)?;
         let mut part = self.parts[p as usize].lock().expect("history lock");
@@ -672,7 +787,7 @@ impl HistoryStore {
             if let (Some(c), Some(f)) = (after, part.floor)
                 && c < f
             {
-                return Err(Behind { partition: p, cursor: c, oldest: f });
+                return Err(Behind { partition: p, cursor: c, oldest: f, filling: part.filling });
             }
             let from = after.or(part.floor);
             (self.read_plan(&part, from), from)
@@ -850,7 +965,8 @@ fn resolve_event(pos: Pos, r: &RawEventRecord, names: &[Arc<str>]) -> Option<His
     })
 }
 
-fn read_range(path: &Path, from: u64, to: u64) -> Result<Vec<u8>, HistoryError> {
+/// Bytes `[from, to)` of a history file.
+pub fn read_range(path: &Path, from: u64, to: u64) -> Result<Vec<u8>, HistoryError> {
     let f = File::open(path).map_err(io(path))?;
     let mut buf = vec![0u8; to.saturating_sub(from) as usize];
     f.read_exact_at(&mut buf, from).map_err(io(path))?;

@@ -7,7 +7,7 @@ use crate::keys::partition_of;
 const H: i64 = 3_600_000;
 
 fn cfg() -> HistoryConfig {
-    HistoryConfig { retention_ms: 24 * H }
+    HistoryConfig { retention_ms: 24 * H, pull_max: EXPORT_MAX }
 }
 
 /// Heading 90°, 8.4 m/s, 5 m, packed as a trail fix's.
@@ -171,7 +171,7 @@ fn cursors_resume_exactly_after_restart_and_the_driver_query_filters() {
 #[test]
 fn retention_drops_old_segments_and_an_old_cursor_is_told_how_far_it_can_go() {
     let dir = tempfile::tempdir().unwrap();
-    let s = HistoryStore::open(dir.path(), HistoryConfig { retention_ms: 8 * 60_000 }).unwrap();
+    let s = HistoryStore::open(dir.path(), HistoryConfig { retention_ms: 8 * 60_000, pull_max: EXPORT_MAX }).unwrap();
     let (p, a, _) = pair();
     let t0 = crate::clock::wall_ms() - 20 * 60_000;
     // One fix a minute for 20 minutes: segments span a minute.
@@ -223,8 +223,9 @@ fn a_partition_moves_with_its_positions_and_a_replica_follows_blocks() {
 
     // Hand-off: the new owner gets every block and continues at its epoch.
     let moved = HistoryStore::open(dc.path(), cfg()).unwrap();
-    let (floor, frames) = owner.export(p).unwrap();
-    moved.import(p, floor, &frames).unwrap();
+    let (floor, frames, older) = owner.export(p).unwrap();
+    assert!(!older, "all of it fits in the pull");
+    moved.import(p, floor, &frames, older).unwrap();
     moved.serve(p, 3);
     let mut raw = Vec::new();
     push(&mut raw, &a, t0 + 99_000, t0 + 99_000);
@@ -234,4 +235,66 @@ fn a_partition_moves_with_its_positions_and_a_replica_follows_blocks() {
     assert_eq!(all.fixes[59].pos, Pos { epoch: 2, seq: 59 });
     assert_eq!(all.fixes[60].pos, Pos { epoch: 3, seq: 60 });
     assert_eq!(&all.fixes[..60], &owner.read_after(p, None, 1000).unwrap().fixes[..]);
+}
+
+#[test]
+fn older_segments_are_copied_newest_first_to_a_late_replica_and_after_a_pull_that_left_them_out() {
+    let (da, db, dc) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let owner = HistoryStore::open(da.path(), cfg()).unwrap();
+    let replica = HistoryStore::open(db.path(), cfg()).unwrap();
+    let (p, a, b) = pair();
+    owner.serve(p, 2);
+    let t0 = 1_700_000_000_000;
+    for r in 0..30 {
+        let mut raw = Vec::new();
+        push(&mut raw, &a, t0 + r * 1000, t0 + r * 1000);
+        push(&mut raw, &b, t0 + r * 1000, t0 + r * 1000);
+        for (bp, block) in owner.append_local(&raw) {
+            // The replica starts with the third segment.
+            if r >= 20 {
+                replica.append_frames(bp, &block).unwrap();
+            }
+        }
+        if r == 9 || r == 19 {
+            owner.cut(p);
+        }
+    }
+    let floor = replica.floor(p).expect("the replica starts late");
+    assert_eq!(floor, Pos { epoch: 2, seq: 39 });
+    let segs = owner.segments_before(p, floor, t0 + 60_000);
+    assert_eq!(segs.len(), 2, "the two older segments, newest first");
+    assert!(owner.segments_before(p, floor, t0 + 48 * H).is_empty(), "past the retention: nothing");
+    assert!(owner.segments_before(p, Pos { epoch: 2, seq: 38 }, t0 + 60_000).is_empty(), "not a segment's end");
+    let bytes: Vec<Vec<u8>> = segs.iter().map(|(path, len)| read_range(path, 0, *len).unwrap()).collect();
+    // Out of order, or cut short: refused, nothing changes.
+    assert!(!replica.prepend(p, &bytes[1]).unwrap());
+    assert!(replica.prepend(p, &bytes[0][..bytes[0].len() - 3]).is_err());
+    assert_eq!(replica.floor(p), Some(floor));
+    for seg in &bytes {
+        assert!(replica.prepend(p, seg).unwrap());
+    }
+    assert_eq!(replica.floor(p), None);
+    let whole = owner.read_after(p, None, 1000).unwrap().fixes;
+    assert_eq!(whole.len(), 60);
+    assert_eq!(replica.read_after(p, None, 1000).unwrap().fixes, whole);
+    // They stay there across a restart.
+    drop(replica);
+    let replica = HistoryStore::open(db.path(), cfg()).unwrap();
+    assert_eq!(replica.read_after(p, None, 1000).unwrap().fixes, whole);
+
+    // A pull that carries no history (`pull_max` 0): the new owner's readers behind its
+    // floor wait (not told it is gone) until the segments are copied in.
+    drop(owner);
+    let owner = HistoryStore::open(da.path(), HistoryConfig { pull_max: 0, ..cfg() }).unwrap();
+    let (floor, frames, older) = owner.export(p).unwrap();
+    assert!(frames.is_empty() && older);
+    assert_eq!(floor, owner.last(p));
+    let moved = HistoryStore::open(dc.path(), cfg()).unwrap();
+    moved.import(p, floor, &frames, older).unwrap();
+    assert!(moved.read_after(p, Some(Pos { epoch: 2, seq: 3 }), 10).unwrap_err().filling);
+    for (path, len) in owner.segments_before(p, floor.unwrap(), t0 + 60_000) {
+        assert!(moved.prepend(p, &read_range(&path, 0, len).unwrap()).unwrap());
+    }
+    moved.set_filling(p, false);
+    assert_eq!(moved.read_after(p, None, 1000).unwrap().fixes, whole);
 }

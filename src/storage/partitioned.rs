@@ -26,6 +26,8 @@ pub struct PartitionData {
 pub struct History {
     pub floor: Option<Pos>,
     pub blocks: Vec<u8>,
+    /// The holder keeps segments older than the blocks (the new owner copies them).
+    pub older: bool,
 }
 
 /// A partition on its way into this node's shards: pulled (its records decoded) or a
