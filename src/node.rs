@@ -393,6 +393,7 @@ pub async fn run_on(
     let view = members.view.borrow().clone();
     handoff.round(&view).await;
     let handoff_task = crate::tasks::spawn("handoff", handoff.clone().run(members.view.clone()));
+    let backfill_task = crate::tasks::spawn("history_backfill", handoff.clone().run_backfill());
     // The minority rule's lease: well inside failure detection (a cut-off node stands
     // down before the others declare it down and promote its replicas).
     let quorum_task =
@@ -555,6 +556,7 @@ pub async fn run_on(
         warn!("leaving the gossip took too long; stopping anyway");
     }
     handoff_task.abort();
+    backfill_task.abort();
     quorum_task.abort();
     replication.abort();
     member_metrics.abort();

@@ -511,3 +511,42 @@ async fn state_changes_replay_from_a_cursor_across_a_restart() {
     }
     assert_eq!(more.len(), 1, "{more:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_made_late_copy_the_older_history_so_a_promoted_one_serves_all_of_it() {
+    // A partition's replicas are made when n1 and n2 join, after n0 wrote a history.
+    let mut c = TestCluster::start_some(3, 1, &["--persist-interval", "50ms"]);
+    c.converge(&["n0"], Duration::from_secs(20)).await;
+    let ids: Vec<String> = (0..60).map(|i| format!("late-{i}")).collect();
+    let ts0 = now_ms() - 600_000;
+    send_rounds(c.node(0), &ids, ts0, 0..10).await;
+    c.launch(1);
+    c.launch(2);
+    c.converge(&["n0", "n1", "n2"], Duration::from_secs(30)).await;
+    send_rounds(c.node(0), &ids, ts0, 10..15).await;
+    // Replicas in sync, and their backfill done (it looks every 2 s).
+    c.converge(&["n0", "n1", "n2"], Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // n0, the owner of the partitions it kept, is killed: their replicas are promoted.
+    c.nodes[0].take().unwrap().kill9();
+    c.converge(&["n1", "n2"], Duration::from_secs(30)).await;
+    let mut replay =
+        fixes_client(&c.node(1).grpc).await.subscribe(request(&Cursor::new(), true)).await.unwrap().into_inner();
+    let (mut cursor, mut seen) = (Cursor::new(), HashMap::new());
+    while let Ok(Some(b)) = tokio::time::timeout(Duration::from_secs(3), replay.next()).await {
+        take(b.unwrap(), &mut cursor, &mut seen);
+    }
+    let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(repeated.is_empty(), "replayed more than once: {repeated:?}");
+    let missing: Vec<(String, i64)> = (0..15)
+        .flat_map(|r| ids.iter().map(move |id| (id.clone(), ts0 + r * 1_000)))
+        .filter(|k| !seen.contains_key(k))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} fixes lost with n0, e.g. {:?}",
+        missing.len(),
+        15 * ids.len(),
+        &missing[..missing.len().min(5)]
+    );
+}

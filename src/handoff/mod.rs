@@ -79,6 +79,8 @@ const APPLY_STEP_BYTES: usize = 256 << 10;
 const PULL_CHUNK: usize = 8;
 /// How long one survey answer or pull may take.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often replicas look for older history to copy from their owners.
+const BACKFILL_EVERY: Duration = Duration::from_secs(2);
 const SURVEY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One partition as `admin partitions` shows it (see `Cluster.Partitions`).
@@ -301,13 +303,14 @@ impl Handoff {
     }
 
     /// Copies the older history segments of `parts` from `peer` (newest first, each put
-    /// before what is here as it arrives), then lets readers behind their floors on. A
+    /// before what is here as it arrives); readers behind their floors wait meanwhile. A
     /// segment that does not fit, or a broken link, ends that partition's copy.
     async fn copy_history(&self, peer: SocketAddr, peer_name: &str, parts: &[u16]) {
         let Some(h) = self.history.get() else { return };
         let (t0, mut segments, mut bytes) = (Instant::now(), 0usize, 0usize);
         for &p in parts {
             if let Some(floor) = h.floor(p) {
+                h.set_filling(p, true);
                 let mut rx = self.link.history_segments(peer, p, floor, RPC_TIMEOUT);
                 while let Some(item) = rx.recv().await {
                     let seg = match item {
@@ -1217,6 +1220,40 @@ impl Handoff {
             self.cluster.set_quorum(false);
             metrics::gauge!("locus_quorum").set(0.0);
             self.router.hold(Arc::new(active)).await;
+        }
+    }
+
+    /// The replicas' history backfill: a replica's history starts when its copy was made
+    /// (or reset), so every few seconds each in-sync replica whose history has a floor
+    /// not yet asked about copies the older segments from its owner
+    /// (`Handoff.HistorySegments`), one partition at a time. A promoted replica then
+    /// serves the partition's whole history, not only what came since it was made.
+    pub async fn run_backfill(self: Arc<Self>) {
+        let Some(h) = self.history.get().cloned() else { return };
+        // Per partition: the floor last asked about (whatever came of it).
+        let mut asked: HashMap<u16, crate::history::Pos> = HashMap::new();
+        loop {
+            tokio::time::sleep(BACKFILL_EVERY).await;
+            let infos = self.replica_info();
+            asked.retain(|p, _| infos.iter().any(|i| i.partition == *p));
+            let mut by_owner: HashMap<SocketAddr, Vec<(u16, crate::history::Pos)>> = HashMap::new();
+            for i in infos.into_iter().filter(|i| i.synced) {
+                if let Some(floor) = h.floor(i.partition)
+                    && asked.get(&i.partition) != Some(&floor)
+                {
+                    by_owner.entry(i.owner).or_default().push((i.partition, floor));
+                }
+            }
+            for (owner, parts) in by_owner {
+                let view = self.cluster.view();
+                let Some(meta) = view.meta(&owner) else { continue };
+                let (grpc, name) = (meta.grpc, meta.name.clone());
+                let ps: Vec<u16> = parts.iter().map(|(p, _)| *p).collect();
+                self.copy_history(grpc, &name, &ps).await;
+                for (p, floor) in parts {
+                    asked.insert(p, h.floor(p).unwrap_or(floor));
+                }
+            }
         }
     }
 

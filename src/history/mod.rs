@@ -6,7 +6,10 @@
 //! fixes: a fix's [`Pos`] is the ownership epoch its partition was served at when it
 //! was written, then a sequence number that only grows within the partition. Blocks go
 //! to the partition's replicas with the driver records, and a partition's history moves
-//! with it in a hand-off, so positions are the same on every node that holds them.
+//! with it in a hand-off, so positions are the same on every node that holds them. What
+//! a pull leaves out (beyond `--history-pull-mib`), and what a replica made late lacks,
+//! is copied as whole segment files ([`HistoryStore::segments_before`] on the holder,
+//! [`HistoryStore::prepend`] here, newest first) by `handoff`.
 //!
 //! Positions order a partition's fixes (epoch first): a consumer that keeps the last
 //! position it saw per partition resumes exactly after it, on any node, after moves and
