@@ -380,6 +380,9 @@ pub struct DriverShard {
 
 /// Drivers given a full record per `take_writes` call during a compaction sweep.
 pub const SWEEP_CHUNK: u32 = 2_000;
+/// Bytes a commit reserves per driver record before encoding them (a delta record with
+/// a short id is about this long; a full one with its trail grows the buffer).
+const UPSERT_BYTES_HINT: usize = 64;
 
 impl DriverShard {
     pub fn new(cfg: ShardConfig) -> Self {
@@ -1324,6 +1327,9 @@ impl DriverShard {
             }
         }
         let take = self.dirty.len().min(limit);
+        // Room for the usual record up front, not grown by doubling as they are encoded.
+        out.buf.reserve(take * UPSERT_BYTES_HINT);
+        out.parts.reserve(take);
         for slot in self.dirty.drain(..take) {
             let Some(r) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else { continue };
             if r.flags & DIRTY == 0 {
