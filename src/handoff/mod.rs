@@ -138,6 +138,10 @@ pub struct Handoff {
     /// Partitions being pulled right now (reported as such in surveys).
     /// (partition → the epoch it will be served at).
     pulling: std::sync::Mutex<HashMap<u16, u64>>,
+    /// Pulled partitions whose older history is being copied from their lender: reported
+    /// as still being pulled, so the lender keeps its copy (and its history) until the
+    /// release.
+    copying: std::sync::Mutex<HashSet<u16>>,
     /// Who the last survey saw serve each partition (active there). Partitions this node
     /// owns by the ring but has not pulled yet are forwarded to their holder meanwhile
     /// (`Route::Via`), so requests need not wait for the whole move.
@@ -228,6 +232,7 @@ impl Handoff {
             link,
             replicas: std::sync::Mutex::new(ReplicaStore::new(trail_cap)),
             pulling: std::sync::Mutex::new(HashMap::new()),
+            copying: std::sync::Mutex::new(HashSet::new()),
             holders: std::sync::Mutex::default(),
             heard: std::sync::OnceLock::new(),
             seen_empty: std::sync::Mutex::default(),
@@ -419,10 +424,17 @@ impl Handoff {
                 seen.insert(r);
             }
         }
+        let copying = self.copying.lock().expect("copying lock").clone();
         let mut out: Vec<PeerHolding> = st
             .table
             .held()
-            .map(|(p, part)| PeerHolding { partition: p, epoch: part.epoch, holding: part.holding.expect("held") })
+            .map(|(p, part)| {
+                let holding = match part.holding.expect("held") {
+                    Holding::Active if copying.contains(&p) => Holding::Pulling,
+                    h => h,
+                };
+                PeerHolding { partition: p, epoch: part.epoch, holding }
+            })
             .collect();
         let pulling = self.pulling.lock().expect("pulling lock").clone();
         out.extend(
@@ -1047,6 +1059,8 @@ impl Handoff {
                 }
                 let bytes: usize = resp.partitions.iter().map(|d| d.drivers.len()).sum();
                 let older: Vec<u16> = resp.partitions.iter().filter(|d| d.history.older).map(|d| d.partition).collect();
+                // From before they are installed until the copy ends (see `copying`).
+                self.copying.lock().expect("copying lock").extend(older.iter().copied());
                 let data = resp
                     .partitions
                     .into_iter()
@@ -1061,8 +1075,8 @@ impl Handoff {
                 self.pulling.lock().expect("pulling lock").retain(|p, _| !epochs.contains_key(p));
                 if !done.is_empty() {
                     // History the pull left out (cut to size) comes before the holder forgets it.
-                    let older: Vec<u16> = older.into_iter().filter(|p| done.contains(p)).collect();
-                    self.copy_history(meta.grpc, &name, &older).await;
+                    let fill: Vec<u16> = older.iter().copied().filter(|p| done.contains(p)).collect();
+                    self.copy_history(meta.grpc, &name, &fill).await;
                     let release = self.link.release(meta.grpc, self.me, done.clone(), RPC_TIMEOUT).await;
                     if let Err(e) = release {
                         // The holder forgets its copy once it sees this node serve it.
@@ -1070,6 +1084,7 @@ impl Handoff {
                     }
                     pulled_any = true;
                 }
+                self.copying.lock().expect("copying lock").retain(|p| !older.contains(p));
                 let st = self.state.lock().await;
                 self.publish(view, &st);
                 drop(st);
