@@ -286,6 +286,11 @@ impl PeerLink for GrpcPeerLink {
                     }
                 };
                 seg.extend_from_slice(&item.data);
+                if seg.len() > crate::history::MAX_COPIED_SEGMENT {
+                    let why = format!("a history segment over {} bytes", crate::history::MAX_COPIED_SEGMENT);
+                    let _ = tx.send(Err(LinkError(why))).await;
+                    return;
+                }
                 if item.segment_end && tx.send(Ok(std::mem::take(&mut seg))).await.is_err() {
                     return;
                 }

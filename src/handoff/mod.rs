@@ -309,10 +309,12 @@ impl Handoff {
 
     /// Copies the older history segments of `parts` from `peer` (newest first, each put
     /// before what is here as it arrives); readers behind their floors wait meanwhile. A
-    /// segment that does not fit, or a broken link, ends that partition's copy.
-    async fn copy_history(&self, peer: SocketAddr, peer_name: &str, parts: &[u16]) {
-        let Some(h) = self.history.get() else { return };
+    /// segment that does not fit, or a broken link, ends that partition's copy. Returns
+    /// the partitions whose copy a broken link cut short (worth another try).
+    async fn copy_history(&self, peer: SocketAddr, peer_name: &str, parts: &[u16]) -> Vec<u16> {
+        let Some(h) = self.history.get() else { return Vec::new() };
         let (t0, mut segments, mut bytes) = (Instant::now(), 0usize, 0usize);
+        let mut cut = Vec::new();
         for &p in parts {
             if let Some(floor) = h.floor(p) {
                 h.set_filling(p, true);
@@ -322,6 +324,7 @@ impl Handoff {
                         Ok(seg) => seg,
                         Err(e) => {
                             warn!(from = %peer_name, partition = p, error = %e, "copying older history failed");
+                            cut.push(p);
                             break;
                         }
                     };
@@ -350,6 +353,7 @@ impl Handoff {
                 "copied older history"
             );
         }
+        cut
     }
 
     /// Replicas kept here, for `admin` and tests.
@@ -741,6 +745,9 @@ impl Handoff {
             warn!(error = %e, "flushing pulled partitions failed; not installed");
             for (p, _, _, _, _) in &stored {
                 self.set(&mut st, *p, expect.get(*p));
+                if let Some(h) = self.history.get() {
+                    h.set_filling(*p, false);
+                }
             }
             return Vec::new();
         }
@@ -1076,7 +1083,11 @@ impl Handoff {
                 if !done.is_empty() {
                     // History the pull left out (cut to size) comes before the holder forgets it.
                     let fill: Vec<u16> = older.iter().copied().filter(|p| done.contains(p)).collect();
-                    self.copy_history(meta.grpc, &name, &fill).await;
+                    let cut = self.copy_history(meta.grpc, &name, &fill).await;
+                    if !cut.is_empty() {
+                        // Once more from where it stopped: after the release it is gone.
+                        self.copy_history(meta.grpc, &name, &cut).await;
+                    }
                     let release = self.link.release(meta.grpc, self.me, done.clone(), RPC_TIMEOUT).await;
                     if let Err(e) = release {
                         // The holder forgets its copy once it sees this node serve it.
@@ -1252,7 +1263,12 @@ impl Handoff {
             let infos = self.replica_info();
             asked.retain(|p, _| infos.iter().any(|i| i.partition == *p));
             let mut by_owner: HashMap<SocketAddr, Vec<(u16, crate::history::Pos)>> = HashMap::new();
-            for i in infos.into_iter().filter(|i| i.synced) {
+            let busy: HashSet<u16> = {
+                let copying = self.copying.lock().expect("copying lock");
+                let pulling = self.pulling.lock().expect("pulling lock");
+                copying.iter().copied().chain(pulling.keys().copied()).collect()
+            };
+            for i in infos.into_iter().filter(|i| i.synced && !busy.contains(&i.partition)) {
                 if let Some(floor) = h.floor(i.partition)
                     && asked.get(&i.partition) != Some(&floor)
                 {
@@ -1264,8 +1280,9 @@ impl Handoff {
                 let Some(meta) = view.meta(&owner) else { continue };
                 let (grpc, name) = (meta.grpc, meta.name.clone());
                 let ps: Vec<u16> = parts.iter().map(|(p, _)| *p).collect();
-                self.copy_history(grpc, &name, &ps).await;
-                for (p, floor) in parts {
+                let cut = self.copy_history(grpc, &name, &ps).await;
+                // A copy a broken link cut short is tried again at the next look.
+                for (p, floor) in parts.into_iter().filter(|(p, _)| !cut.contains(p)) {
                     asked.insert(p, h.floor(p).unwrap_or(floor));
                 }
             }

@@ -26,7 +26,9 @@ mod store;
 mod tests;
 
 pub use codec::{HistFix, Raw, RawEvent};
-pub use store::{Behind, EXPORT_MAX, HistEvent, HistoryConfig, HistoryError, HistoryStore, Page, read_range};
+pub use store::{
+    Behind, EXPORT_MAX, HistEvent, HistoryConfig, HistoryError, HistoryStore, MAX_COPIED_SEGMENT, Page, read_range,
+};
 
 /// A fix's position in its partition's history.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -41,8 +41,12 @@ const READ_CHUNK: usize = 1 << 20;
 pub const EXPORT_MAX: usize = 16 << 20;
 
 const HEADER_MAGIC: &[u8; 4] = b"LHS1";
-/// No raw history entry is shorter (an event with empty names).
-const MIN_RAW_ENTRY: usize = 23;
+/// A raw fix entry is at least this long (a state change, rarer, may be shorter and
+/// grow the vector once).
+const MIN_RAW_FIX: usize = 42;
+/// Bytes of a copied segment a node takes at most (a segment is cut at 16 MiB, plus its
+/// last block).
+pub const MAX_COPIED_SEGMENT: usize = 64 << 20;
 /// A segment copied from another node is written under this suffix, then renamed.
 const TMP_SUFFIX: &str = ".hist.tmp";
 
@@ -168,6 +172,8 @@ pub struct HistoryStore {
     /// Segments closed since the last sync, still to be synced (by the upkeep thread,
     /// not the appender: a hand-off cuts hundreds of segments at once).
     closed: Mutex<Vec<File>>,
+    /// Copied segments written so far (names their temporary files apart).
+    copies: std::sync::atomic::AtomicU64,
 }
 
 fn seg_name(first: Pos) -> String {
@@ -288,6 +294,7 @@ impl HistoryStore {
             parts,
             changed: watch::channel(0).0,
             closed: Mutex::new(Vec::new()),
+            copies: std::sync::atomic::AtomicU64::new(0),
         };
         let (mut segs, mut bytes) = (0usize, 0u64);
         for e in std::fs::read_dir(dir).map_err(io(dir))? {
@@ -392,9 +399,9 @@ impl HistoryStore {
         if raw.is_empty() {
             return Vec::new();
         }
-        // Sized once (no entry is shorter), and ordered by partition through indices:
-        // an entry is a few dozen bytes, an index four.
-        let mut entries: Vec<Entry<'_>> = Vec::with_capacity(raw.len() / MIN_RAW_ENTRY + 1);
+        // Sized once (for fixes), and ordered by partition through indices: an entry is
+        // a few dozen bytes, an index four.
+        let mut entries: Vec<Entry<'_>> = Vec::with_capacity(raw.len() / MIN_RAW_FIX + 1);
         entries.extend(raw_entries(raw));
         let mut order: Vec<u32> = (0..entries.len() as u32).collect();
         order.sort_by_key(|&i| entries[i as usize].partition());
@@ -637,10 +644,10 @@ impl HistoryStore {
             if s.last.seq > w.seq {
                 continue;
             }
-            // The first one must end exactly at `upto`; each older one right before the next.
-            let ends_there = if out.is_empty() { s.last == w } else { s.last.seq == w.seq };
-            // An open segment is read as far as it is written now (appends only add).
-            if !ends_there || s.max_recv < cutoff {
+            // Each ends right before the next (by sequence: a floor set after a gap names
+            // the next block's epoch, not the one the entry before it was written at). An
+            // open segment is read as far as it is written now (appends only add).
+            if s.last.seq != w.seq || s.max_recv < cutoff {
                 break;
             }
             let Some(first) = s.marks.first().map(|m| m.first) else { break };
@@ -652,8 +659,9 @@ impl HistoryStore {
 
     /// Puts an older segment (a whole segment file another node holds, from
     /// [`segments_before`](Self::segments_before)) before this node's history of `p`. It
-    /// must be whole and end where this history starts (its floor); the floor moves back
-    /// to the segment's start. Returns whether it was added.
+    /// must be whole and end where this history starts (its floor's sequence); the floor
+    /// becomes the position before the segment (its header's). Returns whether it was
+    /// added.
     pub fn prepend(&self, p: u16, bytes: &[u8]) -> Result<bool, HistoryError> {
         let corrupt = |why: &str| HistoryError::Corrupt(format!("a copied segment of partition {p}: {why}"));
         let first = frames(bytes)
@@ -669,11 +677,13 @@ impl HistoryStore {
         if torn.is_some() || good != bytes.len() as u64 || seg.marks.is_empty() {
             return Err(corrupt("not whole"));
         }
-        if self.floor(p) != Some(seg.last) {
+        let fits = |floor: Option<Pos>| floor.is_some_and(|f| f.seq == seg.last.seq && f.epoch >= seg.last.epoch);
+        if !fits(self.floor(p)) || prev.is_some_and(|pr| pr.seq + 1 != first.seq) {
             return Ok(false);
         }
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let tmp = dir.join(format!("{}{TMP_SUFFIX}", seg_name(first).trim_end_matches(".hist")));
+        let n = self.copies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!("{}-{n}{TMP_SUFFIX}", seg_name(first).trim_end_matches(".hist")));
         {
             let mut f = File::create(&tmp).map_err(io(&tmp))?;
             f.write_all(bytes).map_err(io(&tmp))?;
@@ -681,7 +691,7 @@ impl HistoryStore {
         }
         let mut part = self.parts[p as usize].lock().expect("history lock");
         // Checked again: the history may have been reset or pruned meanwhile.
-        if part.floor != Some(seg.last) {
+        if !fits(part.floor) {
             let _ = std::fs::remove_file(&tmp);
             return Ok(false);
         }
@@ -797,6 +807,10 @@ impl HistoryStore {
                 && c < f
             {
                 return Err(Behind { partition: p, cursor: c, oldest: f, filling: part.filling });
+            }
+            // From the oldest kept while older segments are still coming: wait for them.
+            if let (None, Some(f), true) = (after, part.floor, part.filling) {
+                return Err(Behind { partition: p, cursor: f, oldest: f, filling: true });
             }
             let from = after.or(part.floor);
             (self.read_plan(&part, from), from)

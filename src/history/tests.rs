@@ -258,9 +258,14 @@ fn older_segments_are_copied_newest_first_to_a_late_replica_and_after_a_pull_tha
         if r == 9 || r == 19 {
             owner.cut(p);
         }
+        if r == 19 {
+            // A new epoch with the third segment (a move): the replica's floor, set from
+            // the block it starts with, names epoch 3; the entry before it was epoch 2.
+            owner.serve(p, 3);
+        }
     }
     let floor = replica.floor(p).expect("the replica starts late");
-    assert_eq!(floor, Pos { epoch: 2, seq: 39 });
+    assert_eq!(floor, Pos { epoch: 3, seq: 39 });
     let segs = owner.segments_before(p, floor, t0 + 60_000);
     assert_eq!(segs.len(), 2, "the two older segments, newest first");
     assert!(owner.segments_before(p, floor, t0 + 48 * H).is_empty(), "past the retention: nothing");
