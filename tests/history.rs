@@ -47,6 +47,31 @@ fn take(b: pb::FixBatch, cursor: &mut Cursor, seen: &mut HashMap<(String, i64), 
     }
 }
 
+/// Replays every partition from its earliest cursor through `grpc` until 3 s pass
+/// without a batch; checks that nothing came twice and that every fix of `want` came.
+async fn assert_replay_holds<'a>(grpc: &str, want: impl IntoIterator<Item = &'a (String, i64)>) {
+    let mut replay = fixes_client(grpc).await.subscribe(request(&Cursor::new(), true)).await.unwrap().into_inner();
+    let (mut cursor, mut seen) = (Cursor::new(), HashMap::new());
+    while let Ok(Some(b)) = tokio::time::timeout(Duration::from_secs(3), replay.next()).await {
+        take(b.unwrap(), &mut cursor, &mut seen);
+    }
+    let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(repeated.is_empty(), "replayed more than once: {repeated:?}");
+    let (mut wanted, mut missing) = (0, Vec::new());
+    for k in want {
+        wanted += 1;
+        if !seen.contains_key(k) {
+            missing.push(k);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {wanted} fixes not in the replay, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
 async fn send_rounds(node: &NodeProc, ids: &[String], ts0: i64, rounds: std::ops::Range<i64>) {
     let mut cl = node.client().await;
     for r in rounds {
@@ -297,22 +322,7 @@ async fn a_consumer_gets_every_acknowledged_fix_once_while_nodes_join_and_leave(
 
     // And the whole history moved: a new consumer replaying from the earliest cursor of
     // every partition reads each acknowledged fix once, as before the moves.
-    let mut replay =
-        fixes_client(&c.node(0).grpc).await.subscribe(request(&Cursor::new(), true)).await.unwrap().into_inner();
-    let (mut cursor, mut again) = (Cursor::new(), HashMap::new());
-    while let Ok(Some(b)) = tokio::time::timeout(Duration::from_secs(3), replay.next()).await {
-        take(b.unwrap(), &mut cursor, &mut again);
-    }
-    let repeated: Vec<_> = again.iter().filter(|(_, n)| **n > 1).take(5).collect();
-    assert!(repeated.is_empty(), "replayed more than once: {repeated:?}");
-    let missing: Vec<_> = acked.iter().filter(|k| !again.contains_key(*k)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} fixes not in the replay, e.g. {:?}",
-        missing.len(),
-        acked.len(),
-        &missing[..missing.len().min(5)]
-    );
+    assert_replay_holds(&c.node(0).grpc, &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -530,23 +540,7 @@ async fn replicas_made_late_copy_the_older_history_so_a_promoted_one_serves_all_
     // n0, the owner of the partitions it kept, is killed: their replicas are promoted.
     c.nodes[0].take().unwrap().kill9();
     c.converge(&["n1", "n2"], Duration::from_secs(30)).await;
-    let mut replay =
-        fixes_client(&c.node(1).grpc).await.subscribe(request(&Cursor::new(), true)).await.unwrap().into_inner();
-    let (mut cursor, mut seen) = (Cursor::new(), HashMap::new());
-    while let Ok(Some(b)) = tokio::time::timeout(Duration::from_secs(3), replay.next()).await {
-        take(b.unwrap(), &mut cursor, &mut seen);
-    }
-    let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
-    assert!(repeated.is_empty(), "replayed more than once: {repeated:?}");
-    let missing: Vec<(String, i64)> = (0..15)
-        .flat_map(|r| ids.iter().map(move |id| (id.clone(), ts0 + r * 1_000)))
-        .filter(|k| !seen.contains_key(k))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} fixes lost with n0, e.g. {:?}",
-        missing.len(),
-        15 * ids.len(),
-        &missing[..missing.len().min(5)]
-    );
+    let sent: Vec<(String, i64)> =
+        (0..15).flat_map(|r| ids.iter().map(move |id| (id.clone(), ts0 + r * 1_000))).collect();
+    assert_replay_holds(&c.node(1).grpc, &sent).await;
 }

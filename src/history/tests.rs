@@ -191,6 +191,14 @@ fn retention_drops_old_segments_and_an_old_cursor_is_told_how_far_it_can_go() {
     assert_eq!(page.fixes.first().map(|f| f.pos.seq), Some(floor.seq + 1), "from the oldest kept");
 }
 
+/// Round `r` of two drivers' fixes (one second apart) appended on `owner`: its blocks.
+fn round_of_two(owner: &HistoryStore, a: &str, b: &str, t0: i64, r: i64) -> Vec<(u16, Vec<u8>)> {
+    let mut raw = Vec::new();
+    push(&mut raw, a, t0 + r * 1000, t0 + r * 1000);
+    push(&mut raw, b, t0 + r * 1000, t0 + r * 1000);
+    owner.append_local(&raw)
+}
+
 #[test]
 fn a_partition_moves_with_its_positions_and_a_replica_follows_blocks() {
     let (da, db, dc) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -200,10 +208,7 @@ fn a_partition_moves_with_its_positions_and_a_replica_follows_blocks() {
     owner.serve(p, 2);
     let t0 = 1_700_000_000_000;
     for r in 0..30 {
-        let mut raw = Vec::new();
-        push(&mut raw, &a, t0 + r * 1000, t0 + r * 1000);
-        push(&mut raw, &b, t0 + r * 1000, t0 + r * 1000);
-        for (bp, block) in owner.append_local(&raw) {
+        for (bp, block) in round_of_two(&owner, &a, &b, t0, r) {
             // The replica misses blocks 10..15: it waits for a segment start.
             if !(10..15).contains(&r) {
                 replica.append_frames(bp, &block).unwrap();
@@ -246,10 +251,7 @@ fn older_segments_are_copied_newest_first_to_a_late_replica_and_after_a_pull_tha
     owner.serve(p, 2);
     let t0 = 1_700_000_000_000;
     for r in 0..30 {
-        let mut raw = Vec::new();
-        push(&mut raw, &a, t0 + r * 1000, t0 + r * 1000);
-        push(&mut raw, &b, t0 + r * 1000, t0 + r * 1000);
-        for (bp, block) in owner.append_local(&raw) {
+        for (bp, block) in round_of_two(&owner, &a, &b, t0, r) {
             // The replica starts with the third segment.
             if r >= 20 {
                 replica.append_frames(bp, &block).unwrap();
