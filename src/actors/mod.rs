@@ -582,9 +582,16 @@ impl Worker {
         }
         self.stamp();
         self.pending.hold_clock();
-        if self.persist.send(std::mem::take(&mut self.pending)).await.is_err() {
+        let batch = self.take_pending();
+        if self.persist.send(batch).await.is_err() {
             warn!(shard = self.id, "persister gone; pending writes dropped");
         }
+    }
+
+    /// The pending batch, to hand over; the next one starts with room for as much.
+    fn take_pending(&mut self) -> PersistBatch {
+        let next = PersistBatch::sized_like(&self.pending);
+        std::mem::replace(&mut self.pending, next)
     }
 
     /// Numbers the pending batch if it carries history (see `history_written`).
@@ -609,7 +616,8 @@ impl Worker {
         if !self.pending.is_empty() {
             self.stamp();
             self.pending.hold_clock();
-            if self.persist.send(std::mem::take(&mut self.pending)).await.is_err() {
+            let batch = self.take_pending();
+            if self.persist.send(batch).await.is_err() {
                 warn!(shard = self.id, "persister gone; pending writes dropped");
                 return;
             }
@@ -634,7 +642,7 @@ impl Worker {
             Ok(permit) => {
                 self.stamp();
                 self.pending.hold_clock();
-                permit.send(std::mem::take(&mut self.pending))
+                permit.send(self.take_pending())
             }
             Err(_) => metrics::counter!("locus_persist_deferred_total").increment(1),
         }

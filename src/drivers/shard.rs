@@ -226,6 +226,9 @@ pub struct PersistBatch {
     pub done: Option<std::sync::mpsc::SyncSender<()>>,
 }
 
+/// The most bytes [`PersistBatch::sized_like`] reserves per buffer.
+const SIZED_LIKE_MAX: usize = 4 << 20;
+
 impl PersistBatch {
     /// Under the simulated clock, holds virtual time until the persister is done with
     /// this batch (a no-op otherwise).
@@ -238,6 +241,20 @@ impl PersistBatch {
         tokio::task::spawn_blocking(move || {
             let _ = rx.recv();
         });
+    }
+
+    /// An empty batch with room for as much as `last` held, so a busy shard's next
+    /// batch is allocated once at its size instead of grown (and copied) by doubling.
+    /// (At most [`SIZED_LIKE_MAX`] bytes each: one large batch, an install, does not
+    /// leave an idle shard holding as much.)
+    pub fn sized_like(last: &PersistBatch) -> PersistBatch {
+        let room = |n: usize, item: usize| n.min(SIZED_LIKE_MAX / item);
+        PersistBatch {
+            buf: Vec::with_capacity(room(last.buf.len(), 1)),
+            parts: Vec::with_capacity(room(last.parts.len(), std::mem::size_of::<(u16, u32)>())),
+            history: Vec::with_capacity(room(last.history.len(), 1)),
+            ..PersistBatch::default()
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -380,9 +397,10 @@ pub struct DriverShard {
 
 /// Drivers given a full record per `take_writes` call during a compaction sweep.
 pub const SWEEP_CHUNK: u32 = 2_000;
-/// Bytes a commit reserves per driver record before encoding them (a delta record with
-/// a short id is about this long; a full one with its trail grows the buffer).
-const UPSERT_BYTES_HINT: usize = 64;
+/// Bytes a commit reserves per driver record before encoding them (a delta record of
+/// one new fix with a 10-byte id and a UDP session is 135 bytes; a full one with its
+/// trail grows the buffer).
+const UPSERT_BYTES_HINT: usize = 144;
 
 impl DriverShard {
     pub fn new(cfg: ShardConfig) -> Self {

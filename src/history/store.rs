@@ -176,6 +176,25 @@ pub struct HistoryStore {
     copies: std::sync::atomic::AtomicU64,
 }
 
+/// Files to sync at once from which one `syncfs` is cheaper than one sync each.
+const SYNCFS_FROM: usize = 8;
+
+/// Flushes the whole filesystem holding `f` (Linux `syncfs`); whether it did.
+fn sync_filesystem(f: &File) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor; syncfs only reads it.
+        if unsafe { libc::syncfs(f.as_raw_fd()) } == 0 {
+            return true;
+        }
+        warn!(error = %std::io::Error::last_os_error(), "history syncfs failed; syncing file by file");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = f;
+    false
+}
+
 fn seg_name(first: Pos) -> String {
     format!("{:016x}-{:016x}.hist", first.epoch, first.seq)
 }
@@ -733,27 +752,29 @@ impl HistoryStore {
     }
 
     /// Syncs every partition appended to since the last call, and the segments closed
-    /// since (outside the partitions' locks).
+    /// since (outside the partitions' locks). Many files at once (a busy node touches
+    /// most of its partitions every second) are synced with one `syncfs` of the
+    /// history's filesystem: one journal commit and one device flush instead of one per
+    /// file, a few percent of a busy node's CPU.
     pub fn sync(&self) {
-        let closed = std::mem::take(&mut *self.closed.lock().expect("closed lock"));
-        for f in closed {
+        let mut files = std::mem::take(&mut *self.closed.lock().expect("closed lock"));
+        for m in &self.parts {
+            let mut part = m.lock().expect("history lock");
+            if !part.dirty {
+                continue;
+            }
+            part.dirty = false;
+            files.extend(part.segs.last().and_then(|s| s.file.as_ref()).and_then(|f| f.try_clone().ok()));
+        }
+        if files.len() >= SYNCFS_FROM
+            && let Some(f) = files.first()
+            && sync_filesystem(f)
+        {
+            return;
+        }
+        for f in files {
             if let Err(e) = f.sync_data() {
                 warn!(error = %e, "history sync failed");
-            }
-        }
-        for (p, m) in self.parts.iter().enumerate() {
-            let file = {
-                let mut part = m.lock().expect("history lock");
-                if !part.dirty {
-                    continue;
-                }
-                part.dirty = false;
-                part.segs.last().and_then(|s| s.file.as_ref()).and_then(|f| f.try_clone().ok())
-            };
-            if let Some(f) = file
-                && let Err(e) = f.sync_data()
-            {
-                warn!(partition = p, error = %e, "history sync failed");
             }
         }
     }
