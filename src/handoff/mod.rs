@@ -10,7 +10,9 @@
 //! 3. performs the actions: **pull** (the holder freezes the partition, lends it at the
 //!    puller's higher epoch and returns drivers with trails, claims and trips; the puller
 //!    persists them, installs them with their timers, then asks the holder to
-//!    **release**, which forgets its copy), **adopt** (nobody holds it: serve the parked
+//!    **release**, which forgets its copy; a partition whose older history did not fit
+//!    the pull is released by a task that copies that history first, and is not lent
+//!    on meanwhile), **adopt** (nobody holds it: serve the parked
 //!    copy or start empty; never while a member is missing), **reclaim** (a borrower that
 //!    vanished), **discard** (a parked copy a live node serves), **promote** (this
 //!    node's replica of a partition whose owner is lost), **stand down** (a copy served
@@ -81,6 +83,8 @@ const PULL_CHUNK: usize = 8;
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often replicas look for older history to copy from their owners.
 const BACKFILL_EVERY: Duration = Duration::from_secs(2);
+/// History copies of pulled partitions (one task per pulled chunk) running at once.
+const COPIES_AT_ONCE: usize = 2;
 const SURVEY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One partition as `admin partitions` shows it (see `Cluster.Partitions`).
@@ -142,6 +146,8 @@ pub struct Handoff {
     /// as still being pulled, so the lender keeps its copy (and its history) until the
     /// release.
     copying: std::sync::Mutex<HashSet<u16>>,
+    /// Room for history copies of pulled partitions running at once.
+    copies: tokio::sync::Semaphore,
     /// Who the last survey saw serve each partition (active there). Partitions this node
     /// owns by the ring but has not pulled yet are forwarded to their holder meanwhile
     /// (`Route::Via`), so requests need not wait for the whole move.
@@ -233,6 +239,7 @@ impl Handoff {
             replicas: std::sync::Mutex::new(ReplicaStore::new(trail_cap)),
             pulling: std::sync::Mutex::new(HashMap::new()),
             copying: std::sync::Mutex::new(HashSet::new()),
+            copies: tokio::sync::Semaphore::new(COPIES_AT_ONCE),
             holders: std::sync::Mutex::default(),
             heard: std::sync::OnceLock::new(),
             seen_empty: std::sync::Mutex::default(),
@@ -354,6 +361,26 @@ impl Handoff {
             );
         }
         cut
+    }
+
+    /// Copies the older history of pulled partitions from their lender `peer` (a copy a
+    /// broken link cut short is tried once more: after the release the lender forgets
+    /// it), then releases them. They stay in `copying` until the end, so this node's
+    /// surveys report them as still being pulled and the lender keeps its copy and its
+    /// history meanwhile; and they are not lent on before their history is whole. At
+    /// most [`COPIES_AT_ONCE`] run at once.
+    async fn copy_then_release(self: Arc<Self>, peer: SocketAddr, peer_name: &str, parts: Vec<u16>) {
+        let permit = self.copies.acquire().await;
+        let cut = self.copy_history(peer, peer_name, &parts).await;
+        if !cut.is_empty() {
+            self.copy_history(peer, peer_name, &cut).await;
+        }
+        drop(permit);
+        if let Err(e) = self.link.release(peer, self.me, parts.clone(), RPC_TIMEOUT).await {
+            // The holder forgets its copy once it sees this node serve it.
+            warn!(from = %peer_name, error = %e, "release not acknowledged");
+        }
+        self.copying.lock().expect("copying lock").retain(|p| !parts.contains(p));
     }
 
     /// Replicas kept here, for `admin` and tests.
@@ -539,6 +566,11 @@ impl Handoff {
         for &(p, epoch) in wanted {
             if p >= PARTITIONS {
                 refused.push(Refusal::other(p, format!("partition {p} does not exist (0..{PARTITIONS})")));
+                continue;
+            }
+            if self.copying.lock().expect("copying lock").contains(&p) {
+                // Lent on now, the borrower would get a history with a hole in it.
+                refused.push(Refusal::other(p, "its older history is still being copied here".to_string()));
                 continue;
             }
             let part = st.table.get(p);
@@ -877,7 +909,7 @@ impl Handoff {
 
     /// One round: survey, plan, act. Returns whether anything is left to do. The node
     /// runs one before it says it serves (a lone node then serves at once).
-    pub async fn round(&self, view: &ClusterView) -> bool {
+    pub async fn round(self: &Arc<Self>, view: &ClusterView) -> bool {
         // Routes follow a new ring at once: partitions this node now owns wait here
         // (incoming) instead of going to a member that is gone.
         {
@@ -1080,22 +1112,24 @@ impl Handoff {
                     .collect();
                 let done = self.install(&table, data, &epochs, crate::routing::INSTALL_SLICE).await;
                 self.pulling.lock().expect("pulling lock").retain(|p, _| !epochs.contains_key(p));
-                if !done.is_empty() {
-                    // History the pull left out (cut to size) comes before the holder forgets it.
-                    let fill: Vec<u16> = older.iter().copied().filter(|p| done.contains(p)).collect();
-                    let cut = self.copy_history(meta.grpc, &name, &fill).await;
-                    if !cut.is_empty() {
-                        // Once more from where it stopped: after the release it is gone.
-                        self.copy_history(meta.grpc, &name, &cut).await;
-                    }
-                    let release = self.link.release(meta.grpc, self.me, done.clone(), RPC_TIMEOUT).await;
+                // History the pull left out (cut to size) is copied before the holder is
+                // released, by a task of its own: a long copy does not hold up the round
+                // (its surveys, promotions and other pulls). The rest is released now.
+                let fill: Vec<u16> = older.iter().copied().filter(|p| done.contains(p)).collect();
+                self.copying.lock().expect("copying lock").retain(|p| !older.contains(p) || fill.contains(p));
+                let now: Vec<u16> = done.iter().copied().filter(|p| !fill.contains(p)).collect();
+                if !now.is_empty() {
+                    let release = self.link.release(meta.grpc, self.me, now, RPC_TIMEOUT).await;
                     if let Err(e) = release {
                         // The holder forgets its copy once it sees this node serve it.
                         warn!(from = %name, error = %e, "release not acknowledged");
                     }
-                    pulled_any = true;
                 }
-                self.copying.lock().expect("copying lock").retain(|p| !older.contains(p));
+                if !fill.is_empty() {
+                    let (me, peer, name) = (self.clone(), meta.grpc, name.clone());
+                    crate::tasks::spawn("history_copy", async move { me.copy_then_release(peer, &name, fill).await });
+                }
+                pulled_any |= !done.is_empty();
                 let st = self.state.lock().await;
                 self.publish(view, &st);
                 drop(st);
