@@ -68,6 +68,9 @@ struct NetState {
     direct: bool,
     /// In-process services: address -> (its host, the service, the task scope it runs in).
     services: HashMap<SocketAddr, Service>,
+    /// How long a direct history-segments call takes before its first segment (a slow
+    /// copy of a large history, for scenarios).
+    history_delay: std::time::Duration,
 }
 
 impl NetState {
@@ -170,6 +173,16 @@ impl MemNet {
 
     pub fn direct_links(&self) -> bool {
         self.lock().direct
+    }
+
+    /// Direct history-segments calls (copies of older history) wait this long before
+    /// their first segment, as copies of a large history would.
+    pub fn set_history_delay(&self, d: std::time::Duration) {
+        self.lock().history_delay = d;
+    }
+
+    pub fn history_delay(&self) -> std::time::Duration {
+        self.lock().history_delay
     }
 
     /// Offers `service` (held weakly: it dies with its node) at `addr` on `host`; its

@@ -116,6 +116,7 @@ impl PeerLink for MemPeerLink {
                     return;
                 }
             };
+            tokio::time::sleep(link.net.history_delay()).await;
             for (path, len) in files {
                 let item = crate::history::read_range(&path, 0, len).map_err(|e| LinkError(e.to_string()));
                 let failed = item.is_err();

@@ -376,11 +376,13 @@ impl Handoff {
             self.copy_history(peer, peer_name, &cut).await;
         }
         drop(permit);
-        if let Err(e) = self.link.release(peer, self.me, parts.clone(), RPC_TIMEOUT).await {
+        // Reported as served before the lender forgets it: a survey must not find it
+        // forgotten there and still being pulled here (nobody serving it).
+        self.copying.lock().expect("copying lock").retain(|p| !parts.contains(p));
+        if let Err(e) = self.link.release(peer, self.me, parts, RPC_TIMEOUT).await {
             // The holder forgets its copy once it sees this node serve it.
             warn!(from = %peer_name, error = %e, "release not acknowledged");
         }
-        self.copying.lock().expect("copying lock").retain(|p| !parts.contains(p));
     }
 
     /// Replicas kept here, for `admin` and tests.

@@ -391,6 +391,11 @@ pub fn plan(
             Some(Holding::Parked) | None if owner => {
                 if let Some((from, _, _)) = serving {
                     out.push(Action::Pull { p, from: *from, epoch: next });
+                } else if theirs.iter().any(|(_, _, h)| *h == Holding::Pulling) {
+                    // Being installed elsewhere (a pull whose lender has just forgotten
+                    // it, or a promotion): it is served there in a moment, and pulled
+                    // from there. Taking a copy of its own now would serve a second,
+                    // older one (a replica without the history being copied there).
                 } else if survey.missing.is_empty() {
                     // Nobody serves it: the freshest copy wins, by epoch, then a replica
                     // (kept current until its owner was lost) over a parked copy (the

@@ -505,3 +505,26 @@ fn the_survey_names_who_serves_each_partition_the_higher_epoch_winning() {
     assert_eq!(served.get(&4), None, "parked: not served");
     assert_eq!(served.len(), 2);
 }
+
+#[test]
+fn a_partition_being_installed_elsewhere_is_not_promoted_from_a_replica_meanwhile() {
+    let r = ring(&[0, 1, 2]);
+    let p = (0..PARTITIONS).find(|p| r.partition_owner(*p as usize) == Some(addr(0))).unwrap();
+    let replicas: HashMap<u16, u64> = [(p, 2)].into();
+    // Node 1 still installs it (its lender has just forgotten it): nobody serves it yet.
+    let installing = Survey {
+        answered: [
+            (addr(1), vec![PeerHolding { partition: p, epoch: 2, holding: Holding::Pulling }]),
+            (addr(2), vec![]),
+        ]
+        .into(),
+        missing: Vec::new(),
+    };
+    assert!(about(plan(addr(0), &r, &Table::default(), &replicas, &installing, true), p).is_empty());
+    // Nobody pulling it either: the owner was lost, the replica is promoted.
+    let lost = Survey { answered: [(addr(1), vec![]), (addr(2), vec![])].into(), missing: Vec::new() };
+    assert_eq!(
+        about(plan(addr(0), &r, &Table::default(), &replicas, &lost, true), p),
+        vec![Action::Promote { p, epoch: 3 }]
+    );
+}
