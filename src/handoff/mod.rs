@@ -85,6 +85,8 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKFILL_EVERY: Duration = Duration::from_secs(2);
 /// History copies of pulled partitions (one task per pulled chunk) running at once.
 const COPIES_AT_ONCE: usize = 2;
+/// Tries at copying a pulled partition's older history before it is released regardless.
+const COPY_TRIES: u32 = 5;
 const SURVEY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One partition as `admin partitions` shows it (see `Cluster.Partitions`).
@@ -364,18 +366,32 @@ impl Handoff {
     }
 
     /// Copies the older history of pulled partitions from their lender `peer` (a copy a
-    /// broken link cut short is tried once more: after the release the lender forgets
-    /// it), then releases them. They stay in `copying` until the end, so this node's
-    /// surveys report them as still being pulled and the lender keeps its copy and its
-    /// history meanwhile; and they are not lent on before their history is whole. At
-    /// most [`COPIES_AT_ONCE`] run at once.
+    /// broken link cut short is tried again, [`COPY_TRIES`] times in all, a second more
+    /// apart each time: after the release the lender forgets it), then releases them.
+    /// They stay in `copying` until then, so this node's surveys report them as still
+    /// being pulled and the lender keeps its copy and its history meanwhile; and they are
+    /// not lent on before their history is whole. At most [`COPIES_AT_ONCE`] copy at once.
     async fn copy_then_release(self: Arc<Self>, peer: SocketAddr, peer_name: &str, parts: Vec<u16>) {
-        let permit = self.copies.acquire().await;
-        let cut = self.copy_history(peer, peer_name, &parts).await;
-        if !cut.is_empty() {
-            self.copy_history(peer, peer_name, &cut).await;
+        let mut left = parts.clone();
+        for attempt in 0..COPY_TRIES {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
+            }
+            let permit = self.copies.acquire().await;
+            left = self.copy_history(peer, peer_name, &left).await;
+            drop(permit);
+            if left.is_empty() {
+                break;
+            }
         }
-        drop(permit);
+        if !left.is_empty() {
+            metrics::counter!("locus_history_copies_failed_total").increment(left.len() as u64);
+            warn!(
+                from = %peer_name,
+                partitions = ?left,
+                "older history could not be copied; released anyway (readers from before it are told it is gone)"
+            );
+        }
         // Reported as served before the lender forgets it: a survey must not find it
         // forgotten there and still being pulled here (nobody serving it).
         self.copying.lock().expect("copying lock").retain(|p| !parts.contains(p));

@@ -9,12 +9,26 @@ use tonic::transport::Channel;
 
 use super::NodeProc;
 
-/// A free loopback port (TCP and UDP), released for the node to bind.
+/// A free loopback port (TCP and UDP), released for the node to bind. Picked below the
+/// kernel's ephemeral range (Linux: 32768–60999), where outgoing connections and
+/// `bind(0)` take theirs: a pinned port from that range could be taken by another
+/// test's connection before the node binds it. Each test process walks from its own
+/// random point, so concurrent tests rarely try the same ports.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        let seed = std::process::id().wrapping_mul(7_919).wrapping_add(nanos);
+        let _ = NEXT.compare_exchange(u32::MAX, seed % SPAN, Ordering::Relaxed, Ordering::Relaxed);
+    }
     loop {
-        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = t.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+        let p = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() && std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+        {
             return p;
         }
     }
