@@ -68,8 +68,8 @@ struct NetState {
     direct: bool,
     /// In-process services: address -> (its host, the service, the task scope it runs in).
     services: HashMap<SocketAddr, Service>,
-    /// How long a direct history-segments call takes before its first segment (a slow
-    /// copy of a large history, for scenarios).
+    /// How long a direct history-segments call waits after listing the segments and
+    /// before sending them (a slow copy of a large history, for scenarios).
     history_delay: std::time::Duration,
 }
 
@@ -175,8 +175,8 @@ impl MemNet {
         self.lock().direct
     }
 
-    /// Direct history-segments calls (copies of older history) wait this long before
-    /// their first segment, as copies of a large history would.
+    /// Direct history-segments calls (copies of older history) wait this long after
+    /// listing the segments, as copies of a large history would.
     pub fn set_history_delay(&self, d: std::time::Duration) {
         self.lock().history_delay = d;
     }

@@ -323,7 +323,8 @@ async fn rows_in(sim: &Sim, node: usize, state: &str) -> (usize, usize) {
 }
 
 /// Copies of older history that take long (every partition's older segments arrive
-/// 2 s late; with no history in the pulls, every moving partition has some) hold up no
+/// 2 s late; with no history in the pulls, every moving partition with fixes has
+/// some) hold up no
 /// hand-off round: a joining node serves every partition the ring gives it within
 /// seconds, while its lenders still lend them for the copies. A node joining meanwhile
 /// takes such a partition only once its history is whole, from the node that copied it

@@ -108,7 +108,8 @@ impl pb::handoff_server::Handoff for HandoffApi {
         let r = r.into_inner();
         let p = partitions(&[r.partition])?[0];
         let upto = r.upto.ok_or_else(|| Status::invalid_argument("upto: missing"))?;
-        let files = self.handoff.history_segments(p, Pos { epoch: upto.epoch, seq: upto.seq });
+        let files =
+            self.handoff.history_segments(p, Pos { epoch: upto.epoch, seq: upto.seq }).map_err(Status::unavailable)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         crate::tasks::spawn("history_segments", async move {
             for (path, len) in files {

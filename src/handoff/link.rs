@@ -109,13 +109,14 @@ impl PeerLink for MemPeerLink {
         let link = self.clone();
         tokio::spawn(async move {
             let files = link.call(peer, timeout, move |h| async move { h.history_segments(partition, upto) }).await;
-            let files = match files {
+            let files = match files.and_then(|f| f.map_err(LinkError)) {
                 Ok(f) => f,
                 Err(e) => {
                     let _ = tx.send(Err(e)).await;
                     return;
                 }
             };
+            // After the listing: a slow copy, as a large history's would be.
             tokio::time::sleep(link.net.history_delay()).await;
             for (path, len) in files {
                 let item = crate::history::read_range(&path, 0, len).map_err(|e| LinkError(e.to_string()));

@@ -311,9 +311,18 @@ impl Handoff {
     }
 
     /// Holder side of `HistorySegments`: the closed segment files of `p` that end at
-    /// `upto` and chain back from it, newest first (none without a history).
-    pub fn history_segments(&self, p: u16, upto: crate::history::Pos) -> Vec<(std::path::PathBuf, u64)> {
-        self.history.get().map(|h| h.segments_before(p, upto, crate::clock::wall_ms())).unwrap_or_default()
+    /// `upto` and chain back from it, newest first (none without a history). Refused
+    /// while this node still copies the partition's older history itself: a replica
+    /// backfilling from it would take what has come so far for all there is.
+    pub fn history_segments(
+        &self,
+        p: u16,
+        upto: crate::history::Pos,
+    ) -> Result<Vec<(std::path::PathBuf, u64)>, String> {
+        if self.copying.lock().expect("copying lock").contains(&p) {
+            return Err(format!("partition {p}: its older history is still being copied here"));
+        }
+        Ok(self.history.get().map(|h| h.segments_before(p, upto, crate::clock::wall_ms())).unwrap_or_default())
     }
 
     /// Copies the older history segments of `parts` from `peer` (newest first, each put
@@ -350,7 +359,11 @@ impl Handoff {
                     }
                 }
             }
-            h.set_filling(p, false);
+            // A copy cut short is tried again (its caller clears the flag when it gives
+            // up): readers from before it keep waiting meanwhile.
+            if !cut.contains(&p) {
+                h.set_filling(p, false);
+            }
         }
         if segments > 0 {
             info!(
@@ -385,6 +398,11 @@ impl Handoff {
             }
         }
         if !left.is_empty() {
+            if let Some(h) = self.history.get() {
+                for p in &left {
+                    h.set_filling(*p, false);
+                }
+            }
             metrics::counter!("locus_history_copies_failed_total").increment(left.len() as u64);
             warn!(
                 from = %peer_name,
@@ -1333,6 +1351,9 @@ impl Handoff {
                 let (grpc, name) = (meta.grpc, meta.name.clone());
                 let ps: Vec<u16> = parts.iter().map(|(p, _)| *p).collect();
                 let cut = self.copy_history(grpc, &name, &ps).await;
+                for p in &cut {
+                    h.set_filling(*p, false);
+                }
                 // A copy a broken link cut short is tried again at the next look.
                 for (p, floor) in parts.into_iter().filter(|(p, _)| !cut.contains(p)) {
                     asked.insert(p, h.floor(p).unwrap_or(floor));

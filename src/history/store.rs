@@ -179,7 +179,8 @@ pub struct HistoryStore {
 /// Files to sync at once from which one `syncfs` is cheaper than one sync each.
 const SYNCFS_FROM: usize = 8;
 
-/// Flushes the whole filesystem holding `f` (Linux `syncfs`); whether it did.
+/// Flushes the whole filesystem holding `f` (Linux `syncfs`, which reports write-back
+/// errors since Linux 5.8); whether it did.
 fn sync_filesystem(f: &File) -> bool {
     #[cfg(target_os = "linux")]
     {
@@ -757,24 +758,37 @@ impl HistoryStore {
     /// history's filesystem: one journal commit and one device flush instead of one per
     /// file, a few percent of a busy node's CPU.
     pub fn sync(&self) {
-        let mut files = std::mem::take(&mut *self.closed.lock().expect("closed lock"));
-        for m in &self.parts {
+        let closed = std::mem::take(&mut *self.closed.lock().expect("closed lock"));
+        let mut dirty = Vec::new();
+        for (p, m) in self.parts.iter().enumerate() {
             let mut part = m.lock().expect("history lock");
-            if !part.dirty {
-                continue;
+            if part.dirty {
+                part.dirty = false;
+                dirty.push(p);
             }
-            part.dirty = false;
-            files.extend(part.segs.last().and_then(|s| s.file.as_ref()).and_then(|f| f.try_clone().ok()));
         }
-        if files.len() >= SYNCFS_FROM
-            && let Some(f) = files.first()
-            && sync_filesystem(f)
+        // One descriptor on the filesystem is all `syncfs` needs (not one per file: a
+        // node keeps a segment file open per partition already).
+        if closed.len() + dirty.len() >= SYNCFS_FROM
+            && let Ok(dir) = File::open(&self.dir)
+            && sync_filesystem(&dir)
         {
             return;
         }
-        for f in files {
+        for f in closed {
             if let Err(e) = f.sync_data() {
                 warn!(error = %e, "history sync failed");
+            }
+        }
+        for p in dirty {
+            let file = {
+                let part = self.parts[p].lock().expect("history lock");
+                part.segs.last().and_then(|s| s.file.as_ref()).and_then(|f| f.try_clone().ok())
+            };
+            if let Some(f) = file
+                && let Err(e) = f.sync_data()
+            {
+                warn!(partition = p, error = %e, "history sync failed");
             }
         }
     }
