@@ -147,7 +147,8 @@ pub struct Handoff {
     /// Pulled partitions whose older history is being copied from their lender: reported
     /// as still being pulled, so the lender keeps its copy (and its history) until the
     /// release.
-    copying: std::sync::Mutex<HashSet<u16>>,
+    /// (partition → the lender it is copied from: a copy task clears only its own.)
+    copying: std::sync::Mutex<HashMap<u16, SocketAddr>>,
     /// Room for history copies of pulled partitions running at once.
     copies: tokio::sync::Semaphore,
     /// Who the last survey saw serve each partition (active there). Partitions this node
@@ -240,7 +241,7 @@ impl Handoff {
             link,
             replicas: std::sync::Mutex::new(ReplicaStore::new(trail_cap)),
             pulling: std::sync::Mutex::new(HashMap::new()),
-            copying: std::sync::Mutex::new(HashSet::new()),
+            copying: std::sync::Mutex::new(HashMap::new()),
             copies: tokio::sync::Semaphore::new(COPIES_AT_ONCE),
             holders: std::sync::Mutex::default(),
             heard: std::sync::OnceLock::new(),
@@ -319,7 +320,7 @@ impl Handoff {
         p: u16,
         upto: crate::history::Pos,
     ) -> Result<Vec<(std::path::PathBuf, u64)>, String> {
-        if self.copying.lock().expect("copying lock").contains(&p) {
+        if self.copying.lock().expect("copying lock").contains_key(&p) {
             return Err(format!("partition {p}: its older history is still being copied here"));
         }
         Ok(self.history.get().map(|h| h.segments_before(p, upto, crate::clock::wall_ms())).unwrap_or_default())
@@ -412,7 +413,7 @@ impl Handoff {
         }
         // Reported as served before the lender forgets it: a survey must not find it
         // forgotten there and still being pulled here (nobody serving it).
-        self.copying.lock().expect("copying lock").retain(|p| !parts.contains(p));
+        self.copying.lock().expect("copying lock").retain(|p, from| !(parts.contains(p) && *from == peer));
         if let Err(e) = self.link.release(peer, self.me, parts, RPC_TIMEOUT).await {
             // The holder forgets its copy once it sees this node serve it.
             warn!(from = %peer_name, error = %e, "release not acknowledged");
@@ -497,7 +498,7 @@ impl Handoff {
             .held()
             .map(|(p, part)| {
                 let holding = match part.holding.expect("held") {
-                    Holding::Active if copying.contains(&p) => Holding::Pulling,
+                    Holding::Active if copying.contains_key(&p) => Holding::Pulling,
                     h => h,
                 };
                 PeerHolding { partition: p, epoch: part.epoch, holding }
@@ -604,7 +605,7 @@ impl Handoff {
                 refused.push(Refusal::other(p, format!("partition {p} does not exist (0..{PARTITIONS})")));
                 continue;
             }
-            if self.copying.lock().expect("copying lock").contains(&p) {
+            if self.copying.lock().expect("copying lock").contains_key(&p) {
                 // Lent on now, the borrower would get a history with a hole in it.
                 refused.push(Refusal::other(p, "its older history is still being copied here".to_string()));
                 continue;
@@ -1135,7 +1136,7 @@ impl Handoff {
                 let bytes: usize = resp.partitions.iter().map(|d| d.drivers.len()).sum();
                 let older: Vec<u16> = resp.partitions.iter().filter(|d| d.history.older).map(|d| d.partition).collect();
                 // From before they are installed until the copy ends (see `copying`).
-                self.copying.lock().expect("copying lock").extend(older.iter().copied());
+                self.copying.lock().expect("copying lock").extend(older.iter().map(|p| (*p, meta.grpc)));
                 let data = resp
                     .partitions
                     .into_iter()
@@ -1152,7 +1153,10 @@ impl Handoff {
                 // released, by a task of its own: a long copy does not hold up the round
                 // (its surveys, promotions and other pulls). The rest is released now.
                 let fill: Vec<u16> = older.iter().copied().filter(|p| done.contains(p)).collect();
-                self.copying.lock().expect("copying lock").retain(|p| !older.contains(p) || fill.contains(p));
+                self.copying
+                    .lock()
+                    .expect("copying lock")
+                    .retain(|p, from| !older.contains(p) || fill.contains(p) || *from != meta.grpc);
                 let now: Vec<u16> = done.iter().copied().filter(|p| !fill.contains(p)).collect();
                 if !now.is_empty() {
                     let release = self.link.release(meta.grpc, self.me, now, RPC_TIMEOUT).await;
@@ -1336,7 +1340,7 @@ impl Handoff {
             let busy: HashSet<u16> = {
                 let copying = self.copying.lock().expect("copying lock");
                 let pulling = self.pulling.lock().expect("pulling lock");
-                copying.iter().copied().chain(pulling.keys().copied()).collect()
+                copying.keys().copied().chain(pulling.keys().copied()).collect()
             };
             for i in infos.into_iter().filter(|i| i.synced && !busy.contains(&i.partition)) {
                 if let Some(floor) = h.floor(i.partition)
