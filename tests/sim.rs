@@ -324,8 +324,7 @@ async fn rows_in(sim: &Sim, node: usize, state: &str) -> (usize, usize) {
 
 /// Copies of older history that take long (every partition's older segments arrive
 /// 2 s late; with no history in the pulls, every moving partition with fixes has
-/// some) hold up no
-/// hand-off round: a joining node serves every partition the ring gives it within
+/// some) hold up no hand-off round: a joining node serves every partition the ring gives it within
 /// seconds, while its lenders still lend them for the copies. A node joining meanwhile
 /// takes such a partition only once its history is whole, from the node that copied it
 /// (it once promoted its own replica, without the older history, in the moment between
@@ -365,37 +364,12 @@ async fn slow_history_copies_hold_up_no_round_and_half_copied_partitions_stay_pu
     sim.converge(&[0, 1, 2, 3], Duration::from_secs(3_600)).await;
     sim.net.set_history_delay(Duration::ZERO);
     sim.run(&[Wait(Duration::from_secs(5)), Check(vec![0, 1, 2, 3])]).await;
-    let mut replay = locus::pb::fixes_client::FixesClient::new(sim.channel(0))
-        .subscribe(locus::pb::SubscribeFixesRequest {
-            start: locus::pb::StartAt::Earliest as i32,
-            ..Default::default()
-        })
+    let replay = locus::pb::fixes_client::FixesClient::new(sim.channel(0))
+        .subscribe(common::replay::request(&Default::default(), true))
         .await
         .unwrap()
         .into_inner();
-    let mut seen: std::collections::HashMap<(String, i64), u32> = Default::default();
-    while let Ok(Some(b)) =
-        tokio::time::timeout(Duration::from_secs(3), tokio_stream::StreamExt::next(&mut replay)).await
-    {
-        for f in b.unwrap().fixes {
-            *seen.entry((f.driver_id, f.timestamp_ms)).or_default() += 1;
-        }
-    }
-    let repeated = seen.values().filter(|n| **n > 1).count();
-    assert_eq!(repeated, 0, "fixes replayed more than once");
-    let (mut wanted, mut missing) = (0, Vec::new());
-    for (id, fixes) in &sim.model.fixes {
-        for f in fixes {
-            wanted += 1;
-            if !seen.contains_key(&(id.clone(), f.ts)) {
-                missing.push((id.clone(), locus::keys::partition_of(id.as_bytes()), f.ts));
-            }
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "{} of {wanted} acknowledged fixes not in the replay, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(5)]
-    );
+    let acked: Vec<(String, i64)> =
+        sim.model.fixes.iter().flat_map(|(id, fixes)| fixes.iter().map(|f| (id.clone(), f.ts))).collect();
+    common::replay::assert_replay_holds(replay, &acked).await;
 }

@@ -176,8 +176,8 @@ async fn send_run(http: &str, pid: u32, udp: SocketAddr, datagrams: &[Vec<u8>], 
             }
         }
     }
-    // Until the node has applied everything it received (asked every 10 ms, so the
-    // run's end is known to within 1% of a second's run).
+    // Until the node has applied everything it received (asked every 10 ms: the run's
+    // end is known to within 10 ms).
     let (mut last, mut last_change) = ((0, 0), Instant::now());
     let mut done_at = t0.elapsed();
     let mut cpu1 = cpu0;

@@ -329,7 +329,8 @@ impl Handoff {
     /// Copies the older history segments of `parts` from `peer` (newest first, each put
     /// before what is here as it arrives); readers behind their floors wait meanwhile. A
     /// segment that does not fit, or a broken link, ends that partition's copy. Returns
-    /// the partitions whose copy a broken link cut short (worth another try).
+    /// the partitions whose copy a broken link cut short (worth another try); they stay
+    /// marked as filling, and the caller clears the mark when it gives up on them.
     async fn copy_history(&self, peer: SocketAddr, peer_name: &str, parts: &[u16]) -> Vec<u16> {
         let Some(h) = self.history.get() else { return Vec::new() };
         let (t0, mut segments, mut bytes) = (Instant::now(), 0usize, 0usize);

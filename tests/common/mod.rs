@@ -12,6 +12,7 @@ use locus::pb;
 use locus::pb::locations_client::LocationsClient;
 
 pub mod cluster;
+pub mod replay;
 
 pub const LOCUS: &str = env!("CARGO_BIN_EXE_locus");
 
